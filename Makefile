@@ -1,0 +1,35 @@
+# Two commands that work on a fresh machine with only Python and pip.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ftray-installed
+
+.PHONY: quickstart test install lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages on a CPU machine.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/ftray data arithmetic runs/data
+	$(BIN)/ftray models tiny runs/tiny-micro --size micro --corpus runs/data/arith_train.jsonl
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftray train jobs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check ftray tests benchmarks
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check ftray tests benchmarks
+
+bench: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from ftray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""ftray: train | validate | models tiny | data arithmetic | export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ftray import storage
+
+__all__ = ["main"]
+
+# Errors that mean "your input is wrong": printed as one line, exit code 2, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ftray.config import SpecError
+    from ftray.data.rows import DataError
+    from ftray.models.adapters import AdapterError
+    from ftray.models.load import ModelError
+
+    return (SpecError, DataError, ModelError, AdapterError)
+
+
+def _load(args):
+    from ftray.config import load_spec
+
+    return load_spec(args.job, args.set)
+
+
+def cmd_validate(args) -> int:
+    from ftray.config import JobSpec
+
+    if args.schema:
+        print(json.dumps(JobSpec.model_json_schema(), indent=1))
+        return 0
+    from ftray.train.launch import check_job
+
+    spec = _load(args)
+    plan = check_job(spec)
+    print(
+        f"ok: {args.job}: {spec.method.kind} + {spec.adapter.kind}, {len(plan.train_rows.rows)} train rows"
+        f" ({plan.train_rows.skipped} skipped), {spec.scaling.num_workers} workers x micro batch "
+        f"{spec.train.micro_batch_size} x grad accum {spec.grad_accum} = global batch {spec.train.global_batch_size}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ftray.train.launch import train
+
+    spec = _load(args)
+    train(spec)
+    print(f"run: {spec.output.dir}", flush=True)
+    return 0
+
+
+def cmd_models_tiny(args) -> int:
+    from ftray.models.tiny import build_tiny
+
+    out = build_tiny(args.out, size=args.size, corpus=args.corpus, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"model: {out}")
+    return 0
+
+
+def cmd_data_arithmetic(args) -> int:
+    from ftray.data.synthetic import write_arithmetic
+
+    tr, te = write_arithmetic(args.out, max_operand=args.max_operand, test_size=args.test_size, seed=args.seed)
+    print(f"train: {tr}\ntest: {te}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ftray.models.load import ModelError, load_tokenizer
+    from ftray.train.outputs import merge_adapter
+
+    run = args.run
+    adapter = storage.join(run, "adapter")
+    if not storage.exists(storage.join(adapter, "adapter_config.json")):
+        raise ModelError(f"{run}: no adapter/ to export (full fine-tuning runs already hold model/)")
+    cfg = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
+    if not args.merge:
+        raise ModelError("export: pass --merge (the adapter itself is already in PEFT format)")
+    out = args.out or storage.join(run, "merged")
+    import tempfile
+    from pathlib import Path
+
+    with storage.local_copy(adapter) as local_adapter, tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(storage.join(run, "tokenizer"))
+        merge_adapter(cfg["base_model_name_or_path"], local_adapter, Path(tmp) / "merged", tok)
+        storage.publish_dir(Path(tmp) / "merged", out)
+    print(f"merged: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftray", description="Fine-tune language models on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def job_args(sp):
+        sp.add_argument("job", help="job spec YAML (local or s3://)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=1e-4")
+
+    t = sub.add_parser("train", help="run a job on Ray Train (starts an embedded Ray when none is running)")
+    job_args(t)
+    t.set_defaults(fn=cmd_train)
+
+    v = sub.add_parser("validate", help="check a job spec, its model and every data row, without running it")
+    v.add_argument("job", nargs="?", help="job spec YAML")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--schema", action="store_true", help="print the job spec's JSON schema instead")
+    v.set_defaults(fn=cmd_validate)
+
+    m = sub.add_parser("models", help="model utilities").add_subparsers(dest="sub", required=True)
+    tiny = m.add_parser("tiny", help="build a tiny random-init causal LM with its own tokenizer (offline)")
+    tiny.add_argument("out")
+    tiny.add_argument("--size", default="nano", help="nano | micro | small")
+    tiny.add_argument("--corpus", action="append", default=[], help="text/JSONL files to train the tokenizer on")
+    tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(fn=cmd_models_tiny)
+
+    d = sub.add_parser("data", help="data utilities").add_subparsers(dest="sub", required=True)
+    ar = d.add_parser("arithmetic", help="write the checkable arithmetic task (prompt_completion JSONL)")
+    ar.add_argument("out")
+    ar.add_argument("--max-operand", type=int, default=19)
+    ar.add_argument("--test-size", type=int, default=60)
+    ar.add_argument("--seed", type=int, default=0)
+    ar.set_defaults(fn=cmd_data_arithmetic)
+
+    e = sub.add_parser("export", help="merge a run's LoRA adapter into its base and write a full model")
+    e.add_argument("run")
+    e.add_argument("--merge", action="store_true")
+    e.add_argument("--out", default=None)
+    e.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "validate" and not args.schema and not args.job:
+        print("error: validate needs a job spec (or --schema)", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

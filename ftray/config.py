@@ -1,0 +1,391 @@
+"""The job spec: pydantic models, YAML loading, `--set` overrides, and errors that name the field and line.
+
+Every field is documented once, here, in `Field(description=...)`; `ftray validate --schema` prints the
+JSON schema built from these descriptions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "AdapterSpec",
+    "DataSpec",
+    "DeepSpeedSpec",
+    "JobSpec",
+    "SpecError",
+    "load_spec",
+    "parse_overrides",
+    "spec_from_dict",
+]
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. The message is one line naming the file, line and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field(
+        description="Base model: a local folder, an s3:// folder, a hub id, or an earlier ftray run folder "
+        "(its adapter or model is the starting point; the new run records it as parent)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `model.path`.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Off by default.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; `auto` is flash_attention_2 on GPU when installed, else sdpa."
+    )
+
+
+class DataSpec(_Strict):
+    train: str = Field(description="Training rows: .jsonl/.json/.parquet/.csv (or .txt for `text`), local or s3://.")
+    eval: str | None = Field(None, description="Held-out rows in the same format; evaluated before and after training.")
+    format: Literal["instruction", "chat", "prompt_completion", "text"] = Field(
+        "instruction",
+        description="Row layout: `instruction` (instruction/input/output), `chat` (messages), "
+        "`prompt_completion` (prompt/completion), `text` (plain text; documents split on blank lines).",
+    )
+    max_length: int = Field(512, ge=8, description="Tokens per sequence; longer examples are truncated and counted.")
+    packing: bool = Field(
+        True, description="Pack several examples into one sequence; attention never crosses an example boundary."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="`error`: stop at the first bad row, naming file and line. `skip`: drop, count, report."
+    )
+    eval_max_rows: int | None = Field(512, ge=1, description="Cap on held-out rows used per evaluation.")
+    cache_dir: str | None = Field(
+        None, description="Where prepared token shards are cached (default: `.ftray-cache` beside `output.dir`)."
+    )
+
+
+class SFTMethod(_Strict):
+    kind: Literal["sft"] = "sft"
+    exact_match: bool = Field(
+        False,
+        description="Also judge by greedy generation: share of held-out prompts whose generated answer equals "
+        "the reference exactly (whitespace-stripped).",
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Generation length for `exact_match`.")
+
+
+class CausalLMMethod(_Strict):
+    kind: Literal["causal_lm"] = "causal_lm"
+
+
+MethodSpec = Annotated[SFTMethod | CausalLMMethod, Field(discriminator="kind")]
+
+
+class AdapterSpec(_Strict):
+    kind: Literal["full", "lora"] = Field("lora", description="`full` fine-tuning, or a `lora` adapter (peft).")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt; `all-linear`; or null for peft's default for the model family."
+    )
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved.")
+
+    @model_validator(mode="after")
+    def _only_for_lora(self) -> AdapterSpec:
+        if self.kind == "full" and (self.target_modules or self.modules_to_save):
+            raise ValueError("`adapter.target_modules`/`modules_to_save` only apply to `adapter.kind: lora`")
+        return self
+
+
+class TrainSpec(_Strict):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; wins over `train.epochs` when both are set.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (used when `max_steps` is unset).")
+    global_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step, over all workers.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    seed: int = Field(0, description="Seeds model init, data order and dropout.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float | None = Field(None, ge=0, le=1, description="Warmup as a share of total steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a share of `train.lr` (cosine/linear).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null turns it off.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always before and after).")
+    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (always at the end).")
+    log_every: int = Field(1, ge=1, description="Print a progress line every N steps (rank 0).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("Can't set both `train.warmup_steps` and `train.warmup_ratio`")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("Set `train.max_steps` or `train.epochs`")
+        return self
+
+
+class DeepSpeedSpec(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (DDP), 1, 2 or 3.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("`deepspeed.offload_params` needs `deepspeed.zero_stage: 3`")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("`deepspeed.offload_optimizer` needs `deepspeed.zero_stage` >= 1")
+        return self
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes."
+    )
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(description="The run folder (local or s3://). Running again with the same folder resumes.")
+    merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
+
+
+class StorageSpec(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for s3:// paths (default: $AWS_ENDPOINT_URL, else AWS)."
+    )
+    region: str | None = Field(None, description="S3 region (default: $AWS_DEFAULT_REGION).")
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(None, description="A label for the run (default: the output folder's name).")
+    model: ModelSpec
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=SFTMethod, description="The objective; see `ftray/methods/`.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    train: TrainSpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobSpec:
+        per_step = self.train.micro_batch_size * self.scaling.num_workers
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"`train.global_batch_size` ({self.train.global_batch_size}) must be a multiple of "
+                f"`train.micro_batch_size` x `scaling.num_workers` ({self.train.micro_batch_size} x "
+                f"{self.scaling.num_workers} = {per_step})"
+            )
+        needs = {"sft": {"instruction", "chat", "prompt_completion"}, "causal_lm": {"text"}}[self.method.kind]
+        if self.data.format not in needs:
+            raise ValueError(
+                f"`method.kind: {self.method.kind}` reads `data.format` {sorted(needs)}, not `{self.data.format}`"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        """Derived: global batch / (micro batch x workers)."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.output.dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, k.value)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (for suggesting close keys)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", None) or ()
+        cands = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cur = cands[0] if cands else None
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], set_keys: set[str]) -> str:
+    e = err.errors()[0]
+    # Discriminated unions put the tag (e.g. 'sft') into loc; it is not a key the user wrote.
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("sft", "causal_lm")))
+    dotted = ".".join(str(p) for p in loc)
+    where = source
+    line = None
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            line = lines[loc[:n]]
+            break
+    if dotted in set_keys:
+        where = f"--set {dotted}"
+    elif line is not None:
+        where = f"{source}:{line}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(JobSpec, loc)
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+            if close:
+                hint = f"; did you mean `{'.'.join([*map(str, loc[:-1]), close[0]])}`?"
+        return f"{where}: unknown key `{dotted}`{hint}"
+    if e["type"] == "missing":
+        return f"{where}: `{dotted}` is required"
+    if not dotted:
+        return f"{where}: {msg}"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{where}: `{dotted}`: {msg}{got_s}"
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`a.b=c` → {"a": {"b": c}}, values parsed as YAML scalars (so `1e-4` is a float, `true` a bool)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SpecError(f"--set {pair}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 as a string; users mean a number.
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {key}: `{p}` is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        keys.add(prefix + k)
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, prefix + k + ".")
+    return keys
+
+
+def _coerce_floats(d: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; a job spec means a number."""
+    if isinstance(d, dict):
+        return {k: _coerce_floats(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_coerce_floats(v) for v in d]
+    if isinstance(d, str):
+        s = d.strip()
+        if s and s[0] in "+-.0123456789" and any(c in s for c in "eE"):
+            try:
+                return float(s)
+            except ValueError:
+                return d
+    return d
+
+
+def spec_from_dict(raw: dict, source: str = "<spec>", lines: dict | None = None, set_keys: set[str] = frozenset()) -> JobSpec:
+    try:
+        return JobSpec.model_validate(_coerce_floats(raw))
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source, lines or {}, set(set_keys))) from None
+
+
+def load_raw(path: str | os.PathLike) -> tuple[dict, dict[tuple, int]]:
+    """Read a YAML job spec (local or s3://) into a dict plus a key-path → line map."""
+    from ftray import storage
+
+    src = str(path)
+    if not storage.exists(src):
+        raise SpecError(f"{src}: no such job spec")
+    text = storage.read_text(src)
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{src}{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{src}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    return raw, lines
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Load, override and validate a job spec. Relative local paths are resolved against the cwd."""
+    raw, lines = load_raw(path)
+    extra = parse_overrides(overrides or [])
+    spec = spec_from_dict(_merge(raw, extra), str(path), lines, _flat_keys(extra))
+    return resolve_paths(spec)
+
+
+def resolve_paths(spec: JobSpec) -> JobSpec:
+    """Make local paths absolute: Ray workers do not share the driver's working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        q = Path(p).expanduser()
+        # A bare hub id (org/name) that is not a local path stays as is.
+        if not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):
+            return p
+        return str(q.resolve())
+
+    d = spec.model_dump()
+    d["model"]["path"] = absolute(d["model"]["path"])
+    d["model"]["tokenizer"] = absolute(d["model"]["tokenizer"])
+    d["data"]["train"] = absolute(d["data"]["train"])
+    d["data"]["eval"] = absolute(d["data"]["eval"])
+    d["data"]["cache_dir"] = absolute(d["data"]["cache_dir"])
+    d["output"]["dir"] = absolute(d["output"]["dir"])
+    return JobSpec.model_validate(d)

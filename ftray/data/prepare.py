@@ -1,0 +1,183 @@
+"""Prepare a job's data: check rows (driver, before any Ray resource), tokenize and pack (Ray Data),
+write token shards (Parquet) cached by a hash of (data bytes, tokenizer files, format, max length,
+packing, method).
+
+Layout of one prepared folder:
+    train/*.parquet   input_ids, labels[, position_ids], key  (rows sorted by `key` give the order)
+    eval/*.parquet    same, never packed (eval loss is per example)
+    eval_rows.jsonl   the checked eval rows (for generation-based metrics)
+    meta.json         counts: rows, skipped, truncated, dropped, tokens, padding share, written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from ftray import storage
+from ftray.data.encode import encode_row, ensure_chat_template, pack_examples
+from ftray.data.rows import Checked, read_checked
+
+__all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
+
+PREP_VERSION = "1"
+
+
+def check_data(spec) -> tuple[Checked, Checked | None]:
+    """Read and check every train/eval row (raises DataError naming file:line). No Ray."""
+    d = spec.data
+    train = read_checked(d.train, d.format, d.on_bad_rows)
+    ev = read_checked(d.eval, d.format, d.on_bad_rows, limit=d.eval_max_rows) if d.eval else None
+    return train, ev
+
+
+def _file_hash(path: str, h) -> None:
+    with storage.open_file(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def cache_key(spec, tokenizer_dir: str) -> str:
+    h = hashlib.sha256()
+    for p in (spec.data.train, spec.data.eval):
+        if p:
+            _file_hash(p, h)
+    for name in sorted(storage.listdir(tokenizer_dir)):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+            _file_hash(storage.join(tokenizer_dir, name), h)
+    d = spec.data
+    h.update(
+        json.dumps(
+            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, spec.method.kind]
+        ).encode()
+    )
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir(spec) -> str:
+    if spec.data.cache_dir:
+        return spec.data.cache_dir
+    out = spec.output.dir.rstrip("/")
+    parent = out.rsplit("/", 1)[0] if "/" in out else "."
+    return storage.join(parent, ".ftray-cache")
+
+
+class _Tokenize:
+    """Ray Data UDF: loads the tokenizer once per actor."""
+
+    def __init__(self, tokenizer_dir: str, max_length: int):
+        from ftray.models.load import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_dir)
+        ensure_chat_template(self.tok)
+        self.max_length = max_length
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "key": []}
+        for key, row_json in zip(batch["key"], batch["row"], strict=True):
+            for j, ex in enumerate(encode_row(self.tok, json.loads(row_json), self.max_length)):
+                out["input_ids"].append(ex["input_ids"])
+                out["labels"].append(ex["labels"])
+                out["truncated"].append(ex["truncated"])
+                out["dropped"].append(len(ex["input_ids"]) == 0)
+                out["key"].append(int(key) * 1000 + j)
+        return out
+
+
+def _pack_batch(batch: dict, max_length: int, pad_id: int) -> dict:
+    keep = [i for i, d in enumerate(batch["dropped"]) if not d]
+    examples = [{"input_ids": list(batch["input_ids"][i]), "labels": list(batch["labels"][i])} for i in keep]
+    packed = pack_examples(examples, max_length, pad_id)
+    base = int(min(batch["key"])) * 1000
+    return {
+        "input_ids": [p["input_ids"] for p in packed],
+        "labels": [p["labels"] for p in packed],
+        "position_ids": [p["position_ids"] for p in packed],
+        "tokens": [p["tokens"] for p in packed],
+        "key": [base + j for j in range(len(packed))],
+    }
+
+
+def _drop_flags(batch: dict) -> dict:
+    keep = [i for i, d in enumerate(batch["dropped"]) if not d]
+    out = {k: [batch[k][i] for i in keep] for k in ("input_ids", "labels", "key")}
+    out["tokens"] = [len(x) for x in out["input_ids"]]
+    return out
+
+
+def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tuple[str, dict]:
+    """Tokenize (+pack) with Ray Data into the cache; returns (prepared folder, meta). Needs Ray up."""
+    import ray.data
+
+    key = cache_key(spec, tokenizer_dir)
+    out = storage.join(default_cache_dir(spec), key)
+    meta_path = storage.join(out, "meta.json")
+    if storage.exists(meta_path):
+        meta = json.loads(storage.read_text(meta_path))
+        meta["cached"] = True
+        return out, meta
+
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    fs, _ = storage.pyarrow_filesystem(out)
+    meta: dict = {"key": key, "format": spec.data.format, "max_length": spec.data.max_length}
+
+    for split, checked in (("train", train), ("eval", ev)):
+        if checked is None:
+            continue
+        items = [{"key": i, "row": json.dumps(r)} for i, r in enumerate(checked.rows)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // 256)))
+        ds = ds.map_batches(
+            _Tokenize,
+            fn_constructor_args=(tokenizer_dir, spec.data.max_length),
+            batch_size=256,
+            concurrency=1,
+        ).materialize()
+        stats = {
+            "rows": len(checked.rows),
+            "skipped_rows": checked.skipped,
+            "examples": ds.count(),
+            "truncated": int(ds.sum("truncated") or 0),
+            "dropped_no_answer": int(ds.sum("dropped") or 0),
+        }
+        if split == "train" and spec.data.packing:
+            ds = ds.map_batches(_pack_batch, fn_kwargs={"max_length": spec.data.max_length, "pad_id": pad_id}, batch_size=4096)
+        else:
+            ds = ds.map_batches(_drop_flags, batch_size=4096)
+        ds = ds.materialize()
+        stats["sequences"] = ds.count()
+        if stats["sequences"] == 0:
+            from ftray.data.rows import DataError
+
+            raise DataError(f"{getattr(spec.data, split)}: every example was dropped (no answer token within max_length)")
+        ds.write_parquet(storage.pyarrow_filesystem(storage.join(out, split))[1], filesystem=fs)
+        meta[split] = stats
+
+    if ev is not None:
+        storage.write_text_atomic(storage.join(out, "eval_rows.jsonl"), "".join(json.dumps(r) + "\n" for r in ev.rows))
+    # Token and padding counts come from the shards themselves.
+    train_split = load_split(out, "train")
+    total = sum(len(x) for x in train_split["input_ids"])
+    real = sum(train_split["tokens"])
+    meta["train"]["tokens"] = real
+    meta["train"]["padding_share"] = (total - real) / total if total else 0.0
+    meta["train"]["label_tokens"] = sum(1 for row in train_split["labels"] for t in row if t != -100)
+    storage.write_text_atomic(meta_path, json.dumps(meta, indent=1))
+    meta["cached"] = False
+    return out, meta
+
+
+def load_split(prepared: str, split: str) -> dict[str, list]:
+    """Read a prepared split (local or s3) in its canonical order: its columns as lists
+    (`input_ids`, `labels`, `tokens`, and `position_ids` when packed, else None)."""
+    import pyarrow.dataset as pads
+
+    fs, p = storage.pyarrow_filesystem(storage.join(prepared, split))
+    table = pads.dataset(p, filesystem=fs, format="parquet").to_table().sort_by("key")
+    cols = {c: table.column(c).to_pylist() for c in ("input_ids", "labels", "tokens")}
+    cols["position_ids"] = table.column("position_ids").to_pylist() if "position_ids" in table.column_names else None
+    return cols

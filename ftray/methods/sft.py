@@ -1,0 +1,53 @@
+"""sft: supervised fine-tuning on instruction / chat / prompt-completion rows; loss on answer tokens only.
+
+Judged by held-out loss (and perplexity); with `method.exact_match`, also by the share of held-out
+prompts whose greedy answer equals the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ftray.data.encode import render_prompt
+from ftray.methods._lm import collate_tokens, lm_loss
+
+
+class SFT:
+    name = "sft"
+    formats = ("instruction", "chat", "prompt_completion")
+
+    def build_model(self, spec, base):
+        return base
+
+    def collate(self, examples, pad_id):
+        return collate_tokens(examples, pad_id)
+
+    def loss(self, model, batch):
+        return lm_loss(model, batch)
+
+    @torch.no_grad()
+    def score_rows(self, model, tokenizer, rows, spec, ctx):
+        if not spec.method.exact_match:
+            return []
+        scores = []
+        tokenizer.padding_side = "left"
+        for i in range(0, len(rows), 16):
+            chunk = rows[i : i + 16]
+            prompts, refs = zip(*(render_prompt(tokenizer, r) for r in chunk), strict=True)
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=spec.method.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=ctx.synced_gpus,
+            )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            scores += [{"exact_match": float(t.strip() == r.strip())} for t, r in zip(texts, refs, strict=True)]
+        return scores
+
+    def summarize(self, eval_loss, scores):
+        return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)), **scores}

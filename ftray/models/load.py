@@ -1,0 +1,103 @@
+"""Load a base model and tokenizer from a local folder, an s3:// folder, a hub id or an ftray run folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftray import storage
+
+__all__ = ["ModelError", "Resolved", "load_model", "load_tokenizer", "resolve", "meta_model"]
+
+
+class ModelError(ValueError):
+    """The model named in a spec can't be used; one line naming the field and path."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    base: str  # folder (or hub id) holding config + weights of the base model
+    tokenizer: str
+    adapter: str | None = None  # an earlier run's adapter to continue training
+    parent_run: str | None = None
+
+
+def _is_hub_id(path: str) -> bool:
+    return not storage.is_remote(path) and not Path(path).is_absolute() and not path.startswith((".", "~"))
+
+
+def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") -> Resolved:
+    """Find base weights, tokenizer and (for a run folder) the adapter to continue from."""
+    if storage.exists(storage.join(path, "run.json")):
+        for sub in ("merged", "model"):
+            if storage.exists(storage.join(path, sub, "config.json")):
+                inner = storage.join(path, sub)
+                return Resolved(inner, tokenizer or inner, None, path)
+        adapter = storage.join(path, "adapter")
+        if storage.exists(storage.join(adapter, "adapter_config.json")):
+            cfg = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
+            base = resolve(cfg["base_model_name_or_path"], None, f"{field} (the base of run {path})")
+            return Resolved(base.base, tokenizer or storage.join(path, "tokenizer"), adapter, path)
+        raise ModelError(f"{field}: {path} is a run folder without `model/` or `adapter/`")
+    if storage.exists(storage.join(path, "config.json")):
+        return Resolved(path, tokenizer or path)
+    if storage.is_remote(path) or not _is_hub_id(path) or Path(path).exists():
+        raise ModelError(f"{field}: {path}: no model there (no config.json)")
+    return Resolved(path, tokenizer or path)  # a hub id: transformers resolves it (or says why not)
+
+
+def _local(path: str) -> str:
+    return str(storage.cached_copy(path)) if storage.is_remote(path) else path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_local(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_local(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path: {path}: {str(e).splitlines()[0]}") from None
+
+
+def meta_model(path: str, trust_remote_code: bool = False, auto_class=None):
+    """The model's module tree on the meta device: no weights read, no memory used (for validation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(path, trust_remote_code)
+    with torch.device("meta"):
+        return (auto_class or AutoModelForCausalLM).from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: str, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "auto", auto_class=None):
+    """Weights from safetensors only (`use_safetensors=True`): nothing is unpickled."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    if attn_implementation != "auto":
+        kw["attn_implementation"] = attn_implementation
+    elif torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            kw["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            kw["attn_implementation"] = "sdpa"
+    return (auto_class or AutoModelForCausalLM).from_pretrained(
+        _local(path),
+        dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        **kw,
+    )

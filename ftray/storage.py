@@ -1,0 +1,224 @@
+"""One place for paths: local or s3:// (fsspec/s3fs; pyarrow for Ray), and atomic publishing of outputs.
+
+The S3 endpoint comes from `configure(endpoint_url=...)` (the job spec's `storage.endpoint_url`) or
+$AWS_ENDPOINT_URL, so S3-compatible stores (MinIO, moto) work the same as AWS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+
+__all__ = [
+    "configure",
+    "download_dir",
+    "exists",
+    "filesystem",
+    "is_remote",
+    "join",
+    "listdir",
+    "local_copy",
+    "open_file",
+    "publish_dir",
+    "pyarrow_filesystem",
+    "read_text",
+    "remove",
+    "write_text_atomic",
+]
+
+_options: dict[str, str | None] = {"endpoint_url": None, "region": None}
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Set the S3 endpoint for this process. Also exported so Ray workers and pyarrow see it."""
+    if endpoint_url:
+        _options["endpoint_url"] = endpoint_url
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        _options["region"] = region
+        os.environ["AWS_DEFAULT_REGION"] = region
+
+
+def _endpoint() -> str | None:
+    return _options["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a path and the path as that filesystem spells it."""
+    path = str(path)
+    if path.startswith("s3://"):
+        kw: dict = {}
+        if _endpoint():
+            kw["endpoint_url"] = _endpoint()
+        region = _options["region"] or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["client_kwargs"] = {"region_name": region}
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **kw)
+        return fs, path[len("s3://") :]
+    if is_remote(path):
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs, p
+    return fsspec.filesystem("file"), str(Path(path.removeprefix("file://")).expanduser())
+
+
+def pyarrow_filesystem(path: str):
+    """(pyarrow filesystem, path) for Ray's `storage_path` and Ray Data I/O."""
+    import pyarrow.fs as pafs
+
+    if path.startswith("s3://"):
+        kw = {}
+        if _endpoint():
+            kw["endpoint_override"] = _endpoint()
+            kw["scheme"] = "https" if _endpoint().startswith("https") else "http"
+        region = _options["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return pafs.S3FileSystem(region=region, **kw), path[len("s3://") :]
+    if is_remote(path):
+        fs, p = filesystem(path)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    try:
+        return fs.exists(p)
+    except (FileNotFoundError, PermissionError):
+        return False
+
+
+def isdir(path: str) -> bool:
+    fs, p = filesystem(path)
+    try:
+        return fs.isdir(p)
+    except FileNotFoundError:
+        return False
+
+
+def listdir(path: str) -> list[str]:
+    """Names (not paths) directly under a folder; [] when it does not exist."""
+    fs, p = filesystem(path)
+    try:
+        return sorted(Path(e.rstrip("/")).name for e in fs.ls(p, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def open_file(path: str, mode: str = "rb"):
+    fs, p = filesystem(path)
+    return fs.open(p, mode)
+
+
+def read_text(path: str) -> str:
+    with open_file(path, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def size(path: str) -> int:
+    fs, p = filesystem(path)
+    return int(fs.size(p))
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Readers see the old file or the new one, never half of one (S3 PUTs are atomic by nature)."""
+    if is_remote(path):
+        with open_file(path, "wb") as f:
+            f.write(text.encode("utf-8"))
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def download_dir(src: str, dst: str | os.PathLike) -> Path:
+    fs, p = filesystem(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    fs.get(p.rstrip("/") + "/", str(dst), recursive=True)
+    return dst
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[Path]:
+    """A local folder with the contents of `path` (the folder itself when it is local)."""
+    if not is_remote(path):
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="ftray-dl-"))
+    try:
+        yield download_dir(path, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_copy(path: str) -> Path:
+    """A local copy of a remote folder, kept in ~/.cache/ftray/remote (keyed by path) for reuse."""
+    if not is_remote(path):
+        return Path(path)
+    import hashlib
+
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    dst = Path(os.path.expanduser("~/.cache/ftray/remote")) / key
+    if (dst / ".complete").exists():
+        return dst
+    tmp = dst.with_name(f"{key}.{uuid.uuid4().hex}.tmp")
+    download_dir(path, tmp)
+    (tmp / ".complete").write_text(path)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
+    """Put a finished local folder at `dst` so that `dst` is either absent/old or complete.
+
+    Local: copied aside, then renamed over the target. S3: uploaded file by file, with `.complete`
+    written last as the commit marker (S3 has no rename of a prefix).
+    """
+    local_src = Path(local_src)
+    if is_remote(dst):
+        fs, p = filesystem(dst)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+        for f in sorted(local_src.rglob("*")):
+            if f.is_file():
+                fs.put_file(str(f), p.rstrip("/") + "/" + f.relative_to(local_src).as_posix())
+        with fs.open(p.rstrip("/") + "/.complete", "wb") as fh:
+            fh.write(b"ok\n")
+        return
+    target = Path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copytree(local_src, tmp)
+    (tmp / ".complete").write_text("ok\n")
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,50 @@
+"""The DeepSpeed config for a job spec. Derived, never asked for: batch sizes and accumulation come
+from the spec's global/micro batch and the world size."""
+
+from __future__ import annotations
+
+__all__ = ["deepspeed_config", "resolve_precision"]
+
+
+def resolve_precision(spec, cuda_available: bool, bf16_supported: bool) -> str:
+    p = spec.deepspeed.precision
+    if p != "auto":
+        return p
+    if not (spec.scaling.use_gpu and cuda_available):
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def deepspeed_config(spec, world_size: int, precision: str = "fp32") -> dict:
+    ds = spec.deepspeed
+    on_gpu = spec.scaling.use_gpu
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1 and ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.zero_stage == 3:
+        # Full weights are gathered only when an output is written, not kept around.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg = {
+        "train_batch_size": spec.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": spec.train.micro_batch_size,
+        "gradient_accumulation_steps": spec.train.global_batch_size // (spec.train.micro_batch_size * world_size),
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": spec.train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": spec.train.weight_decay},
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # progress is ours (rank 0, one line per step)
+        "wall_clock_breakdown": False,
+    }
+    if not on_gpu and not ds.offload_optimizer:
+        # FusedAdam is a CUDA kernel; on CPU DeepSpeed then uses torch.optim.AdamW.
+        cfg["optimizer"]["params"]["torch_adam"] = True
+    if ds.offload_optimizer and not on_gpu:
+        cfg["zero_force_ds_cpu_optimizer"] = True
+    if spec.train.max_grad_norm is not None:
+        cfg["gradient_clipping"] = spec.train.max_grad_norm
+    return cfg

@@ -1,0 +1,165 @@
+"""The driver: check everything (no Ray), start or join Ray, prepare data (Ray Data), fit a TorchTrainer
+(Ray Train V2), write run.json. `ftray tune` wraps `fit_job` in a Tune trainable (three layers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from ftray import storage
+from ftray.config import JobSpec
+from ftray.data.prepare import check_data, prepare
+from ftray.data.rows import Checked
+from ftray.models.adapters import check_targets
+from ftray.models.load import Resolved, load_tokenizer, meta_model, resolve
+
+__all__ = ["Plan", "check_job", "ensure_ray", "fit_job", "train"]
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    resolved: Resolved
+    train_rows: Checked
+    eval_rows: Checked | None
+
+
+def check_job(spec: JobSpec) -> Plan:
+    """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row."""
+    storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    resolved = resolve(spec.model.path, spec.model.tokenizer)
+    skeleton = meta_model(resolved.base, spec.model.trust_remote_code)
+    if resolved.adapter is None:
+        check_targets(skeleton, spec.adapter)
+    load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
+    train_rows, eval_rows = check_data(spec)
+    if storage.exists(storage.join(spec.output.dir, "run.json")):
+        prev = json.loads(storage.read_text(storage.join(spec.output.dir, "run.json")))
+        if prev.get("spec", {}).get("method", {}).get("kind") not in (None, spec.method.kind):
+            from ftray.config import SpecError
+
+            raise SpecError(
+                f"output.dir: {spec.output.dir} holds a finished `{prev['spec']['method']['kind']}` run; "
+                "choose another folder"
+            )
+    return Plan(spec, resolved, train_rows, eval_rows)
+
+
+def ensure_ray(spec: JobSpec | None = None) -> None:
+    """Join the running cluster (ray job submit sets RAY_ADDRESS) or start an embedded one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
+    ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
+
+
+def _run_config(spec: JobSpec, callbacks=None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    fs, path = storage.pyarrow_filesystem(spec.output.dir)
+    return RunConfig(
+        name="checkpoints",
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_checkpoints),
+        callbacks=callbacks or [],
+    )
+
+
+def fit_job(plan: Plan, callbacks=None, log=print):
+    """Prepare data and fit one TorchTrainer; returns (ray Result, data meta, timings)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ftray.train.loop import train_fn_per_worker
+
+    spec = plan.spec
+    t0 = time.time()
+    prepared, meta = prepare(spec, plan.resolved.tokenizer, plan.train_rows, plan.eval_rows)
+    t_prep = time.time() - t0
+    tr = meta["train"]
+    log(
+        f"[ftray] data {meta['key']}{' (cached)' if meta.get('cached') else ''}: {tr['rows']} rows, "
+        f"{tr['skipped_rows']} skipped, {tr['truncated']} truncated, {tr['dropped_no_answer']} dropped "
+        f"(no answer within max_length), {tr['sequences']} sequences, padding {100 * tr['padding_share']:.1f}%",
+        flush=True,
+    )
+    for line in plan.train_rows.first_skipped:
+        log(f"[ftray] skipped {line}", flush=True)
+    s = spec.scaling
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared},
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=_run_config(spec, callbacks),
+    )
+    t1 = time.time()
+    result = trainer.fit()
+    return result, meta, {"prepare_s": t_prep, "fit_s": time.time() - t1}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("ftray", "torch", "ray", "deepspeed", "transformers", "peft", "trl", "datasets"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
+    spec = plan.spec
+    m = result.metrics or {}
+    record = {
+        "status": "completed",
+        "name": spec.run_name,
+        "spec": spec.model_dump(mode="json"),
+        "parent_run": plan.resolved.parent_run,
+        "base_model": plan.resolved.base,
+        "data": {k: meta[k] for k in ("key", "train", "eval") if k in meta},
+        "data_hash": meta["key"],
+        "eval": {"before": m.get("before", {}), "after": m.get("after", {})},
+        "trainable": m.get("trainable", {}),
+        "train": {
+            "steps": m.get("step"),
+            "final_loss": m.get("loss"),
+            "trained_tokens": m.get("trained_tokens"),
+            "precision": m.get("precision"),
+            "train_seconds": m.get("train_seconds"),
+        },
+        "timings": timings,
+        "versions": _versions(),
+        "outputs": sorted(n for n in storage.listdir(spec.output.dir) if not n.startswith(".")),
+    }
+    storage.write_text_atomic(storage.join(spec.output.dir, "run.json"), json.dumps(record, indent=1, default=str))
+    return record
+
+
+def train(spec: JobSpec, log=print) -> dict:
+    """`ftray train`: the whole job. Returns run.json's record."""
+    t0 = time.time()
+    plan = check_job(spec)
+    ensure_ray(spec)
+    result, meta, timings = fit_job(plan, log=log)
+    if result.error:
+        raise result.error
+    timings["total_s"] = time.time() - t0
+    record = write_run_json(plan, result, meta, timings)
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    for k in a:
+        if k in b:
+            log(f"[ftray] {k}: {b[k]:.4f} -> {a[k]:.4f}", flush=True)
+    return record

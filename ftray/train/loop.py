@@ -1,0 +1,325 @@
+"""The one training loop: every method, every adapter, over a DeepSpeed engine, inside a Ray Train worker.
+
+It knows the Method protocol and nothing about any one method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ftray import storage
+from ftray.config import JobSpec
+from ftray.data.encode import IGNORE, ensure_chat_template
+from ftray.data.prepare import load_split
+from ftray.methods import EvalContext, get_method
+from ftray.models.adapters import apply_adapter, trainable_summary
+from ftray.models.load import Resolved, load_model, load_tokenizer
+from ftray.train import outputs
+from ftray.train.ds_config import deepspeed_config, resolve_precision
+
+__all__ = ["train_fn_per_worker", "lr_lambda", "total_steps", "sample_index"]
+
+
+def total_steps(spec: JobSpec, n_train: int) -> int:
+    if spec.train.max_steps is not None:
+        return spec.train.max_steps
+    return max(1, math.ceil(spec.train.epochs * n_train / spec.train.global_batch_size))
+
+
+def lr_lambda(spec: JobSpec, steps: int):
+    t = spec.train
+    warm = t.warmup_steps if t.warmup_steps is not None else int(round((t.warmup_ratio or 0.0) * steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, steps - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1 - frac
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+    return f
+
+
+class _Order:
+    """The data order: an endless stream of seeded permutations, one per epoch. A sample's place
+    in it depends only on (seed, global sample index), so resume and world-size changes are exact."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __call__(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
+        return self._perms[epoch][i]
+
+
+def sample_index(step: int, micro: int, rank: int, j: int, world: int, micro_bs: int, global_bs: int) -> int:
+    """Global stream position of the j-th row of micro-batch `micro` of `rank` at optimizer step `step`.
+    1 worker x 2 micro-batches reads the same rows, in the same order, as 2 workers x 1."""
+    return step * global_bs + (micro * world + rank) * micro_bs + j
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    py = s["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_fn_per_worker(config: dict) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = JobSpec.model_validate(config["spec"])
+    if not spec.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if spec.scaling.use_gpu else torch.device("cpu")
+    # Ray Train patches print() to tee into its logger, which shows every line twice; the
+    # process's real stdout is what `ray job logs` and the driver console stream.
+    log = (lambda *a, **k: print(*a, **{**k, "file": sys.__stdout__})) if rank == 0 else (lambda *a, **k: None)
+
+    method = get_method(spec.method.kind)
+    resolved = Resolved(**config["resolved"])
+    prepared = config["prepared"]
+    precision = resolve_precision(
+        spec, torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
+    ensure_chat_template(tok)
+    pad_id = tok.pad_token_id
+
+    train_split = load_split(prepared, "train")
+    n_train = len(train_split["input_ids"])
+    eval_split = load_split(prepared, "eval") if spec.data.eval else None
+    eval_rows = (
+        [json.loads(x) for x in storage.read_text(storage.join(prepared, "eval_rows.jsonl")).splitlines()]
+        if spec.data.eval
+        else []
+    )
+    steps = total_steps(spec, n_train)
+    order = _Order(n_train, spec.train.seed)
+
+    # Same seed on every rank: identical init of new weights (heads, adapters) everywhere.
+    torch.manual_seed(spec.train.seed)
+    random.seed(spec.train.seed)
+    np.random.seed(spec.train.seed % 2**32)
+    model = load_model(resolved.base, dtype, spec.model.trust_remote_code, spec.model.attn_implementation)
+    model = method.build_model(spec, model)
+    model = apply_adapter(model, spec.adapter, resume_from=resolved.adapter)
+    summary = trainable_summary(model)
+    log(
+        f"[ftray] {spec.method.kind} + {spec.adapter.kind}: {summary['trainable_params']:,} trainable of "
+        f"{summary['total_params']:,} parameters ({summary['trainable_pct']:.3f}%), {world} workers, "
+        f"ZeRO-{spec.deepspeed.zero_stage}, {precision}, grad accum {spec.grad_accum}",
+        flush=True,
+    )
+
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n.lower())]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim < 2 or "norm" in n.lower())]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    ds_cfg = deepspeed_config(spec, world, precision)
+    schedule = lr_lambda(spec, steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    accum = engine.gradient_accumulation_steps()
+    mb = spec.train.micro_batch_size
+
+    # ---------------------------------------------------------------- resume
+    start_step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds", load_module_strict=False)
+            state = json.loads(Path(d, "state.json").read_text())
+            start_step, history = state["step"], state["history"]
+            rng_file = Path(d, f"rng_rank{rank}.json")
+            if rng_file.exists():
+                _set_rng_state(json.loads(rng_file.read_text()))
+        log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
+
+    def row(i: int) -> dict:
+        pos = train_split["position_ids"]
+        return {
+            "input_ids": train_split["input_ids"][i],
+            "labels": train_split["labels"][i],
+            "position_ids": pos[i] if pos is not None else None,
+            "tokens": train_split["tokens"][i],
+        }
+
+    def to_dev(batch):
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def all_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if eval_split is None:
+            return {}
+        engine.eval()
+        e_ids, e_labels = eval_split["input_ids"], eval_split["labels"]
+        n = len(e_ids)
+        per_rank = math.ceil(n / world)
+        mine = [rank + k * world for k in range(per_rank)]
+        # Ranks past the end get a fully masked copy: it adds no tokens but keeps the forward
+        # passes in step across ranks (ZeRO-3 gathers parameters collectively).
+        loss_sum, tokens = 0.0, 0.0
+        for s in range(0, per_rank, mb):
+            rows_ = []
+            for i in mine[s : s + mb]:
+                if i < n:
+                    rows_.append({"input_ids": e_ids[i], "labels": e_labels[i]})
+                else:
+                    rows_.append({"input_ids": e_ids[0], "labels": [IGNORE] * len(e_ids[0])})
+            loss, info = method.loss(engine, to_dev(method.collate(rows_, pad_id)))
+            loss_sum += float(loss) * info.get("target_tokens", 1.0)
+            tokens += info.get("target_tokens", 1.0)
+        loss_sum, tokens = all_sum([loss_sum, tokens])
+        n_rows = len(eval_rows)
+        mine_rows = [rank + k * world for k in range(math.ceil(n_rows / world))]
+        shard = [eval_rows[i] if i < n_rows else eval_rows[0] for i in mine_rows]
+        ectx = EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device))
+        scores = method.score_rows(engine.module, tok, shard, spec, ectx) if shard else []
+        keys = sorted({k for sc in scores for k in sc})
+        real = [sc for sc, i in zip(scores, mine_rows, strict=False) if i < n_rows]
+        totals = all_sum([sum(sc[k] for sc in real) for k in keys] + [float(len(real))]) if keys else []
+        agg = {k: totals[j] / max(totals[-1], 1.0) for j, k in enumerate(keys)}
+        engine.train()
+        return method.summarize(loss_sum / max(tokens, 1.0), agg)
+
+    def save_checkpoint(step: int, metrics: dict) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
+        try:
+            engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
+            Path(tmp, f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
+            if rank == 0:
+                Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---------------------------------------------------------------- train
+    if start_step == 0:
+        before = evaluate()
+        if before:
+            history.append({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+            log(f"[ftray] eval before training: {json.dumps(before)}", flush=True)
+    else:
+        before = next((h for h in history if h["step"] == 0 and any(k.startswith("eval/") for k in h)), {})
+        before = {k.removeprefix("eval/"): v for k, v in before.items() if k.startswith("eval/")}
+
+    engine.train()
+    t_start, tokens_done = time.time(), 0
+    step = start_step
+    last_eval: dict = {}
+    for step in range(start_step, steps):
+        t0 = time.time()
+        loss_acc, n_tok, n_real = 0.0, 0.0, 0
+        for m in range(accum):
+            idx = [order(sample_index(step, m, rank, j, world, mb, spec.train.global_batch_size)) for j in range(mb)]
+            examples = [row(i) for i in idx]
+            batch = to_dev(method.collate(examples, pad_id))
+            loss, info = method.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_acc += float(loss.detach()) / accum
+            n_tok += info.get("target_tokens", 0.0)
+            # Trained tokens: every token of a real example (prompt included), padding excluded.
+            n_real += sum(e["tokens"] for e in examples)
+        loss_mean, n_real_all = all_sum([loss_acc / world, float(n_real)])
+        tokens_done += n_real_all
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": loss_mean, "lr": scheduler.get_last_lr()[0], "tokens": n_real_all, "step_time": dt}
+        done = step + 1
+        is_last = done == steps
+        if spec.train.eval_every and done % spec.train.eval_every == 0 and not is_last:
+            last_eval = evaluate()
+            rec.update({f"eval/{k}": v for k, v in last_eval.items()})
+        history.append(rec)
+        if done % spec.train.log_every == 0 or is_last:
+            elapsed = time.time() - t_start
+            rate = tokens_done / max(elapsed, 1e-9)
+            eta = elapsed / max(done - start_step, 1) * (steps - done)
+            extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k.startswith("eval/"))
+            log(
+                f"[ftray] step {done}/{steps} loss {loss_mean:.4f} lr {rec['lr']:.2e} "
+                f"tok/s {rate:,.0f} eta {_fmt_eta(eta)}{extra}",
+                flush=True,
+            )
+        metrics = {"step": done, "loss": loss_mean, **{k: v for k, v in rec.items() if k.startswith("eval/")}}
+        due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
+        if due and not is_last:
+            save_checkpoint(done, metrics)
+        elif done % spec.train.log_every == 0 and not is_last:
+            ray.train.report(metrics)
+
+    # ---------------------------------------------------------------- finish
+    after = evaluate()
+    if after:
+        history.append({"step": steps, **{f"eval/{k}": v for k, v in after.items()}})
+        log(f"[ftray] eval after training: {json.dumps(after)}", flush=True)
+    final = {
+        "step": steps,
+        "loss": history[-2]["loss"] if len(history) > 1 and "loss" in history[-2] else float("nan"),
+        **{f"eval/{k}": v for k, v in after.items()},
+        "before": before,
+        "after": after,
+        "trainable": summary,
+        "train_seconds": time.time() - t_start,
+        "trained_tokens": tokens_done,
+        "precision": precision,
+    }
+    save_checkpoint(steps, final)
+    outputs.write_model_outputs(engine, tok, spec, resolved, history, rank)
+    dist.barrier()
+    # Later loads in this process must not re-enter zero.Init with a stale config.
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:
+        pass
+

@@ -1,0 +1,106 @@
+"""What a finished run leaves in its folder: adapter/ or model/, tokenizer/, merged/, metrics.jsonl,
+curves.png and TensorBoard events (run.json is written last, by the driver, as the commit marker)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ftray import storage
+
+__all__ = ["write_model_outputs", "write_curves", "merge_adapter"]
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], rank: int) -> None:
+    """Collective under ZeRO-3 (every rank must call it); only rank 0 writes."""
+    import deepspeed
+
+    model = engine.module
+    staging = Path(tempfile.mkdtemp(prefix="ftray-out-")) if rank == 0 else None
+    try:
+        if _is_peft(model):
+            model.peft_config["default"].base_model_name_or_path = resolved.base
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            # ZeRO-3: gather just the adapter's weights (not the whole model) to write them.
+            with deepspeed.zero.GatheredParameters(trainable, enabled=spec.deepspeed.zero_stage == 3):
+                if rank == 0:
+                    model.save_pretrained(staging / "adapter", safe_serialization=True)
+        else:
+            if spec.deepspeed.zero_stage == 3:
+                # Collective: every rank sends its partition; rank 0 gets the full state dict.
+                state = engine._zero3_consolidated_16bit_state_dict()
+            else:
+                state = model.state_dict() if rank == 0 else None
+            if rank == 0:
+                model.save_pretrained(staging / "model", state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(staging / "model")
+        if rank != 0:
+            return
+        tokenizer.save_pretrained(staging / "tokenizer")
+        if spec.output.merge and _is_peft(model):
+            merge_adapter(resolved.base, staging / "adapter", staging / "merged", tokenizer)
+        write_curves(history, staging)
+        out = spec.output.dir
+        for sub in ("adapter", "model", "merged", "tokenizer", "tb"):
+            if (staging / sub).exists():
+                storage.publish_dir(staging / sub, storage.join(out, sub))
+        storage.write_text_atomic(storage.join(out, "metrics.jsonl"), (staging / "metrics.jsonl").read_text())
+        if (staging / "curves.png").exists():
+            fs, p = storage.filesystem(storage.join(out, "curves.png"))
+            fs.put_file(str(staging / "curves.png"), p)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None) -> None:
+    """Merge a LoRA-family adapter into a fresh copy of its base and write a full model."""
+    from peft import PeftModel
+
+    from ftray.models.load import load_model
+
+    model = PeftModel.from_pretrained(load_model(base), str(adapter_dir))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def write_curves(history: list[dict], folder: Path) -> None:
+    folder = Path(folder)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(str(folder / "tb"))
+        for h in history:
+            for k, v in h.items():
+                if k != "step" and isinstance(v, int | float):
+                    w.add_scalar(k, v, h["step"])
+        w.close()
+    except ImportError:
+        pass
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval/eval_loss"]) for h in history if "eval/eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=100)
+    plt.close(fig)
