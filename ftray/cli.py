@@ -1,4 +1,4 @@
-"""ftray: train | validate | models tiny | data arithmetic | export."""
+"""ftray: train | tune | validate | models tiny | data arithmetic | export."""
 
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ftray.tune import load_sweep, run_sweep
+
+    sweep, jobs = load_sweep(args.sweep)
+    if args.check:
+        print(f"ok: {args.sweep}: {len(sweep.search)} search keys, {sweep.scheduler.kind} + {sweep.search_alg}")
+        return 0
+    run_sweep(sweep, jobs)
+    print(f"sweep: {sweep.output.dir}", flush=True)
+    return 0
+
+
 def cmd_models_tiny(args) -> int:
     from ftray.models.tiny import build_tiny
 
@@ -103,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a job on Ray Train (starts an embedded Ray when none is running)")
     job_args(t)
     t.set_defaults(fn=cmd_train)
+
+    tu = sub.add_parser("tune", help="run a Ray Tune sweep over a job spec (rerun the same command to resume)")
+    tu.add_argument("sweep", help="sweep spec YAML")
+    tu.add_argument("--check", action="store_true", help="validate the sweep spec without starting Ray")
+    tu.set_defaults(fn=cmd_tune)
 
     v = sub.add_parser("validate", help="check a job spec, its model and every data row, without running it")
     v.add_argument("job", nargs="?", help="job spec YAML")

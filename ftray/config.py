@@ -262,7 +262,11 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], s
         owner = _model_at(JobSpec, loc)
         hint = ""
         if owner is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+            key = str(loc[-1])
+            close = difflib.get_close_matches(key, list(owner.model_fields), n=1)
+            if not close:  # e.g. `learning_rate` -> `lr`: the words appear in the field's description
+                words = key.replace("_", " ").lower()
+                close = [n for n, f in owner.model_fields.items() if words in (f.description or "").lower()][:1]
             if close:
                 hint = f"; did you mean `{'.'.join([*map(str, loc[:-1]), close[0]])}`?"
         return f"{where}: unknown key `{dotted}`{hint}"
@@ -372,18 +376,18 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """Make local paths absolute: Ray workers do not share the driver's working directory."""
 
-    def absolute(p: str | None) -> str | None:
+    def absolute(p: str | None, hub_ok: bool = False) -> str | None:
         if p is None or "://" in p:
             return p
         q = Path(p).expanduser()
         # A bare hub id (org/name) that is not a local path stays as is.
-        if not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):
+        if hub_ok and not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):
             return p
         return str(q.resolve())
 
     d = spec.model_dump()
-    d["model"]["path"] = absolute(d["model"]["path"])
-    d["model"]["tokenizer"] = absolute(d["model"]["tokenizer"])
+    d["model"]["path"] = absolute(d["model"]["path"], hub_ok=True)
+    d["model"]["tokenizer"] = absolute(d["model"]["tokenizer"], hub_ok=True)
     d["data"]["train"] = absolute(d["data"]["train"])
     d["data"]["eval"] = absolute(d["data"]["eval"])
     d["data"]["cache_dir"] = absolute(d["data"]["cache_dir"])

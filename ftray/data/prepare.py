@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+
 from ftray import storage
 from ftray.data.encode import encode_row, ensure_chat_template, pack_examples
 from ftray.data.rows import Checked, read_checked
 
 __all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
 
-PREP_VERSION = "1"
+PREP_VERSION = "2"
 
 
 def check_data(spec) -> tuple[Checked, Checked | None]:
@@ -61,6 +62,16 @@ def default_cache_dir(spec) -> str:
     return storage.join(parent, ".ftray-cache")
 
 
+def _table(cols: dict):
+    """Token columns as Arrow list<int32>. Returned as a pyarrow table, Ray Data keeps them as plain
+    lists; as Python lists of lists it would store its own tensor extension type, which Parquet
+    readers without Ray see as structs."""
+    import pyarrow as pa
+
+    lists = ("input_ids", "labels", "position_ids")
+    return pa.table({k: pa.array(v, type=pa.list_(pa.int32())) if k in lists else pa.array(v) for k, v in cols.items()})
+
+
 class _Tokenize:
     """Ray Data UDF: loads the tokenizer once per actor."""
 
@@ -71,7 +82,8 @@ class _Tokenize:
         ensure_chat_template(self.tok)
         self.max_length = max_length
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch):
+        batch = batch.to_pydict()
         out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "key": []}
         for key, row_json in zip(batch["key"], batch["row"], strict=True):
             for j, ex in enumerate(encode_row(self.tok, json.loads(row_json), self.max_length)):
@@ -80,28 +92,32 @@ class _Tokenize:
                 out["truncated"].append(ex["truncated"])
                 out["dropped"].append(len(ex["input_ids"]) == 0)
                 out["key"].append(int(key) * 1000 + j)
-        return out
+        return _table(out)
 
 
-def _pack_batch(batch: dict, max_length: int, pad_id: int) -> dict:
+def _pack_batch(batch, max_length: int, pad_id: int):
+    batch = batch.to_pydict()
     keep = [i for i, d in enumerate(batch["dropped"]) if not d]
     examples = [{"input_ids": list(batch["input_ids"][i]), "labels": list(batch["labels"][i])} for i in keep]
     packed = pack_examples(examples, max_length, pad_id)
     base = int(min(batch["key"])) * 1000
-    return {
-        "input_ids": [p["input_ids"] for p in packed],
-        "labels": [p["labels"] for p in packed],
-        "position_ids": [p["position_ids"] for p in packed],
-        "tokens": [p["tokens"] for p in packed],
-        "key": [base + j for j in range(len(packed))],
-    }
+    return _table(
+        {
+            "input_ids": [p["input_ids"] for p in packed],
+            "labels": [p["labels"] for p in packed],
+            "position_ids": [p["position_ids"] for p in packed],
+            "tokens": [p["tokens"] for p in packed],
+            "key": [base + j for j in range(len(packed))],
+        }
+    )
 
 
-def _drop_flags(batch: dict) -> dict:
+def _drop_flags(batch):
+    batch = batch.to_pydict()
     keep = [i for i, d in enumerate(batch["dropped"]) if not d]
     out = {k: [batch[k][i] for i in keep] for k in ("input_ids", "labels", "key")}
     out["tokens"] = [len(x) for x in out["input_ids"]]
-    return out
+    return _table(out)
 
 
 def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tuple[str, dict]:
@@ -136,6 +152,7 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
             fn_constructor_args=(tokenizer_dir, spec.data.max_length),
             batch_size=256,
             concurrency=1,
+            batch_format="pyarrow",
         ).materialize()
         stats = {
             "rows": len(checked.rows),
@@ -145,9 +162,14 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
             "dropped_no_answer": int(ds.sum("dropped") or 0),
         }
         if split == "train" and spec.data.packing:
-            ds = ds.map_batches(_pack_batch, fn_kwargs={"max_length": spec.data.max_length, "pad_id": pad_id}, batch_size=4096)
+            ds = ds.map_batches(
+                _pack_batch,
+                fn_kwargs={"max_length": spec.data.max_length, "pad_id": pad_id},
+                batch_size=4096,
+                batch_format="pyarrow",
+            )
         else:
-            ds = ds.map_batches(_drop_flags, batch_size=4096)
+            ds = ds.map_batches(_drop_flags, batch_size=4096, batch_format="pyarrow")
         ds = ds.materialize()
         stats["sequences"] = ds.count()
         if stats["sequences"] == 0:

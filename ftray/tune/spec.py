@@ -1,0 +1,333 @@
+"""The sweep spec: a base job spec, a search space over its dotted fields, a metric, a scheduler and a
+search algorithm. Everything here is checked before Ray starts; nothing here imports Ray.
+
+Every sampled value is checked the way a trial will use it: substituted into the base job and
+validated by `spec_from_dict`, so a key that is not a job field, or a bound the field refuses, is an
+error that names the sweep file and line before any trial starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftray import storage
+from ftray.config import (
+    JobSpec,
+    SpecError,
+    _coerce_floats,
+    _line_index,
+    _merge,
+    load_raw,
+    resolve_paths,
+    spec_from_dict,
+)
+
+__all__ = ["Dist", "SweepSpec", "load_sweep", "reported_metrics", "sample_points", "sweep_from_dict", "trial_spec"]
+
+DIST_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dist(_Strict):
+    """One distribution: exactly one of the keys below, e.g. `{loguniform: [1.0e-4, 1.0e-2]}`."""
+
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], both > 0, sampled log-uniformly.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], sampled uniformly.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high): an integer, high excluded.")
+    choice: list[Any] | None = Field(None, description="One of these values, at random (or by the search algorithm).")
+    grid: list[Any] | None = Field(None, description="Every one of these values (crossed with the other grids).")
+
+    @model_validator(mode="after")
+    def _one(self) -> Dist:
+        set_ = [k for k in DIST_KINDS if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"a distribution is exactly one of {', '.join(DIST_KINDS)}; got {set_ or 'none'}")
+        k = set_[0]
+        v = getattr(self, k)
+        if k in ("choice", "grid") and not v:
+            raise ValueError(f"`{k}` needs at least one value")
+        if k == "loguniform" and v[0] <= 0:
+            raise ValueError(f"`loguniform` bounds must be > 0, got low {v[0]}")
+        if k in ("loguniform", "uniform") and not v[0] < v[1]:
+            raise ValueError(f"`{k}` needs low < high, got [{v[0]}, {v[1]}]")
+        if k == "randint" and not v[0] < v[1]:
+            raise ValueError(f"`randint` needs low < high (high is excluded), got [{v[0]}, {v[1]}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def edge_values(self) -> list[Any]:
+        """The values a validation must try: both bounds of a range, every listed value."""
+        k, v = self.kind, self.args
+        if k == "randint":
+            return [v[0], v[1] - 1]
+        return list(v)
+
+
+class Scheduler(_Strict):
+    kind: Literal["asha", "hyperband", "pbt", "none"] = Field(
+        "asha",
+        description="`asha`: asynchronous successive halving. `hyperband`: asynchronous HyperBand (ASHA over "
+        "`brackets` brackets). `pbt`: population based training (not available yet). `none`: every trial to "
+        "its full budget.",
+    )
+    grace_period: int = Field(1, ge=1, description="Steps every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="Keep 1 / reduction_factor of the trials at each rung.")
+    max_t: int | None = Field(
+        None, ge=1, description="Steps of a full trial (default: the base job's `train.max_steps`)."
+    )
+    brackets: int = Field(3, ge=1, description="HyperBand brackets (`hyperband` only).")
+
+
+class Resources(_Strict):
+    workers: int | None = Field(None, ge=1, description="Ray Train workers per trial (default: the job's).")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker (default: the job's).")
+
+
+class SweepOutput(_Strict):
+    dir: str = Field(
+        description="The sweep folder: results.csv/.md, best.yaml, sweep.png, trials/<id>/ run folders and "
+        "Tune's state. Running the same sweep again with the same folder resumes it."
+    )
+
+
+class SweepSpec(_Strict):
+    name: str | None = Field(None, description="A label (default: the sweep folder's name).")
+    base: str | dict = Field(description="The job spec every trial starts from: a YAML path (relative to the "
+                             "sweep file) or an inline mapping.")
+    fixed: dict[str, Any] = Field(
+        default_factory=dict, description="Dotted job fields set for every trial, e.g. `train.max_steps: 40`."
+    )
+    search: dict[str, Dist] = Field(description="Dotted job field -> distribution.")
+    metric: str = Field("eval/eval_loss", description="A metric the job's method reports, e.g. `eval/eval_loss`.")
+    mode: Literal["min", "max"] = Field("min", description="Whether a lower or higher metric is better.")
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="`random` (grid entries are crossed with random samples), `grid` (every distribution must "
+        "be `grid` or `choice`; each combination once per sample), `optuna` (TPE via Ray Tune's OptunaSearch).",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials (random/optuna), or repeats of the whole grid.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
+    resources: Resources = Field(default_factory=Resources)
+    seed: int = Field(0, description="Seeds the search algorithm (each trial keeps the job's `train.seed`).")
+    output: SweepOutput
+
+    @property
+    def sweep_name(self) -> str:
+        return self.name or self.output.dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def reported_metrics(spec: JobSpec) -> set[str]:
+    """What the loop reports to Ray Train for this job: `loss` every report; `eval/<m>` when held-out
+    data is set (the method's `summarize` keys)."""
+    out = {"loss"}
+    if spec.data.eval:
+        out |= {"eval/eval_loss", "eval/perplexity"}
+        if spec.method.kind == "sft" and spec.method.exact_match:
+            out.add("eval/exact_match")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"`{key}`: `{p}` is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _base_dict(sweep: SweepSpec) -> dict:
+    """The base job with `fixed` and `resources` applied, before any sampled value."""
+    base = sweep.base if isinstance(sweep.base, dict) else load_raw(sweep.base)[0]
+    fixed = dict(sweep.fixed)
+    if sweep.resources.workers is not None:
+        fixed["scaling.num_workers"] = sweep.resources.workers
+    if sweep.resources.cpus_per_worker is not None:
+        fixed["scaling.cpus_per_worker"] = sweep.resources.cpus_per_worker
+    return _merge(base, _nest(fixed))
+
+
+def trial_spec(sweep: SweepSpec, config: dict[str, Any], out_dir: str, source: str = "<sweep>") -> JobSpec:
+    """The job a trial runs: base + fixed + resources + the sampled values, its own run folder."""
+    d = _merge(_base_dict(sweep), _nest({k: config[k] for k in sweep.search if k in config}))
+    d = _merge(d, {"output": {"dir": out_dir}})
+    if not (d.get("data") or {}).get("cache_dir"):
+        # One data cache for the whole sweep (and for best.yaml), not one per trial folder.
+        d = _merge(d, {"data": {"cache_dir": storage.join(sweep.output.dir, ".ftray-cache")}})
+    return resolve_paths(spec_from_dict(d, source))
+
+
+def sample_points(sweep: SweepSpec) -> list[dict[str, Any]]:
+    """Configs that together touch every bound and listed value of every search key: the first edge
+    value of every other key, varied one key at a time."""
+    first = {k: d.edge_values()[0] for k, d in sweep.search.items()}
+    points = [first]
+    for k, d in sweep.search.items():
+        points += [{**first, k: v} for v in d.edge_values()[1:]]
+    return points
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _check(sweep: SweepSpec, where: dict[str, str]) -> list[JobSpec]:
+    """Every check that needs no Ray. Returns the jobs of the sample points (the first: every key at
+    its first value)."""
+
+    def at(key: str) -> str:
+        return where.get(key, where[""])
+
+    points = sample_points(sweep)
+    specs = []
+    for point in points:
+        try:
+            specs.append(trial_spec(sweep, point, storage.join(sweep.output.dir, "trials", "_check")))
+        except SpecError as e:
+            msg = str(e).split(": ", 1)[-1]
+            named = [k for k in sweep.search if msg.startswith((f"unknown key `{k}`", f"`{k}`"))]
+            varied = [k for k in sweep.search if point[k] != points[0][k]]
+            key = (named or varied or [None])[0]
+            if key is None:
+                raise SpecError(f"{at('base')}: the base job with the first value of every search key: {msg}") from None
+            raise SpecError(f"{at('search.' + key)}: `search.{key}` = {point[key]!r}: {msg}") from None
+    job = specs[0]
+
+    for s in specs:
+        have = reported_metrics(s)
+        if sweep.metric not in have:
+            raise SpecError(
+                f"{at('metric')}: `metric: {sweep.metric}` is not reported by `{s.method.kind}` jobs "
+                f"{'with `data.eval` ' if s.data.eval else 'without `data.eval` '}"
+                f"(reported: {', '.join(sorted(have))})"
+            )
+        if sweep.metric.startswith("eval/") and sweep.scheduler.kind != "none":
+            t = s.train
+            if not t.eval_every:
+                raise SpecError(
+                    f"{at('metric')}: `{sweep.metric}` drives early stopping only if the job evaluates during "
+                    "training: set `train.eval_every` (in the base job or `fixed`)"
+                )
+            if t.eval_every % t.log_every:
+                raise SpecError(
+                    f"{at('metric')}: the loop reports to Ray every `train.log_every` ({t.log_every}) steps, so "
+                    f"`train.eval_every` ({t.eval_every}) must be a multiple of it for `{sweep.metric}` to reach Tune"
+                )
+
+    sch = sweep.scheduler
+    if sch.kind == "pbt":
+        raise SpecError(
+            f"{at('scheduler')}: `scheduler.kind: pbt` is not available yet: a PBT exploit restarts a trial from "
+            "another trial's checkpoint with a new learning rate, which the training loop does not support yet"
+        )
+    if sch.kind in ("asha", "hyperband"):
+        searched_len = {"train.max_steps", "train.epochs"} & set(sweep.search)
+        if sch.max_t is None and (job.train.max_steps is None or searched_len):
+            raise SpecError(
+                f"{at('scheduler')}: set `scheduler.max_t` (the steps of a full trial): the job's "
+                "`train.max_steps` is unset or searched"
+            )
+        max_t = sch.max_t or job.train.max_steps
+        if sch.grace_period >= max_t:
+            raise SpecError(
+                f"{at('scheduler')}: `scheduler.grace_period` ({sch.grace_period}) must be below the full "
+                f"trial's {max_t} steps, or no trial can be stopped early"
+            )
+
+    kinds = {k: d.kind for k, d in sweep.search.items()}
+    if sweep.search_alg == "grid":
+        bad = [k for k, kind in kinds.items() if kind not in ("grid", "choice")]
+        if bad:
+            raise SpecError(
+                f"{at('search.' + bad[0])}: `search_alg: grid` enumerates values; `search.{bad[0]}` is "
+                f"`{kinds[bad[0]]}` (use `grid` or `choice`)"
+            )
+    if sweep.search_alg == "optuna":
+        bad = [k for k, kind in kinds.items() if kind == "grid"]
+        if bad:
+            raise SpecError(
+                f"{at('search.' + bad[0])}: `search_alg: optuna` samples; use `choice` instead of `grid` "
+                f"for `search.{bad[0]}`"
+            )
+    return specs
+
+
+def sweep_from_dict(
+    raw: dict, source: str = "<sweep>", lines: dict | None = None
+) -> tuple[SweepSpec, list[JobSpec]]:
+    """Validate a sweep mapping; returns (sweep, the jobs of its sample points)."""
+    lines = lines or {}
+    try:
+        sweep = SweepSpec.model_validate(_coerce_floats(raw))
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        dotted = ".".join(str(p) for p in loc)
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            raise SpecError(f"{where}: unknown key `{dotted}`") from None
+        if e["type"] == "missing":
+            raise SpecError(f"{where}: `{dotted}` is required") from None
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        raise SpecError(f"{where}: `{dotted}`: {msg}{got_s}") from None
+    where = {"": source}
+    for path, line in lines.items():
+        if len(path) <= 2 and all(isinstance(p, str) for p in path):
+            where[".".join(path)] = f"{source}:{line}"
+    if isinstance(sweep.base, str):
+        # A relative base path is relative to the sweep file (then to the cwd, as `ftray train` reads it).
+        if "://" not in sweep.base and not os.path.isabs(sweep.base) and source != "<sweep>":
+            beside = Path(source).parent / sweep.base
+            if beside.exists() and not Path(sweep.base).exists():
+                sweep = sweep.model_copy(update={"base": str(beside)})
+    return sweep, _check(sweep, where)
+
+
+def load_sweep(path: str | os.PathLike) -> tuple[SweepSpec, list[JobSpec]]:
+    """Read and validate a sweep spec YAML; the sweep folder is made absolute."""
+    from ftray import storage
+
+    src = str(path)
+    if not storage.exists(src):
+        raise SpecError(f"{src}: no such sweep spec")
+    text = storage.read_text(src)
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{src}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{src}: a sweep spec is a YAML mapping, got {type(raw).__name__}")
+    sweep, jobs = sweep_from_dict(raw, src, lines)
+    out = sweep.output.dir
+    if "://" not in out:
+        sweep = sweep.model_copy(update={"output": SweepOutput(dir=str(Path(out).expanduser().resolve()))})
+    return sweep, jobs

@@ -1,0 +1,213 @@
+"""The Tuner over the trial driver: search space, scheduler, search algorithm, resources, resume,
+progress lines. `run_sweep` is what `ftray tune` calls."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ftray import storage
+from ftray.config import JobSpec, SpecError
+from ftray.tune.spec import SweepSpec
+
+__all__ = ["TRIAL_CPU", "check_resources", "param_space", "run_sweep"]
+
+# The trial function only waits on its TorchTrainer; its workers hold the real CPUs. Tune cannot
+# schedule a 0-CPU function trainable, so it asks for this much.
+TRIAL_CPU = 0.1
+
+
+def param_space(sweep: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, d in sweep.search.items():
+        k, v = d.kind, d.args
+        if k == "loguniform":
+            out[key] = tune.loguniform(v[0], v[1])
+        elif k == "uniform":
+            out[key] = tune.uniform(v[0], v[1])
+        elif k == "randint":
+            out[key] = tune.randint(v[0], v[1])
+        elif k == "grid" or (k == "choice" and sweep.search_alg == "grid"):
+            out[key] = tune.grid_search(list(v))
+        else:
+            out[key] = tune.choice(list(v))
+    return out
+
+
+def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
+    from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler
+
+    s = sweep.scheduler
+    max_t = s.max_t or jobs[0].train.max_steps
+    # time_attr is the loop's optimizer step, so grace_period and max_t read in steps whatever the
+    # report interval is.
+    if s.kind == "asha":
+        return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if s.kind == "hyperband":
+        return AsyncHyperBandScheduler(time_attr="step", max_t=max_t, grace_period=s.grace_period,
+                                       reduction_factor=s.reduction_factor, brackets=s.brackets)
+    return FIFOScheduler()
+
+
+def _search_alg(sweep: SweepSpec):
+    if sweep.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise SpecError(f"`search_alg: optuna` needs the `optuna` package ({e})") from None
+        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed)
+
+
+def trial_cpus(jobs: list[JobSpec]) -> float:
+    return max(j.scaling.num_workers * j.scaling.cpus_per_worker for j in jobs) + TRIAL_CPU
+
+
+def check_resources(sweep: SweepSpec, jobs: list[JobSpec], cluster: dict) -> None:
+    """`max_concurrent_trials` trials, each its workers' CPUs plus the trial function's, must fit."""
+    per = trial_cpus(jobs)
+    need = sweep.max_concurrent_trials * per
+    have = float(cluster.get("CPU", 0.0))
+    if need > have + 1e-9:
+        w = max(jobs, key=lambda j: j.scaling.num_workers * j.scaling.cpus_per_worker).scaling
+        raise SpecError(
+            f"`max_concurrent_trials: {sweep.max_concurrent_trials}` needs {need:g} CPUs "
+            f"({sweep.max_concurrent_trials} x ({w.num_workers} workers x {w.cpus_per_worker:g} CPU + "
+            f"{TRIAL_CPU:g} for the trial)) but the cluster has {have:g}; lower it to "
+            f"{int(have // per) or 1}, or `resources.workers` / `resources.cpus_per_worker`"
+        )
+
+
+def _short(config: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+def _progress(sweep: SweepSpec, table_every_s: float = 30.0):
+    from ray import tune
+
+    from ftray.tune.trial import COMPLETED
+
+    metric = sweep.metric
+
+    class Progress(tune.Callback):
+        """One line per trial event; a table of the running trials every `table_every_s`."""
+
+        def __init__(self):
+            self._last_table = 0.0
+
+        def _p(self, msg: str) -> None:
+            print(f"[sweep] {msg}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._p(f"trial {trial.trial_id} started: {_short(trial.config)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if COMPLETED not in result:
+                self._p(f"trial {trial.trial_id} step {result.get('step')} {metric} {result.get(metric, float('nan')):.4g}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            how = "completed" if r.get(COMPLETED) else f"stopped early by {sweep.scheduler.kind}"
+            self._p(f"trial {trial.trial_id} {how} at step {r.get('step')}: {metric} {r.get(metric, float('nan')):.4g}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._p(f"trial {trial.trial_id} failed at step {(trial.last_result or {}).get('step')}: "
+                    f"see {trial.path}/error.txt")
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.time()
+            if now - self._last_table < table_every_s:
+                return
+            self._last_table = now
+            running = [t for t in trials if t.status == "RUNNING"]
+            counts: dict[str, int] = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            self._p("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+            if running:
+                print(f"  {'trial':<18} {'step':>5} {metric:>16}  params", flush=True)
+                for t in running:
+                    r = t.last_result or {}
+                    m = r.get(metric)
+                    print(f"  {t.trial_id:<18} {r.get('step', '-')!s:>5} "
+                          f"{(f'{m:.4g}' if m is not None else '-'):>16}  {_short(t.config)}", flush=True)
+
+    return Progress()
+
+
+def _prepare_once(jobs: list[JobSpec], log) -> None:
+    """Check every sample point's job (model, adapter fit, every data row) and prepare its data into the
+    shared cache before trials start: trials then hit the cache instead of competing for CPUs."""
+    from ftray.data.prepare import cache_key, prepare
+    from ftray.train.launch import check_job
+
+    seen = set()
+    for job in jobs:
+        plan = check_job(job)
+        key = (cache_key(job, plan.resolved.tokenizer), job.data.cache_dir)
+        if key in seen:
+            continue
+        seen.add(key)
+        _, meta = prepare(job, plan.resolved.tokenizer, plan.train_rows, plan.eval_rows)
+        log(f"[sweep] data {meta['key']}{' (cached)' if meta.get('cached') else ''} ready", flush=True)
+
+
+def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
+    """Start or resume the sweep in `sweep.output.dir`; write its results. Returns the summary."""
+    import ray
+    from ray import tune
+
+    from ftray.train.launch import ensure_ray
+    from ftray.tune.results import write_results
+    from ftray.tune.trial import run_trial
+
+    t0 = time.time()
+    ensure_ray(jobs[0])
+    check_resources(sweep, jobs, ray.cluster_resources())
+    # The sample points' jobs ran `spec_from_dict` with a placeholder run folder; check data and model.
+    _prepare_once(jobs, log)
+
+    fs, path = storage.pyarrow_filesystem(sweep.output.dir)
+    exp = storage.join(sweep.output.dir, "tune")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump()), {"CPU": TRIAL_CPU})
+    if tune.Tuner.can_restore(exp, storage_filesystem=fs if "://" in exp else None):
+        log(f"[sweep] resuming {exp}", flush=True)
+        tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs if "://" in exp else None)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                scheduler=_scheduler(sweep, jobs),
+                search_alg=_search_alg(sweep),
+                # A trial actor holds a Train controller; reused actors never start the next trial.
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=path,
+                storage_filesystem=fs,
+                callbacks=[_progress(sweep)],
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    summary = write_results(sweep, grid, wall_s=time.time() - t0)
+    log(
+        f"[sweep] done: {summary['trials']} trials, {summary['stopped_early']} stopped early, "
+        f"{summary['failed']} failed, {summary['total_steps']} steps, {summary['wall_s']:.0f} s; best "
+        f"{summary['best_trial']} {sweep.metric} {summary['best_metric']:.4g} -> "
+        f"{storage.join(sweep.output.dir, 'best.yaml')}",
+        flush=True,
+    )
+    return summary

@@ -1,0 +1,27 @@
+"""Run in a fresh process: load a run's adapter with PeftModel.from_pretrained and print its held-out loss.
+
+Usage: python tests/_reload_eval.py RUN_DIR CACHE_DIR BASE_MODEL
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from ftray.data.prepare import load_split
+from ftray.methods._lm import collate_tokens, lm_loss
+
+run, cache, base = map(Path, sys.argv[1:4])
+record = json.loads((run / "run.json").read_text())
+ev = load_split(str(cache / record["data_hash"]), "eval")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
+total = tokens = 0.0
+with torch.no_grad():
+    for ids, labels in zip(ev["input_ids"], ev["labels"], strict=True):
+        loss, info = lm_loss(model, collate_tokens([{"input_ids": ids, "labels": labels}], 0))
+        total += float(loss) * info["target_tokens"]
+        tokens += info["target_tokens"]
+print(json.dumps({"eval_loss": total / tokens}))

@@ -1,0 +1,129 @@
+"""The job spec: errors name the file, line and field; overrides are typed; values are derived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftray.config import SpecError, load_spec, parse_overrides, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+model:
+  path: /m
+data:
+  train: /d.jsonl
+method:
+  kind: sft
+train:
+  lr: 1e-4
+  max_steps: 10
+  global_batch_size: 8
+  micro_batch_size: 2
+scaling:
+  num_workers: 2
+output:
+  dir: /tmp/x
+"""
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_spec_derives_grad_accum(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.train.lr == 1e-4  # PyYAML reads 1e-4 as a string; the spec makes it a number
+    assert spec.grad_accum == 2
+    assert spec.adapter.kind == "lora" and spec.deepspeed.zero_stage == 2
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    p = write(tmp_path, GOOD.replace("  max_steps: 10", "  max_step: 10"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert f"{p}:9:" in msg and "unknown key `train.max_step`" in msg and "`train.max_steps`" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: unknown key `trian`; did you mean `train`"):
+        load_spec(write(tmp_path, GOOD + "trian:\n  lr: 1\n"))
+
+
+def test_wrong_type_names_field_and_line(tmp_path):
+    with pytest.raises(SpecError, match=r"job.yaml:10: `train.global_batch_size`: .*integer.*'eight'"):
+        load_spec(write(tmp_path, GOOD.replace("global_batch_size: 8", "global_batch_size: eight")))
+
+
+def test_zero_stage_4(tmp_path):
+    with pytest.raises(SpecError, match=r"`deepspeed.zero_stage`: Input should be 0, 1, 2 or 3 \(got 4\)"):
+        load_spec(write(tmp_path, GOOD + "deepspeed:\n  zero_stage: 4\n"))
+
+
+def test_global_batch_not_divisible(tmp_path):
+    with pytest.raises(SpecError, match=r"global_batch_size` \(10\) must be a multiple of .* \(2 x 2 = 4\)"):
+        load_spec(write(tmp_path, GOOD.replace("global_batch_size: 8", "global_batch_size: 10")))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: invalid YAML"):
+        load_spec(write(tmp_path, GOOD + "  - : [\n"))
+
+
+def test_missing_required_field(tmp_path):
+    with pytest.raises(SpecError, match=r"`output` is required"):
+        load_spec(write(tmp_path, GOOD.split("output:")[0]))
+
+
+def test_both_warmups_refused(tmp_path):
+    text = GOOD.replace("  max_steps: 10", "  max_steps: 10\n  warmup_steps: 2\n  warmup_ratio: 0.1")
+    with pytest.raises(SpecError, match=r"Can't set both `train.warmup_steps` and `train.warmup_ratio`"):
+        load_spec(write(tmp_path, text))
+
+
+def test_method_needs_its_format(tmp_path):
+    with pytest.raises(SpecError, match=r"`method.kind: causal_lm` reads `data.format` \['text'\]"):
+        load_spec(write(tmp_path, GOOD.replace("kind: sft", "kind: causal_lm")))
+
+
+def test_overrides_are_typed_and_named(tmp_path):
+    p = write(tmp_path, GOOD)
+    spec = load_spec(p, ["train.lr=3e-4", "scaling.num_workers=1", "data.packing=false", "train.micro_batch_size=4"])
+    assert spec.train.lr == 3e-4 and spec.scaling.num_workers == 1 and spec.data.packing is False
+    assert spec.grad_accum == 2
+    with pytest.raises(SpecError, match=r"^--set train.lr: `train.lr`"):
+        load_spec(p, ["train.lr=fast"])
+    with pytest.raises(SpecError, match=r"--set train.bogus: unknown key `train.bogus`"):
+        load_spec(p, ["train.bogus=1"])
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        parse_overrides(["train.lr"])
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write(tmp_path, GOOD.replace("dir: /tmp/x", "dir: runs/x")))
+    assert spec.output.dir == str(tmp_path / "runs" / "x")
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_jobs_validate(job):
+    raw = yaml.safe_load(job.read_text())
+    if "search" in raw:  # sweeps are checked by the tune tests
+        pytest.skip("sweep spec")
+    spec = spec_from_dict(raw, str(job))
+    assert spec.output.dir
+
+
+def test_schema_has_descriptions():
+    from ftray.config import JobSpec
+
+    schema = JobSpec.model_json_schema()
+    lr = schema["$defs"]["TrainSpec"]["properties"]["lr"]
+    assert "learning rate" in lr["description"].lower()

@@ -1,0 +1,132 @@
+"""Rows, formats, loss masks and packing: pure functions, no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftray.data.encode import IGNORE, encode_row, ensure_chat_template, pack_examples
+from ftray.data.rows import DataError, check_row, read_checked
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from ftray.models.load import load_tokenizer
+
+    t = load_tokenizer(str(tiny_model))
+    ensure_chat_template(t)
+    return t
+
+
+def jsonl(tmp_path, lines: list[str], name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope.jsonl: no such data file"):
+        read_checked(str(tmp_path / "nope.jsonl"), "instruction")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text("")
+    with pytest.raises(DataError, match=r"e.jsonl: no usable rows \(empty file\)"):
+        read_checked(str(p), "instruction")
+
+
+def test_bad_json_line_named(tmp_path):
+    p = jsonl(tmp_path, ['{"instruction": "a", "output": "b"}', "{not json", '{"instruction": "c", "output": "d"}'])
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        read_checked(p, "instruction")
+
+
+def test_missing_output_named(tmp_path):
+    p = jsonl(tmp_path, ['{"instruction": "a", "output": "b"}', "", '{"instruction": "c"}'])
+    with pytest.raises(DataError, match=r"d.jsonl:3: missing `output`"):
+        read_checked(p, "instruction")
+
+
+def test_skip_bad_rows_counts(tmp_path):
+    p = jsonl(tmp_path, ['{"instruction": "a", "output": "b"}', "{x", '{"instruction": "c"}', '[1]'])
+    c = read_checked(p, "instruction", on_bad_rows="skip")
+    assert len(c.rows) == 1 and c.skipped == 3
+    assert c.first_skipped[0].endswith("d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)")
+
+
+def test_chat_row_checks():
+    with pytest.raises(Exception, match=r"`messages\[1\].role` is 'bot'"):
+        check_row({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "chat")
+    with pytest.raises(Exception, match="no assistant turn"):
+        check_row({"messages": [{"role": "user", "content": "hi"}]}, "chat")
+
+
+def test_csv_and_parquet_and_txt(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text("prompt,completion\n1+1=,2\n2+2=,4\n")
+    assert len(read_checked(str(tmp_path / "a.csv"), "prompt_completion").rows) == 2
+    pq.write_table(pa.table({"prompt": ["a"], "completion": ["b"]}), tmp_path / "a.parquet")
+    assert read_checked(str(tmp_path / "a.parquet"), "prompt_completion").rows == [{"prompt": "a", "completion": "b"}]
+    (tmp_path / "a.txt").write_text("doc one\nline two\n\n\ndoc two\n")
+    assert [r["text"] for r in read_checked(str(tmp_path / "a.txt"), "text").rows] == ["doc one\nline two", "doc two"]
+
+
+def test_prompt_completion_loss_only_on_answer(tok):
+    [ex] = encode_row(tok, {"prompt": "12+7=", "completion": "19"}, 64)
+    learned = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE]
+    assert tok.decode(learned) == "19" + tok.eos_token
+    assert ex["labels"][: len(ex["labels"]) - 3] == [IGNORE] * (len(ex["labels"]) - 3)
+
+
+def test_chat_loss_on_every_assistant_turn(tok):
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "second"},
+    ]
+    [ex] = encode_row(tok, {"messages": msgs}, 256)
+    learned = tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
+    assert learned == f"first{tok.eos_token}\nsecond{tok.eos_token}\n"
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ex["input_ids"]) == full
+
+
+def test_truncation_is_reported_and_answerless_dropped(tok):
+    [ex] = encode_row(tok, {"prompt": "1" * 10, "completion": "2" * 10}, 15)
+    assert ex["truncated"] and len(ex["input_ids"]) == 15
+    [gone] = encode_row(tok, {"prompt": "1" * 30, "completion": "2"}, 15)
+    assert gone["input_ids"] == [] and gone["truncated"]
+
+
+def test_text_is_split_not_truncated(tok):
+    exs = encode_row(tok, {"text": "1 2 3 4 5 6 7 8 9 " * 5}, 16)
+    assert len(exs) > 1 and all(len(e["input_ids"]) <= 16 for e in exs)
+    assert sum(len(e["input_ids"]) for e in exs) == len(tok("1 2 3 4 5 6 7 8 9 " * 5)["input_ids"]) + 2
+
+
+def test_packing_restarts_positions_and_masks_boundaries():
+    exs = [
+        {"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},
+        {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]},
+    ]
+    packed = pack_examples(exs, 8, pad_id=0)
+    assert all(len(p["input_ids"]) == 8 for p in packed)
+    assert sum(p["tokens"] for p in packed) == 9
+    for p in packed:
+        starts = [i for i, x in enumerate(p["position_ids"]) if x == 0]
+        assert all(p["labels"][i] == IGNORE for i in starts)
+    flat = sorted(t for p in packed for t, pos in zip(p["input_ids"], p["position_ids"], strict=True) if t)
+    assert flat == list(range(1, 10))
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"instruction": "z"}]))
+    with pytest.raises(DataError, match=r"a.json:2: missing `output`"):
+        read_checked(str(p), "instruction")

@@ -1,0 +1,270 @@
+"""Sweeps: the sweep spec's checks (no Ray), then real Tune sweeps whose trials are 2-worker Ray Train
+jobs on the nano model (ASHA early stopping, best.yaml reproduces its trial, resume after a kill, bad
+input refused before any trial starts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftray.config import SpecError, load_spec
+from ftray.tune.spec import sample_points, sweep_from_dict
+from ftray.tune.sweep import check_resources
+from tests.conftest import ROOT, job_dict
+
+FAKE = Path("/nonexistent")
+
+
+def sweep_dict(base: dict, out: Path, **over) -> dict:
+    d = {
+        "base": base,
+        "fixed": {"train.max_steps": 8, "train.eval_every": 2, "train.log_every": 2},
+        "search": {"train.lr": {"loguniform": [1e-4, 3e-2]}, "adapter.r": {"choice": [2, 4, 8]}},
+        "metric": "eval/eval_loss",
+        "mode": "min",
+        "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},
+        "num_samples": 8,
+        "max_concurrent_trials": 1,
+        "resources": {"workers": 2, "cpus_per_worker": 0.9},
+        "output": {"dir": str(out)},
+    }
+    d.update(over)
+    return d
+
+
+def fake_base(**over) -> dict:
+    return job_dict(FAKE / "model", FAKE / "train.jsonl", FAKE / "test.jsonl", FAKE / "out", FAKE / "cache", **over)
+
+
+# ----------------------------------------------------------------------------- unit: no Ray
+
+
+def test_valid_sweep_checks_every_bound_and_value(tmp_path):
+    sweep, jobs = sweep_from_dict(sweep_dict(fake_base(), tmp_path))
+    # 1 (every key at its first value) + the other loguniform bound + 2 more choices.
+    assert len(sample_points(sweep)) == len(jobs) == 4
+    assert {j.adapter.r for j in jobs} == {2, 4, 8} and {j.train.lr for j in jobs} == {1e-4, 3e-2}
+    assert all(j.scaling.num_workers == 2 and j.scaling.cpus_per_worker == 0.9 for j in jobs)
+    assert all(j.train.max_steps == 8 for j in jobs)
+    assert jobs[0].data.cache_dir == str(FAKE / "cache")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["search"].update({"train.learning_rate": {"choice": [1e-3]}}),
+         "`search.train.learning_rate` = 0.001: unknown key `train.learning_rate`; did you mean `train.lr`?"),
+        (lambda d: d.update(metric="eval/accuracy"), "`metric: eval/accuracy` is not reported by `sft` jobs"),
+        (lambda d: d["search"].update({"train.lr": {"loguniform": [0, 1e-2]}}),
+         "`search.train.lr`: `loguniform` bounds must be > 0, got low 0.0"),
+        (lambda d: d["search"].update({"train.lr": {"uniform": [1e-2, 1e-3]}}), "`uniform` needs low < high"),
+        (lambda d: d["search"].update({"adapter.r": {"choice": [4, 0]}}),
+         "`search.adapter.r` = 0: `adapter.r`: Input should be greater than or equal to 1"),
+        (lambda d: d["search"].update({"train.lr": {"uniform": [0, 1e-2]}}),
+         "`search.train.lr` = 0.0: `train.lr`: Input should be greater than 0"),
+        (lambda d: d["search"].update({"train.lr": {"logunifrom": [1e-4, 1e-2]}}),
+         "unknown key `search.train.lr.logunifrom`"),
+        (lambda d: d["search"].update({"train.lr": {"loguniform": [1e-4, 1e-2], "choice": [1]}}),
+         "exactly one of"),
+        (lambda d: d["fixed"].update({"train.eval_every": 3}), "must be a multiple of it"),
+        (lambda d: d["fixed"].pop("train.eval_every"), "set `train.eval_every`"),
+        (lambda d: d.update(search_alg="grid"), "`search_alg: grid` enumerates values"),
+        (lambda d: d["scheduler"].update(kind="pbt"), "`scheduler.kind: pbt` is not available yet"),
+        (lambda d: d["scheduler"].update(grace_period=8), "must be below the full trial's 8 steps"),
+        (lambda d: d.update(bogus=1), "unknown key `bogus`"),
+    ],
+)
+def test_bad_sweeps_are_refused_naming_the_key(tmp_path, change, message):
+    d = sweep_dict(fake_base(), tmp_path)
+    change(d)
+    with pytest.raises(SpecError) as e:
+        sweep_from_dict(d)
+    assert message in str(e.value), str(e.value)
+
+
+def test_metric_depends_on_the_method(tmp_path):
+    d = sweep_dict(fake_base(), tmp_path, metric="eval/exact_match", mode="max")
+    with pytest.raises(SpecError, match="reported: eval/eval_loss, eval/perplexity, loss"):
+        sweep_from_dict(d)
+    d["fixed"]["method.exact_match"] = True
+    sweep_from_dict(d)
+    no_eval = sweep_dict(fake_base(), tmp_path, metric="eval/perplexity")
+    no_eval["fixed"]["data.eval"] = None
+    with pytest.raises(SpecError, match="without `data.eval`"):
+        sweep_from_dict(no_eval)
+    sweep_from_dict({**sweep_dict(fake_base(), tmp_path), "metric": "loss"})
+
+
+def test_errors_name_the_sweep_file_and_line(tmp_path):
+    from ftray.tune.spec import load_sweep
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(fake_base()))
+    d = sweep_dict("base.yaml", tmp_path / "out")
+    d["search"]["train.lr"] = {"loguniform": [-1e-3, 1e-2]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(SpecError) as e:
+        load_sweep(tmp_path / "sweep.yaml")  # base.yaml is found beside the sweep file
+    line = next(i for i, s in enumerate((tmp_path / "sweep.yaml").read_text().splitlines(), 1) if "train.lr" in s)
+    assert str(e.value).startswith(f"{tmp_path / 'sweep.yaml'}:{line}: `search.train.lr`"), str(e.value)
+
+
+def test_too_many_concurrent_trials_for_the_cluster(tmp_path):
+    sweep, jobs = sweep_from_dict(sweep_dict(fake_base(), tmp_path, max_concurrent_trials=2))
+    check_resources(sweep, jobs, {"CPU": 4.0})  # 2 x (2 x 0.9 + 0.1) = 3.8
+    with pytest.raises(SpecError, match=r"needs 3.8 CPUs .* the cluster has 3; lower it to 1"):
+        check_resources(sweep, jobs, {"CPU": 3.0})
+
+
+def test_shipped_sweep_validates():
+    from ftray.cli import main
+
+    if not (ROOT / "runs" / "tiny-micro").exists():
+        pytest.skip("needs `make quickstart` (runs/tiny-micro)")
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        assert main(["tune", "jobs/sweep_lora.yaml", "--check"]) == 0
+    finally:
+        os.chdir(cwd)
+
+
+# ----------------------------------------------------------------------------- integration: real sweeps
+
+
+def real_base(tiny_model, arith, cache_dir) -> dict:
+    return job_dict(tiny_model, arith[0], arith[1], FAKE / "unused", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
+    from ftray.tune import run_sweep
+
+    out = tmp_path_factory.mktemp("sweep") / "asha"
+    # 2 trials at once: 2 x (2 workers x 0.9 + 0.1) = 3.8 of the fixture's 4 logical CPUs.
+    sweep, jobs = sweep_from_dict(sweep_dict(real_base(tiny_model, arith, cache_dir), out, max_concurrent_trials=2))
+    t0 = time.time()
+    summary = run_sweep(sweep, jobs)
+    summary["elapsed"] = time.time() - t0
+    return sweep, summary, out
+
+
+@pytest.mark.integration
+def test_asha_sweep_stops_losing_trials_early(asha_sweep):
+    sweep, s, out = asha_sweep
+    print(f"ASHA sweep: {s['trials']} trials x 2 workers, {s['stopped_early']} stopped early, "
+          f"{s['total_steps']} steps of {8 * s['trials']}, {s['elapsed']:.0f} s")
+    assert s["trials"] == 8 and s["failed"] == 0
+    assert s["stopped_early"] >= 1 and s["completed"] >= 1
+    assert s["total_steps"] < 8 * 8
+    for name in ("results.csv", "results.md", "best.yaml", "sweep.png"):
+        assert (out / name).exists(), name
+    rows = s["rows"]
+    done = [r for r in rows if r["status"] == "completed"]
+    assert [r["metric"] for r in done] == sorted(r["metric"] for r in done)
+    for r in rows:
+        assert Path(r["run"]).is_dir(), r["run"]
+        assert (Path(r["run"]) / "run.json").exists() == (r["status"] == "completed")
+        assert r["steps"] == (8 if r["status"] == "completed" else r["history"][-1][0])
+        assert r["steps"] < 8 or r["status"] == "completed"
+    md = (out / "results.md").read_text()
+    assert "stopped early by asha at step" in md and s["best_trial"] in md
+
+
+@pytest.mark.integration
+def test_best_yaml_reproduces_the_trial(asha_sweep, ray_local):
+    from ftray.train.launch import train
+
+    sweep, s, out = asha_sweep
+    spec = load_spec(out / "best.yaml")
+    assert spec.output.dir == str(out / "best")
+    assert spec.train.lr == s["best_params"]["train.lr"] and spec.adapter.r == s["best_params"]["adapter.r"]
+    record = train(spec)
+    got = record["eval"]["after"]["eval_loss"]
+    print(f"best trial {s['best_trial']}: eval_loss {s['best_metric']:.7f}, best.yaml rerun {got:.7f}")
+    # Same seed, same data order, same 2 workers, fp32 on CPU: the same arithmetic.
+    assert abs(got - s["best_metric"]) <= 1e-6
+
+
+@pytest.mark.integration
+def test_too_many_concurrent_trials_refused_before_any_trial(tmp_path, tiny_model, arith, cache_dir, ray_local):
+    from ftray.tune import run_sweep
+
+    d = sweep_dict(real_base(tiny_model, arith, cache_dir), tmp_path / "big", max_concurrent_trials=2,
+                   resources={"workers": 2, "cpus_per_worker": 1.0})
+    sweep, jobs = sweep_from_dict(d)
+    t0 = time.time()
+    with pytest.raises(SpecError, match=r"needs 4.2 CPUs .* the cluster has 4"):
+        run_sweep(sweep, jobs)
+    assert time.time() - t0 < 10 and not (tmp_path / "big" / "tune").exists()
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+
+
+def _spawn(sweep_yaml: Path, log: Path) -> subprocess.Popen:
+    # RAY_ADDRESS=local: the sweep starts its own Ray, so killing its process group ends all of it.
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftray", "tune", str(sweep_yaml)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT,
+    )
+
+
+def _finished_in_state(tune_dir: Path) -> set[str]:
+    """Trials the saved experiment state records as TERMINATED (what a restore will not re-run)."""
+    done = set()
+    for f in tune_dir.glob("experiment_state-*.json"):
+        try:
+            state = json.loads(f.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        for trial_json, _ in state.get("trial_data", []):
+            t = json.loads(trial_json)
+            if t.get("status") == "TERMINATED":
+                done.add(t["trial_id"])
+    return done
+
+
+@pytest.mark.integration
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model, arith, cache_dir):
+    out = tmp_path / "resumed"
+    d = sweep_dict(real_base(tiny_model, arith, cache_dir), out, num_samples=3, max_concurrent_trials=1,
+                   scheduler={"kind": "none"})
+    d["fixed"] = {"train.max_steps": 4, "train.eval_every": 2, "train.log_every": 2}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(d))
+    first = _spawn(tmp_path / "sweep.yaml", tmp_path / "first.log")
+    try:
+        t0 = time.time()
+        while not _finished_in_state(out / "tune"):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() - t0 < 400, "no trial finished in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (out / "results.csv").exists()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*/run.json")}
+    assert finished
+    second = _spawn(tmp_path / "sweep.yaml", tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    text = (tmp_path / "second.log").read_text()
+    assert "resuming" in text
+    started_again = {tid for tid in finished if f"trial {tid} started" in text}
+    assert not started_again, started_again
+    for tid, mtime in finished.items():
+        assert (out / "trials" / tid / "run.json").stat().st_mtime_ns == mtime, tid
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
+    assert finished.keys() <= {r["trial"] for r in rows}
+    print(f"resume: {len(finished)} finished before the kill, not re-run; 3/3 completed after the rerun")
+    assert not math.isnan(float(yaml.safe_load((out / "best.yaml").read_text())["train"]["lr"]))
