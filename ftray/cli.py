@@ -49,6 +49,10 @@ def cmd_train(args) -> int:
 
     spec = _load(args)
     train(spec)
+    import ray
+
+    # Disconnect first, so no worker log line streams in after `run:`, which scripts read as the last line.
+    ray.shutdown()
     print(f"run: {spec.output.dir}", flush=True)
     return 0
 
@@ -104,6 +108,51 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve run folders on loopback (or --host) until interrupted; `serve run deploy/*.yaml` for more control."""
+    import time
+
+    import yaml
+
+    from ftray.serve import ServeConfig, config_from_runs
+    from ftray.serve.api import _loopback, load_api_keys
+
+    if args.config:
+        cfg = yaml.safe_load(storage.read_text(args.config))
+        cfg = cfg["applications"][0]["args"] if "applications" in cfg else cfg
+    else:
+        cfg = config_from_runs(args.runs, name=args.name, registry=args.registry, embedding=args.embedding)
+    if args.api_keys_file:
+        cfg.setdefault("auth", {})["api_keys_file"] = args.api_keys_file
+    try:
+        spec = ServeConfig.model_validate(cfg)
+    except ValueError as e:  # pydantic's ValidationError: one line per field
+        from ftray.models.load import ModelError
+
+        raise ModelError(f"serve config: {e}") from None
+    if not _loopback(args.host) and not load_api_keys(spec.auth):
+        from ftray.models.load import ModelError
+
+        raise ModelError(f"--host {args.host} listens beyond loopback: set ${spec.auth.api_keys_env} or --api-keys-file")
+    import ray
+    from ray import serve
+
+    from ftray.serve import build_app
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, configure_logging=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(spec), name=args.app_name, route_prefix="/")
+    names = [g.name for g in spec.generation] + [s.name for s in spec.scorers]
+    print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftray", description="Fine-tune language models on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--test-size", type=int, default=60)
     ar.add_argument("--seed", type=int, default=0)
     ar.set_defaults(fn=cmd_data_arithmetic)
+
+    sv = sub.add_parser("serve", help="serve run folders over OpenAI-compatible HTTP (Ray Serve)")
+    sv.add_argument("runs", nargs="*", help="run folders (adapter, full model, classifier or reward) or base folders")
+    sv.add_argument("--config", help="a serve config (the `args:` of deploy/*.yaml, or the whole file) instead of runs")
+    sv.add_argument("--name", help="served name of the adapters' base (default: the base folder's name)")
+    sv.add_argument("--registry", action="append", default=[], help="adapter registry folder, searched per request")
+    sv.add_argument("--embedding", action="append", default=[], help="a model folder to serve on /v1/embeddings")
+    sv.add_argument("--host", default="127.0.0.1", help="beyond loopback, API keys are required")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-keys-file", help="file with one API key per line (or set $FTRAY_API_KEYS)")
+    sv.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    sv.add_argument("--app-name", default="ftray")
+    sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="merge a run's LoRA adapter into its base and write a full model")
     e.add_argument("run")

@@ -57,16 +57,18 @@ def cache_dir(work) -> Path:
     return work / "cache"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray cluster on loopback for the session (4 logical CPUs on 2 cores: 2 workers + tasks)."""
+    """A local Ray cluster on loopback (4 logical CPUs on 2 cores: 2 train workers + data tasks).
+
+    Module-scoped and left running for the next module; a module that needs its own cluster (S3
+    endpoint in the environment, a `ray start` head) shuts it down, and the next user starts it again."""
     import ray
 
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ}
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 def job_dict(model: Path, train: Path, test: Path | None, out: Path, cache: Path, **over) -> dict:

@@ -118,10 +118,12 @@ def _spawn(job: Path, log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    """Until the step-4 checkpoint is registered: files on disk are not enough (the controller
+    registers a checkpoint after every rank reported it), so wait for progress two steps past it."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if list((run / "checkpoints").glob("checkpoint_*")):
+        if list((run / "checkpoints").glob("checkpoint_*")) and "[ftray] step 6/16" in log.read_text():
             return
         if proc.poll() is not None:
             raise AssertionError(f"job ended before its first checkpoint (rc {proc.returncode})")
@@ -147,7 +149,7 @@ def test_sigkilled_worker_resumes_to_same_weights(tmp_path, tiny_model, arith, c
     log = tmp_path / "killed.log"
     proc = _spawn(job, log)
     try:
-        _wait_for_checkpoint(tmp_path / "killed", proc)
+        _wait_for_checkpoint(tmp_path / "killed", proc, log)
         workers = [
             p for p in psutil.Process(proc.pid).children(recursive=True)
             if "RayTrainWorker" in " ".join(p.cmdline())
@@ -171,7 +173,7 @@ def test_rerunning_the_same_command_resumes(tmp_path, tiny_model, arith, cache_d
     job = _cli_job(tmp_path, "again", tiny_model, arith, cache_dir, **RESUME)
     first = _spawn(job, tmp_path / "first.log")
     try:
-        _wait_for_checkpoint(tmp_path / "again", first)
+        _wait_for_checkpoint(tmp_path / "again", first, tmp_path / "first.log")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

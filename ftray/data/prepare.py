@@ -15,7 +15,7 @@ import hashlib
 import json
 
 from ftray import storage
-from ftray.data.encode import encode_row, ensure_chat_template, pack_examples
+from ftray.data.encode import ensure_chat_template, pack_examples
 from ftray.data.rows import Checked, read_checked
 
 __all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
@@ -63,36 +63,40 @@ def default_cache_dir(spec) -> str:
 
 
 def _table(cols: dict):
-    """Token columns as Arrow list<int32>. Returned as a pyarrow table, Ray Data keeps them as plain
-    lists; as Python lists of lists it would store its own tensor extension type, which Parquet
-    readers without Ray see as structs."""
+    """Columns as Arrow: token lists as list<int32>, scalars as they are. Returned as a pyarrow table,
+    Ray Data keeps lists as plain lists; as Python lists of lists it would store its own tensor
+    extension type, which Parquet readers without Ray see as structs."""
     import pyarrow as pa
 
-    lists = ("input_ids", "labels", "position_ids")
-    return pa.table({k: pa.array(v, type=pa.list_(pa.int32())) if k in lists else pa.array(v) for k, v in cols.items()})
+    out = {}
+    for k, v in cols.items():
+        first = next((x for x in v if x is not None), None)
+        out[k] = pa.array(v, type=pa.list_(pa.int32())) if isinstance(first, list) else pa.array(v)
+    return pa.table(out)
 
 
-class _Tokenize:
-    """Ray Data UDF: loads the tokenizer once per actor."""
+class _Encode:
+    """Ray Data UDF: the method turns each checked row into examples; the tokenizer loads once per actor."""
 
-    def __init__(self, tokenizer_dir: str, max_length: int):
+    def __init__(self, spec_json: str, tokenizer_dir: str):
+        from ftray.config import JobSpec
+        from ftray.methods import get_method
         from ftray.models.load import load_tokenizer
 
-        self.tok = load_tokenizer(tokenizer_dir)
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.method = get_method(self.spec.method.kind)
+        self.tok = load_tokenizer(tokenizer_dir, self.spec.model.trust_remote_code)
         ensure_chat_template(self.tok)
-        self.max_length = max_length
 
     def __call__(self, batch):
         batch = batch.to_pydict()
-        out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "key": []}
+        rows: list[dict] = []
         for key, row_json in zip(batch["key"], batch["row"], strict=True):
-            for j, ex in enumerate(encode_row(self.tok, json.loads(row_json), self.max_length)):
-                out["input_ids"].append(ex["input_ids"])
-                out["labels"].append(ex["labels"])
-                out["truncated"].append(ex["truncated"])
-                out["dropped"].append(len(ex["input_ids"]) == 0)
-                out["key"].append(int(key) * 1000 + j)
-        return _table(out)
+            for j, ex in enumerate(self.method.examples(json.loads(row_json), self.tok, self.spec)):
+                dropped = len(ex["input_ids"]) == 0
+                rows.append({**ex, "truncated": bool(ex.get("truncated", False)), "dropped": dropped, "key": int(key) * 1000 + j})
+        cols = sorted({k for r in rows for k in r})
+        return _table({c: [r.get(c) for r in rows] for c in cols})
 
 
 def _pack_batch(batch, max_length: int, pad_id: int):
@@ -115,7 +119,7 @@ def _pack_batch(batch, max_length: int, pad_id: int):
 def _drop_flags(batch):
     batch = batch.to_pydict()
     keep = [i for i, d in enumerate(batch["dropped"]) if not d]
-    out = {k: [batch[k][i] for i in keep] for k in ("input_ids", "labels", "key")}
+    out = {k: [v[i] for i in keep] for k, v in batch.items() if k not in ("dropped", "truncated")}
     out["tokens"] = [len(x) for x in out["input_ids"]]
     return _table(out)
 
@@ -132,10 +136,12 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
         meta["cached"] = True
         return out, meta
 
+    from ftray.methods import get_method
     from ftray.models.load import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, spec.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    packable = spec.data.packing and get_method(spec.method.kind).packable
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -148,10 +154,13 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
         items = [{"key": i, "row": json.dumps(r)} for i, r in enumerate(checked.rows)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // 256)))
         ds = ds.map_batches(
-            _Tokenize,
-            fn_constructor_args=(tokenizer_dir, spec.data.max_length),
+            _Encode,
+            fn_constructor_args=(spec.model_dump_json(), tokenizer_dir),
             batch_size=256,
-            concurrency=1,
+            # One tokenizer actor per ~50k rows, up to the cluster's CPUs: start-up (~5 s) dominates small data.
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(items) // 50_000))
+            ),
             batch_format="pyarrow",
         ).materialize()
         stats = {
@@ -161,7 +170,7 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
             "truncated": int(ds.sum("truncated") or 0),
             "dropped_no_answer": int(ds.sum("dropped") or 0),
         }
-        if split == "train" and spec.data.packing:
+        if split == "train" and packable:
             ds = ds.map_batches(
                 _pack_batch,
                 fn_kwargs={"max_length": spec.data.max_length, "pad_id": pad_id},
@@ -187,19 +196,21 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
     real = sum(train_split["tokens"])
     meta["train"]["tokens"] = real
     meta["train"]["padding_share"] = (total - real) / total if total else 0.0
-    meta["train"]["label_tokens"] = sum(1 for row in train_split["labels"] for t in row if t != -100)
+    if "labels" in train_split and train_split["labels"] and isinstance(train_split["labels"][0], list):
+        meta["train"]["label_tokens"] = sum(1 for row in train_split["labels"] for t in row if t != -100)
     storage.write_text_atomic(meta_path, json.dumps(meta, indent=1))
     meta["cached"] = False
     return out, meta
 
 
 def load_split(prepared: str, split: str) -> dict[str, list]:
-    """Read a prepared split (local or s3) in its canonical order: its columns as lists
-    (`input_ids`, `labels`, `tokens`, and `position_ids` when packed, else None)."""
+    """Read a prepared split (local or s3) in its canonical order: every column as a list
+    (`input_ids`, `tokens`, and whatever else the method's examples carry; `position_ids` is None
+    when the rows are not packed)."""
     import pyarrow.dataset as pads
 
     fs, p = storage.pyarrow_filesystem(storage.join(prepared, split))
     table = pads.dataset(p, filesystem=fs, format="parquet").to_table().sort_by("key")
-    cols = {c: table.column(c).to_pylist() for c in ("input_ids", "labels", "tokens")}
-    cols["position_ids"] = table.column("position_ids").to_pylist() if "position_ids" in table.column_names else None
+    cols = {c: table.column(c).to_pylist() for c in table.column_names if c != "key"}
+    cols.setdefault("position_ids", None)
     return cols

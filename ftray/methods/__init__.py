@@ -1,5 +1,6 @@
-"""Methods: one file each. A method says what its rows look like, how a batch is built, what the
-loss is and how it is judged; the loop, DeepSpeed, checkpoints and Ray are not its business.
+"""Methods: one file each. A method says what its rows look like, which model it trains, how a
+batch is built, what the loss is and how it is judged; the loop, DeepSpeed, checkpoints and Ray are
+not its business.
 
 The registry is an explicit dict, checked by a test against the files in this folder.
 """
@@ -27,12 +28,28 @@ class EvalContext:
 class Method(Protocol):
     name: str
     formats: tuple[str, ...]  # data formats (see ftray.data.rows) this method reads
+    task_type: str  # peft TaskType of its adapters (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION, SEQ_2_SEQ_LM)
+    packable: bool  # whether its examples may be packed into one sequence
 
-    def build_model(self, spec, base: torch.nn.Module) -> torch.nn.Module: ...
-    def collate(self, examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]: ...
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def score_rows(self, model, tokenizer, rows: list[dict], spec, ctx: EvalContext) -> list[dict[str, float]]: ...
+    def load_base(self, path: str, dtype: torch.dtype, spec) -> torch.nn.Module:
+        """The pre-trained model, with whatever head the method adds (e.g. a classifier)."""
+
+    def examples(self, row: dict, tokenizer, spec) -> list[dict[str, Any]]:
+        """One checked row -> tokenized examples ({"input_ids": [...], ...}); [] or an empty
+        `input_ids` drops it (counted)."""
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss of the batch and its weight under `"target_tokens"` (how many items it averages)."""
+
+    def score_rows(self, model, tokenizer, rows: list[dict], spec, ctx: EvalContext) -> list[dict[str, float]]:
+        """Per held-out row metrics (e.g. exact match); the loop averages them over all ranks."""
+
     def summarize(self, eval_loss: float, scores: dict[str, float]) -> dict[str, float]: ...
+
+    def save_extra(self, model, tokenizer, folder, spec) -> None:
+        """Files beside a fully saved model that make it load in the usual tools (may do nothing)."""
 
 
 REGISTRY: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""What the language-modelling methods (sft, causal_lm) share: batching token rows and the LM loss."""
+"""What the language-modelling methods (sft, causal_lm) share: the model class, examples, batches, loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from ftray.data.encode import IGNORE
 from ftray.methods.losses import token_cross_entropy
 
 
-def collate_tokens(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def load_causal_lm(path, dtype, spec):
+    from ftray.models.load import load_model
+
+    return load_model(path, dtype, spec.model.trust_remote_code, spec.model.attn_implementation)
+
+
+def collate_tokens(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows (with position_ids, all the same length) stack as they are and carry no attention
     mask; unpacked rows are right-padded to the longest and masked."""
     if examples and examples[0].get("position_ids") is not None:

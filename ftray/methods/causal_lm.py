@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import math
 
-from ftray.methods._lm import collate_tokens, lm_loss
+from ftray.data.encode import encode_row
+from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
 
 
 class CausalLM:
     name = "causal_lm"
     formats = ("text",)
+    task_type = "CAUSAL_LM"
+    packable = True
 
-    def build_model(self, spec, base):
-        return base
+    def load_base(self, path, dtype, spec):
+        return load_causal_lm(path, dtype, spec)
+
+    def examples(self, row, tokenizer, spec):
+        return encode_row(tokenizer, row, spec.data.max_length)
 
     def collate(self, examples, pad_id):
         return collate_tokens(examples, pad_id)
 
     def loss(self, model, batch):
         return lm_loss(model, batch)
+
+    def save_extra(self, model, tokenizer, folder, spec):
+        return None
 
     def score_rows(self, model, tokenizer, rows, spec, ctx):
         return []

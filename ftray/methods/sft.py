@@ -10,22 +10,30 @@ import math
 
 import torch
 
-from ftray.data.encode import render_prompt
-from ftray.methods._lm import collate_tokens, lm_loss
+from ftray.data.encode import encode_row, render_prompt
+from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
 
 
 class SFT:
     name = "sft"
     formats = ("instruction", "chat", "prompt_completion")
+    task_type = "CAUSAL_LM"
+    packable = True
 
-    def build_model(self, spec, base):
-        return base
+    def load_base(self, path, dtype, spec):
+        return load_causal_lm(path, dtype, spec)
+
+    def examples(self, row, tokenizer, spec):
+        return encode_row(tokenizer, row, spec.data.max_length)
 
     def collate(self, examples, pad_id):
         return collate_tokens(examples, pad_id)
 
     def loss(self, model, batch):
         return lm_loss(model, batch)
+
+    def save_extra(self, model, tokenizer, folder, spec):
+        return None
 
     @torch.no_grad()
     def score_rows(self, model, tokenizer, rows, spec, ctx):

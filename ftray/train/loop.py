@@ -20,11 +20,11 @@ import torch
 
 from ftray import storage
 from ftray.config import JobSpec
-from ftray.data.encode import IGNORE, ensure_chat_template
+from ftray.data.encode import ensure_chat_template
 from ftray.data.prepare import load_split
 from ftray.methods import EvalContext, get_method
 from ftray.models.adapters import apply_adapter, trainable_summary
-from ftray.models.load import Resolved, load_model, load_tokenizer
+from ftray.models.load import Resolved, load_tokenizer
 from ftray.train import outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
 
@@ -139,9 +139,8 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(spec.train.seed)
     random.seed(spec.train.seed)
     np.random.seed(spec.train.seed % 2**32)
-    model = load_model(resolved.base, dtype, spec.model.trust_remote_code, spec.model.attn_implementation)
-    model = method.build_model(spec, model)
-    model = apply_adapter(model, spec.adapter, resume_from=resolved.adapter)
+    model = method.load_base(resolved.base, dtype, spec)
+    model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
     summary = trainable_summary(model)
     log(
         f"[ftray] {spec.method.kind} + {spec.adapter.kind}: {summary['trainable_params']:,} trainable of "
@@ -178,14 +177,8 @@ def train_fn_per_worker(config: dict) -> None:
                 _set_rng_state(json.loads(rng_file.read_text()))
         log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
 
-    def row(i: int) -> dict:
-        pos = train_split["position_ids"]
-        return {
-            "input_ids": train_split["input_ids"][i],
-            "labels": train_split["labels"][i],
-            "position_ids": pos[i] if pos is not None else None,
-            "tokens": train_split["tokens"][i],
-        }
+    def row(split: dict, i: int) -> dict:
+        return {k: (v[i] if v is not None else None) for k, v in split.items()}
 
     def to_dev(batch):
         return {k: v.to(device) for k, v in batch.items()}
@@ -200,23 +193,20 @@ def train_fn_per_worker(config: dict) -> None:
         if eval_split is None:
             return {}
         engine.eval()
-        e_ids, e_labels = eval_split["input_ids"], eval_split["labels"]
-        n = len(e_ids)
+        n = len(eval_split["input_ids"])
         per_rank = math.ceil(n / world)
-        mine = [rank + k * world for k in range(per_rank)]
-        # Ranks past the end get a fully masked copy: it adds no tokens but keeps the forward
-        # passes in step across ranks (ZeRO-3 gathers parameters collectively).
+        mine = [i for i in (rank + k * world for k in range(per_rank)) if i < n]
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+        # collectively); a rank out of rows runs a copy of row 0 and counts it with weight 0.
         loss_sum, tokens = 0.0, 0.0
-        for s in range(0, per_rank, mb):
-            rows_ = []
-            for i in mine[s : s + mb]:
-                if i < n:
-                    rows_.append({"input_ids": e_ids[i], "labels": e_labels[i]})
-                else:
-                    rows_.append({"input_ids": e_ids[0], "labels": [IGNORE] * len(e_ids[0])})
-            loss, info = method.loss(engine, to_dev(method.collate(rows_, pad_id)))
-            loss_sum += float(loss) * info.get("target_tokens", 1.0)
-            tokens += info.get("target_tokens", 1.0)
+        for s in range(0, math.ceil(per_rank / mb) * mb, mb):
+            chunk = mine[s : s + mb]
+            weight = 1.0 if chunk else 0.0
+            batch = method.collate([row(eval_split, i) for i in (chunk or [0])], pad_id)
+            loss, info = method.loss(engine, to_dev(batch))
+            count = info.get("target_tokens", float(len(chunk)))
+            loss_sum += weight * float(loss) * count
+            tokens += weight * count
         loss_sum, tokens = all_sum([loss_sum, tokens])
         n_rows = len(eval_rows)
         mine_rows = [rank + k * world for k in range(math.ceil(n_rows / world))]
@@ -260,7 +250,7 @@ def train_fn_per_worker(config: dict) -> None:
         loss_acc, n_tok, n_real = 0.0, 0.0, 0
         for m in range(accum):
             idx = [order(sample_index(step, m, rank, j, world, mb, spec.train.global_batch_size)) for j in range(mb)]
-            examples = [row(i) for i in idx]
+            examples = [row(train_split, i) for i in idx]
             batch = to_dev(method.collate(examples, pad_id))
             loss, info = method.loss(engine, batch)
             engine.backward(loss)
@@ -313,7 +303,7 @@ def train_fn_per_worker(config: dict) -> None:
         "precision": precision,
     }
     save_checkpoint(steps, final)
-    outputs.write_model_outputs(engine, tok, spec, resolved, history, rank)
+    outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
     dist.barrier()
     # Later loads in this process must not re-enter zero.Init with a stale config.
     try:

@@ -17,7 +17,7 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], rank: int) -> None:
+def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], rank: int, method) -> None:
     """Collective under ZeRO-3 (every rank must call it); only rank 0 writes."""
     import deepspeed
 
@@ -40,6 +40,7 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
             if rank == 0:
                 model.save_pretrained(staging / "model", state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(staging / "model")
+                method.save_extra(model, tokenizer, staging / "model", spec)
         if rank != 0:
             return
         tokenizer.save_pretrained(staging / "tokenizer")
