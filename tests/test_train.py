@@ -218,3 +218,21 @@ def test_continue_from_a_run_folder_unpacked(equivalence_runs, tmp_path, tiny_mo
     assert record["data"]["train"]["padding_share"] == 0.0  # unpacked rows carry no padding in the shards
     # Training continued from the parent's weights, not from a fresh adapter.
     assert abs(record["eval"]["before"]["eval_loss"] - equivalence_runs["zero2"][0]["eval"]["after"]["eval_loss"]) < 1e-5
+
+
+def test_export_merge_equals_adapter(equivalence_runs, tmp_path, tiny_model):
+    """`ftray export RUN --merge`: a full model whose logits equal base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftray.cli import main
+
+    run = equivalence_runs["zero2"][1]
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter").eval()
+    ids = torch.tensor([[2, 23, 26, 17, 23, 29, 35]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
+    assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
