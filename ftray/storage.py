@@ -176,28 +176,46 @@ def local_copy(path: str) -> Iterator[Path]:
 
 
 def cached_copy(path: str) -> Path:
-    """A local copy of a remote folder, kept in ~/.cache/ftray/remote (keyed by path) for reuse."""
+    """A local copy of a remote folder in ~/.cache/ftray/remote, reused while the remote is unchanged.
+
+    Keyed by endpoint, path and the listing (names, sizes, ETags), so a re-upload is fetched again.
+    Several processes may race to fill the same entry: each downloads aside and the first rename
+    wins; a complete entry is never removed."""
     if not is_remote(path):
         return Path(path)
     import hashlib
 
-    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    fs, p = filesystem(path)
+    listing = sorted((e["name"], e.get("size"), str(e.get("ETag", e.get("etag", "")))) for e in fs.find(p, detail=True).values())
+    key = hashlib.sha256(repr((_endpoint(), path, listing)).encode()).hexdigest()[:20]
     dst = Path(os.path.expanduser("~/.cache/ftray/remote")) / key
     if (dst / ".complete").exists():
         return dst
     tmp = dst.with_name(f"{key}.{uuid.uuid4().hex}.tmp")
     download_dir(path, tmp)
     (tmp / ".complete").write_text(path)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    try:
+        os.rename(tmp, dst)
+    except OSError:  # another process finished first (or a stale partial entry is in the way)
+        if not (dst / ".complete").exists():
+            shutil.rmtree(dst, ignore_errors=True)
+            os.rename(tmp, dst)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def is_complete(folder: str) -> bool:
+    """A folder written by `publish_dir` is whole once its `.complete` marker exists."""
+    return exists(join(folder, ".complete"))
 
 
 def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     """Put a finished local folder at `dst` so that `dst` is either absent/old or complete.
 
     Local: copied aside, then renamed over the target. S3: uploaded file by file, with `.complete`
-    written last as the commit marker (S3 has no rename of a prefix).
+    written last as the commit marker (S3 has no rename of a prefix); readers of an S3 folder
+    check `.complete` (`is_complete`).
     """
     local_src = Path(local_src)
     if is_remote(dst):

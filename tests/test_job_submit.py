@@ -60,27 +60,52 @@ def _ray(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complet
     )
 
 
-def _wait_ready(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    """Until the job API answers an authorized request (401/403 would mean the token is not in use)."""
+def _job_info(head: Head, sid: str) -> dict | None:
+    """GET /api/jobs/<id> with the token: the job's details, or None when there is no such job."""
+    token = head.token_path.read_text().strip()
+    req = urllib.request.Request(
+        f"{head.address}/api/jobs/{sid}", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
+def _wait_ready(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> bool:
+    """Until the head accepts a job with the token: a no-op job, submitted over REST and retried while
+    the head says "No available agent" (its job API answers before the node's agent has registered).
+    False when `ray start` exited instead (on an overloaded machine its node start-up can time out)."""
     deadline = time.time() + timeout
+    body = json.dumps(
+        {"entrypoint": "true", "submission_id": f"ftray-warmup-{uuid.uuid4().hex[:6]}"}
+    ).encode()
     last = None
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"`ray start` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        req = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+            return False
+        req = urllib.request.Request(
+            f"{url}/api/jobs/",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=10) as r:
                 if r.status == 200:
-                    return
+                    return True
         except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
+            last = f"HTTP {e.code}: {e.read()[:200]!r}"
             if e.code in (401, 403):
                 pytest.fail(f"the head refused its own token ({last})")
         except OSError as e:
             last = repr(e)
-        time.sleep(0.5)
+        time.sleep(1)
     pytest.fail(
-        f"the job API on {url} was not ready within {timeout:.0f} s (last: {last}):\n{log.read_text()[-4000:]}"
+        f"the head on {url} took no job within {timeout:.0f} s (last: {last}):\n{log.read_text()[-4000:]}"
     )
 
 
@@ -95,14 +120,15 @@ def _stop(proc: subprocess.Popen, temp_dir: Path) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
     # Orphans: descendants seen above, and processes whose command line names our private temp dir.
+    td = str(temp_dir)
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if str(temp_dir) in " ".join(p.info["cmdline"] or []):
+            if any(a.endswith(td) or td + "/" in a for a in p.info["cmdline"] or []):
                 ours.append(p)
         except psutil.Error:
             pass
@@ -115,18 +141,9 @@ def _stop(proc: subprocess.Popen, temp_dir: Path) -> None:
     psutil.wait_procs(ours, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    if not RAY.exists():
-        pytest.skip(f"no `ray` console script at {RAY}")
-    pytest.importorskip("psutil", reason="psutil is needed to stop only this module's Ray processes")
+def _start_head(env: dict) -> tuple[subprocess.Popen, Path, str]:
     # Short: Ray puts unix sockets under the temp dir, and their paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjs-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    token_path = tmp_path_factory.mktemp("rayjs-auth") / "auth_token"
-    token_path.write_text(token)
-    env = _base_env()
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     dash = free_port()
     cmd = [
         str(RAY), "start", "--head", "--block",
@@ -145,19 +162,35 @@ def head(tmp_path_factory):
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    log = temp_dir / "ray_start.log"
-    with open(log, "wb") as out:
+    with open(temp_dir / "ray_start.log", "wb") as out:
         proc = subprocess.Popen(
             cmd, env=env, cwd=temp_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        _wait_ready(url, token, proc, log)
-        yield Head(url, env, token_path, temp_dir)
-    finally:
-        _stop(proc, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return proc, temp_dir, f"http://127.0.0.1:{dash}"
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    if not RAY.exists():
+        pytest.skip(f"no `ray` console script at {RAY}")
+    pytest.importorskip("psutil", reason="psutil is needed to stop only this module's Ray processes")
+    token = secrets.token_hex(32)
+    token_path = tmp_path_factory.mktemp("rayjs-auth") / "auth_token"
+    token_path.write_text(token)
+    env = _base_env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    for _ in (1, 2):  # Ray gives its node 30 s to register: a busy machine may miss that once
+        proc, temp_dir, url = _start_head(env)
+        try:
+            if _wait_ready(url, token, proc, temp_dir / "ray_start.log"):
+                yield Head(url, env, token_path, temp_dir)
+                return
+            failure = (temp_dir / "ray_start.log").read_text()[-4000:]
+        finally:
+            _stop(proc, temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    pytest.fail(f"`ray start --head` failed twice; the last log:\n{failure}")
 
 
 def _refused_env(case: str, head: Head) -> dict:
@@ -188,9 +221,7 @@ def test_submit_without_token_is_refused(head, case, says):
     out = r.stdout + r.stderr
     assert r.returncode != 0, out
     assert "AuthenticationError" in out and says in out, out[-3000:]
-    # Nothing was submitted.
-    s = _ray(["job", "status", "--address", head.address, sid], head.env)
-    assert s.returncode != 0 and "does not exist" in s.stdout + s.stderr, s.stdout + s.stderr
+    assert _job_info(head, sid) is None  # nothing was submitted
 
 
 def test_job_submit_trains(head, tiny_model, arith, cache_dir, tmp_path):
@@ -216,16 +247,18 @@ def test_job_submit_trains(head, tiny_model, arith, cache_dir, tmp_path):
     submit_out = r.stdout + r.stderr
     assert r.returncode == 0, submit_out[-6000:]
 
-    s = _ray(["job", "status", "--address", head.address, sid], head.env)
-    assert f"Job '{sid}' succeeded" in s.stdout + s.stderr, (s.stdout + s.stderr)[-3000:]
+    assert f"Job '{sid}' succeeded" in submit_out, submit_out[-6000:]
+    info = _job_info(head, sid)
+    assert info is not None and info["status"] == "SUCCEEDED", info
+    # The driver joined this cluster (ray.init found RAY_ADDRESS set by the job supervisor) rather than
+    # starting an embedded one: only a driver connected to the cluster gets a Ray job id.
+    assert info["job_id"] and info["driver_info"], info
 
     logs = _ray(["job", "logs", "--address", head.address, sid], head.env)
     assert logs.returncode == 0, logs.stderr[-3000:]
     text = logs.stdout
     assert f"run: {out}" in text, text[-4000:]
     assert "[ftray] step 4/4" in text, text[-4000:]
-    # The driver joined this cluster (RAY_ADDRESS from the job supervisor) instead of starting its own.
-    assert "Started a local Ray instance" not in text, text[-4000:]
 
     assert (out / "run.json").is_file()
     run = json.loads((out / "run.json").read_text())
@@ -237,12 +270,10 @@ def test_job_submit_trains(head, tiny_model, arith, cache_dir, tmp_path):
     assert (out / "checkpoints").is_dir()
 
 
-def test_ray_status_needs_the_token(head):
-    """The GCS (gRPC) side too: `ray status` works with the token and is refused without RAY_AUTH_MODE."""
+def test_ray_status_without_auth_mode_is_refused(head):
+    """The GCS (gRPC) side too. (With the token it works: the job's driver connects through it.)"""
     gcs = (head.temp_dir / "ray_current_cluster").read_text().strip()
-    ok = _ray(["status", "--address", gcs], head.env, timeout=90)
-    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
-    assert "/4.0 CPU" in ok.stdout, ok.stdout[-3000:]
     bad = _ray(["status", "--address", gcs], _refused_env("no-auth-mode", head), timeout=90)
-    assert bad.returncode != 0, (bad.stdout + bad.stderr)[-3000:]
-    print("UNAUTH STATUS:", (bad.stdout + bad.stderr)[-1500:])
+    out = bad.stdout + bad.stderr
+    assert bad.returncode != 0, out[-3000:]
+    assert "AuthenticationError" in out and "InvalidAuthToken" in out, out[-3000:]

@@ -260,7 +260,7 @@ def test_publish_dir_writes_complete_last(s3, tmp_path, monkeypatch):
     assert not storage.exists(storage.join(broken, ".complete"))  # ... but is not marked complete
 
 
-def test_load_spec_from_s3(s3, tmp_path):
+def test_load_spec_from_s3(s3):
     from ftray import storage
     from ftray.config import load_spec
 
@@ -280,7 +280,7 @@ def test_load_spec_from_s3(s3, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["train", "eval"])
-def test_missing_s3_data_fails_before_ray(s3, s3_inputs, tmp_path, monkeypatch, which):
+def test_missing_s3_data_fails_before_ray(s3, s3_inputs, monkeypatch, which):
     import ray
 
     from ftray.config import spec_from_dict
@@ -317,7 +317,7 @@ def test_missing_s3_data_fails_before_ray(s3, s3_inputs, tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------------------------- end to end
 
 
-def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path):
+def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path, monkeypatch):
     import ray
 
     from ftray import storage
@@ -329,6 +329,8 @@ def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path):
     if was_up:
         ray.shutdown()
     assert os.environ["AWS_ENDPOINT_URL"] == s3
+    # A fresh local Ray, even if someone ran `ray start` with the default temp dir on this machine.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
 
     out = f"{s3_inputs['prefix']}/runs/sft"
     cache = f"{s3_inputs['prefix']}/cache"

@@ -30,6 +30,10 @@ def _is_hub_id(path: str) -> bool:
 def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") -> Resolved:
     """Find base weights, tokenizer and (for a run folder) the adapter to continue from."""
     if storage.exists(storage.join(path, "run.json")):
+        for sub in ("merged", "model", "adapter"):
+            inner = storage.join(path, sub)
+            if storage.exists(inner) and not storage.is_complete(inner):
+                raise ModelError(f"{field}: {inner} is incomplete (no .complete marker: an interrupted write)")
         for sub in ("merged", "model"):
             if storage.exists(storage.join(path, sub, "config.json")):
                 inner = storage.join(path, sub)
