@@ -1,6 +1,6 @@
 """Run in a fresh process: load a run's adapter with PeftModel.from_pretrained and print its held-out loss.
 
-Usage: python tests/_reload_eval.py RUN_DIR CACHE_DIR BASE_MODEL
+Usage: python tests/_reload_eval.py RUN_DIR BASE_MODEL
 """
 
 import json
@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from ftray.data.prepare import load_split
 from ftray.methods._lm import collate_tokens, lm_loss
 
-run, cache, base = map(Path, sys.argv[1:4])
+run, base = map(Path, sys.argv[1:3])
 record = json.loads((run / "run.json").read_text())
-ev = load_split(str(cache / record["data_hash"]), "eval")
+ev = load_split(record["data"]["path"], "eval")
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
 total = tokens = 0.0
 with torch.no_grad():

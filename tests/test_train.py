@@ -76,9 +76,8 @@ def test_zero3_adapter_is_complete_and_reloads_in_fresh_process(equivalence_runs
     assert max((w[k] - z2[k]).abs().max().item() for k in w) < 1e-4
     # A fresh process: PeftModel.from_pretrained + the same held-out data -> the eval loss the run
     # measured at the end of training (a function of every held-out logit).
-    cache = record["spec"]["data"]["cache_dir"]
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(run), cache, str(tiny_model)],
+        [sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(run), str(tiny_model)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]

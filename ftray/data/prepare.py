@@ -20,7 +20,7 @@ from ftray.data.rows import Checked, read_checked
 
 __all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
 
-PREP_VERSION = "2"
+PREP_VERSION = "3"
 
 
 def check_data(spec) -> tuple[Checked, Checked | None]:
@@ -75,10 +75,15 @@ def _table(cols: dict):
     return pa.table(out)
 
 
-class _Encode:
-    """Ray Data UDF: the method turns each checked row into examples; the tokenizer loads once per actor."""
+_STATS = ("n_rows", "n_truncated", "n_dropped")
 
-    def __init__(self, spec_json: str, tokenizer_dir: str):
+
+class _Encode:
+    """Ray Data UDF (one actor loads the tokenizer once): checked rows -> the method's examples ->
+    packed rows for the train split when packing is on. Counts ride along as columns (non-zero on
+    one row per batch), so one pass over the data yields both the shards and the report."""
+
+    def __init__(self, spec_json: str, tokenizer_dir: str, pack: bool, pad_id: int):
         from ftray.config import JobSpec
         from ftray.methods import get_method
         from ftray.models.load import load_tokenizer
@@ -87,130 +92,122 @@ class _Encode:
         self.method = get_method(self.spec.method.kind)
         self.tok = load_tokenizer(tokenizer_dir, self.spec.model.trust_remote_code)
         ensure_chat_template(self.tok)
+        self.pack, self.pad_id = pack, pad_id
 
     def __call__(self, batch):
         batch = batch.to_pydict()
-        rows: list[dict] = []
-        for key, row_json in zip(batch["key"], batch["row"], strict=True):
-            for j, ex in enumerate(self.method.examples(json.loads(row_json), self.tok, self.spec)):
-                dropped = len(ex["input_ids"]) == 0
-                rows.append({**ex, "truncated": bool(ex.get("truncated", False)), "dropped": dropped, "key": int(key) * 1000 + j})
-        cols = sorted({k for r in rows for k in r})
-        return _table({c: [r.get(c) for r in rows] for c in cols})
-
-
-def _pack_batch(batch, max_length: int, pad_id: int):
-    batch = batch.to_pydict()
-    keep = [i for i, d in enumerate(batch["dropped"]) if not d]
-    examples = [{"input_ids": list(batch["input_ids"][i]), "labels": list(batch["labels"][i])} for i in keep]
-    packed = pack_examples(examples, max_length, pad_id)
-    base = int(min(batch["key"])) * 1000
-    return _table(
-        {
-            "input_ids": [p["input_ids"] for p in packed],
-            "labels": [p["labels"] for p in packed],
-            "position_ids": [p["position_ids"] for p in packed],
-            "tokens": [p["tokens"] for p in packed],
-            "key": [base + j for j in range(len(packed))],
-        }
-    )
-
-
-def _drop_flags(batch):
-    batch = batch.to_pydict()
-    keep = [i for i, d in enumerate(batch["dropped"]) if not d]
-    out = {k: [v[i] for i in keep] for k, v in batch.items() if k not in ("dropped", "truncated")}
-    out["tokens"] = [len(x) for x in out["input_ids"]]
-    return _table(out)
+        out: list[dict] = []
+        for split in ("train", "eval"):
+            idx = [i for i, s in enumerate(batch["split"]) if s == split]
+            if not idx:
+                continue
+            examples, truncated, dropped = [], 0, 0
+            for i in idx:
+                for j, ex in enumerate(self.method.examples(json.loads(batch["row"][i]), self.tok, self.spec)):
+                    truncated += bool(ex.pop("truncated", False))
+                    if len(ex["input_ids"]) == 0:
+                        dropped += 1
+                        continue
+                    examples.append({**ex, "key": int(batch["key"][i]) * 1000 + j})
+            if split == "train" and self.pack and examples:
+                base = examples[0]["key"]
+                rows = [{**p, "key": base + k} for k, p in enumerate(pack_examples(examples, self.spec.data.max_length, self.pad_id))]
+            else:
+                rows = [{**e, "tokens": len(e["input_ids"]), "position_ids": None} for e in examples]
+            stats = {"n_rows": len(idx), "n_truncated": truncated, "n_dropped": dropped}
+            if not rows:  # keep the counts even when every example of the batch was dropped
+                rows = [{"input_ids": None, "tokens": 0, "position_ids": None, "key": -1}]
+            for k, r in enumerate(rows):
+                out.append({**r, "split": split, **{n: (v if k == 0 else 0) for n, v in stats.items()}})
+        cols = sorted({k for r in out for k in r})
+        return _table({c: [r.get(c) for r in out] for c in cols})
 
 
 def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tuple[str, dict]:
-    """Tokenize (+pack) with Ray Data into the cache; returns (prepared folder, meta). Needs Ray up."""
+    """Tokenize (+pack) both splits in one Ray Data pass into the cache; returns (prepared folder,
+    meta). Each attempt writes its own folder and `meta.json` (written last) names the finished one,
+    so an interrupted preparation never leaves half a dataset behind a valid key. Needs Ray up."""
+    import uuid
+
     import ray.data
 
-    key = cache_key(spec, tokenizer_dir)
-    out = storage.join(default_cache_dir(spec), key)
-    meta_path = storage.join(out, "meta.json")
-    if storage.exists(meta_path):
-        meta = json.loads(storage.read_text(meta_path))
-        meta["cached"] = True
-        return out, meta
-
+    from ftray.data.rows import DataError
     from ftray.methods import get_method
     from ftray.models.load import load_tokenizer
 
+    key = cache_key(spec, tokenizer_dir)
+    root = storage.join(default_cache_dir(spec), key)
+    meta_path = storage.join(root, "meta.json")
+    if storage.exists(meta_path):
+        meta = json.loads(storage.read_text(meta_path))
+        meta["cached"] = True
+        meta["path"] = storage.join(root, meta["dir"])
+        return meta["path"], meta
+
     tok = load_tokenizer(tokenizer_dir, spec.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    packable = spec.data.packing and get_method(spec.method.kind).packable
+    pack = spec.data.packing and get_method(spec.method.kind).packable
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    fs, _ = storage.pyarrow_filesystem(out)
-    meta: dict = {"key": key, "format": spec.data.format, "max_length": spec.data.max_length}
+    attempt = uuid.uuid4().hex[:12]
+    out = storage.join(root, attempt)
+    fs, out_path = storage.pyarrow_filesystem(out)
 
+    items = [{"key": i, "split": "train", "row": json.dumps(r)} for i, r in enumerate(train.rows)]
+    if ev is not None:
+        items += [{"key": i, "split": "eval", "row": json.dumps(r)} for i, r in enumerate(ev.rows)]
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(4 * cpus, len(items) // 2048)))
+    ds.map_batches(
+        _Encode,
+        fn_constructor_args=(spec.model_dump_json(), tokenizer_dir, pack, pad_id),
+        # Packing quality grows with the batch: 4096 examples leave a few % padding at most.
+        batch_size=4096,
+        # One tokenizer actor per ~50k rows, up to the cluster's CPUs: start-up (~5 s) dominates small data.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(cpus, len(items) // 50_000))),
+        batch_format="pyarrow",
+    ).write_parquet(out_path, filesystem=fs, partition_cols=["split"])
+
+    meta: dict = {"key": key, "dir": attempt, "format": spec.data.format, "max_length": spec.data.max_length}
     for split, checked in (("train", train), ("eval", ev)):
         if checked is None:
             continue
-        items = [{"key": i, "row": json.dumps(r)} for i, r in enumerate(checked.rows)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // 256)))
-        ds = ds.map_batches(
-            _Encode,
-            fn_constructor_args=(spec.model_dump_json(), tokenizer_dir),
-            batch_size=256,
-            # One tokenizer actor per ~50k rows, up to the cluster's CPUs: start-up (~5 s) dominates small data.
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(items) // 50_000))
-            ),
-            batch_format="pyarrow",
-        ).materialize()
-        stats = {
+        cols = load_split(out, split, with_stats=True)
+        n = len(cols["input_ids"])
+        if n == 0:
+            raise DataError(f"{getattr(spec.data, split)}: every example was dropped (no answer token within max_length)")
+        total = sum(len(x) for x in cols["input_ids"])
+        meta[split] = {
             "rows": len(checked.rows),
             "skipped_rows": checked.skipped,
-            "examples": ds.count(),
-            "truncated": int(ds.sum("truncated") or 0),
-            "dropped_no_answer": int(ds.sum("dropped") or 0),
+            "truncated": sum(cols["n_truncated"]),
+            "dropped_no_answer": sum(cols["n_dropped"]),
+            "sequences": n,
+            "tokens": sum(cols["tokens"]),
+            "padding_share": (total - sum(cols["tokens"])) / total if total else 0.0,
         }
-        if split == "train" and packable:
-            ds = ds.map_batches(
-                _pack_batch,
-                fn_kwargs={"max_length": spec.data.max_length, "pad_id": pad_id},
-                batch_size=4096,
-                batch_format="pyarrow",
-            )
-        else:
-            ds = ds.map_batches(_drop_flags, batch_size=4096, batch_format="pyarrow")
-        ds = ds.materialize()
-        stats["sequences"] = ds.count()
-        if stats["sequences"] == 0:
-            from ftray.data.rows import DataError
-
-            raise DataError(f"{getattr(spec.data, split)}: every example was dropped (no answer token within max_length)")
-        ds.write_parquet(storage.pyarrow_filesystem(storage.join(out, split))[1], filesystem=fs)
-        meta[split] = stats
-
     if ev is not None:
         storage.write_text_atomic(storage.join(out, "eval_rows.jsonl"), "".join(json.dumps(r) + "\n" for r in ev.rows))
-    # Token and padding counts come from the shards themselves.
-    train_split = load_split(out, "train")
-    total = sum(len(x) for x in train_split["input_ids"])
-    real = sum(train_split["tokens"])
-    meta["train"]["tokens"] = real
-    meta["train"]["padding_share"] = (total - real) / total if total else 0.0
-    if "labels" in train_split and train_split["labels"] and isinstance(train_split["labels"][0], list):
-        meta["train"]["label_tokens"] = sum(1 for row in train_split["labels"] for t in row if t != -100)
     storage.write_text_atomic(meta_path, json.dumps(meta, indent=1))
     meta["cached"] = False
+    meta["path"] = out
     return out, meta
 
 
-def load_split(prepared: str, split: str) -> dict[str, list]:
+def load_split(prepared: str, split: str, with_stats: bool = False) -> dict[str, list]:
     """Read a prepared split (local or s3) in its canonical order: every column as a list
     (`input_ids`, `tokens`, and whatever else the method's examples carry; `position_ids` is None
     when the rows are not packed)."""
     import pyarrow.dataset as pads
 
-    fs, p = storage.pyarrow_filesystem(storage.join(prepared, split))
+    fs, p = storage.pyarrow_filesystem(storage.join(prepared, f"split={split}"))
     table = pads.dataset(p, filesystem=fs, format="parquet").to_table().sort_by("key")
-    cols = {c: table.column(c).to_pylist() for c in table.column_names if c != "key"}
+    keep = table.filter(pads.field("key") >= 0)  # rows that only carry counts have key -1
+    cols = {c: keep.column(c).to_pylist() for c in keep.column_names if c not in ("key", *_STATS)}
+    if with_stats:
+        cols.update({c: table.column(c).to_pylist() for c in _STATS})
+    if cols.get("position_ids") is not None and all(x is None for x in cols["position_ids"]):
+        cols["position_ids"] = None
     cols.setdefault("position_ids", None)
     return cols

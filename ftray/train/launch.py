@@ -129,7 +129,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
         "spec": spec.model_dump(mode="json"),
         "parent_run": plan.resolved.parent_run,
         "base_model": plan.resolved.base,
-        "data": {k: meta[k] for k in ("key", "train", "eval") if k in meta},
+        "data": {k: meta[k] for k in ("key", "path", "train", "eval") if k in meta},
         "data_hash": meta["key"],
         "eval": {"before": m.get("before", {}), "after": m.get("after", {})},
         "trainable": m.get("trainable", {}),
