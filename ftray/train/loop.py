@@ -283,7 +283,8 @@ def train_fn_per_worker(config: dict) -> None:
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
             save_checkpoint(done, metrics)
-        elif done % spec.train.log_every == 0 and not is_last:
+        elif (done % spec.train.log_every == 0 or any(k.startswith("eval/") for k in rec)) and not is_last:
+            # Eval steps are always reported: Tune schedulers stop trials on eval metrics.
             ray.train.report(metrics)
 
     # ---------------------------------------------------------------- finish
