@@ -108,6 +108,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from ftray.eval.evaluate import evaluate
+
+    print(json.dumps(evaluate(args.run, args.data, args.method, args.format, args.max_rows)), flush=True)
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve run folders on loopback (or --host) until interrupted; `serve run deploy/*.yaml` for more control."""
     import time
@@ -140,11 +147,25 @@ def cmd_serve(args) -> int:
     from ftray.serve import build_app
 
     if not ray.is_initialized():
-        ray.init(address=args.address, configure_logging=False)
+        import math
+        import os
+
+        kw = {}
+        if args.address is None:  # a local Ray: logical CPUs enough for every replica (plus Serve's own)
+            deps = [g.deployment for g in spec.generation] + [s.deployment for s in spec.scorers] + [spec.ingress]
+            need = sum(d.num_cpus * (d.num_replicas if isinstance(d.num_replicas, int) else 1) for d in deps)
+            kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil(need) + 1)
+        ray.init(address=args.address, configure_logging=False, **kw)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(spec), name=args.app_name, route_prefix="/")
     names = [g.name for g in spec.generation] + [s.name for s in spec.scorers]
     print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    import signal
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops Serve as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(3600)
@@ -211,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge", action="store_true")
     e.add_argument("--out", default=None)
     e.set_defaults(fn=cmd_export)
+
+    ev = sub.add_parser("eval", help="judge a run folder (or a base model) on a data file by its method's metric")
+    ev.add_argument("run", help="run folder, or a base model folder (then --method is needed)")
+    ev.add_argument("--data", required=True, help="rows to judge (any file in the method's data format)")
+    ev.add_argument("--method", default=None, help="method of a base model (a run folder knows its own)")
+    ev.add_argument("--format", default=None, help="data format when it differs from the run's")
+    ev.add_argument("--max-rows", type=int, default=None, help="judge only the first N rows")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -25,9 +25,17 @@ def _trial_id(result) -> str:
     return m.group(1) if m else str(result.path).rstrip("/").rsplit("/", 1)[-1]
 
 
+def _tune_status(grid) -> dict[str, str]:
+    """Tune's own status per trial id (TERMINATED, ERROR, PENDING...): a trial Tune did not end is
+    unfinished (the sweep was interrupted), not stopped early."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id: t.status for t in trials}
+
+
 def collect(sweep: SweepSpec, grid) -> list[dict]:
     """One row per trial: id, status, why it stopped, steps run, metric, params, history."""
     rows = []
+    tune_status = _tune_status(grid)
     for r in grid:
         m = r.metrics or {}
         df = r.metrics_dataframe
@@ -35,16 +43,17 @@ def collect(sweep: SweepSpec, grid) -> list[dict]:
         if df is not None and sweep.metric in df and "step" in df:
             hist = [(int(s), float(v)) for s, v in zip(df["step"], df[sweep.metric], strict=True)
                     if v == v and s == s]
+        tid = _trial_id(r)
+        ended = tune_status.get(tid, "TERMINATED") in ("TERMINATED", "ERROR")
         if r.error is not None:
             status, why = "failed", f"error: {str(r.error).strip().splitlines()[-1][:120]}"
         elif m.get(COMPLETED):
             status, why = "completed", "full budget"
-        elif m:
-            status, why = "stopped", f"stopped early by {sweep.scheduler.kind} at step {m.get('step')}"
+        elif not ended or m.get("step") is None:
+            status, why = "unfinished", f"sweep interrupted at step {m.get('step') or 0}; rerun to resume"
         else:
-            status, why = "pending", "did not start"
+            status, why = "stopped", f"stopped early by {sweep.scheduler.kind} at step {m.get('step')}"
         metric = m.get(sweep.metric)
-        tid = _trial_id(r)
         rows.append({
             "trial": tid,
             "status": status,
@@ -56,7 +65,7 @@ def collect(sweep: SweepSpec, grid) -> list[dict]:
             "history": hist,
         })
     sign = 1 if sweep.mode == "min" else -1
-    order = {"completed": 0, "stopped": 1, "failed": 2, "pending": 3}
+    order = {"completed": 0, "stopped": 1, "unfinished": 2, "failed": 3}
     rows.sort(key=lambda x: (order[x["status"]], math.inf if math.isnan(x["metric"]) else sign * x["metric"]))
     return rows
 
@@ -84,6 +93,7 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
         "completed": len(done),
         "stopped_early": sum(x["status"] == "stopped" for x in rows),
         "failed": sum(x["status"] == "failed" for x in rows),
+        "unfinished": sum(x["status"] == "unfinished" for x in rows),
         "total_steps": sum(x["steps"] for x in rows),
         "wall_s": wall_s,
         "best_trial": best["trial"] if best else None,
@@ -97,7 +107,8 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
         f"# Sweep `{sweep.sweep_name}`",
         "",
         f"{sweep.metric} ({sweep.mode}), scheduler `{s.kind}`, search `{sweep.search_alg}`: {summary['trials']} trials, "
-        f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed; "
+        f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed, "
+        f"{summary['unfinished']} unfinished; "
         f"{summary['total_steps']} training steps in all; {wall_s:.0f} s (this run of the command).",
         "",
         "Completed trials first, then early-stopped ones (their metric is the last one they reported), each "

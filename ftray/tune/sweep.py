@@ -61,7 +61,8 @@ def _search_alg(sweep: SweepSpec):
         return OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed)
+    # Tune ignores `max_concurrent_trials` for a generator instance; it takes the limit itself.
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
 
 
 def trial_cpus(jobs: list[JobSpec]) -> float:
@@ -140,6 +141,17 @@ def _progress(sweep: SweepSpec, table_every_s: float = 30.0):
     return Progress()
 
 
+def _pin_ray_address() -> None:
+    """With several Ray instances on one machine (CI, shared dev boxes), Train's placement-group cleaner
+    looks its cluster up with address "auto", fails ("Found multiple active Ray instances"), and a trial
+    that a scheduler stops leaks its workers' placement group: later trials then wait forever. Tune puts
+    these variables into every trial actor's runtime env; Train's controller and cleaner inherit them."""
+    import ray
+    from ray.tune.execution import class_cache
+
+    class_cache.DEFAULT_ENV_VARS.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def _prepare_once(jobs: list[JobSpec], log) -> None:
     """Check every sample point's job (model, adapter fit, every data row) and prepare its data into the
     shared cache before trials start: trials then hit the cache instead of competing for CPUs."""
@@ -169,6 +181,7 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
     t0 = time.time()
     ensure_ray(jobs[0])
     check_resources(sweep, jobs, ray.cluster_resources())
+    _pin_ray_address()
     # The sample points' jobs ran `spec_from_dict` with a placeholder run folder; check data and model.
     _prepare_once(jobs, log)
 
@@ -187,7 +200,8 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
                 metric=sweep.metric,
                 mode=sweep.mode,
                 num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials,
+                # BasicVariantGenerator takes the limit itself (see _search_alg); Searchers get it here.
+                max_concurrent_trials=sweep.max_concurrent_trials if sweep.search_alg == "optuna" else None,
                 scheduler=_scheduler(sweep, jobs),
                 search_alg=_search_alg(sweep),
                 # A trial actor holds a Train controller; reused actors never start the next trial.
@@ -204,10 +218,14 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
     grid = tuner.fit()
     summary = write_results(sweep, grid, wall_s=time.time() - t0)
     log(
-        f"[sweep] done: {summary['trials']} trials, {summary['stopped_early']} stopped early, "
-        f"{summary['failed']} failed, {summary['total_steps']} steps, {summary['wall_s']:.0f} s; best "
-        f"{summary['best_trial']} {sweep.metric} {summary['best_metric']:.4g} -> "
-        f"{storage.join(sweep.output.dir, 'best.yaml')}",
+        f"[sweep] {'interrupted' if summary['unfinished'] else 'done'}: {summary['trials']} trials, "
+        f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed, "
+        f"{summary['unfinished']} unfinished; {summary['total_steps']} steps, {summary['wall_s']:.0f} s",
         flush=True,
     )
+    if summary["unfinished"]:
+        log("[sweep] run the same command again to resume", flush=True)
+    if summary["best_trial"]:
+        log(f"[sweep] best: trial {summary['best_trial']} {sweep.metric} {summary['best_metric']:.4g} "
+            f"{_short(summary['best_params'])} -> {storage.join(sweep.output.dir, 'best.yaml')}", flush=True)
     return summary

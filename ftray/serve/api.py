@@ -1,0 +1,473 @@
+"""The OpenAI-compatible ingress (FastAPI behind Serve): auth, limits, templating, routing, errors.
+
+It tokenizes and checks requests itself (so a prompt over the limit costs no model replica time),
+then calls the model deployments through their handles. Every error is OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+
+import asyncio
+import base64
+import hmac
+import ipaddress
+import json
+import os
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ftray.serve.config import ServeConfig
+
+__all__ = ["APIError", "Ingress", "load_api_keys"]
+
+app = FastAPI(title="ftray", docs_url=None, redoc_url=None)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"), "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError):
+    return e.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None).response()
+
+
+# request bodies -------------------------------------------------------------------------------------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    model: str = Field(min_length=1, max_length=200)
+
+
+class _GenReq(_Req):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    seed: int | None = None
+
+
+class CompletionRequest(_GenReq):
+    prompt: str | list[str] = Field(min_length=1)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(_GenReq):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(_Req):
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class ClassifyRequest(_Req):
+    input: str | list[str] = Field(min_length=1)
+
+
+class RewardItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    response: str | None = None
+    messages: list[Message] | None = None
+
+    def payload(self) -> dict:
+        if self.messages is not None:
+            return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
+        if self.prompt is None or self.response is None:
+            raise APIError(400, "each rewards input needs `prompt` and `response`, or `messages`", "invalid_input", "input")
+        return {"prompt": self.prompt, "response": self.response}
+
+
+class RewardRequest(_Req):
+    input: list[str | RewardItem] = Field(min_length=1)
+
+
+# helpers ------------------------------------------------------------------------------------------------
+def load_api_keys(auth) -> set[str]:
+    keys: set[str] = set()
+    if auth.api_keys_env and os.environ.get(auth.api_keys_env):
+        keys |= {k.strip() for k in os.environ[auth.api_keys_env].split(",") if k.strip()}
+    if auth.api_keys_file:
+        lines = Path(auth.api_keys_file).expanduser().read_text().splitlines()
+        keys |= {x.strip() for x in lines if x.strip() and not x.startswith("#")}
+    return keys
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _b64(vec: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+
+
+class _Detok:
+    """Incremental detokenization: emit only whole characters (a byte-level BPE token may be half of one)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.sent = tok, [], ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict, generators: dict, scorers: dict):
+        from ftray.models.load import load_config, load_tokenizer, resolve
+        from ftray.serve.registry import AdapterRegistry
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.limits = self.cfg.limits
+        self.keys = load_api_keys(self.cfg.auth)
+        self.generators, self.scorers = generators, scorers
+        self.kinds = {s.name: s.kind for s in self.cfg.scorers}
+        self.tok, self.registry, self.ctx, self._templates = {}, {}, {}, {}
+        for g in self.cfg.generation:
+            r = resolve(g.base, field=f"generation[{g.name}].base")
+            self.tok[g.name] = load_tokenizer(r.tokenizer)
+            from ftray.data.encode import ensure_chat_template
+
+            ensure_chat_template(self.tok[g.name])
+            self.registry[g.name] = AdapterRegistry(g, r.base)
+            self.ctx[g.name] = getattr(load_config(r.base), "max_position_embeddings", None)
+        self.created = int(time.time())
+
+    # plumbing ----------------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            if not _loopback(request.client.host if request.client else None):
+                raise APIError(401, "API keys are required for clients beyond loopback; none are configured", "invalid_api_key")
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`", "invalid_api_key")
+        given = header[7:].strip().encode()
+        if not any(hmac.compare_digest(given, k.encode()) for k in self.keys):
+            raise APIError(401, "Incorrect API key provided", "invalid_api_key")
+
+    async def _body(self, request: Request, model: type[BaseModel]):
+        self._auth(request)
+        cap = self.limits.max_body_bytes
+        too_big = APIError(413, f"request body exceeds the limit of {cap} bytes", "request_too_large")
+        if int(request.headers.get("content-length") or 0) > cap:
+            raise too_big
+        chunks, size = [], 0
+        async for c in request.stream():
+            size += len(c)
+            if size > cap:
+                raise too_big
+            chunks.append(c)
+        try:
+            data = json.loads(b"".join(chunks) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", "invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise APIError(400, f"{where}: {err['msg']}", "invalid_value", where) from None
+
+    def _retry(self) -> dict:
+        return {"Retry-After": str(self.limits.retry_after_s)}
+
+    async def _call(self, resp, deadline: float):
+        """Await a deployment response within the request's deadline; map Serve failures to 408/429/503."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            out = await asyncio.wait_for(resp, max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            resp.cancel()
+            raise APIError(408, f"request timed out after {self.limits.request_timeout_s:g} s", "request_timeout") from None
+        except BackPressureError:
+            raise APIError(429, "the model's queue is full; retry later", "overloaded", headers=self._retry()) from None
+        except (DeploymentUnavailableError, RayActorError) as e:
+            raise APIError(503, f"model replica unavailable ({type(e).__name__}); retry", "unavailable", headers=self._retry()) from None
+        if isinstance(out, dict) and "error" in out:
+            e = out["error"]
+            raise APIError(e.get("status", 500), e["message"], e.get("code"))
+        return out
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.limits.request_timeout_s
+
+    async def _route(self, name: str, kind: str) -> tuple[str, str | None]:
+        base, _, adapter = name.partition(":")
+        if kind == "generation":
+            if base not in self.generators:
+                other = f" (it is a {self.kinds[base]} model)" if base in self.kinds else ""
+                raise APIError(404, f"The model `{name}` does not exist or is not a generation model{other}", "model_not_found", "model")
+            if adapter:
+                from ftray.serve.registry import AdapterError
+
+                try:  # a miss lists the registry folders (maybe s3://): keep it off the event loop
+                    await asyncio.to_thread(self.registry[base].lookup, adapter)
+                except AdapterError as e:
+                    raise APIError(e.status, str(e), e.code, "model") from None
+            return base, adapter or None
+        if adapter or self.kinds.get(base) != kind:
+            raise APIError(404, f"The model `{name}` does not exist or is not a {kind} model", "model_not_found", "model")
+        return base, None
+
+    def _template(self, base: str, adapter: str | None) -> str | None:
+        """The adapter run's own chat template when its run folder has tokenizer/, else the base's."""
+        if adapter is None:
+            return None
+        if adapter not in self._templates:
+            from ftray import storage
+            from ftray.models.load import load_tokenizer
+
+            folder = self.registry[base].lookup(adapter)
+            tdir = storage.join(folder.rstrip("/").rsplit("/", 1)[0], "tokenizer")
+            tmpl = None
+            if storage.exists(storage.join(tdir, "tokenizer_config.json")):
+                tmpl = getattr(load_tokenizer(tdir), "chat_template", None)
+            self._templates[adapter] = tmpl
+        return self._templates[adapter]
+
+    def _encode(self, base: str, text: str, bos: bool) -> list[int]:
+        tok = self.tok[base]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return ([tok.bos_token_id] if bos and tok.bos_token_id is not None else []) + ids
+
+    def _gen_reqs(self, body: _GenReq, base: str, adapter: str | None, prompts: list[list[int]], max_tokens: int | None):
+        lim = self.limits
+        mt = max_tokens or lim.default_max_tokens
+        if mt > lim.max_tokens:
+            raise APIError(400, f"max_tokens is {mt}, above this server's limit of {lim.max_tokens}", "max_tokens_exceeded", "max_tokens")
+        if body.n > lim.max_n:
+            raise APIError(400, f"n is {body.n}, above this server's limit of {lim.max_n}", "n_exceeded", "n")
+        for ids in prompts:
+            if len(ids) > lim.max_prompt_tokens:
+                raise APIError(
+                    400,
+                    f"the prompt has {len(ids)} tokens, above this server's limit of {lim.max_prompt_tokens}",
+                    "context_length_exceeded",
+                    "messages" if isinstance(body, ChatRequest) else "prompt",
+                )
+            ctx = self.ctx[base]
+            if ctx and len(ids) + mt > ctx:
+                raise APIError(400, f"prompt ({len(ids)}) + max_tokens ({mt}) exceeds the context of {ctx} tokens", "context_length_exceeded")
+        if body.stream and (body.n > 1 or len(prompts) > 1):
+            raise APIError(400, "stream: true supports one prompt and n=1", "invalid_value", "stream")
+        return [
+            {"adapter": adapter, "input_ids": ids, "max_tokens": mt, "temperature": body.temperature, "top_p": body.top_p,
+             "seed": None if body.seed is None else body.seed + k}
+            for ids in prompts
+            for k in range(body.n)
+        ]
+
+    async def _generate_all(self, base: str, reqs: list[dict]) -> list[dict]:
+        deadline = self._deadline()
+        h = self.generators[base]
+        return await asyncio.gather(*[self._call(h.generate.remote(r), deadline) for r in reqs])
+
+    def _stream(self, base: str, req: dict, chunk) -> StreamingResponse:
+        """SSE: chunk(text=..., finish=...) builds each event; the stream ends with [DONE]."""
+        h = self.generators[base].options(stream=True)
+        deadline = self._deadline()
+        detok = _Detok(self.tok[base])
+
+        async def events():
+            gen = h.stream.remote(req)
+            yield _sse(chunk(None, None, first=True))
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(gen.__anext__(), max(0.001, deadline - time.monotonic()))
+                    except StopAsyncIteration:
+                        break
+                    if "token_ids" in item:
+                        text = detok.push(item["token_ids"])
+                        if text:
+                            yield _sse(chunk(text, None))
+                    elif "error" in item:
+                        yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
+                        break
+                    else:
+                        yield _sse(chunk(None, item["finish_reason"], usage=item))
+            except asyncio.TimeoutError:
+                gen.cancel()
+                yield _sse({"error": {"message": "request timed out", "type": "timeout_error", "code": "request_timeout"}})
+            except Exception as e:  # noqa: BLE001 - the status line is sent; say it in the stream
+                yield _sse({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "code": None}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _check_first(self, base: str, adapter: str | None) -> None:
+        if adapter:  # the replica's own registry must agree (and loads nothing for this)
+            await self._call(self.generators[base].check.remote(adapter), self._deadline())
+
+    @staticmethod
+    def _usage(prompt: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # routes ------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        data = []
+        for g in self.cfg.generation:
+            data.append({"id": g.name, "object": "model", "created": self.created, "owned_by": "ftray", "kind": "generation"})
+            names = await asyncio.to_thread(self.registry[g.name].names)
+            data += [
+                {"id": f"{g.name}:{a}", "object": "model", "created": self.created, "owned_by": "ftray", "kind": "generation", "parent": g.name}
+                for a in names
+            ]
+        data += [{"id": s.name, "object": "model", "created": self.created, "owned_by": "ftray", "kind": s.kind} for s in self.cfg.scorers]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
+        base, adapter = await self._route(body.model, "generation")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, p, bos=True) for p in prompts], body.max_tokens)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            await self._check_first(base, adapter)
+
+            def chunk(text, finish, first=False, usage=None):
+                if first:
+                    text = ""
+                return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+            return self._stream(base, reqs[0], chunk)
+        outs = await self._generate_all(base, reqs)
+        tok = self.tok[base]
+        choices = [
+            {"index": i, "text": tok.decode(o["token_ids"], skip_special_tokens=True), "finish_reason": o["finish_reason"], "logprobs": None}
+            for i, o in enumerate(outs)
+        ]
+        prompt_tokens = sum(len(r["input_ids"]) for r in reqs[:: body.n])
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+                "usage": self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        body = await self._body(request, ChatRequest)
+        base, adapter = await self._route(body.model, "generation")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        tok = self.tok[base]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=self._template(base, adapter))
+        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, text, bos=False)], body.max_completion_tokens or body.max_tokens)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            await self._check_first(base, adapter)
+
+            def chunk(text, finish, first=False, usage=None):
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            return self._stream(base, reqs[0], chunk)
+        outs = await self._generate_all(base, reqs)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": tok.decode(o["token_ids"], skip_special_tokens=True)},
+             "finish_reason": o["finish_reason"], "logprobs": None}
+            for i, o in enumerate(outs)
+        ]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+                "usage": self._usage(len(reqs[0]["input_ids"]), sum(len(o["token_ids"]) for o in outs))}
+
+    def _inputs(self, items: list) -> list:
+        if len(items) > self.limits.max_inputs:
+            raise APIError(400, f"{len(items)} inputs, above this server's limit of {self.limits.max_inputs}", "too_many_inputs", "input")
+        return items
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        body = await self._body(request, EmbeddingRequest)
+        base, _ = await self._route(body.model, "embedding")
+        texts = self._inputs([body.input] if isinstance(body.input, str) else body.input)
+        rows = await self._call(self.scorers[base].embed.remote(texts), self._deadline())
+        enc = _b64 if body.encoding_format == "base64" else (lambda v: v)
+        data = [{"object": "embedding", "index": i, "embedding": enc(r["embedding"])} for i, r in enumerate(rows)]
+        n = sum(r["tokens"] for r in rows)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request):
+        body = await self._body(request, ClassifyRequest)
+        base, _ = await self._route(body.model, "classifier")
+        texts = self._inputs([body.input] if isinstance(body.input, str) else body.input)
+        rows = await self._call(self.scorers[base].classify.remote(texts), self._deadline())
+        data = [{"object": "classification", "index": i, "label": r["label"], "score": r["score"], "scores": r["scores"]} for i, r in enumerate(rows)]
+        n = sum(r["tokens"] for r in rows)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/v1/rewards")
+    async def rewards(self, request: Request):
+        body = await self._body(request, RewardRequest)
+        base, _ = await self._route(body.model, "reward")
+        items = self._inputs([x if isinstance(x, str) else x.payload() for x in body.input])
+        rows = await self._call(self.scorers[base].score.remote(items), self._deadline())
+        data = [{"object": "reward", "index": i, "score": r["score"]} for i, r in enumerate(rows)]
+        n = sum(r["tokens"] for r in rows)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -1,0 +1,139 @@
+"""The serve config: which models, which adapters, how each deployment scales, and the limits.
+
+It is the `args:` block of a Serve config file (`import_path: ftray.serve.app:build_app`), so
+`serve run deploy/adapters.yaml`, `serve deploy` and `ftray serve` all go through this one schema.
+Unknown keys are errors, as in the job spec.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ADAPTER_NAME", "Auth", "Deployment", "GenerationModel", "Limits", "ScorerModel", "ServeConfig"]
+
+# A model or adapter name: a path component, never a path. "../../etc/passwd" fails here.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Deployment(_Strict):
+    """How one model deployment scales; passed to `serve.deployment(...).options()`."""
+
+    num_replicas: int | Literal["auto"] | None = Field(1, description="fixed replica count; ignored with autoscaling_config")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling config, e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}"
+    )
+    num_cpus: float = Field(1.0, description="CPUs reserved per replica (also torch's thread count on CPU)")
+    num_gpus: float = Field(0.0, description="GPUs per replica; fractions share a GPU between replicas")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica works on at once (>= max_batch_size)")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests waiting for a replica before new ones get 429 (-1: unbounded, not advised)"
+    )
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch size; 1 serves one request at a time")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}):"
+                " batches could never fill"
+            )
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config:
+            opts["autoscaling_config"] = self.autoscaling_config
+            opts["num_replicas"] = None
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class GenerationModel(_Strict):
+    """One base causal LM and the LoRA adapters served on it (requests name `base` or `base:adapter`)."""
+
+    name: str = Field(description="the base's served name, e.g. `tiny` (requests say `tiny` or `tiny:sft-a`)")
+    base: str = Field(description="base model folder, ftray run folder with model/ (full fine-tune), or s3://")
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> ftray run folder or adapter folder")
+    registry: list[str] = Field(
+        default_factory=list,
+        description="folders (local or s3://) whose sub-folders are run or adapter folders, looked up on each"
+        " request: an adapter written there later is servable without a restart",
+    )
+    max_loaded_adapters: int = Field(16, ge=1, description="adapters kept in memory per replica (LRU)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    deployment: Deployment = Field(default_factory=Deployment)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for n in [self.name, *self.adapters]:
+            if not ADAPTER_NAME.match(n):
+                raise ValueError(f"name {n!r}: use letters, digits, '.', '_', '-' (at most 64)")
+        return self
+
+
+class ScorerModel(_Strict):
+    """An embedding, classifier or reward model (a folder or a run folder with model/)."""
+
+    name: str
+    path: str
+    kind: Literal["embedding", "classifier", "reward"]
+    max_length: int = Field(512, ge=8, description="inputs are truncated to this many tokens")
+    pooling: Literal["mean", "last"] = Field("mean", description="embedding pooling over the last hidden state")
+    deployment: Deployment = Field(default_factory=lambda: Deployment(num_cpus=0.5, max_ongoing_requests=64, max_batch_size=32))
+
+    @model_validator(mode="after")
+    def _names(self):
+        if not ADAPTER_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_', '-' (at most 64)")
+        return self
+
+
+class Limits(_Strict):
+    max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts get 400")
+    max_tokens: int = Field(512, ge=1, description="cap on a request's max_tokens (400 above it)")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it")
+    max_n: int = Field(4, ge=1, description="cap on a request's n")
+    max_inputs: int = Field(64, ge=1, description="cap on the inputs of one embeddings/classify/rewards request")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not answered by then gets 408")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429/503")
+
+
+class Auth(_Strict):
+    """API keys (`Authorization: Bearer KEY`). Without keys the server answers loopback clients only."""
+
+    api_keys_env: str | None = Field("FTRAY_API_KEYS", description="environment variable with comma-separated keys")
+    api_keys_file: str | None = Field(None, description="file with one key per line")
+
+
+class ServeConfig(_Strict):
+    generation: list[GenerationModel] = Field(default_factory=list)
+    scorers: list[ScorerModel] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    auth: Auth = Field(default_factory=Auth)
+    ingress: Deployment = Field(
+        default_factory=lambda: Deployment(num_cpus=0.25, max_ongoing_requests=512, max_queued_requests=512, max_batch_size=1)
+    )
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [g.name for g in self.generation] + [s.name for s in self.scorers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(sorted(dup))}")
+        if not names:
+            raise ValueError("nothing to serve: give at least one `generation` or `scorers` entry")
+        return self

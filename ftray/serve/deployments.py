@@ -1,0 +1,148 @@
+"""The model deployments: `Generator` (one base + many LoRA adapters, dynamic batching) and `Scorer`
+(embedding, classifier or reward model). Each scales on its own (see `config.Deployment`).
+
+Calling them from Python, without HTTP (e.g. the RLHF loop scoring its rollouts). Deployments are
+named `gen-<name>` and `score-<name>` inside the application (`ftray` for `ftray serve`, the
+`name:` of the application in a Serve config file):
+
+    from ray import serve
+    rm = serve.get_deployment_handle("score-rm", app_name="ftray")
+    scores = await rm.score.remote([{"prompt": "2+3=", "response": "5"},
+                                    {"messages": [{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "hello"}]}])
+    # -> [{"score": 0.41, "tokens": 9}, ...]; outside async code: rm.score.remote(items).result()
+
+    gen = serve.get_deployment_handle("gen-tiny", app_name="ftray")
+    out = gen.generate.remote({"adapter": "sft-a", "input_ids": ids, "max_tokens": 32,
+                               "temperature": 0.0}).result()   # {"token_ids", "finish_reason", ...}
+
+`embed(texts)` and `classify(texts)` work the same way on embedding and classifier deployments.
+Every request in a handle call is batched with the HTTP traffic, and errors come back as
+{"error": {...}} dicts rather than exceptions, so one bad rollout does not fail a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from ftray.serve.config import GenerationModel, ScorerModel
+
+__all__ = ["Generator", "Scorer"]
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    # Ray sets OMP_NUM_THREADS=1 in replicas only when num_cpus is unset; give torch what we reserved.
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+@serve.deployment(name="generator")
+class Generator:
+    def __init__(self, model: dict):
+        from ftray.serve.engine import LoraEngine
+
+        self.cfg = GenerationModel.model_validate(model)
+        _threads(self.cfg.deployment.num_cpus)
+        self.engine = LoraEngine(self.cfg)
+        self._batched.set_max_batch_size(self.cfg.deployment.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.deployment.batch_wait_timeout_s)
+        self._lock = asyncio.Lock()  # one forward pass at a time: peft's adapter hooks are per call
+
+    async def generate(self, req: dict) -> dict:
+        """One request {adapter, input_ids, max_tokens, temperature, top_p, seed}; batched with others."""
+        return await self._batched(req)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, reqs: list[dict]) -> list[dict]:
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.generate, reqs)
+
+    async def stream(self, req: dict) -> AsyncIterator[dict]:
+        """Yields {"token_ids": [...]} as tokens come, then a final {finish_reason, prompt_tokens, ...}."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(ids: list[int]) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, ids)
+
+        def work() -> None:
+            try:
+                res = self.engine.stream(req, emit, cancelled)
+            except Exception as e:  # noqa: BLE001 - reported to the client as a 500 in the stream
+                res = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "code": None, "status": 500}}
+            loop.call_soon_threadsafe(q.put_nowait, res)
+
+        async with self._lock:
+            fut = loop.run_in_executor(None, work)
+            try:
+                while True:
+                    item = await q.get()
+                    if isinstance(item, dict):
+                        yield item
+                        break
+                    yield {"token_ids": item}
+            finally:
+                cancelled.set()  # the client went away: stop generating, then free the model
+                await fut
+
+    def adapters(self) -> list[str]:
+        return self.engine.registry.names()
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self.engine.loaded)
+
+    def check(self, adapter: str | None) -> dict | None:
+        """None when `adapter` is servable, else an error dict (404 unknown, 400 invalid name)."""
+        from ftray.serve.registry import AdapterError
+
+        if adapter is None:
+            return None
+        try:
+            self.engine.registry.lookup(adapter)
+        except AdapterError as e:
+            return {"error": {"message": str(e), "type": "invalid_request_error", "code": e.code, "status": e.status}}
+        return None
+
+
+@serve.deployment(name="scorer")
+class Scorer:
+    def __init__(self, model: dict):
+        from ftray.serve.engine import ScorerEngine
+
+        self.cfg = ScorerModel.model_validate(model)
+        _threads(self.cfg.deployment.num_cpus)
+        self.engine = ScorerEngine(self.cfg)
+        self._batched.set_max_batch_size(self.cfg.deployment.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.deployment.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, calls: list[list[Any]]) -> list[list[dict]]:
+        flat = [x for c in calls for x in c]
+        rows = await asyncio.to_thread(self.engine.run, flat) if flat else []
+        out, k = [], 0
+        for c in calls:
+            out.append(rows[k : k + len(c)])
+            k += len(c)
+        return out
+
+    async def embed(self, texts: list[str]) -> list[dict]:
+        """[{"embedding": [...], "tokens": n}] per text (unit length)."""
+        return await self._batched(list(texts))
+
+    async def classify(self, texts: list[str]) -> list[dict]:
+        """[{"label", "score", "scores": {label: p}, "tokens"}] per text."""
+        return await self._batched(list(texts))
+
+    async def score(self, items: list[Any]) -> list[dict]:
+        """Reward per item: a string, {"prompt", "response"} or {"messages": [...]} -> [{"score", "tokens"}]."""
+        return await self._batched(list(items))
+
+    def kind(self) -> str:
+        return self.cfg.kind

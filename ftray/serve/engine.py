@@ -1,0 +1,276 @@
+"""What a model replica computes, without Ray: token ids in, token ids (or scores) out.
+
+`LoraEngine` keeps one base model and many LoRA adapters in one `PeftModel` and runs a batch that
+mixes adapters in one `generate` call (peft's per-row `adapter_names`; "__base__" is the bare base).
+Batches are left-padded; greedy decoding gives each row the tokens it gets alone. Adapters load on
+first use and the least recently used one is deleted beyond `max_loaded_adapters`.
+
+`ScorerEngine` runs an embedding model (mean or last-token pooling of the last hidden state, L2
+normalised), a classifier (softmax over `id2label`) or a reward model (the one logit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ftray import storage
+from ftray.models.load import load_model, load_tokenizer, resolve
+from ftray.serve.config import GenerationModel, ScorerModel
+from ftray.serve.registry import AdapterError, AdapterRegistry
+
+__all__ = ["LoraEngine", "ScorerEngine", "error"]
+
+BASE = "__base__"  # peft's name for "no adapter" in `adapter_names`
+
+
+def error(message: str, status: int = 400, type_: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "status": status}}
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class LoraEngine:
+    def __init__(self, cfg: GenerationModel, device: str | None = None):
+        import torch
+
+        self.cfg = cfg
+        resolved = resolve(cfg.base, field=f"generation[{cfg.name}].base")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(resolved.base, dtype=_dtype(cfg.dtype)).to(self.device).eval()
+        self.tokenizer = load_tokenizer(resolved.tokenizer)
+        self.registry = AdapterRegistry(cfg, resolved.base)
+        self.peft = None  # the PeftModel, made when the first adapter loads
+        self.loaded: OrderedDict[str, str] = OrderedDict()
+        self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+
+    # adapters -------------------------------------------------------------------------------------
+    def ensure_loaded(self, names: set[str]) -> None:
+        """Load what is missing; evict the least recently used adapters not needed now."""
+        from peft import PeftModel
+
+        for name in sorted(names):
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            folder = self.registry.lookup(name)
+            local = str(storage.cached_copy(folder))
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, local, adapter_name=name, is_trainable=False)
+                self.peft.eval()
+            else:
+                self.peft.load_adapter(local, adapter_name=name, is_trainable=False)
+            self.loaded[name] = folder
+        for old in list(self.loaded):
+            if len(self.loaded) <= self.cfg.max_loaded_adapters:
+                break
+            if old not in names:
+                self.peft.delete_adapter(old)
+                del self.loaded[old]
+
+    # generation -----------------------------------------------------------------------------------
+    def _check(self, r: dict) -> dict | None:
+        if not r.get("input_ids"):
+            return error("the prompt is empty", code="empty_prompt")
+        if self.max_positions and len(r["input_ids"]) + r["max_tokens"] > self.max_positions:
+            return error(
+                f"prompt ({len(r['input_ids'])} tokens) + max_tokens ({r['max_tokens']}) exceeds the model's"
+                f" context of {self.max_positions} tokens",
+                code="context_length_exceeded",
+            )
+        return None
+
+    def generate(self, reqs: list[dict]) -> list[dict]:
+        """reqs: {adapter|None, input_ids, max_tokens, temperature, top_p, seed}. One result per request:
+        {token_ids, finish_reason, prompt_tokens, batch_size, adapters_in_batch} or {"error": ...}."""
+        out: list[dict | None] = [self._check(r) for r in reqs]
+        wanted = {r["adapter"] for r, o in zip(reqs, out, strict=True) if o is None and r.get("adapter")}
+        bad: dict[str, dict] = {}
+        for name in wanted:
+            try:
+                self.registry.lookup(name)
+            except AdapterError as e:
+                bad[name] = error(str(e), e.status, "invalid_request_error", e.code)
+        if wanted - set(bad):
+            self.ensure_loaded(wanted - set(bad))
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            if out[i] is None and r.get("adapter") in bad:
+                out[i] = bad[r["adapter"]]
+            if out[i] is None:
+                t = float(r.get("temperature") or 0.0)
+                key = (0.0, 1.0, None) if t == 0 else (t, float(r.get("top_p") or 1.0), r.get("seed"))
+                groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            rows = self._run([reqs[i] for i in idx], *key)
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = {**row, "batch_size": len(reqs), "adapters_in_batch": len(wanted)}
+        return out  # type: ignore[return-value]
+
+    def _inputs(self, reqs: list[dict]):
+        import torch
+
+        width = max(len(r["input_ids"]) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for j, r in enumerate(reqs):  # left padding: every row's next token sits in the last column
+            ids[j, width - len(r["input_ids"]) :] = torch.tensor(r["input_ids"])
+            mask[j, width - len(r["input_ids"]) :] = 1
+        return ids.to(self.device), mask.to(self.device), width
+
+    def _gen_kwargs(self, reqs: list[dict], temperature: float, top_p: float, seed) -> dict:
+        import torch
+
+        kw: dict[str, Any] = {
+            "max_new_tokens": max(r["max_tokens"] for r in reqs),
+            "pad_token_id": self.pad,
+            "eos_token_id": sorted(self.eos_ids),
+        }
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if seed is not None:
+                torch.manual_seed(int(seed))
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.peft is not None:
+            kw["adapter_names"] = [r.get("adapter") or BASE for r in reqs]
+        return kw
+
+    @property
+    def _lm(self):
+        return self.peft if self.peft is not None else self.model
+
+    def _run(self, reqs: list[dict], temperature: float, top_p: float, seed) -> list[dict]:
+        import torch
+
+        ids, mask, width = self._inputs(reqs)
+        with torch.inference_mode():
+            gen = self._lm.generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs(reqs, temperature, top_p, seed))
+        rows = []
+        for j, r in enumerate(reqs):
+            toks = gen[j, width:].tolist()[: r["max_tokens"]]
+            finish = "length"
+            for k, t in enumerate(toks):
+                if t in self.eos_ids:
+                    toks, finish = toks[:k], "stop"
+                    break
+            rows.append({"token_ids": toks, "finish_reason": finish, "prompt_tokens": len(r["input_ids"])})
+        return rows
+
+    def stream(self, req: dict, emit: Callable[[list[int]], None], cancelled: threading.Event) -> dict:
+        """Generate one request, calling `emit(new_ids)` as tokens come; stops early when `cancelled`."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        bad = self._check(req)
+        if bad:
+            return bad
+        if req.get("adapter"):
+            try:
+                self.ensure_loaded({req["adapter"]})
+            except AdapterError as e:
+                return error(str(e), e.status, code=e.code)
+        eos_ids, count = self.eos_ids, [0]
+        finish = ["length"]
+
+        class _Streamer(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate hands the prompt over first
+                    self.first = False
+                    return
+                toks = [t for t in value.reshape(-1).tolist()]
+                if any(t in eos_ids for t in toks) or count[0] >= req["max_tokens"]:
+                    finish[0] = "stop" if count[0] < req["max_tokens"] else "length"
+                    return
+                count[0] += len(toks)
+                emit(toks)
+
+            def end(self):
+                pass
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        ids, mask, _ = self._inputs([req])
+        t = float(req.get("temperature") or 0.0)
+        kw = self._gen_kwargs([req], t, float(req.get("top_p") or 1.0), req.get("seed"))
+        with torch.inference_mode():
+            self._lm.generate(
+                input_ids=ids, attention_mask=mask, streamer=_Streamer(), stopping_criteria=StoppingCriteriaList([_Cancel()]), **kw
+            )
+        return {"finish_reason": finish[0], "prompt_tokens": len(req["input_ids"]), "completion_tokens": count[0]}
+
+
+class ScorerEngine:
+    def __init__(self, cfg: ScorerModel, device: str | None = None):
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        from ftray.data.encode import ensure_chat_template
+
+        self.cfg = cfg
+        resolved = resolve(cfg.path, field=f"scorers[{cfg.name}].path")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        auto = AutoModel if cfg.kind == "embedding" else AutoModelForSequenceClassification
+        self.model = load_model(resolved.base, auto_class=auto).to(self.device).eval()
+        self.tokenizer = load_tokenizer(resolved.tokenizer)
+        self.tokenizer.padding_side = "right"
+        ensure_chat_template(self.tokenizer)
+        if cfg.kind != "embedding":
+            n = self.model.config.num_labels
+            if cfg.kind == "reward" and n != 1:
+                raise ValueError(f"scorers[{cfg.name}]: a reward model has 1 label, {cfg.path} has {n}")
+            if self.model.config.pad_token_id is None:
+                self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def text(self, item: Any) -> str:
+        """A reward input: a string, {prompt, response} or {messages}, rendered with the chat template."""
+        if isinstance(item, str):
+            return item
+        if "messages" in item:
+            msgs = item["messages"]
+        else:
+            msgs = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item["response"]}]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False)
+
+    def run(self, items: list[Any]) -> list[dict]:
+        import torch
+
+        texts = [self.text(x) for x in items]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        n_tokens = enc["attention_mask"].sum(1).tolist()
+        with torch.inference_mode():
+            out = self.model(**enc)
+        if self.cfg.kind == "embedding":
+            h = out.last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            if self.cfg.pooling == "mean":
+                v = (h * m).sum(1) / m.sum(1).clamp(min=1)
+            else:
+                v = h[torch.arange(h.shape[0]), enc["attention_mask"].sum(1) - 1]
+            v = torch.nn.functional.normalize(v.float(), dim=-1)
+            return [{"embedding": e, "tokens": t} for e, t in zip(v.tolist(), n_tokens, strict=True)]
+        logits = out.logits.float()
+        if self.cfg.kind == "reward":
+            return [{"score": s, "tokens": t} for s, t in zip(logits[:, 0].tolist(), n_tokens, strict=True)]
+        probs = logits.softmax(-1).tolist()
+        labels = [self.model.config.id2label.get(i, str(i)) for i in range(logits.shape[-1])]
+        rows = []
+        for p, t in zip(probs, n_tokens, strict=True):
+            best = max(range(len(p)), key=p.__getitem__)
+            rows.append({"label": labels[best], "score": p[best], "scores": dict(zip(labels, p, strict=True)), "tokens": t})
+        return rows

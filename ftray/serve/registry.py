@@ -1,0 +1,113 @@
+"""Adapter lookup: a name from a request -> the adapter folder it stands for. No Ray, no torch.
+
+Only two kinds of names resolve: those configured explicitly and the sub-folders of a registry
+folder. A name is checked against `ADAPTER_NAME` before it touches a path, so "../x" or "a/b" never
+reaches the filesystem. Registry folders are listed on each miss, so an adapter written there after
+start-up (by a finished training run) is found without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ftray import storage
+from ftray.serve.config import ADAPTER_NAME, GenerationModel
+
+__all__ = ["AdapterError", "AdapterRegistry", "adapter_folder", "check_safetensors"]
+
+
+class AdapterError(ValueError):
+    """`status` is the HTTP status the ingress answers with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_adapter"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def adapter_folder(path: str) -> str | None:
+    """The folder holding adapter_config.json: `path` itself or `path/adapter` (an ftray run)."""
+    for cand in (storage.join(path, "adapter"), path):
+        if storage.exists(storage.join(cand, "adapter_config.json")):
+            return cand
+    return None
+
+
+def check_safetensors(folder: str) -> None:
+    if not storage.exists(storage.join(folder, "adapter_model.safetensors")):
+        raise AdapterError(f"{Path(folder).name}: no adapter_model.safetensors (only safetensors are loaded)")
+
+
+def _norm(p: str) -> str:
+    return p.rstrip("/") if storage.is_remote(p) else str(Path(p).expanduser().resolve())
+
+
+class AdapterRegistry:
+    def __init__(self, model: GenerationModel, base_path: str, miss_ttl_s: float = 1.0):
+        self.model = model
+        self.base_path = _norm(base_path)
+        self._static = dict(model.adapters)
+        self._found: dict[str, str] = {}
+        self._misses: dict[str, float] = {}
+        self._miss_ttl = miss_ttl_s  # a flood of unknown names costs one listing a second, not one each
+
+    def validate(self, name: str) -> None:
+        if not ADAPTER_NAME.match(name) or ".." in name:
+            raise AdapterError(
+                f"invalid adapter name {name[:80]!r}: use letters, digits, '.', '_', '-' (at most 64)",
+                code="invalid_model",
+            )
+
+    def lookup(self, name: str) -> str:
+        """The adapter folder for `name`, or AdapterError (404 when no such adapter)."""
+        self.validate(name)
+        if name in self._found:
+            return self._found[name]
+        if name in self._static:
+            folder = adapter_folder(self._static[name])
+            if folder is None:
+                raise AdapterError(f"adapter {name}: {self._static[name]} holds no adapter_config.json", 500, "server_error")
+            return self._remember(name, folder)
+        if time.monotonic() - self._misses.get(name, -1e9) < self._miss_ttl:
+            raise self._unknown(name)
+        for reg in self.model.registry:
+            if name in storage.listdir(reg):
+                folder = adapter_folder(storage.join(reg, name))
+                if folder is not None:
+                    return self._remember(name, folder)
+        self._misses[name] = time.monotonic()
+        raise self._unknown(name)
+
+    def _unknown(self, name: str) -> AdapterError:
+        return AdapterError(
+            f"The model `{self.model.name}:{name}` does not exist (no adapter {name!r} in the registry)",
+            404,
+            "model_not_found",
+        )
+
+    def _remember(self, name: str, folder: str) -> str:
+        run = folder.rstrip("/").rsplit("/", 1)[0] if folder.rstrip("/").endswith("/adapter") else None
+        if run:  # a run folder: run.json is written last, so without it the run is still going
+            rj = storage.join(run, "run.json")
+            status = json.loads(storage.read_text(rj)).get("status") if storage.exists(rj) else "running"
+            if status != "completed" or not storage.is_complete(folder):
+                raise AdapterError(f"adapter {name}: its run is {status!r}, not completed", 409, "adapter_not_ready")
+        cfg = json.loads(storage.read_text(storage.join(folder, "adapter_config.json")))
+        trained_on = cfg.get("base_model_name_or_path")
+        if trained_on and (storage.is_remote(trained_on) or Path(trained_on).exists()):
+            from ftray.models.load import resolve
+
+            if _norm(resolve(trained_on).base) != self.base_path:
+                raise AdapterError(f"adapter {name} was trained on {trained_on}, not on {self.model.name}", 400)
+        check_safetensors(folder)
+        self._found[name] = folder
+        return folder
+
+    def names(self) -> list[str]:
+        out = set(self._static)
+        for reg in self.model.registry:
+            for n in storage.listdir(reg):
+                if ADAPTER_NAME.match(n) and adapter_folder(storage.join(reg, n)) is not None:
+                    out.add(n)
+        return sorted(out)

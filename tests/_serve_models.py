@@ -1,0 +1,64 @@
+"""Run folders for serving tests and the serving benchmark, made without Ray Train.
+
+They follow the trainer's on-disk contract: run.json (status completed), adapter/ (peft LoRA in
+safetensors, `base_model_name_or_path` = the base folder), tokenizer/ (with the chat template), or
+model/ for full models (here: a classifier and a reward model built from the tiny base's config).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["make_adapter_run", "make_scorer_run"]
+
+
+def _run_json(run: Path, base: Path, kind: str) -> None:
+    for sub in ("adapter", "model", "tokenizer"):  # storage.publish_dir's commit markers
+        if (run / sub).is_dir():
+            (run / sub / ".complete").write_text("ok\n")
+    rec = {"status": "completed", "name": run.name, "base_model": str(base), "method": kind, "outputs": []}
+    (run / "run.json").write_text(json.dumps(rec, indent=1))
+
+
+def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA run whose random (non-zero) adapter makes the model answer unlike the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = LoraConfig(r=r, lora_alpha=4 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():  # init_lora_weights=False is small on a nano model: make adapters clearly differ
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.mul_(4.0)
+    peft.peft_config["default"].base_model_name_or_path = str(base)
+    run.mkdir(parents=True, exist_ok=True)
+    peft.save_pretrained(run / "adapter", safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
+    _run_json(run, base, "sft")
+    return run
+
+
+def make_scorer_run(base: Path, run: Path, labels: list[str], seed: int = 0) -> Path:
+    """A sequence classifier on the tiny base's config: labels=[x] makes a 1-label reward model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.num_labels = len(labels)
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    tok = AutoTokenizer.from_pretrained(base)
+    cfg.pad_token_id = tok.pad_token_id
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    (run / "model").mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run / "model", safe_serialization=True)
+    tok.save_pretrained(run / "model")
+    tok.save_pretrained(run / "tokenizer")
+    _run_json(run, base, "reward" if len(labels) == 1 else "classify")
+    return run
