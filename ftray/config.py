@@ -49,10 +49,12 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     train: str = Field(description="Training rows: .jsonl/.json/.parquet/.csv (or .txt for `text`), local or s3://.")
     eval: str | None = Field(None, description="Held-out rows in the same format; evaluated before and after training.")
-    format: Literal["instruction", "chat", "prompt_completion", "text"] = Field(
+    format: Literal["instruction", "chat", "prompt_completion", "text", "pairs", "labels", "translation"] = Field(
         "instruction",
         description="Row layout: `instruction` (instruction/input/output), `chat` (messages), "
-        "`prompt_completion` (prompt/completion), `text` (plain text; documents split on blank lines).",
+        "`prompt_completion` (prompt/completion), `text` (plain text; documents split on blank lines), "
+        "`pairs` (anchor/positive[/negative], or sentence1/sentence2/score), `labels` (text/label), "
+        "`translation` (source/target).",
     )
     max_length: int = Field(512, ge=8, description="Tokens per sequence; longer examples are truncated and counted.")
     packing: bool = Field(
@@ -81,11 +83,73 @@ class CausalLMMethod(_Strict):
     kind: Literal["causal_lm"] = "causal_lm"
 
 
-MethodSpec = Annotated[SFTMethod | CausalLMMethod, Field(discriminator="kind")]
+class ClassifyMethod(_Strict):
+    kind: Literal["classify"] = "classify"
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Label names in class-id order; default: the sorted label set of `data.train`. "
+        "The eval file must hold the same label set.",
+    )
+
+
+class ContrastiveMethod(_Strict):
+    kind: Literal["contrastive"] = "contrastive"
+    temperature: float = Field(
+        0.05, gt=0, description="InfoNCE softmax temperature over cosine similarities (0.05 = scale 20)."
+    )
+    score_max: float = Field(
+        5.0, gt=0, description="Scored pairs: `score / score_max` is the target cosine (STS-B scores lie in 0-5)."
+    )
+
+
+class MaskedLMMethod(_Strict):
+    kind: Literal["masked_lm"] = "masked_lm"
+    mask_prob: float = Field(
+        0.15, gt=0, lt=1, description="Share of tokens that are targets (of those: 80% [MASK], 10% random, 10% kept)."
+    )
+
+
+class ClusterMethod(_Strict):
+    kind: Literal["cluster"] = "cluster"
+    n_clusters: int | None = Field(
+        None, ge=2, description="k of k-means; default: the number of labels in the eval file, else 8."
+    )
+    temperature: float = Field(0.05, gt=0, description="SimCSE (InfoNCE over two dropout views) temperature.")
+    top_terms: int = Field(8, ge=1, description="Top terms listed per cluster in `<output.dir>/clusters.json`.")
+
+
+class SentenceOrderMethod(_Strict):
+    kind: Literal["sentence_order"] = "sentence_order"
+    n_sentences: int = Field(3, ge=2, le=5, description="Sentences per shuffled window; n! classes (3 -> 6).")
+
+
+class Seq2SeqMethod(_Strict):
+    kind: Literal["seq2seq"] = "seq2seq"
+    source_prefix: str = Field("", description="Text put before every source, e.g. `translate English to French: ` (T5).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length when judging by BLEU/chrF.")
+
+
+MethodSpec = Annotated[
+    SFTMethod
+    | CausalLMMethod
+    | ClassifyMethod
+    | ContrastiveMethod
+    | MaskedLMMethod
+    | ClusterMethod
+    | SentenceOrderMethod
+    | Seq2SeqMethod,
+    Field(discriminator="kind"),
+]
+METHOD_KINDS = ("sft", "causal_lm", "classify", "contrastive", "masked_lm", "cluster", "sentence_order", "seq2seq")
 
 
 class AdapterSpec(_Strict):
-    kind: Literal["full", "lora"] = Field("lora", description="`full` fine-tuning, or a `lora` adapter (peft).")
+    kind: Literal["full", "lora", "freeze"] = Field(
+        "lora",
+        description="`full` fine-tuning, a `lora` adapter (peft), or `freeze`: train only the last "
+        "`train_last_layers` blocks and `train_modules`, the rest frozen.",
+    )
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -93,11 +157,21 @@ class AdapterSpec(_Strict):
         None, description="Module names to adapt; `all-linear`; or null for peft's default for the model family."
     )
     modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved.")
+    train_last_layers: int = Field(
+        0, ge=0, description="`freeze`: how many of the last transformer blocks are trained (0: none)."
+    )
+    train_modules: list[str] | None = Field(
+        None,
+        description="`freeze`: modules trained in full, by name (e.g. `classifier`, `pooler`); null: the "
+        "model's head (`classifier`, `score`, `lm_head`, ...), if it has one.",
+    )
 
     @model_validator(mode="after")
     def _only_for_lora(self) -> AdapterSpec:
-        if self.kind == "full" and (self.target_modules or self.modules_to_save):
+        if self.kind != "lora" and (self.target_modules or self.modules_to_save):
             raise ValueError("`adapter.target_modules`/`modules_to_save` only apply to `adapter.kind: lora`")
+        if self.kind != "freeze" and (self.train_last_layers or self.train_modules is not None):
+            raise ValueError("`adapter.train_last_layers`/`train_modules` only apply to `adapter.kind: freeze`")
         return self
 
 
@@ -188,7 +262,16 @@ class JobSpec(_Strict):
                 f"`train.micro_batch_size` x `scaling.num_workers` ({self.train.micro_batch_size} x "
                 f"{self.scaling.num_workers} = {per_step})"
             )
-        needs = {"sft": {"instruction", "chat", "prompt_completion"}, "causal_lm": {"text"}}[self.method.kind]
+        needs = {
+            "sft": {"instruction", "chat", "prompt_completion"},
+            "causal_lm": {"text"},
+            "classify": {"labels"},
+            "contrastive": {"pairs"},
+            "masked_lm": {"text"},
+            "cluster": {"text", "labels"},
+            "sentence_order": {"text"},
+            "seq2seq": {"translation"},
+        }[self.method.kind]
         if self.data.format not in needs:
             raise ValueError(
                 f"`method.kind: {self.method.kind}` reads `data.format` {sorted(needs)}, not `{self.data.format}`"
@@ -245,7 +328,7 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], set_keys: set[str]) -> str:
     e = err.errors()[0]
     # Discriminated unions put the tag (e.g. 'sft') into loc; it is not a key the user wrote.
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("sft", "causal_lm")))
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in METHOD_KINDS))
     dotted = ".".join(str(p) for p in loc)
     where = source
     line = None

@@ -48,7 +48,7 @@ def cache_key(spec, tokenizer_dir: str) -> str:
     d = spec.data
     h.update(
         json.dumps(
-            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, spec.method.kind]
+            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, spec.method.model_dump(mode="json")]
         ).encode()
     )
     return h.hexdigest()[:20]

@@ -4,6 +4,10 @@ A checked row is normalised to one of three shapes the tokenizer step understand
     {"messages": [{"role", "content"}, ...]}   chat template, loss on assistant turns
     {"prompt": str, "completion": str}         plain text, loss on the completion
     {"text": str}                              plain text, loss on every token
+and, for the encoder methods:
+    {"anchor", "positive"[, "negative"]} or {"sentence1", "sentence2", "score": float}   (pairs)
+    {"text": str, "label": str}                                                         (labels)
+    {"source": str, "target": str}                                                      (translation)
 """
 
 from __future__ import annotations
@@ -98,6 +102,13 @@ def _str_field(row: dict, key: str, required: bool = True) -> str:
     return v
 
 
+def _nonempty(row: dict, key: str) -> str:
+    v = _str_field(row, key)
+    if not v.strip():
+        raise RowError(f"`{key}` is empty")
+    return v
+
+
 def _messages(value: object, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError(f"`{key}` must be a non-empty list of {{role, content}}")
@@ -156,6 +167,31 @@ def check_row(row: object, fmt: str) -> dict:
         if not text.strip():
             raise RowError("`text` is empty")
         return {"text": text}
+    if fmt == "pairs":
+        if "sentence1" in row or "sentence2" in row:
+            out = {k: _nonempty(row, k) for k in ("sentence1", "sentence2")}
+            score = row.get("score")
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                raise RowError("a scored pair needs a numeric `score`" + ("" if "score" in row else " (missing)"))
+            return {**out, "score": float(score)}
+        if "anchor" not in row:
+            raise RowError("a pairs row needs `anchor`/`positive`[/`negative`] or `sentence1`/`sentence2`/`score`")
+        out = {k: _nonempty(row, k) for k in ("anchor", "positive")}
+        if row.get("negative") is not None:
+            out["negative"] = _nonempty(row, "negative")
+        return out
+    if fmt == "labels":
+        text = _nonempty(row, "text")
+        label = row.get("label")
+        if label is None:
+            raise RowError("missing `label`")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise RowError(f"`label` must be a string or an integer, got {type(label).__name__}")
+        if not str(label).strip():
+            raise RowError("`label` is empty")
+        return {"text": text, "label": str(label)}
+    if fmt == "translation":
+        return {k: _nonempty(row, k) for k in ("source", "target")}
     raise RowError(f"unknown data format {fmt!r}")
 
 

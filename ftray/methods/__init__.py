@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ftray.methods import causal_lm, sft
+from ftray.methods import causal_lm, classify, cluster, contrastive, masked_lm, sentence_order, seq2seq, sft
 
-__all__ = ["EvalContext", "Method", "REGISTRY", "get_method"]
+__all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,27 @@ class Method(Protocol):
 REGISTRY: dict[str, Any] = {
     "sft": sft.SFT(),
     "causal_lm": causal_lm.CausalLM(),
+    "classify": classify.Classify(),
+    "contrastive": contrastive.Contrastive(),
+    "masked_lm": masked_lm.MaskedLM(),
+    "cluster": cluster.Cluster(),
+    "sentence_order": sentence_order.SentenceOrder(),
+    "seq2seq": seq2seq.Seq2Seq(),
 }
 
 
 def get_method(kind: str) -> Method:
     return REGISTRY[kind]
+
+
+def check_method(spec, resolved, train_rows, eval_rows) -> None:
+    """A method's own checks before any Ray resource is taken (e.g. classify: the eval label set is the
+    training label set; masked_lm: the tokenizer has a mask token). Raises SpecError / ModelError.
+    Methods without checks have no `check` attribute."""
+    method = get_method(spec.method.kind)
+    if not hasattr(method, "check"):
+        return
+    from ftray.models.load import load_config, load_tokenizer
+
+    tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
+    method.check(spec, tok, load_config(resolved.base, spec.model.trust_remote_code), train_rows, eval_rows)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_cross_entropy"]
+__all__ = ["cosine_similarity_loss", "info_nce", "mask_tokens", "masked_token_cross_entropy", "mean_pool", "sentence_order_label", "token_cross_entropy"]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
@@ -23,3 +25,76 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
     return loss / n, n
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors a sequence really has (mask 1), as sentence-transformers' mean pooling."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def info_nce(
+    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None, temperature: float = 0.05
+) -> torch.Tensor:
+    """In-batch-negatives InfoNCE (sentence-transformers' MultipleNegativesRankingLoss).
+
+    anchors, positives: (B, d); negatives: (M, d) extra candidates (hard negatives) or None.
+    Anchor i must pick positive i among all B positives (and the M negatives) by cosine / temperature;
+    mean cross-entropy over the B anchors.
+    """
+    a = F.normalize(anchors.float(), dim=-1)
+    cands = positives if negatives is None or negatives.numel() == 0 else torch.cat([positives, negatives])
+    logits = a @ F.normalize(cands.float(), dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(a.size(0), device=a.device))
+
+
+def cosine_similarity_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between cos(a_i, b_i) and target_i (sentence-transformers' CosineSimilarityLoss)."""
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
+    return F.mse_loss(cos, target.float())
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_id: int,
+    select: torch.Tensor,
+    action: torch.Tensor,
+    random_ids: torch.Tensor,
+    prob: float = 0.15,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking, with the random draws passed in (so it is pure and testable by hand).
+
+    A maskable token with select < prob is a target: action < 0.8 -> `mask_id`, 0.8 <= action < 0.9 ->
+    `random_ids`, else kept. Returns (inputs, labels); labels hold the original id at targets, else
+    `ignore_index`.
+    """
+    target = maskable.bool() & (select < prob)
+    inputs = ids.clone()
+    inputs[target & (action < 0.8)] = mask_id
+    swap = target & (action >= 0.8) & (action < 0.9)
+    inputs[swap] = random_ids[swap]
+    labels = torch.where(target, ids, torch.full_like(ids, ignore_index))
+    return inputs, labels
+
+
+def masked_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
+    """Cross-entropy at the masked positions (no shift: position t predicts its own token); mean over
+    targets. Like `token_cross_entropy`, a batch without targets gives a zero loss that keeps the graph."""
+    n = int((labels != ignore_index).sum())
+    if n == 0:
+        return logits.float().sum() * 0.0, 0
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return loss / n, n
+
+
+def sentence_order_label(order: list[int] | tuple[int, ...]) -> int:
+    """The class of a shuffled order: its index among all orders of n items in lexicographic order
+    (the Lehmer code read as a factorial-base number). (0, 1, 2) -> 0, (0, 2, 1) -> 1, (2, 1, 0) -> 5."""
+    items, label = sorted(order), 0
+    for i, x in enumerate(order):
+        pos = items.index(x)
+        label += pos * math.factorial(len(order) - 1 - i)
+        items.pop(pos)
+    return label

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from ftray.config import AdapterSpec
 
-__all__ = ["AdapterError", "apply_adapter", "check_targets", "trainable_summary"]
+__all__ = ["AdapterError", "apply_adapter", "apply_freeze", "check_targets", "trainable_summary"]
+
+# Module names that are a model's task head in transformers (sequence/token classification, LM, QA).
+HEADS = ("classifier", "score", "lm_head", "cls", "pre_classifier", "qa_outputs")
 
 
 class AdapterError(ValueError):
@@ -35,6 +38,8 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if spec.kind == "freeze":
+        return apply_freeze(model, spec)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if resume_from:
@@ -49,6 +54,53 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
         modules_to_save=spec.modules_to_save,
     )
     return get_peft_model(model, cfg)
+
+
+def _blocks(model) -> list[tuple[str, object]]:
+    """The transformer blocks: the entries of the longest outermost ModuleList(s) (an encoder-decoder has
+    two; lists inside a block, such as T5's `layer`, are not blocks)."""
+    import torch
+
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    lists = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists)]
+    longest = max((len(m) for _, m in lists), default=0)
+    return [(n, m) for n, m in lists if len(m) == longest]
+
+
+def apply_freeze(model, spec: AdapterSpec):
+    """Freeze everything, then train the last `train_last_layers` blocks and the `train_modules`
+    (default: the head). A module name matches as a whole dotted component (`classifier`, `pooler`)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    named = dict(model.named_modules())
+    wanted = spec.train_modules
+    if wanted is None:
+        wanted = [h for h in HEADS if any(n.rsplit(".", 1)[-1] == h for n in named)]
+    for w in wanted:
+        hits = [m for n, m in named.items() if n == w or n.endswith("." + w) or n.rsplit(".", 1)[-1] == w]
+        if not hits:
+            raise AdapterError(f"adapter.train_modules: `{w}` is not a module of {type(model).__name__}")
+        for m in hits:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    if spec.train_last_layers:
+        blocks = _blocks(model)
+        if not blocks:
+            raise AdapterError(f"adapter.train_last_layers: {type(model).__name__} has no list of blocks")
+        for _, lst in blocks:
+            if spec.train_last_layers > len(lst):
+                raise AdapterError(
+                    f"adapter.train_last_layers: {spec.train_last_layers} > the model's {len(lst)} blocks"
+                )
+            for block in list(lst)[-spec.train_last_layers :]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise AdapterError(
+            f"adapter.kind: freeze: nothing to train in {type(model).__name__} (no head found); "
+            "set `adapter.train_last_layers` or `adapter.train_modules`"
+        )
+    return model
 
 
 def trainable_summary(model) -> dict[str, float]:

