@@ -49,12 +49,13 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     train: str = Field(description="Training rows: .jsonl/.json/.parquet/.csv (or .txt for `text`), local or s3://.")
     eval: str | None = Field(None, description="Held-out rows in the same format; evaluated before and after training.")
-    format: Literal["instruction", "chat", "prompt_completion", "text", "pairs", "labels", "translation"] = Field(
+    format: Literal["instruction", "chat", "prompt_completion", "text", "pairs", "labels", "translation", "preference"] = Field(
         "instruction",
         description="Row layout: `instruction` (instruction/input/output), `chat` (messages), "
         "`prompt_completion` (prompt/completion), `text` (plain text; documents split on blank lines), "
         "`pairs` (anchor/positive[/negative], or sentence1/sentence2/score), `labels` (text/label), "
-        "`translation` (source/target).",
+        "`translation` (source/target), `preference` (prompt/chosen/rejected[/history]; a row whose chosen "
+        "equals its rejected is a bad row).",
     )
     max_length: int = Field(512, ge=8, description="Tokens per sequence; longer examples are truncated and counted.")
     packing: bool = Field(
@@ -130,6 +131,29 @@ class Seq2SeqMethod(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="Generation length when judging by BLEU/chrF.")
 
 
+class RewardMethod(_Strict):
+    kind: Literal["reward"] = "reward"
+
+
+class DPOMethod(_Strict):
+    kind: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="Strength of the tie to the reference (DPO's beta; IPO's tau).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="`sigmoid` (DPO), `ipo` (squared distance of the per-token log-ratio margin to 1/(2 beta)), "
+        "`hinge` (SLiC: relu(1 - beta x margin)).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled (cDPO); `sigmoid` and `hinge` only."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOMethod:
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise ValueError("`method.label_smoothing` applies to `loss_type` sigmoid and hinge, not ipo")
+        return self
+
+
 MethodSpec = Annotated[
     SFTMethod
     | CausalLMMethod
@@ -138,10 +162,14 @@ MethodSpec = Annotated[
     | MaskedLMMethod
     | ClusterMethod
     | SentenceOrderMethod
-    | Seq2SeqMethod,
+    | Seq2SeqMethod
+    | RewardMethod
+    | DPOMethod,
     Field(discriminator="kind"),
 ]
-METHOD_KINDS = ("sft", "causal_lm", "classify", "contrastive", "masked_lm", "cluster", "sentence_order", "seq2seq")
+METHOD_KINDS = (
+    "sft", "causal_lm", "classify", "contrastive", "masked_lm", "cluster", "sentence_order", "seq2seq", "reward", "dpo",
+)
 
 
 class AdapterSpec(_Strict):
@@ -271,11 +299,16 @@ class JobSpec(_Strict):
             "cluster": {"text", "labels"},
             "sentence_order": {"text"},
             "seq2seq": {"translation"},
+            "reward": {"preference"},
+            "dpo": {"preference"},
         }[self.method.kind]
         if self.data.format not in needs:
             raise ValueError(
                 f"`method.kind: {self.method.kind}` reads `data.format` {sorted(needs)}, not `{self.data.format}`"
             )
+        if self.method.kind == "reward" and self.adapter.kind == "lora" and not self.output.merge:
+            # /v1/rewards serves a full sequence-classification model; an adapter alone is served as a generator.
+            raise ValueError("`method.kind: reward` with `adapter.kind: lora` needs `output.merge: true` (servable model)")
         return self
 
     @property

@@ -21,7 +21,8 @@ IGNORE = -100
 # Used when a tokenizer has no chat template of its own (documented in the README).
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for m in messages %}"
-    "{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+    # Encoders (BERT) have no eos token: nothing ends a turn but the newline.
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + (eos_token if eos_token is defined and eos_token else '') + '\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
 )

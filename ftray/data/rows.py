@@ -8,6 +8,8 @@ and, for the encoder methods:
     {"anchor", "positive"[, "negative"]} or {"sentence1", "sentence2", "score": float}   (pairs)
     {"text": str, "label": str}                                                         (labels)
     {"source": str, "target": str}                                                      (translation)
+and, for the preference methods (reward, dpo):
+    {"prompt": str, "chosen": str, "rejected": str, "history": [{"role", "content"}, ...]}  (preference)
 """
 
 from __future__ import annotations
@@ -192,6 +194,14 @@ def check_row(row: object, fmt: str) -> dict:
         return {"text": text, "label": str(label)}
     if fmt == "translation":
         return {k: _nonempty(row, k) for k in ("source", "target")}
+    if fmt == "preference":
+        out = {k: _nonempty(row, k) for k in ("prompt", "chosen", "rejected")}
+        if out["chosen"].strip() == out["rejected"].strip():
+            # Teaches nothing and, for Bradley-Terry, pins the margin at 0 (loss log 2 for ever).
+            raise RowError("`chosen` and `rejected` are the same text")
+        history = row.get("history")
+        out["history"] = _messages(history, "history") if history else []
+        return out
     raise RowError(f"unknown data format {fmt!r}")
 
 

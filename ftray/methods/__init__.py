@@ -12,7 +12,18 @@ from typing import Any, Protocol
 
 import torch
 
-from ftray.methods import causal_lm, classify, cluster, contrastive, masked_lm, sentence_order, seq2seq, sft
+from ftray.methods import (
+    causal_lm,
+    classify,
+    cluster,
+    contrastive,
+    dpo,
+    masked_lm,
+    reward,
+    sentence_order,
+    seq2seq,
+    sft,
+)
 
 __all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method"]
 
@@ -61,6 +72,8 @@ REGISTRY: dict[str, Any] = {
     "cluster": cluster.Cluster(),
     "sentence_order": sentence_order.SentenceOrder(),
     "seq2seq": seq2seq.Seq2Seq(),
+    "reward": reward.Reward(),
+    "dpo": dpo.DPO(),
 }
 
 

@@ -7,7 +7,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_similarity_loss", "info_nce", "mask_tokens", "masked_token_cross_entropy", "mean_pool", "sentence_order_label", "token_cross_entropy"]
+__all__ = [
+    "bradley_terry_loss",
+    "cosine_similarity_loss",
+    "dpo_loss",
+    "info_nce",
+    "mask_tokens",
+    "masked_token_cross_entropy",
+    "mean_pool",
+    "sentence_order_label",
+    "sequence_logps",
+    "token_cross_entropy",
+]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
@@ -98,3 +109,54 @@ def sentence_order_label(order: list[int] | tuple[int, ...]) -> int:
         label += pos * math.factorial(len(order) - 1 - i)
         items.pop(pos)
     return label
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected), mean over pairs (Bradley-Terry, as in
+    InstructGPT and TRL's RewardTrainer)."""
+    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of log p(token) over the labelled (response) tokens: logits[:, t] predicts
+    labels[:, t + 1]. Returns (sum of log-probs (B,), labelled token count (B,))."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != ignore_index
+    logp = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO and its variants on summed response log-probs, as TRL 1.16's DPOTrainer computes them (TRL has
+    them only inside the trainer). d = (pi_c - ref_c) - (pi_r - ref_r):
+        sigmoid  -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d)        (DPO; e > 0: cDPO)
+        hinge    (1 - e) relu(1 - beta d) + e relu(1 + beta d)                  (SLiC; e flips the label)
+        ipo      (d' - 1 / (2 beta))^2, d' from per-token mean log-ratios       (IPO, TRL's normalisation)
+    Returns (mean loss, chosen rewards beta (pi_c - ref_c), rejected rewards beta (pi_r - ref_r))."""
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    d = chosen_ratio - rejected_ratio
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - e) * F.logsigmoid(beta * d) - e * F.logsigmoid(-beta * d)
+    elif loss_type == "hinge":
+        losses = (1 - e) * torch.relu(1 - beta * d) + e * torch.relu(1 + beta * d)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs the response token counts")
+        d = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (d - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
