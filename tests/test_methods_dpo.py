@@ -1,0 +1,140 @@
+"""dpo: spec refusals, the reference (LoRA: the adapter disabled, no copy; full: a frozen copy that is not
+a parameter), loss on response tokens only, trainable parameters, and a 2-worker Ray Train + DeepSpeed run
+whose held-out implicit-reward accuracy rises from the reference's 0.5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftray.config import SpecError, resolve_paths, spec_from_dict
+from ftray.data.encode import IGNORE, ensure_chat_template
+from ftray.data.rows import DataError
+from ftray.methods import REGISTRY
+from tests._methods_tiny import write_jsonl
+from tests._preference import preference_rows, preference_task
+
+M = REGISTRY["dpo"]
+LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="session")
+def prefs(work) -> tuple[Path, Path]:
+    return preference_task(work / "prefs")
+
+
+def spec_for(model, train, test, out, adapter=None, method=None, **over) -> dict:
+    d = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train), "eval": str(test) if test else None, "format": "preference", "max_length": 48},
+        "method": {"kind": "dpo", **(method or {})},
+        "adapter": adapter or LORA,
+        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__", 1)
+        d.setdefault(sec, {})[key] = v
+    return d
+
+
+def _tok(path):
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(path))
+    ensure_chat_template(tok)
+    return tok
+
+
+def test_spec_refusals(tiny_model, prefs, tmp_path):
+    with pytest.raises(SpecError, match=r"method.label_smoothing.* applies to `loss_type` sigmoid and hinge, not ipo"):
+        spec_from_dict(spec_for(tiny_model, prefs[0], None, tmp_path, method={"loss_type": "ipo", "label_smoothing": 0.1}))
+    with pytest.raises(SpecError, match=r"method.loss_type"):
+        spec_from_dict(spec_for(tiny_model, prefs[0], None, tmp_path, method={"loss_type": "kto"}))
+    with pytest.raises(SpecError, match=r"method.beta"):
+        spec_from_dict(spec_for(tiny_model, prefs[0], None, tmp_path, method={"beta": 0}))
+
+
+def test_bad_input_refused_before_ray(tiny_model, prefs, tmp_path, ray_down):
+    from ftray.models.load import ModelError
+    from ftray.train.launch import train
+    from tests._serve_models import make_adapter_run
+
+    missing = write_jsonl(tmp_path / "m.jsonl", [*preference_rows(2, 0), {"prompt": "1+1=", "rejected": "3"}])
+    with pytest.raises(DataError, match=r"m.jsonl:3: missing `chosen`"):
+        train(resolve_paths(spec_from_dict(spec_for(tiny_model, missing, None, tmp_path / "a"))))
+    with pytest.raises(ModelError, match=r"model.path: .*/nope: no model there"):
+        train(resolve_paths(spec_from_dict(spec_for(tmp_path / "nope", prefs[0], None, tmp_path / "b"))))
+    # Continuing an adapter run under LoRA: disabling it would make the bare base the reference.
+    run = make_adapter_run(tiny_model, tmp_path / "sft-run", seed=1)
+    with pytest.raises(SpecError, match=r"is an adapter run; dpo with LoRA needs a full model as its reference"):
+        train(resolve_paths(spec_from_dict(spec_for(run, prefs[0], None, tmp_path / "c"))))
+    assert not ray_down.is_initialized()
+
+
+def test_examples_mask_the_prompt_and_keep_replies_within_max_length(tiny_model, prefs, tmp_path):
+    spec = spec_from_dict(spec_for(tiny_model, prefs[0], None, tmp_path, data__max_length=16))
+    tok = _tok(tiny_model)
+    row = {"prompt": "12+7=", "chosen": "19", "rejected": "4444444444444444444444", "history": []}
+    (e,) = M.examples(row, tok, spec)
+    assert len(e["input_ids"]) <= 16 and len(e["rejected_ids"]) == 16 and e["truncated"]
+    # labels are the reply tokens only, and the two sequences share their (masked) prompt
+    n_prompt = e["labels"].index(next(t for t in e["labels"] if t != IGNORE))
+    assert e["input_ids"][:n_prompt] == e["rejected_ids"][:n_prompt] and n_prompt >= 1
+    assert all(t == IGNORE for t in e["rejected_labels"][:n_prompt]) and e["rejected_labels"][n_prompt:] == e["rejected_ids"][n_prompt:]
+    assert tok.decode(e["labels"][n_prompt:]).startswith("19")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_reference_and_trainable_params(adapter, tiny_model, prefs, tmp_path):
+    from ftray.methods.dpo import reference_logps
+    from ftray.methods.losses import sequence_logps
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_model
+
+    spec = spec_from_dict(spec_for(tiny_model, prefs[0], None, tmp_path, LORA if adapter == "lora" else {"kind": "full"}))
+    tok = _tok(tiny_model)
+    batch = M.collate([e for r in preference_rows(4, 0) for e in M.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for p in load_model(str(tiny_model)).parameters()) + (
+        sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    )  # the frozen copy (full) is not a parameter: never trained, never saved
+    loss, _ = M.loss(model, batch)
+    assert loss.item() == pytest.approx(0.6931472, abs=1e-5)  # policy == reference at the start
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, info = M.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert info["target_tokens"] == 4 and loss.item() < 0.6931472
+    for n, p in model.named_parameters():
+        assert (not torch.equal(before[n], p.detach())) == p.requires_grad, n
+    # The reference is still the untouched base: its log-probs equal a freshly loaded base model's.
+    base = load_model(str(tiny_model)).eval()
+    with torch.no_grad():
+        want, _ = sequence_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    got, _ = reference_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_two_workers_zero2_lora_implicit_reward_accuracy_rises(tiny_model, prefs, cache_dir, tmp_path, ray_local):
+    from ftray.train.launch import train
+
+    out = tmp_path / "dpo"
+    d = spec_for(
+        tiny_model, prefs[0], prefs[1], out, {**LORA, "target_modules": "all-linear"},
+        method={"beta": 0.5, "label_smoothing": 0.05}, train__max_steps=8, data__cache_dir=str(cache_dir),
+    )
+    record = train(resolve_paths(spec_from_dict(d)))
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"}
+    assert b["reward_accuracy"] == 0.5 and b["reward_margin"] == 0.0  # the policy starts as its reference
+    assert a["reward_accuracy"] > 0.5 and a["reward_margin"] > 0 and a["eval_loss"] < b["eval_loss"], (b, a)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
