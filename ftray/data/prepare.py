@@ -16,7 +16,7 @@ import json
 
 from ftray import storage
 from ftray.data.encode import ensure_chat_template, pack_examples
-from ftray.data.rows import Checked, read_checked
+from ftray.data.rows import Checked, data_files, read_checked
 
 __all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
 
@@ -40,8 +40,8 @@ def _file_hash(path: str, h) -> None:
 def cache_key(spec, tokenizer_dir: str) -> str:
     h = hashlib.sha256()
     for p in (spec.data.train, spec.data.eval):
-        if p:
-            _file_hash(p, h)
+        for f in data_files(p) if p else []:
+            _file_hash(f, h)
     for name in sorted(storage.listdir(tokenizer_dir)):
         if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
             _file_hash(storage.join(tokenizer_dir, name), h)

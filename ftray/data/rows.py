@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ftray import storage
 
-__all__ = ["DataError", "RowError", "check_row", "iter_rows", "read_checked", "ROLES"]
+__all__ = ["DataError", "RowError", "check_row", "data_files", "iter_rows", "read_checked", "ROLES"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,8 +43,25 @@ def _suffix(path: str) -> str:
     raise DataError(f"{path}: unknown data file type (use .jsonl, .json, .parquet, .csv or .txt)")
 
 
-def iter_rows(path: str) -> Iterator[tuple[int, object]]:
-    """Yield (line or row number, raw row). A JSONL line that is not JSON yields a RowError as the row."""
+def data_files(path: str) -> list[str]:
+    """The file itself, or the .jsonl files of a folder / s3:// prefix in name order (served feedback
+    writes one object per row there: S3 has no append)."""
+    if storage.isdir(path):
+        names = [n for n in storage.listdir(path) if n.endswith(".jsonl") and not n.startswith(".")]
+        if not names:
+            raise DataError(f"{path}: a data folder without .jsonl files")
+        return [storage.join(path, n) for n in names]
+    return [path]
+
+
+def iter_rows(path: str) -> Iterator[tuple[int | str, object]]:
+    """Yield (line or row number, raw row). A JSONL line that is not JSON yields a RowError as the row.
+    For a folder, the place is `name.jsonl:line`."""
+    if storage.isdir(path):
+        for f in data_files(path):
+            for line, row in iter_rows(f):
+                yield f"{f.rstrip('/').rsplit('/', 1)[-1]}:{line}", row
+        return
     suffix = _suffix(path)
     if not storage.exists(path):
         raise DataError(f"{path}: no such data file")
@@ -220,11 +237,12 @@ def read_checked(path: str, fmt: str, on_bad_rows: str = "error", limit: int | N
         try:
             rows.append(check_row(raw, fmt))
         except RowError as e:
+            where = f"{path}:{line}" if isinstance(line, int) else storage.join(path, line)
             if on_bad_rows == "error":
-                raise DataError(f"{path}:{line}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
             skipped += 1
             if len(first) < 5:
-                first.append(f"{path}:{line}: {e}")
+                first.append(f"{where}: {e}")
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

@@ -124,6 +124,16 @@ class RewardRequest(_Req):
     input: list[str | RewardItem] = Field(min_length=1)
 
 
+class FeedbackRequest(BaseModel):
+    # Types are checked by FeedbackStore.handle, so each error names its field in our words.
+    model_config = ConfigDict(extra="forbid")
+    id: Any = None
+    rating: Any = None
+    chosen: Any = None
+    rejected: Any = None
+    comment: Any = None
+
+
 # helpers ------------------------------------------------------------------------------------------------
 def load_api_keys(auth) -> set[str]:
     keys: set[str] = set()
@@ -187,6 +197,11 @@ class Ingress:
             self.registry[g.name] = AdapterRegistry(g, r.base)
             self.ctx[g.name] = getattr(load_config(r.base), "max_position_embeddings", None)
         self.created = int(time.time())
+        self.feedback = None
+        if self.cfg.feedback.path:
+            from ftray.serve.feedback import FeedbackStore
+
+            self.feedback = FeedbackStore(self.cfg.feedback.path, self.cfg.feedback.remember)
 
     # plumbing ----------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -322,13 +337,15 @@ class Ingress:
         h = self.generators[base]
         return await asyncio.gather(*[self._call(h.generate.remote(r), deadline) for r in reqs])
 
-    def _stream(self, base: str, req: dict, chunk) -> StreamingResponse:
-        """SSE: chunk(text=..., finish=...) builds each event; the stream ends with [DONE]."""
+    def _stream(self, base: str, req: dict, chunk, on_done=None) -> StreamingResponse:
+        """SSE: chunk(text=..., finish=...) builds each event; the stream ends with [DONE]. `on_done(text)`
+        gets the whole answer of a stream that finished."""
         h = self.generators[base].options(stream=True)
         deadline = self._deadline()
         detok = _Detok(self.tok[base])
 
         async def events():
+            parts: list[str] = []
             gen = h.stream.remote(req)
             yield _sse(chunk(None, None, first=True))
             try:
@@ -339,12 +356,15 @@ class Ingress:
                         break
                     if "token_ids" in item:
                         text = detok.push(item["token_ids"])
+                        parts.append(text)
                         if text:
                             yield _sse(chunk(text, None))
                     elif "error" in item:
                         yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
                         break
                     else:
+                        if on_done is not None:
+                            on_done("".join(parts))
                         yield _sse(chunk(None, item["finish_reason"], usage=item))
             except asyncio.TimeoutError:
                 gen.cancel()
@@ -358,6 +378,15 @@ class Ingress:
     async def _check_first(self, base: str, adapter: str | None) -> None:
         if adapter:  # the replica's own registry must agree (and loads nothing for this)
             await self._call(self.generators[base].check.remote(adapter), self._deadline())
+
+    def _remember(self, rid: str, model: str, messages: list[dict] | None, prompt: str | None):
+        """A callback that keeps answers (a text, or a list of choice texts) for `/v1/feedback`."""
+
+        def keep(texts, start: int = 0) -> None:
+            if self.feedback is not None:
+                self.feedback.remember_completion(rid, model, messages, prompt, [texts] if isinstance(texts, str) else texts, start)
+
+        return keep
 
     @staticmethod
     def _usage(prompt: int, completion: int) -> dict:
@@ -398,13 +427,16 @@ class Ingress:
                 return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                         "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-            return self._stream(base, reqs[0], chunk)
+            done = self._remember(rid, body.model, None, prompts[0])
+            return self._stream(base, reqs[0], chunk, done)
         outs = await self._generate_all(base, reqs)
         tok = self.tok[base]
         choices = [
             {"index": i, "text": tok.decode(o["token_ids"], skip_special_tokens=True), "finish_reason": o["finish_reason"], "logprobs": None}
             for i, o in enumerate(outs)
         ]
+        for j, p in enumerate(prompts):
+            self._remember(rid, body.model, None, p)([c["text"] for c in choices[j * body.n : (j + 1) * body.n]], j * body.n)
         prompt_tokens = sum(len(r["input_ids"]) for r in reqs[:: body.n])
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
                 "usage": self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))}
@@ -426,13 +458,14 @@ class Ingress:
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-            return self._stream(base, reqs[0], chunk)
+            return self._stream(base, reqs[0], chunk, self._remember(rid, body.model, msgs, None))
         outs = await self._generate_all(base, reqs)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": tok.decode(o["token_ids"], skip_special_tokens=True)},
              "finish_reason": o["finish_reason"], "logprobs": None}
             for i, o in enumerate(outs)
         ]
+        self._remember(rid, body.model, msgs, None)([c["message"]["content"] for c in choices])
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
                 "usage": self._usage(len(reqs[0]["input_ids"]), sum(len(o["token_ids"]) for o in outs))}
 
@@ -471,3 +504,16 @@ class Ingress:
         data = [{"object": "reward", "index": i, "score": r["score"]} for i, r in enumerate(rows)]
         n = sum(r["tokens"] for r in rows)
         return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    @app.post("/v1/feedback")
+    async def feedback_(self, request: Request):
+        """A rating of one answer, or a preferred/rejected pair of answers to one prompt (see serve/feedback.py)."""
+        from ftray.serve.feedback import FeedbackError
+
+        body = await self._body(request, FeedbackRequest)
+        if self.feedback is None:
+            raise APIError(404, "this server does not collect feedback (no `feedback.path` in its config)", "feedback_off")
+        try:
+            return await asyncio.to_thread(self.feedback.handle, body.model_dump(exclude_unset=True))
+        except FeedbackError as e:
+            raise APIError(400, str(e), e.code, e.param) from None

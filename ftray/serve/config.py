@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ADAPTER_NAME", "Auth", "Deployment", "GenerationModel", "Limits", "ScorerModel", "ServeConfig"]
+__all__ = ["ADAPTER_NAME", "Auth", "Deployment", "Feedback", "GenerationModel", "Limits", "ScorerModel", "ServeConfig"]
 
 # A model or adapter name: a path component, never a path. "../../etc/passwd" fails here.
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -119,11 +119,23 @@ class Auth(_Strict):
     api_keys_file: str | None = Field(None, description="file with one key per line")
 
 
+class Feedback(_Strict):
+    """`POST /v1/feedback`: ratings and preferred/rejected pairs of served answers, kept as `preference` rows."""
+
+    path: str | None = Field(
+        None,
+        description="a local .jsonl file (appended, one write per line under a lock) or a folder / s3:// prefix "
+        "(one object per row); null turns /v1/feedback off (404)",
+    )
+    remember: int = Field(10_000, ge=1, description="recent completion choices kept per ingress replica for feedback")
+
+
 class ServeConfig(_Strict):
     generation: list[GenerationModel] = Field(default_factory=list)
     scorers: list[ScorerModel] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
     auth: Auth = Field(default_factory=Auth)
+    feedback: Feedback = Field(default_factory=Feedback)
     ingress: Deployment = Field(
         default_factory=lambda: Deployment(num_cpus=0.25, max_ongoing_requests=512, max_queued_requests=512, max_batch_size=1)
     )
