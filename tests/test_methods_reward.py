@@ -140,3 +140,17 @@ def test_two_workers_zero3_lora_merged_is_served_as_reward_model(tiny_model, pre
     assert main(["eval", str(out), "--data", str(prefs[1])]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["method"] == "reward" and line["accuracy"] == pytest.approx(a["accuracy"])
+
+
+def test_shipped_job_validates(tiny_model):
+    from ftray.config import load_spec
+    from ftray.methods import check_method
+    from ftray.train.launch import check_job
+    from tests.conftest import ROOT, needs_shared
+
+    needs_shared("preference", "oasst1_train.jsonl")
+    spec = load_spec(ROOT / "jobs" / "reward.yaml", [f"model.path={tiny_model}"])
+    assert spec.method.kind == "reward" and spec.data.format == "preference"
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+    assert len(plan.train_rows.rows) == 542 and len(plan.eval_rows.rows) == 86
