@@ -265,6 +265,9 @@ def test_job_submit_trains(head, tiny_model, arith, cache_dir, tmp_path):
     assert run["status"] == "completed"
     assert run["train"]["steps"] == 4
     assert run["spec"]["output"]["dir"] == str(out)
+    # Where each rank ran: both on the head, the only node.
+    ranks = run["placement"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and len({(r["node_id"], r["node_ip"]) for r in ranks}) == 1, ranks
     for name in ("adapter_config.json", "adapter_model.safetensors", ".complete"):
         assert (out / "adapter" / name).is_file(), sorted(p.name for p in (out / "adapter").iterdir())
     assert (out / "checkpoints").is_dir()

@@ -96,6 +96,11 @@ def test_run_folder_contents(equivalence_runs):
     assert record["trainable"]["trainable_params"] == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    # Where each rank ran: one local node here, so PACK (the default) puts both ranks on it.
+    place = record["placement"]
+    assert place["strategy"] == "PACK" and [r["rank"] for r in place["ranks"]] == [0, 1], place
+    assert len({r["node_id"] for r in place["ranks"]}) == 1 and all(r["node_ip"] and r["hostname"] for r in place["ranks"])
+    assert json.loads((run / "run.json").read_text())["placement"] == place
 
 
 # ----------------------------------------------------------------------------- exact resume

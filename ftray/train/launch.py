@@ -148,6 +148,8 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "precision": m.get("precision"),
             "train_seconds": m.get("train_seconds"),
         },
+        # Which node each rank ran on (node id, IP, hostname, node labels) under the spec's strategy.
+        "placement": {"strategy": spec.scaling.placement_strategy, "ranks": m.get("placement", [])},
         "timings": timings,
         "versions": _versions(),
         "outputs": sorted(n for n in storage.listdir(spec.output.dir) if not n.startswith(".")),
@@ -166,6 +168,8 @@ def train(spec: JobSpec, log=print) -> dict:
         raise result.error
     timings["total_s"] = time.time() - t0
     record = write_run_json(plan, result, meta, timings)
+    nodes = [f"rank {r['rank']} on {r['hostname']} ({r['node_ip']}, node {r['node_id'][:8]})" for r in record["placement"]["ranks"]]
+    log(f"[ftray] placement {spec.scaling.placement_strategy}: {'; '.join(nodes)}", flush=True)
     b, a = record["eval"]["before"], record["eval"]["after"]
     for k in a:
         if k in b:

@@ -94,6 +94,24 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _where() -> dict:
+    """This rank's node, for run.json: with SPREAD placement the ranks should name different nodes."""
+    import socket
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node_id = ctx.get_node_id()
+    # The address the node registered with (`ray start --node-ip-address`), not this host's default IP.
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
+    return {
+        "node_id": node_id,
+        "node_ip": ip or ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "labels": {k: v for k, v in ctx.get_node_labels().items() if k != "ray.io/node-id"},
+    }
+
+
 def train_fn_per_worker(config: dict) -> None:
     import ray.train
 
@@ -289,6 +307,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     # ---------------------------------------------------------------- finish
     after = evaluate()
+    placement: list = [None] * world
+    dist.all_gather_object(placement, {"rank": rank, **_where()})
     if after:
         history.append({"step": steps, **{f"eval/{k}": v for k, v in after.items()}})
         log(f"[ftray] eval after training: {json.dumps(after)}", flush=True)
@@ -302,6 +322,7 @@ def train_fn_per_worker(config: dict) -> None:
         "train_seconds": time.time() - t_start,
         "trained_tokens": tokens_done,
         "precision": precision,
+        "placement": placement,
     }
     save_checkpoint(steps, final)
     outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
