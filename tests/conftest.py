@@ -71,6 +71,18 @@ def ray_local():
     return ray
 
 
+@pytest.fixture
+def ray_down():
+    """No Ray in this process, so a test can assert that a refused job never started one.
+
+    Shuts down the cluster an earlier module left running (the next `ray_local` user starts it again)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return ray
+
+
 def job_dict(model: Path, train: Path, test: Path | None, out: Path, cache: Path, **over) -> dict:
     """A small SFT job spec as a dict; `over` replaces sections by dotted keys (e.g. train__max_steps=4)."""
     d = {

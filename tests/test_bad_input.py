@@ -14,7 +14,7 @@ from tests.conftest import job_dict
 
 
 @pytest.fixture
-def job(tmp_path, tiny_model, arith):
+def job(tmp_path, tiny_model, arith, ray_down):
     def make(mutate=None, text=None, overrides=()):
         d = job_dict(tiny_model, arith[0], arith[1], tmp_path / "run", tmp_path / "cache")
         if mutate:

@@ -200,8 +200,7 @@ def test_minilm_stsb_spearman_rises(tmp_path, cache_dir, ray_local):
     assert a["spearman"] > b["spearman"], (b, a)
 
 
-def test_cli_refuses_pairs_row_without_positive_before_ray(tiny_bert, tmp_path, capsys):
-    import ray
+def test_cli_refuses_pairs_row_without_positive_before_ray(tiny_bert, tmp_path, capsys, ray_down):
     import yaml
 
     from ftray.cli import main
@@ -211,4 +210,4 @@ def test_cli_refuses_pairs_row_without_positive_before_ray(tiny_bert, tmp_path, 
     job.write_text(yaml.safe_dump(spec_for(tiny_bert, bad, None, tmp_path / "run", {"kind": "full"})))
     assert main(["train", str(job)]) == 2
     assert "bad.jsonl:2: missing `positive`" in capsys.readouterr().err
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert not ray_down.is_initialized() and not (tmp_path / "run").exists()
