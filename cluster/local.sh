@@ -54,7 +54,10 @@ start_node() {  # name cpus [ray start args...]
   local name=$1 cpus=$2
   shift 2
   # setsid: each node in its own session, so `down` can find everything it started and nothing else.
+  # agent_register_timeout_ms: a raylet waits this long for its dashboard agent to come up; the
+  # default gives up on a loaded 2-core machine with a few nodes starting (the agent took 21 s).
   env -u RAY_ADDRESS -u RAY_AUTH_TOKEN RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" \
+    RAY_agent_register_timeout_ms="${RAY_agent_register_timeout_ms:-120000}" \
     setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$DIR/ray" --disable-usage-stats \
     --num-cpus="$cpus" --labels="ftray.io/node=$name" --object-store-memory=$((STORE_MB * 1024 * 1024)) \
     --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
@@ -101,8 +104,9 @@ stop_sessions() {  # pids of `ray start --block` processes: SIGTERM them, then S
     sleep 0.5
   done
   # Each node runs in its own session (setsid): whatever of it is still around has that session id.
-  left=$(ps -eo pid=,sid= | awk -v s="$pids" 'index(s, " " $2 " ") {print $1}')
-  for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+  in_sessions() { ps -eo pid=,sid=,stat= | awk -v s="$pids" 'index(s, " " $2 " ") && $3 !~ /^Z/ {print $1}'; }
+  for pid in $(in_sessions); do kill -KILL "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 20); do [ -z "$(in_sessions)" ] && break; sleep 0.5; done
 }
 
 # Ray gives a new raylet 30 s to register with the GCS, which a loaded 2-core machine can miss: a node
@@ -159,6 +163,7 @@ cmd_down() {
   stop_sessions $(awk '{print $1}' "$DIR/pids")
   # Leftovers outside those sessions: processes whose command line names this cluster's temp dir.
   for pid in $(pgrep -f -- "$DIR/ray/" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 20); do pgrep -f -- "$DIR/ray/" > /dev/null || break; sleep 0.5; done
   rm -rf "$DIR/ray" "$DIR/pids" "$DIR/env"
   echo "local.sh: down"
 }

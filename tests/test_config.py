@@ -128,3 +128,14 @@ def test_schema_has_descriptions():
     schema = JobSpec.model_json_schema()
     lr = schema["$defs"]["TrainSpec"]["properties"]["lr"]
     assert "learning rate" in lr["description"].lower()
+
+
+def test_placement_strategy_default_and_bad_value(tmp_path):
+    assert load_spec(write(tmp_path, GOOD)).scaling.placement_strategy == "PACK"
+    spread = GOOD.replace("  num_workers: 2\n", "  num_workers: 2\n  placement_strategy: STRICT_SPREAD\n")
+    assert load_spec(write(tmp_path, spread)).scaling.placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, spread.replace("STRICT_SPREAD", "SPREAD_OUT")))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'job.yaml'}:14: `scaling.placement_strategy`"), msg
+    assert "'SPREAD_OUT'" in msg and "STRICT_SPREAD" in msg
