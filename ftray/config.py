@@ -65,6 +65,11 @@ class DataSpec(_Strict):
         "error", description="`error`: stop at the first bad row, naming file and line. `skip`: drop, count, report."
     )
     eval_max_rows: int | None = Field(512, ge=1, description="Cap on held-out rows used per evaluation.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns before the format is checked: {format's name: the file's name}, e.g. "
+        "`{prompt: question, completion: final_answer}` reads GSM8K as `prompt_completion`.",
+    )
     cache_dir: str | None = Field(
         None, description="Where prepared token shards are cached (default: `.ftray-cache` beside `output.dir`)."
     )
@@ -154,6 +159,53 @@ class DPOMethod(_Strict):
         return self
 
 
+class RewardModelRef(_Strict):
+    app: str = Field("ftray-reward", description="Serve application that hosts the reward model.")
+    scorer: str = Field("rm", description="Name of the scorer in that app (its deployment is `score-<scorer>`).")
+    path: str | None = Field(
+        None,
+        description="A `reward` run folder: the job deploys it as `app` before training (and leaves it running). "
+        "Without it, the app must already be running on the cluster.",
+    )
+    weight: float = Field(1.0, description="Multiplier of its score in the total reward.")
+    timeout_s: float = Field(60.0, gt=0, description="How long a scoring call may keep retrying before the job fails.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs of the deployed reward replica (with `path`).")
+
+
+class GRPOMethod(_Strict):
+    kind: Literal["grpo"] = "grpo"
+    group_size: int = Field(4, ge=2, description="G: completions sampled per prompt; advantages are relative to the group.")
+    max_new_tokens: int = Field(16, ge=1, description="Length of each sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (0: no reference pass).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio.")
+    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's standard deviation.")
+    rewards: dict[Literal["exact_match", "numeric_match", "format"], float] = Field(
+        default_factory=lambda: {"exact_match": 1.0},
+        description="Verifiable rewards and their weights: `exact_match` (completion == reference, stripped), "
+        "`numeric_match` (last number of the completion == the reference's), `format` (`format_regex` matches).",
+    )
+    format_regex: str | None = Field(None, description="Regular expression the whole completion must match (`format`).")
+    reward_model: RewardModelRef | None = Field(None, description="A served reward model scoring (prompt, completion).")
+    exact_match: bool = Field(True, description="Judge held-out prompts by greedy exact match (and numeric match).")
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOMethod:
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("`method.rewards` is empty and there is no `method.reward_model`: nothing to learn from")
+        if "format" in self.rewards and not self.format_regex:
+            raise ValueError("`method.rewards` has `format` but `method.format_regex` is not set")
+        if self.format_regex:
+            import re
+
+            try:
+                re.compile(self.format_regex)
+            except re.error as e:
+                raise ValueError(f"`method.format_regex` is not a regular expression: {e}") from None
+        return self
+
+
 MethodSpec = Annotated[
     SFTMethod
     | CausalLMMethod
@@ -164,12 +216,12 @@ MethodSpec = Annotated[
     | SentenceOrderMethod
     | Seq2SeqMethod
     | RewardMethod
-    | DPOMethod,
+    | DPOMethod
+    | GRPOMethod,
     Field(discriminator="kind"),
 ]
-METHOD_KINDS = (
-    "sft", "causal_lm", "classify", "contrastive", "masked_lm", "cluster", "sentence_order", "seq2seq", "reward", "dpo",
-)
+# Every method's `kind` tag, read off the union (a new method class cannot be forgotten here).
+METHOD_KINDS = tuple(m.model_fields["kind"].default for m in MethodSpec.__origin__.__args__)
 
 
 class AdapterSpec(_Strict):
@@ -301,6 +353,7 @@ class JobSpec(_Strict):
             "seq2seq": {"translation"},
             "reward": {"preference"},
             "dpo": {"preference"},
+            "grpo": {"instruction", "chat", "prompt_completion"},
         }[self.method.kind]
         if self.data.format not in needs:
             raise ValueError(

@@ -26,8 +26,8 @@ PREP_VERSION = "3"
 def check_data(spec) -> tuple[Checked, Checked | None]:
     """Read and check every train/eval row (raises DataError naming file:line). No Ray."""
     d = spec.data
-    train = read_checked(d.train, d.format, d.on_bad_rows)
-    ev = read_checked(d.eval, d.format, d.on_bad_rows, limit=d.eval_max_rows) if d.eval else None
+    train = read_checked(d.train, d.format, d.on_bad_rows, columns=d.columns)
+    ev = read_checked(d.eval, d.format, d.on_bad_rows, limit=d.eval_max_rows, columns=d.columns) if d.eval else None
     return train, ev
 
 
@@ -48,7 +48,8 @@ def cache_key(spec, tokenizer_dir: str) -> str:
     d = spec.data
     h.update(
         json.dumps(
-            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, spec.method.model_dump(mode="json")]
+            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, d.columns,
+             spec.method.model_dump(mode="json")]
         ).encode()
     )
     return h.hexdigest()[:20]

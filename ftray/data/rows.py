@@ -229,12 +229,20 @@ class Checked:
     first_skipped: list[str]
 
 
-def read_checked(path: str, fmt: str, on_bad_rows: str = "error", limit: int | None = None) -> Checked:
-    """Read and check every row. `error`: raise DataError naming file:line; `skip`: count and keep going."""
+def read_checked(
+    path: str, fmt: str, on_bad_rows: str = "error", limit: int | None = None, columns: dict[str, str] | None = None
+) -> Checked:
+    """Read and check every row. `error`: raise DataError naming file:line; `skip`: count and keep going.
+    `columns` ({format's name: the file's name}) renames columns first."""
     rows: list[dict] = []
     skipped, first = 0, []
     for line, raw in iter_rows(path):
         try:
+            if columns and isinstance(raw, dict):
+                missing = [src for src in columns.values() if src not in raw]
+                if missing:
+                    raise RowError(f"missing column {missing[0]!r} named in `data.columns`")
+                raw = {**{k: v for k, v in raw.items() if k not in columns}, **{k: raw[v] for k, v in columns.items()}}
             rows.append(check_row(raw, fmt))
         except RowError as e:
             where = f"{path}:{line}" if isinstance(line, int) else storage.join(path, line)

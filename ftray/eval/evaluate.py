@@ -52,7 +52,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     spec = _spec_for(run, data, method, fmt)
     m = get_method(spec.method.kind)
     resolved = resolve(run, None, "RUN")
-    rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows).rows
+    rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows, columns=spec.data.columns).rows
     tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     ensure_chat_template(tok)
     model = m.load_base(resolved.base, torch.float32, spec)

@@ -18,6 +18,7 @@ from ftray.methods import (
     cluster,
     contrastive,
     dpo,
+    grpo,
     masked_lm,
     reward,
     sentence_order,
@@ -62,6 +63,15 @@ class Method(Protocol):
     def save_extra(self, model, tokenizer, folder, spec) -> None:
         """Files beside a fully saved model that make it load in the usual tools (may do nothing)."""
 
+    # Optional hooks (a method without the attribute skips them):
+    #   check(spec, tokenizer, config, train_rows, eval_rows)  before Ray; raises SpecError / ModelError
+    #   before_fit(spec)                on the driver once Ray is up, before the workers start (e.g. grpo
+    #                                   deploys its reward model)
+    #   setup(spec, tokenizer, ctx)     on each worker before the first evaluation (e.g. grpo's sampler)
+    # `loss` may return more numbers in its info dict than `target_tokens`: the loop logs them every step
+    # as `train/<key>`, averaged over micro-batches and ranks (`*_min` / `*_max`: the extreme; `*_s`:
+    # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).
+
 
 REGISTRY: dict[str, Any] = {
     "sft": sft.SFT(),
@@ -74,6 +84,7 @@ REGISTRY: dict[str, Any] = {
     "seq2seq": seq2seq.Seq2Seq(),
     "reward": reward.Reward(),
     "dpo": dpo.DPO(),
+    "grpo": grpo.GRPO(),
 }
 
 

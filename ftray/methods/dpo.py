@@ -21,7 +21,7 @@ from ftray.methods._enc import pad
 from ftray.methods._lm import load_causal_lm
 from ftray.methods.losses import dpo_loss, sequence_logps
 
-__all__ = ["DPO", "LOSS_TYPES"]
+__all__ = ["DPO", "LOSS_TYPES", "reference_logits_of"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 _REF = "_ftray_reference"  # a frozen copy kept in the model's __dict__: not a submodule, so never trained or saved
@@ -62,18 +62,23 @@ def _unwrap(model):
 
 
 @torch.no_grad()
-def reference_logps(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logits_of(model, ids, mask, position_ids=None) -> torch.Tensor:
+    """The reference policy's logits: the adapter disabled under PEFT, else the frozen copy."""
     net = _unwrap(model)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     if hasattr(net, "disable_adapter") and hasattr(net, "peft_config"):
         with net.disable_adapter():
-            logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    else:
-        ref = net.__dict__.get(_REF)
-        if ref is None:
-            raise RuntimeError("dpo: no reference model (load the base with DPO.load_base)")
-        ref.to(ids.device)
-        logits = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return sequence_logps(logits, labels)
+            return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+    ref = net.__dict__.get(_REF)
+    if ref is None:
+        raise RuntimeError("no reference model (load the base with DPO.load_base)")
+    ref.to(ids.device)
+    return ref(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+
+
+@torch.no_grad()
+def reference_logps(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    return sequence_logps(reference_logits_of(model, ids, mask), labels)
 
 
 class DPO:

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "bradley_terry_loss",
+    "clipped_surrogate",
+    "group_advantages",
+    "k3_kl",
+    "masked_mean",
+    "token_logps",
     "cosine_similarity_loss",
     "dpo_loss",
     "info_nce",
@@ -160,3 +165,44 @@ def dpo_loss(
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}")
     return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each completion's reward minus the mean of its prompt's group, divided by the
+    group's standard deviation (unbiased, as TRL and the DeepSeekMath paper) when `scale`. Rewards are
+    laid out group by group: (n_prompts * group_size,). A group whose rewards are all equal gets 0."""
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 = exp(ref - pi) - (ref - pi) - 1 (Schulman's unbiased,
+    non-negative estimator; GRPO's penalty), from the sampled tokens' log-probabilities."""
+    d = ref_logp.float() - logp.float()
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss: -min(r A, clip(r, 1 - eps, 1 + eps) A) with
+    r = exp(logp - old_logp); `advantages` broadcast over tokens. Returns (loss per token, clipped mask)."""
+    ratio = torch.exp(logp.float() - old_logp.float())
+    a = advantages.float()
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a
+    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, t] | ...) from logits[:, t] (already shifted by the caller): (B, T)."""
+    return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)

@@ -12,7 +12,7 @@ from ftray import storage
 from ftray.config import JobSpec
 from ftray.data.prepare import check_data, prepare
 from ftray.data.rows import Checked
-from ftray.methods import check_method
+from ftray.methods import check_method, get_method
 from ftray.models.adapters import check_targets
 from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
 
@@ -99,6 +99,9 @@ def fit_job(plan: Plan, callbacks=None, log=print):
     )
     for line in plan.train_rows.first_skipped:
         log(f"[ftray] skipped {line}", flush=True)
+    method = get_method(spec.method.kind)
+    if hasattr(method, "before_fit"):  # e.g. grpo deploys its reward model
+        method.before_fit(spec)
     s = spec.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,

@@ -249,6 +249,30 @@ def train_fn_per_worker(config: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    if hasattr(method, "setup"):  # per-worker state a method needs beside the batch (e.g. grpo's sampler)
+        method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device)))
+
+    def step_info(parts: list[dict[str, float]]) -> dict[str, float]:
+        """A step's extra loss info (beyond target_tokens) over micro-batches, then over ranks."""
+        keys = sorted({k for p in parts for k in p if k != "target_tokens"})
+        if not keys:
+            return {}
+        out = {}
+        for k in keys:
+            vals = [float(p[k]) for p in parts if k in p]
+            out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else (
+                sum(vals) if k.endswith("_s") else sum(vals) / len(vals))
+        lo = torch.tensor([out[k] if k.endswith("_min") else 0.0 for k in keys], dtype=torch.float64, device=device)
+        hi = torch.tensor([out[k] if k.endswith("_max") else 0.0 for k in keys], dtype=torch.float64, device=device)
+        mean = torch.tensor([0.0 if k.endswith(("_min", "_max")) else out[k] / world for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(mean)
+        return {
+            k: (lo[j] if k.endswith("_min") else hi[j] if k.endswith("_max") else mean[j]).item()
+            for j, k in enumerate(keys)
+        }
+
     # ---------------------------------------------------------------- train
     if start_step == 0:
         before = evaluate()
@@ -265,7 +289,7 @@ def train_fn_per_worker(config: dict) -> None:
     last_eval: dict = {}
     for step in range(start_step, steps):
         t0 = time.time()
-        loss_acc, n_tok, n_real = 0.0, 0.0, 0
+        loss_acc, n_tok, n_real, infos = 0.0, 0.0, 0, []
         for m in range(accum):
             idx = [order(sample_index(step, m, rank, j, world, mb, spec.train.global_batch_size)) for j in range(mb)]
             examples = [row(train_split, i) for i in idx]
@@ -275,12 +299,17 @@ def train_fn_per_worker(config: dict) -> None:
             engine.step()
             loss_acc += float(loss.detach()) / accum
             n_tok += info.get("target_tokens", 0.0)
+            infos.append(info)
             # Trained tokens: every token of a real example (prompt included), padding excluded.
             n_real += sum(e["tokens"] for e in examples)
         loss_mean, n_real_all = all_sum([loss_acc / world, float(n_real)])
         tokens_done += n_real_all
         dt = time.time() - t0
         rec = {"step": step + 1, "loss": loss_mean, "lr": scheduler.get_last_lr()[0], "tokens": n_real_all, "step_time": dt}
+        for k, v in step_info(infos).items():
+            rec[f"train/{k}"] = v
+            if k.endswith("_s"):
+                rec[f"train/{k[:-2]}_share"] = v / max(dt, 1e-9)
         done = step + 1
         is_last = done == steps
         if spec.train.eval_every and done % spec.train.eval_every == 0 and not is_last:
@@ -291,13 +320,13 @@ def train_fn_per_worker(config: dict) -> None:
             elapsed = time.time() - t_start
             rate = tokens_done / max(elapsed, 1e-9)
             eta = elapsed / max(done - start_step, 1) * (steps - done)
-            extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k.startswith("eval/"))
+            extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k.startswith(("eval/", "train/")))
             log(
                 f"[ftray] step {done}/{steps} loss {loss_mean:.4f} lr {rec['lr']:.2e} "
                 f"tok/s {rate:,.0f} eta {_fmt_eta(eta)}{extra}",
                 flush=True,
             )
-        metrics = {"step": done, "loss": loss_mean, **{k: v for k, v in rec.items() if k.startswith("eval/")}}
+        metrics = {"step": done, "loss": loss_mean, **{k: v for k, v in rec.items() if k.startswith(("eval/", "train/"))}}
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
             save_checkpoint(done, metrics)

@@ -1,0 +1,250 @@
+"""grpo: Group Relative Policy Optimisation. For each prompt, G completions are sampled from the current
+policy; each is rewarded (verifiable functions of the completion and the row's reference answer, and/or a
+served reward model); advantages are the rewards relative to their group (minus the group mean, over its
+standard deviation); the loss is PPO's clipped surrogate on the completion tokens plus beta x the k3 KL
+estimate to a frozen reference (DeepSeekMath, as TRL's GRPOTrainer with one update per rollout).
+
+Rows: `prompt_completion` / `instruction` / `chat`; the completion (last assistant turn) is the reference
+answer the verifiable rewards check (`data.columns` maps other names, e.g. GSM8K's `question` and
+`final_answer`). The reference policy: under LoRA the model with its adapter disabled, otherwise a frozen
+copy (as in `dpo`). Logged every step: reward mean/min/max (and per source), KL, completion length, clipped
+share, and seconds spent generating and scoring (the rest of the step is learning).
+
+Judged on held-out prompts by greedy decoding: exact match, numeric match, mean verifiable reward, and the
+served reward model's mean score when there is one; eval_loss is the reference answer's NLL.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ftray.data.encode import IGNORE, render_prompt
+from ftray.methods._enc import pad
+from ftray.methods.dpo import DPO, reference_logits_of
+from ftray.methods.losses import (
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    token_cross_entropy,
+    token_logps,
+)
+
+__all__ = ["GRPO"]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, n - len(s) :] = torch.tensor(s)
+            mask[i, n - len(s) :] = 1
+    return ids, mask
+
+
+def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each sampled completion, 0 after it."""
+    is_eos = tokens == eos_id
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after).long()
+
+
+class GRPO:
+    name = "grpo"
+    formats = ("prompt_completion", "instruction", "chat")
+    task_type = "CAUSAL_LM"
+    packable = False
+
+    def __init__(self):
+        self.tokenizer = None
+        self.reward = None
+        self.spec = None
+        self.synced_gpus = False
+
+    # -------------------------------------------------------------- before Ray / on the driver
+    def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
+        from ftray.config import SpecError
+        from ftray.models.load import ModelError, resolve
+
+        if spec.adapter.kind == "lora" and spec.method.beta > 0 and resolve(spec.model.path, spec.model.tokenizer).adapter:
+            raise SpecError(
+                f"model.path: {spec.model.path} is an adapter run; grpo with LoRA and a KL penalty needs a full model "
+                "as its reference: `ftray export RUN --merge` and start from the run's merged/"
+            )
+        if spec.train.micro_batch_size * spec.method.group_size > 512:
+            raise SpecError("train.micro_batch_size x method.group_size: more than 512 sequences per rollout")
+        rm = spec.method.reward_model
+        if rm is not None and rm.path is not None:
+            try:
+                r = resolve(rm.path, None)
+            except ModelError as e:
+                raise SpecError(f"method.reward_model.path: {e}") from None
+            if r.adapter:
+                raise SpecError(f"method.reward_model.path: {rm.path} is an adapter run; serve its merged/ model")
+
+    def before_fit(self, spec) -> None:
+        """On the driver, after Ray is up and before the workers start: make the served reward model exist."""
+        rm = spec.method.reward_model
+        if rm is None:
+            return
+        from ftray.rlhf.served import check_reward_app, deploy_reward_app
+
+        if rm.path is not None:
+            from ftray.models.load import resolve
+
+            deploy_reward_app(rm, resolve(rm.path, None).base)
+        check_reward_app(rm)
+
+    # -------------------------------------------------------------- on each worker
+    def setup(self, spec, tokenizer, ctx) -> None:
+        from ftray.rlhf import build_reward
+
+        self.spec, self.tokenizer, self.synced_gpus = spec, tokenizer, ctx.synced_gpus
+        self.reward = build_reward(spec.method)
+
+    def load_base(self, path, dtype, spec):
+        return DPO().load_base(path, dtype, spec)  # the policy, plus a frozen reference copy unless LoRA
+
+    def examples(self, row, tokenizer, spec):
+        prompt, reference = render_prompt(tokenizer, row)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        room = spec.data.max_length - spec.method.max_new_tokens
+        cut = len(p) > room
+        p = p[-room:] if room > 0 else []
+        if not p:
+            return [{"input_ids": [], "labels": [], "prompt_len": 0, "truncated": True}]
+        ids = (p + r)[: spec.data.max_length]
+        return [{"input_ids": ids, "labels": [IGNORE] * len(p) + ids[len(p) :], "prompt_len": len(p), "truncated": cut}]
+
+    def collate(self, examples, pad_id):
+        ids, mask = pad([list(e["input_ids"]) for e in examples], pad_id)
+        labels = torch.full_like(ids, IGNORE)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(list(e["labels"]))
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "prompt_len": torch.tensor([int(e["prompt_len"]) for e in examples]),
+        }
+
+    def _texts(self, batch) -> tuple[list[list[int]], list[str], list[str]]:
+        tok = self.tokenizer
+        prompts, refs, raw = [], [], []
+        for ids, lab, n in zip(batch["input_ids"], batch["labels"], batch["prompt_len"].tolist(), strict=True):
+            prompts.append(ids[:n].tolist())
+            refs.append(tok.decode([t for t in lab.tolist() if t != IGNORE], skip_special_tokens=True))
+            raw.append(tok.decode(ids[:n].tolist(), skip_special_tokens=True))
+        return prompts, refs, raw
+
+    @torch.no_grad()
+    def _generate(self, net, prompts: list[list[int]], device, sample: bool, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, tok = self.spec.method, self.tokenizer
+        ids, mask = _left_pad(prompts, tok.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        was = net.training
+        net.eval()
+        try:
+            kw = {"do_sample": True, "temperature": m.temperature, "top_p": m.top_p} if sample else {"do_sample": False}
+            out = net.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=m.max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                synced_gpus=self.synced_gpus,
+                **kw,
+            )
+        finally:
+            net.train(was)
+        comp = out[:, ids.shape[1] :]
+        return ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), comp
+
+    def loss(self, model, batch):
+        if not model.training:  # the loop's held-out loss: NLL of the reference answers
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss, n = token_cross_entropy(logits, batch["labels"])
+            return loss, {"target_tokens": float(n)}
+        m, tok = self.spec.method, self.tokenizer
+        net = getattr(model, "module", model)
+        device = batch["input_ids"].device
+        G = m.group_size
+        prompts, refs, raw = self._texts(batch)
+
+        t0 = time.time()
+        p_ids, p_mask, comp = self._generate(net, prompts, device, sample=True, n=G)
+        gen_s = time.time() - t0
+        c_mask = completion_mask(comp, tok.eos_token_id)
+        texts = tok.batch_decode(comp.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+        rewards, parts = self.reward([x for x in raw for _ in range(G)], texts, [r for r in refs for _ in range(G)])
+        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
+        adv = group_advantages(rewards_t, G, scale=m.scale_rewards)
+
+        full = torch.cat([p_ids, comp], dim=1)
+        attn = torch.cat([p_mask, c_mask], dim=1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        P = p_ids.shape[1]
+        logits = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        logp = token_logps(logits[:, P - 1 : -1], comp)
+        per_tok, clipped = clipped_surrogate(logp, logp.detach(), adv[:, None], m.clip_eps)
+        kl = torch.zeros_like(logp)
+        if m.beta > 0:
+            ref_logits = reference_logits_of(model, full, attn, pos)
+            kl = k3_kl(logp, token_logps(ref_logits[:, P - 1 : -1], comp))
+            per_tok = per_tok + m.beta * kl
+        loss = masked_mean(per_tok, c_mask, dim=1).mean()
+        info = {
+            "target_tokens": float(len(texts)),
+            "reward_mean": float(rewards_t.mean()),
+            "reward_min": float(rewards_t.min()),
+            "reward_max": float(rewards_t.max()),
+            "kl": float(masked_mean(kl.detach(), c_mask)),
+            "completion_len": float(c_mask.sum(-1).float().mean()),
+            "clipped": float(masked_mean(clipped, c_mask)),
+            "generate_s": gen_s,
+            **{k.replace("/", "_"): v for k, v in parts.items()},
+        }
+        return loss, info
+
+    @torch.no_grad()
+    def score_rows(self, model, tokenizer, rows, spec, ctx):
+        if not spec.method.exact_match and spec.method.reward_model is None:
+            return []
+        from ftray.rlhf.rewards import verifiable_rewards
+
+        self.tokenizer, self.spec = tokenizer, spec
+        self.synced_gpus = ctx.synced_gpus
+        out = []
+        for i in range(0, len(rows), 16):
+            chunk = rows[i : i + 16]
+            ex = [self.examples(r, tokenizer, spec)[0] for r in chunk]
+            prompts = [list(e["input_ids"][: e["prompt_len"]]) or [tokenizer.eos_token_id] for e in ex]
+            _, _, comp = self._generate(model, prompts, ctx.device, sample=False, n=1)
+            c_mask = completion_mask(comp, tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(comp.masked_fill(c_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+            refs = [render_prompt(tokenizer, r)[1] for r in chunk]
+            checks = {"exact_match": 1.0, "numeric_match": 1.0}
+            scores = [verifiable_rewards(t, r, checks) for t, r in zip(texts, refs, strict=True)]
+            if self.reward is not None:
+                raw = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+                totals, _ = self.reward(raw, texts, refs)
+                for s, tot in zip(scores, totals, strict=True):
+                    s["reward"] = tot
+                if self.reward.served is not None:
+                    served = self.reward.served(raw, texts)
+                    for s, v in zip(scores, served, strict=True):
+                        s["reward_model_score"] = v
+            out += scores
+        return out
+
+    def summarize(self, eval_loss, scores):
+        return {"eval_loss": eval_loss, **scores}
+
+    def save_extra(self, model, tokenizer, folder, spec):
+        return None

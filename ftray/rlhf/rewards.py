@@ -1,0 +1,80 @@
+"""Rewards of sampled completions: verifiable functions of (completion, reference) and, optionally, the
+score of a served reward model for (prompt, completion). `build_reward(method_spec)` combines them."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["RewardFn", "build_reward", "last_number", "verifiable_rewards"]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number in `text` (thousands commas dropped), or None: GSM8K's answers are checked this way."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def verifiable_rewards(
+    completion: str, reference: str, weights: dict[str, float], format_regex: str | None = None
+) -> dict[str, float]:
+    """Each named verifiable reward (unweighted, 0 or 1) of one completion."""
+    out: dict[str, float] = {}
+    if "exact_match" in weights:
+        out["exact_match"] = float(completion.strip() == reference.strip())
+    if "numeric_match" in weights:
+        got, want = last_number(completion), last_number(reference)
+        out["numeric_match"] = float(got is not None and want is not None and abs(got - want) < 1e-6)
+    if "format" in weights:
+        out["format"] = float(bool(format_regex and re.fullmatch(format_regex, completion.strip(), re.DOTALL)))
+    return out
+
+
+@dataclass
+class RewardFn:
+    """rewards(prompts, completions, references) -> (total reward per completion, per-source means, seconds
+    spent in the served model)."""
+
+    weights: dict[str, float]
+    format_regex: str | None = None
+    served: Callable[[list[str], list[str]], list[float]] | None = None
+    served_weight: float = 1.0
+    last: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> tuple[list[float], dict[str, float]]:
+        parts = [verifiable_rewards(c, r, self.weights, self.format_regex) for c, r in zip(completions, references, strict=True)]
+        totals = [sum(self.weights[k] * v for k, v in p.items()) for p in parts]
+        means = {f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in self.weights} if parts else {}
+        served_s = 0.0
+        if self.served is not None:
+            t0 = time.time()
+            scores = self.served(prompts, completions)
+            served_s = time.time() - t0
+            totals = [t + self.served_weight * s for t, s in zip(totals, scores, strict=True)]
+            means["reward/model"] = sum(scores) / len(scores) if scores else 0.0
+        means["score_s"] = served_s
+        return totals, means
+
+
+def build_reward(m) -> RewardFn:
+    """The reward of a `grpo` / `ppo` method spec (`rewards`, `format_regex`, `reward_model`)."""
+    served = None
+    if getattr(m, "reward_model", None) is not None:
+        from ftray.rlhf.served import ServedReward
+
+        served = ServedReward(m.reward_model.app, m.reward_model.scorer, m.reward_model.timeout_s)
+    return RewardFn(
+        weights=dict(m.rewards),
+        format_regex=getattr(m, "format_regex", None),
+        served=served,
+        served_weight=m.reward_model.weight if served else 0.0,
+    )

@@ -1,0 +1,61 @@
+"""GRPO's pieces against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ftray.methods.grpo import completion_mask
+from ftray.methods.losses import clipped_surrogate, group_advantages, k3_kl, masked_mean
+from ftray.rlhf.rewards import last_number, verifiable_rewards
+
+
+def test_group_advantages_by_hand():
+    # two groups of 3: [1, 0, 0] -> mean 1/3, unbiased std sqrt(1/3); [2, 2, 2] -> all zero
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0]), 3, eps=0.0 + 1e-12)
+    s = math.sqrt(1 / 3)
+    assert adv[:3].tolist() == pytest.approx([(2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s], rel=1e-5)
+    assert adv[3:].tolist() == [0.0, 0.0, 0.0]
+    unscaled = group_advantages(torch.tensor([1.0, 0.0, 3.0, 0.0]), 2, scale=False)
+    assert unscaled.tolist() == pytest.approx([0.5, -0.5, 1.5, -1.5])
+
+
+def test_k3_kl_by_hand():
+    # d = ref - pi = log(0.5) - log(0.25) = log 2: k3 = 2 - log 2 - 1
+    kl = k3_kl(torch.tensor([math.log(0.25), math.log(0.3)]), torch.tensor([math.log(0.5), math.log(0.3)]))
+    assert kl.tolist() == pytest.approx([1 - math.log(2), 0.0], abs=1e-6)
+    assert (k3_kl(torch.randn(50), torch.randn(50)) >= 0).all()
+
+
+def test_clipped_surrogate_by_hand():
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7]))  # ratios, old_logp = 0
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = clipped_surrogate(logp, old, adv, clip_eps=0.2)
+    # r=1.5, A=1: min(1.5, 1.2) = 1.2 (clipped); r=0.5, A=1: min(0.5, 0.8) = 0.5
+    # r=1.1, A=-1: min(-1.1, -1.1) = -1.1; r=0.7, A=-1: min(-0.7, -0.8) = -0.8 (clipped)
+    assert loss.tolist() == pytest.approx([-1.2, -0.5, 1.1, 0.8], rel=1e-5)
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # one update per rollout: ratio 1, the gradient is the policy gradient -A grad(logp)
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    lo, _ = clipped_surrogate(lp, lp.detach(), torch.tensor([2.0, -1.0]), 0.2)
+    lo.sum().backward()
+    assert lp.grad.tolist() == pytest.approx([-2.0, 1.0])
+
+
+def test_masked_mean_and_completion_mask():
+    m = completion_mask(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]]), eos_id=2)
+    assert m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    x = torch.tensor([[1.0, 3.0, 100.0, 100.0], [1.0, 1.0, 1.0, 5.0]])
+    assert masked_mean(x, m, dim=1).tolist() == pytest.approx([2.0, 2.0])
+    assert float(masked_mean(x, m)) == pytest.approx((1 + 3 + 1 + 1 + 1 + 5) / 6)
+
+
+def test_verifiable_rewards():
+    w = {"exact_match": 1.0, "numeric_match": 1.0, "format": 1.0}
+    assert verifiable_rewards(" 27 ", "27", w, r"\d+") == {"exact_match": 1.0, "numeric_match": 1.0, "format": 1.0}
+    assert verifiable_rewards("so it is 1,200.", "1200", w, r"\d+") == {"exact_match": 0.0, "numeric_match": 1.0, "format": 0.0}
+    assert verifiable_rewards("no idea", "5", w, r"\d+")["numeric_match"] == 0.0
+    assert last_number("$20 - $15 = $5.5 left") == 5.5 and last_number("none") is None
