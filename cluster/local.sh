@@ -3,7 +3,7 @@
 # own CPUs and a node label (ftray.io/node=head|worker-1..N), token auth on, the dashboard on 127.0.0.1.
 #
 #   cluster/local.sh up 2                 # head + 2 workers; prints what a client needs
-#   source /tmp/ftray-cluster-$UID/env    # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
+#   source /tmp/ftray-cluster-$UID/env    # addresses for ray/serve CLIs and ray.init, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
 #   ray job submit --working-dir . -- ftray train jobs/quickstart.yaml \
 #     --set scaling.placement_strategy=STRICT_SPREAD --set output.dir=$PWD/runs/q
 #   cluster/local.sh status
@@ -145,6 +145,7 @@ cmd_up() {
   cat > "$DIR/env" <<EOF
 export RAY_ADDRESS=127.0.0.1:$GCS_PORT
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT
+export RAY_DASHBOARD_ADDRESS=http://127.0.0.1:$DASH_PORT
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$TOKEN
 EOF

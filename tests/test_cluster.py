@@ -26,7 +26,9 @@ from tests.conftest import BIN, ROOT, free_port
 pytestmark = pytest.mark.integration
 
 SCRIPT = ROOT / "cluster" / "local.sh"
-CLIENT_AUTH_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+CLIENT_AUTH_VARS = (
+    "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+)  # fmt: skip
 # Prints the ftray.io/node label of every alive node, from inside a job on the cluster.
 LIST_NODES = "import ray; ray.init(); print('nodes:', sorted(n['Labels'].get('ftray.io/node', '?') for n in ray.nodes() if n['Alive']))"
 
@@ -112,7 +114,7 @@ def test_local_cluster_up_token_auth_down(local_cluster):
         key, _, value = line.removeprefix("export ").partition("=")
         authed[key] = value
     assert authed["RAY_AUTH_MODE"] == "token" and authed["RAY_AUTH_TOKEN_PATH"] == str(c.token)
-    assert authed["RAY_API_SERVER_ADDRESS"] == c.dashboard
+    assert authed["RAY_API_SERVER_ADDRESS"] == authed["RAY_DASHBOARD_ADDRESS"] == c.dashboard
 
     sid = f"ftray-local-{uuid.uuid4().hex[:6]}"
     ok = _run(["ray", "job", "submit", "--submission-id", sid, "--", "python", "-c", LIST_NODES], authed, timeout=180)
