@@ -26,7 +26,7 @@ RUNS = {
     "sentence_order_wikitext": (("accuracy", "chance"), ["train.max_steps=30"]),
     "seq2seq_en_fr": (("bleu", "chrf"), ["train.max_steps=150"]),
     "reward": (("accuracy", "margin"), []),
-    "reward_minilm": (("accuracy", "margin"), ["train.max_steps=60", "train.lr=5e-5"]),
+    "reward_minilm": (("accuracy", "margin"), ["train.max_steps=40", "train.lr=5e-5", "data.max_length=384"]),
     "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"), []),
 }
 # Entries that run another entry's job file (with other overrides).
