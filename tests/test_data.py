@@ -130,3 +130,13 @@ def test_json_array_file(tmp_path):
     p.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"instruction": "z"}]))
     with pytest.raises(DataError, match=r"a.json:2: missing `output`"):
         read_checked(str(p), "instruction")
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028 / U+0085 inside a JSON string are not line ends (GSM8K's train split has them)."""
+    from ftray.data.rows import read_checked
+
+    p = tmp_path / "u.jsonl"
+    p.write_text('{"prompt": "a\u2028b", "completion": "c\u0085d"}\n{"prompt": "e", "completion": "f"}\n', encoding="utf-8")
+    rows = read_checked(str(p), "prompt_completion").rows
+    assert [r["prompt"] for r in rows] == ["a\u2028b", "e"] and rows[0]["completion"] == "c\u0085d"

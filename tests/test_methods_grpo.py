@@ -106,6 +106,26 @@ def test_two_workers_zero2_lora_logs_rollouts(tiny_model, arith, cache_dir, tmp_
                   "score_s", "reward_exact_match"):
             assert f"train/{k}" in s, (k, s)
         assert 0 < s["train/generate_share"] < 1
-    a = record["eval"]["after"]
+    b, a = record["eval"]["before"], record["eval"]["after"]
     assert {"eval_loss", "exact_match", "numeric_match"} <= set(a)
+    assert b["eval_loss"] > 1.0, b  # the reference answers' NLL under a random model, not a rollout loss
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_shipped_jobs_validate(tiny_model, arith):
+    from ftray.config import load_spec
+    from ftray.methods import check_method
+    from ftray.train.launch import check_job
+    from tests.conftest import ROOT, needs_shared
+
+    spec = load_spec(ROOT / "jobs" / "grpo_arith.yaml",
+                     [f"model.path={tiny_model}", f"data.train={arith[0]}", f"data.eval={arith[1]}"])
+    assert spec.method.kind == "grpo" and spec.method.group_size == 8
+    plan = check_job(spec)
+    check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
+    needs_shared("qa", "gsm8k_train.jsonl")
+    spec = load_spec(ROOT / "jobs" / "grpo_gsm8k.yaml", [f"model.path={tiny_model}"])
+    plan = check_job(spec)
+    row = plan.train_rows.rows[0]
+    assert set(row) >= {"prompt", "completion"} and row["completion"].strip().lstrip("-").replace(".", "").isdigit()
+    assert len(plan.train_rows.rows) == 7473

@@ -76,7 +76,8 @@ def iter_rows(path: str) -> Iterator[tuple[int | str, object]]:
     with storage.open_file(path, "rb") as f:
         text = f.read().decode("utf-8", errors="strict")
     if suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 ... inside JSON strings.
+        for i, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -80,9 +80,9 @@ class GRPO:
         rm = spec.method.reward_model
         if rm is not None and rm.path is not None:
             try:
-                r = resolve(rm.path, None)
+                r = resolve(rm.path, None, "method.reward_model.path")
             except ModelError as e:
-                raise SpecError(f"method.reward_model.path: {e}") from None
+                raise SpecError(str(e)) from None
             if r.adapter:
                 raise SpecError(f"method.reward_model.path: {rm.path} is an adapter run; serve its merged/ model")
 
@@ -167,12 +167,12 @@ class GRPO:
         return ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), comp
 
     def loss(self, model, batch):
-        if not model.training:  # the loop's held-out loss: NLL of the reference answers
+        net = getattr(model, "module", model)  # DeepSpeedEngine.eval() sets its module's mode, not its own
+        if not net.training:  # the loop's held-out loss: NLL of the reference answers
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss, n = token_cross_entropy(logits, batch["labels"])
             return loss, {"target_tokens": float(n)}
         m, tok = self.spec.method, self.tokenizer
-        net = getattr(model, "module", model)
         device = batch["input_ids"].device
         G = m.group_size
         prompts, refs, raw = self._texts(batch)

@@ -31,7 +31,7 @@ Once upon a time there was a model that learned to add numbers: 12+30=42, 7+8=15
 def _texts_from_file(path: str) -> Iterable[str]:
     p = Path(path)
     if p.suffix == ".jsonl":
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for line in p.read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 may be inside a string
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -146,7 +146,7 @@ def train_fn_per_worker(config: dict) -> None:
     n_train = len(train_split["input_ids"])
     eval_split = load_split(prepared, "eval") if spec.data.eval else None
     eval_rows = (
-        [json.loads(x) for x in storage.read_text(storage.join(prepared, "eval_rows.jsonl")).splitlines()]
+        [json.loads(x) for x in storage.read_text(storage.join(prepared, "eval_rows.jsonl")).split("\n") if x.strip()]
         if spec.data.eval
         else []
     )
