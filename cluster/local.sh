@@ -68,7 +68,7 @@ start_node() {  # name cpus [ray start args...]
 
 # ALIVE nodes as "label cpus" lines, through the dashboard's state API (with the token).
 nodes() {
-  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" "$PY" - "http://127.0.0.1:$DASH_PORT" <<'EOF'
+  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" "$PY" - "${DASH_URL:-http://127.0.0.1:$DASH_PORT}" <<'EOF'
 import sys
 from ray.util.state import list_nodes
 for n in list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
@@ -155,6 +155,9 @@ EOF
 
 cmd_status() {
   [ -n "$(alive_pids)" ] || { echo "local.sh: no cluster from $DIR is running"; return 1; }
+  # The dashboard and token this cluster was started with, whatever this shell's settings are.
+  DASH_URL=$(sed -n 's/^export RAY_DASHBOARD_ADDRESS=//p' "$DIR/env")
+  TOKEN=$(sed -n 's/^export RAY_AUTH_TOKEN_PATH=//p' "$DIR/env")
   nodes
 }
 
