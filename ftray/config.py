@@ -206,6 +206,39 @@ class GRPOMethod(_Strict):
         return self
 
 
+class PPOMethod(_Strict):
+    kind: Literal["ppo"] = "ppo"
+    samples_per_prompt: int = Field(1, ge=1, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(16, ge=1, description="Length of each sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    rewards: dict[Literal["exact_match", "numeric_match", "format"], float] = Field(
+        default_factory=dict, description="Verifiable rewards and their weights (as `grpo`), added to the served score."
+    )
+    format_regex: str | None = Field(None, description="Regular expression the whole completion must match (`format`).")
+    reward_model: RewardModelRef | None = Field(None, description="The served reward model scoring (prompt, completion).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio.")
+    value_clip: float = Field(0.2, gt=0, description="Clip range of the value update.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount over completion tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial weight of the per-token KL penalty in the reward.")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adaptive KL control (Ziegler et al.): steer the KL coefficient towards this KL; "
+        "unset: the coefficient stays fixed.",
+    )
+    kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive KL controller (in sequences).")
+    exact_match: bool = Field(True, description="Judge held-out prompts by greedy exact match (and numeric match).")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOMethod:
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("`method.rewards` is empty and there is no `method.reward_model`: nothing to learn from")
+        if "format" in self.rewards and not self.format_regex:
+            raise ValueError("`method.rewards` has `format` but `method.format_regex` is not set")
+        return self
+
+
 MethodSpec = Annotated[
     SFTMethod
     | CausalLMMethod
@@ -217,7 +250,8 @@ MethodSpec = Annotated[
     | Seq2SeqMethod
     | RewardMethod
     | DPOMethod
-    | GRPOMethod,
+    | GRPOMethod
+    | PPOMethod,
     Field(discriminator="kind"),
 ]
 # Every method's `kind` tag, read off the union (a new method class cannot be forgotten here).
@@ -354,6 +388,7 @@ class JobSpec(_Strict):
             "reward": {"preference"},
             "dpo": {"preference"},
             "grpo": {"instruction", "chat", "prompt_completion"},
+            "ppo": {"instruction", "chat", "prompt_completion"},
         }[self.method.kind]
         if self.data.format not in needs:
             raise ValueError(

@@ -70,7 +70,7 @@ def _ours(cluster_dir: Path) -> list:
 
 
 @pytest.fixture
-def local_cluster(tmp_path):
+def local_cluster(tmp_path, ray_down):  # one Ray instance on the machine: Train's helpers look it up
     if shutil.which("setsid") is None:
         pytest.skip("cluster/local.sh needs `setsid` (util-linux), which this machine lacks")
     psutil = pytest.importorskip("psutil", reason="psutil is needed to check that `down` left nothing running")

@@ -33,7 +33,7 @@ EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_ca
 
 
 @pytest.fixture
-def two_nodes(s3, tmp_path):  # noqa: F811
+def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instance on the machine
     if shutil.which("setsid") is None:
         pytest.skip("cluster/local.sh needs `setsid` (util-linux), which this machine lacks")
     psutil = pytest.importorskip("psutil", reason="psutil is needed to stop only this test's Ray processes")

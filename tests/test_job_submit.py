@@ -172,8 +172,12 @@ def _start_head(env: dict) -> tuple[subprocess.Popen, Path, str]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    import ray
+
     if not RAY.exists():
         pytest.skip(f"no `ray` console script at {RAY}")
+    if ray.is_initialized():  # one Ray instance on the machine: Train's helpers look their cluster up by "auto"
+        ray.shutdown()
     pytest.importorskip("psutil", reason="psutil is needed to stop only this module's Ray processes")
     token = secrets.token_hex(32)
     token_path = tmp_path_factory.mktemp("rayjs-auth") / "auth_token"

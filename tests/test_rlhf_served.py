@@ -93,3 +93,31 @@ def test_grpo_deploys_its_reward_model_and_logs_its_scores(rm_run, tiny_model, a
     assert len(steps) == 2 and all("train/reward_model" in s and s["train/score_s"] > 0 for s in steps), steps
     assert "reward_model_score" in record["eval"]["after"] and "reward_model_score" in record["eval"]["before"]
     assert "rm-job" in serve_up.status().applications
+
+
+def test_ppo_scores_rollouts_with_the_running_reward_app(tiny_model, arith, cache_dir, tmp_path, serve_up):
+    """The app the grpo job deployed is used by name (no path): the job only checks it is running."""
+    from ftray.train.launch import train
+
+    assert "rm-job" in serve_up.status().applications  # left by the test above
+    out = tmp_path / "ppo-rm"
+    d = spec_for(tiny_model, arith[0], arith[1], out, train__max_steps=2, data__cache_dir=str(cache_dir),
+                 data__eval_max_rows=8)
+    d["method"] = {"kind": "ppo", "max_new_tokens": 4, "kl_target": 0.1,
+                   "reward_model": {"app": "rm-job", "scorer": "rm"}}
+    record = train(resolve_paths(spec_from_dict(d)))
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2
+    for s in steps:
+        assert {"train/reward_model", "train/value_loss", "train/kl_coef", "train/policy_loss"} <= set(s), s
+    assert "reward_model_score" in record["eval"]["after"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_job_naming_a_reward_app_that_is_not_running_fails_before_training(tiny_model, arith, tmp_path, serve_up):
+    from ftray.train.launch import train
+
+    d = spec_for(tiny_model, arith[0], None, tmp_path / "x", method={"rewards": {}, "reward_model": {"app": "nope"}})
+    with pytest.raises(RewardServiceError, match=r"no Serve application 'nope' is running"):
+        train(resolve_paths(spec_from_dict(d)))
+    assert not (tmp_path / "x" / "run.json").exists() or json.loads((tmp_path / "x" / "run.json").read_text())["status"] != "completed"

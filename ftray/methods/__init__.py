@@ -20,6 +20,7 @@ from ftray.methods import (
     dpo,
     grpo,
     masked_lm,
+    ppo,
     reward,
     sentence_order,
     seq2seq,
@@ -85,6 +86,7 @@ REGISTRY: dict[str, Any] = {
     "reward": reward.Reward(),
     "dpo": dpo.DPO(),
     "grpo": grpo.GRPO(),
+    "ppo": ppo.PPO(),
 }
 
 

@@ -70,13 +70,16 @@ class GRPO:
         from ftray.config import SpecError
         from ftray.models.load import ModelError, resolve
 
-        if spec.adapter.kind == "lora" and spec.method.beta > 0 and resolve(spec.model.path, spec.model.tokenizer).adapter:
+        m = spec.method
+        n, kl = (m.group_size, m.beta) if m.kind == "grpo" else (m.samples_per_prompt, m.kl_coef)
+        if spec.adapter.kind == "lora" and kl > 0 and resolve(spec.model.path, spec.model.tokenizer).adapter:
             raise SpecError(
-                f"model.path: {spec.model.path} is an adapter run; grpo with LoRA and a KL penalty needs a full model "
-                "as its reference: `ftray export RUN --merge` and start from the run's merged/"
+                f"model.path: {spec.model.path} is an adapter run; {m.kind} with LoRA and a KL penalty needs a full "
+                "model as its reference: `ftray export RUN --merge` and start from the run's merged/"
             )
-        if spec.train.micro_batch_size * spec.method.group_size > 512:
-            raise SpecError("train.micro_batch_size x method.group_size: more than 512 sequences per rollout")
+        if spec.train.micro_batch_size * n > 512:
+            raise SpecError(f"train.micro_batch_size x the samples per prompt: {spec.train.micro_batch_size * n} "
+                            "sequences per rollout (at most 512)")
         rm = spec.method.reward_model
         if rm is not None and rm.path is not None:
             try:

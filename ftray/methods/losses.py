@@ -10,6 +10,9 @@ import torch.nn.functional as F
 __all__ = [
     "bradley_terry_loss",
     "clipped_surrogate",
+    "clipped_value_loss",
+    "gae",
+    "whiten",
     "group_advantages",
     "k3_kl",
     "masked_mean",
@@ -206,3 +209,31 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return (x * m).sum() / m.sum().clamp(min=1)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over completion tokens (B, T); positions where `mask` is 0 (after
+    the completion's end) neither earn nor pass on anything. Returns (advantages, returns = A + V)."""
+    r, v, m = rewards.float(), values.float(), mask.float()
+    adv = torch.zeros_like(r)
+    last = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)
+    for t in reversed(range(r.shape[1])):
+        nxt = v[:, t + 1] * m[:, t + 1] if t + 1 < r.shape[1] else torch.zeros_like(last)
+        delta = r[:, t] + gamma * nxt - v[:, t]
+        last = (delta + gamma * lam * last * (m[:, t + 1] if t + 1 < r.shape[1] else 0.0)) * m[:, t]
+        adv[:, t] = last
+    return adv, adv + v
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's value loss per token: 0.5 max((V - R)^2, (clip(V, V_old +- clip) - R)^2)."""
+    v, r = values.float(), returns.float()
+    vc = old_values.float() + torch.clamp(v - old_values.float(), -clip, clip)
+    return 0.5 * torch.max((v - r) ** 2, (vc - r) ** 2)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (advantage normalisation)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps)

@@ -38,12 +38,13 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    heads = tuple(getattr(model, "_ftray_trainable_heads", ()))  # a method's own new modules (ppo's value head)
     if spec.kind == "freeze":
-        return apply_freeze(model, spec)
+        return _keep_trainable(apply_freeze(model, spec), heads)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if resume_from:
-        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        return _keep_trainable(PeftModel.from_pretrained(model, resume_from, is_trainable=True), heads)
     check_targets(model, spec)
     cfg = LoraConfig(
         task_type=task_type,
@@ -53,7 +54,16 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
         target_modules=spec.target_modules,
         modules_to_save=spec.modules_to_save,
     )
-    return get_peft_model(model, cfg)
+    return _keep_trainable(get_peft_model(model, cfg), heads)
+
+
+def _keep_trainable(model, heads: tuple[str, ...]):
+    """Parameters under a module named in `heads` (a whole dotted component) stay trainable."""
+    if heads:
+        for n, p in model.named_parameters():
+            if any(h in n.split(".") for h in heads):
+                p.requires_grad_(True)
+    return model
 
 
 def _blocks(model) -> list[tuple[str, object]]:

@@ -112,6 +112,19 @@ def _where() -> dict:
     }
 
 
+def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
+    """DeepSpeed JIT-builds its CPU ops under a lock file (torch's FileBaton); a build killed midway leaves
+    the lock behind and every later worker waits on it forever. A lock older than `max_age_s` beside an
+    already built library is such a leftover: remove it."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/*/lock"):
+        try:
+            if any(lock.parent.glob("*.so")) and time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def train_fn_per_worker(config: dict) -> None:
     import ray.train
 
@@ -124,6 +137,7 @@ def train_fn_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    _clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if spec.scaling.use_gpu else torch.device("cpu")
     # Ray Train patches print() to tee into its logger, which shows every line twice; the

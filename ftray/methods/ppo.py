@@ -1,0 +1,111 @@
+"""ppo: Proximal Policy Optimisation from a reward (the served reward model and/or verifiable rewards), as
+in InstructGPT: the policy samples a completion per prompt; each completion token earns -kl_coef x
+(log pi - log ref) and the last one also the completion's reward; a value head on the policy's last hidden
+state estimates the return; GAE gives advantages (whitened); the loss is the clipped surrogate plus
+vf_coef x the clipped value loss. `kl_target` turns on adaptive KL control (the coefficient follows the
+measured KL); otherwise it stays fixed. One update per rollout (PPO epochs = 1; the ratios start at 1).
+
+Rows, reference, rollouts and evaluation as `grpo` (this class reuses its machinery). The value head is
+trained beside the adapter (or the full model) and is not part of the saved policy's adapter; a full
+fine-tune saves it as an extra weight (`ftray_value_head`) that `from_pretrained` ignores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ftray.methods.dpo import reference_logits_of
+from ftray.methods.grpo import GRPO, completion_mask
+from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, token_logps, whiten
+
+__all__ = ["PPO"]
+
+HEAD = "ftray_value_head"
+
+
+def value_head(model) -> torch.nn.Module:
+    net = getattr(model, "module", model)
+    for name, mod in net.named_modules():
+        if name.split(".")[-1] == HEAD:
+            return mod
+    raise RuntimeError("ppo: the model has no value head (load it with PPO.load_base)")
+
+
+class PPO(GRPO):
+    name = "ppo"
+
+    def __init__(self):
+        super().__init__()
+        self.kl_coef = 0.0
+
+    def setup(self, spec, tokenizer, ctx) -> None:
+        super().setup(spec, tokenizer, ctx)
+        self.kl_coef = spec.method.kl_coef
+
+    def load_base(self, path, dtype, spec):
+        model = super().load_base(path, dtype, spec)  # the policy (+ a frozen reference copy unless LoRA)
+        head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
+        torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(head.bias)
+        model.add_module(HEAD, head)
+        model._ftray_trainable_heads = (HEAD,)
+        return model
+
+    def loss(self, model, batch):
+        net = getattr(model, "module", model)
+        if not net.training:
+            return super().loss(model, batch)  # held-out NLL of the reference answers
+        m, tok = self.spec.method, self.tokenizer
+        device = batch["input_ids"].device
+        prompts, refs, raw = self._texts(batch)
+        n = m.samples_per_prompt
+
+        t0 = time.time()
+        p_ids, p_mask, comp = self._generate(net, prompts, device, sample=True, n=n)
+        gen_s = time.time() - t0
+        c_mask = completion_mask(comp, tok.eos_token_id)
+        texts = tok.batch_decode(comp.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+        scores, parts = self.reward([x for x in raw for _ in range(n)], texts, [r for r in refs for _ in range(n)])
+        scores_t = torch.tensor(scores, dtype=torch.float32, device=device)
+
+        full = torch.cat([p_ids, comp], dim=1)
+        attn = torch.cat([p_mask, c_mask], dim=1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        P = p_ids.shape[1]
+        out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
+        logp = token_logps(out.logits[:, P - 1 : -1], comp)
+        values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
+        with torch.no_grad():
+            ref_logp = token_logps(reference_logits_of(model, full, attn, pos)[:, P - 1 : -1], comp)
+            kl_tok = (logp - ref_logp) * c_mask
+            rewards = -self.kl_coef * kl_tok
+            last = (c_mask.sum(-1) - 1).clamp(min=0)
+            rewards[torch.arange(len(last), device=device), last] += scores_t
+            adv, returns = gae(rewards, values.detach(), c_mask, m.gamma, m.lam)
+            adv = whiten(adv, c_mask)
+        pg, clipped = clipped_surrogate(logp, logp.detach(), adv, m.clip_eps)
+        vl = clipped_value_loss(values, values.detach(), returns, m.value_clip)
+        policy_loss, value_loss = masked_mean(pg, c_mask), masked_mean(vl, c_mask)
+        loss = policy_loss + m.vf_coef * value_loss
+
+        seq_kl = float(kl_tok.sum(-1).mean())
+        coef = self.kl_coef
+        if m.kl_target is not None:  # Ziegler et al. (2019): proportional control of the KL coefficient
+            err = max(-0.2, min(0.2, seq_kl / m.kl_target - 1.0))
+            self.kl_coef *= 1.0 + err * len(texts) / m.kl_horizon
+        return loss, {
+            "target_tokens": float(len(texts)),
+            "reward_mean": float(scores_t.mean()),
+            "reward_min": float(scores_t.min()),
+            "reward_max": float(scores_t.max()),
+            "kl": seq_kl,
+            "kl_coef": coef,
+            "policy_loss": float(policy_loss.detach()),
+            "value_loss": float(value_loss.detach()),
+            "completion_len": float(c_mask.sum(-1).float().mean()),
+            "clipped": float(masked_mean(clipped, c_mask)),
+            "generate_s": gen_s,
+            **{k.replace("/", "_"): v for k, v in parts.items()},
+        }

@@ -1,0 +1,57 @@
+"""ppo: spec refusals, and one rollout + update on one process: the value head trains beside the adapter
+(and nothing else does), the KL starts at 0, adaptive KL control moves the coefficient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftray.config import SpecError, spec_from_dict
+from ftray.data.encode import ensure_chat_template
+from ftray.methods import REGISTRY, EvalContext
+from tests.test_methods_grpo import spec_for
+
+M = REGISTRY["ppo"]
+
+
+def ppo_spec(model, train, test, out, method=None, **over) -> dict:
+    d = spec_for(model, train, test, out, **over)
+    d["method"] = {"kind": "ppo", "max_new_tokens": 4, "rewards": {"exact_match": 1.0}, **(method or {})}
+    return d
+
+
+def test_spec_refusals(tiny_model, arith, tmp_path):
+    with pytest.raises(SpecError, match=r"nothing to learn from"):
+        spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"rewards": {}}))
+    with pytest.raises(SpecError, match=r"method.kl_target"):
+        spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"kl_target": 0}))
+    with pytest.raises(SpecError, match=r"method.lam"):
+        spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"lam": 1.5}))
+
+
+def test_rollout_update_on_one_process(tiny_model, arith, tmp_path):
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path,
+                                   method={"samples_per_prompt": 2, "kl_target": 0.01, "kl_horizon": 10}))
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:4]]
+    batch = M.collate([e for r in rows for e in M.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("ftray_value_head" in n for n in trainable) and all("lora_" in n or "ftray_value_head" in n for n in trainable)
+    M.setup(spec, tok, EvalContext())
+    model.train()
+    loss, info = M.loss(model, batch)
+    assert info["target_tokens"] == 8 and info["kl"] == pytest.approx(0.0, abs=1e-5) and info["kl_coef"] == 0.05
+    assert info["value_loss"] > 0 and torch.isfinite(loss)
+    # KL 0 is below the target: the coefficient shrinks by the clipped error x batch / horizon = 0.2 x 8 / 10
+    assert M.kl_coef == pytest.approx(0.05 * (1 - 0.2 * 8 / 10))
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("ftray_value_head" in n for n in grads) and grads <= trainable
