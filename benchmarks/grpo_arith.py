@@ -43,7 +43,7 @@ def steps(run: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sft-steps", type=int, default=60, help="warm-start SFT steps (quickstart uses 150)")
-    ap.add_argument("--steps", type=int, default=40, help="GRPO steps (and SFT steps of the control)")
+    ap.add_argument("--steps", type=int, default=200, help="GRPO steps (and SFT steps of the control)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-grpo"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_arith.md"))
     a = ap.parse_args(argv)

@@ -120,7 +120,7 @@ def test_shipped_jobs_validate(tiny_model, arith):
 
     spec = load_spec(ROOT / "jobs" / "grpo_arith.yaml",
                      [f"model.path={tiny_model}", f"data.train={arith[0]}", f"data.eval={arith[1]}"])
-    assert spec.method.kind == "grpo" and spec.method.group_size == 8
+    assert spec.method.kind == "grpo" and spec.method.group_size == 16
     plan = check_job(spec)
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
     needs_shared("qa", "gsm8k_train.jsonl")
