@@ -96,6 +96,15 @@ def cmd_export(args) -> int:
     cfg = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
     if not args.merge:
         raise ModelError("export: pass --merge (the adapter itself is already in PEFT format)")
+    # Weight-delta adapters fold into the base; prompt-family ones (virtual tokens, a key-value prefix,
+    # adaption prompts) add inputs, not weights: there is nothing to merge.
+    mergeable = {"LORA": "lora", "ADALORA": "adalora", "IA3": "ia3"}
+    if cfg.get("peft_type") not in mergeable:
+        raise ModelError(
+            f"export --merge: {run} holds a {cfg.get('peft_type')} adapter (prompt family), which adds virtual "
+            f"tokens or prompts, not weight deltas: it cannot be merged into the base; load it with its base "
+            f"(peft `PeftModel.from_pretrained`). Mergeable: {', '.join(mergeable.values())}"
+        )
     out = args.out or storage.join(run, "merged")
     import tempfile
     from pathlib import Path
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--app-name", default="ftray")
     sv.set_defaults(fn=cmd_serve)
 
-    e = sub.add_parser("export", help="merge a run's LoRA adapter into its base and write a full model")
+    e = sub.add_parser("export", help="merge a run's LoRA-family adapter (lora, qlora, adalora, ia3) into its base "
+                       "and write a full model")
     e.add_argument("run")
     e.add_argument("--merge", action="store_true")
     e.add_argument("--out", default=None)

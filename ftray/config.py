@@ -15,11 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "LORA_FAMILY",
+    "MERGEABLE_KINDS",
+    "PEFT_KINDS",
+    "PROMPT_FAMILY",
     "AdapterSpec",
     "DataSpec",
     "DeepSpeedSpec",
     "JobSpec",
     "SpecError",
+    "adapter_refusal",
     "load_spec",
     "parse_overrides",
     "spec_from_dict",
@@ -258,19 +263,55 @@ MethodSpec = Annotated[
 METHOD_KINDS = tuple(m.model_fields["kind"].default for m in MethodSpec.__origin__.__args__)
 
 
+# Adapter families (peft types): what can be merged into the base, what adds virtual tokens.
+LORA_FAMILY = ("lora", "qlora", "adalora")
+PEFT_KINDS = (*LORA_FAMILY, "ia3", "prefix", "prompt", "p_tuning", "llama_adapter")
+MERGEABLE_KINDS = (*LORA_FAMILY, "ia3")  # weight deltas: merge_and_unload folds them into the base
+PROMPT_FAMILY = ("prefix", "prompt", "p_tuning")  # virtual tokens / a key-value prefix: nothing to merge
+# Methods whose loss reads next-token logits of a causal LM through `methods/_lm.py` (virtual tokens are
+# cut off there); the only ones that take prompt-family adapters, llama_adapter and qlora.
+PROMPT_METHODS = ("sft", "causal_lm")
+
+
 class AdapterSpec(_Strict):
-    kind: Literal["full", "lora", "freeze"] = Field(
+    kind: Literal[
+        "full", "freeze", "lora", "qlora", "adalora", "ia3", "prefix", "prompt", "p_tuning", "llama_adapter"
+    ] = Field(
         "lora",
-        description="`full` fine-tuning, a `lora` adapter (peft), or `freeze`: train only the last "
-        "`train_last_layers` blocks and `train_modules`, the rest frozen.",
+        description="`full` fine-tuning; `freeze` (train only `train_last_layers` blocks and `train_modules`); or "
+        "a peft adapter: `lora`, `qlora` (LoRA on a 4-bit base, GPU only), `adalora` (LoRA whose ranks are "
+        "re-allocated during training), `ia3`, `prefix` (prefix tuning), `prompt` (prompt tuning), `p_tuning` "
+        "(prompt encoder), `llama_adapter` (adaption prompt; llama/mistral/gpt2 models). "
+        "See docs/compatibility.md for which method and ZeRO stage each takes.",
     )
-    r: int = Field(8, ge=1, description="LoRA rank.")
+    r: int = Field(8, ge=1, description="LoRA rank (`adalora`: the average rank it allocates down to).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="Module names to adapt; `all-linear`; or null for peft's default for the model family."
+        None, description="Module names to adapt (lora, qlora, adalora, ia3); `all-linear`; or null for peft's "
+        "default for the model family."
     )
-    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved.")
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved (peft kinds).")
+    use_dora: bool = Field(False, description="`lora`/`qlora`: weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="`lora`/`qlora`/`adalora`: rank-stabilised scale alpha / sqrt(r).")
+    init_lora_weights: Literal["default", "gaussian"] = Field(
+        "default",
+        description="`lora`/`qlora`: peft's init of A and B: `default` (Kaiming A, zero B) or `gaussian` "
+        "(A ~ N(0, 1/r), zero B). PiSSA/OLoRA rewrite the base weights, so their adapter does not apply to the "
+        "original base: not offered.",
+    )
+    init_r: int | None = Field(
+        None, ge=1, description="`adalora`: rank every module starts with (default: 1.5 x `r`, rounded up)."
+    )
+    num_virtual_tokens: int = Field(
+        8, ge=1, description="`prefix`/`prompt`/`p_tuning`: virtual tokens; `llama_adapter`: adaption prompt length."
+    )
+    prompt_init_text: str | None = Field(
+        None, description="`prompt`: initialise the virtual tokens from this text's token embeddings (else random)."
+    )
+    adapter_layers: int | None = Field(
+        None, ge=1, description="`llama_adapter`: how many of the top blocks get an adaption prompt (default: all)."
+    )
     train_last_layers: int = Field(
         0, ge=0, description="`freeze`: how many of the last transformer blocks are trained (0: none)."
     )
@@ -282,8 +323,23 @@ class AdapterSpec(_Strict):
 
     @model_validator(mode="after")
     def _only_for_lora(self) -> AdapterSpec:
-        if self.kind != "lora" and (self.target_modules or self.modules_to_save):
-            raise ValueError("`adapter.target_modules`/`modules_to_save` only apply to `adapter.kind: lora`")
+        k = self.kind
+        if k not in (*LORA_FAMILY, "ia3") and self.target_modules:
+            raise ValueError("`adapter.target_modules` only applies to `adapter.kind` lora, qlora, adalora, ia3")
+        if k not in PEFT_KINDS and self.modules_to_save:
+            raise ValueError("`adapter.modules_to_save` only applies to peft adapter kinds")
+        if k not in ("lora", "qlora") and (self.use_dora or self.init_lora_weights != "default"):
+            raise ValueError("`adapter.use_dora`/`init_lora_weights` only apply to `adapter.kind` lora, qlora")
+        if k not in LORA_FAMILY and self.use_rslora:
+            raise ValueError("`adapter.use_rslora` only applies to `adapter.kind` lora, qlora, adalora")
+        if k != "adalora" and self.init_r is not None:
+            raise ValueError("`adapter.init_r` only applies to `adapter.kind: adalora`")
+        if self.init_r is not None and self.init_r < self.r:
+            raise ValueError(f"`adapter.init_r` ({self.init_r}) must be >= `adapter.r` ({self.r}), the target rank")
+        if k != "prompt" and self.prompt_init_text is not None:
+            raise ValueError("`adapter.prompt_init_text` only applies to `adapter.kind: prompt`")
+        if k != "llama_adapter" and self.adapter_layers is not None:
+            raise ValueError("`adapter.adapter_layers` only applies to `adapter.kind: llama_adapter`")
         if self.kind != "freeze" and (self.train_last_layers or self.train_modules is not None):
             raise ValueError("`adapter.train_last_layers`/`train_modules` only apply to `adapter.kind: freeze`")
         return self
@@ -394,9 +450,14 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"`method.kind: {self.method.kind}` reads `data.format` {sorted(needs)}, not `{self.data.format}`"
             )
-        if self.method.kind == "reward" and self.adapter.kind == "lora" and not self.output.merge:
+        refusal = adapter_refusal(self)
+        if refusal:
+            raise ValueError(refusal)
+        if self.method.kind == "reward" and self.adapter.kind in MERGEABLE_KINDS and not self.output.merge:
             # /v1/rewards serves a full sequence-classification model; an adapter alone is served as a generator.
-            raise ValueError("`method.kind: reward` with `adapter.kind: lora` needs `output.merge: true` (servable model)")
+            raise ValueError(
+                f"`method.kind: reward` with `adapter.kind: {self.adapter.kind}` needs `output.merge: true` (servable model)"
+            )
         return self
 
     @property
@@ -407,6 +468,36 @@ class JobSpec(_Strict):
     @property
     def run_name(self) -> str:
         return self.name or self.output.dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def adapter_refusal(spec: JobSpec) -> str | None:
+    """The adapter x method x ZeRO-stage combinations ftray refuses, with the reason (None: allowed).
+    docs/compatibility.md is this function as a table, each allowed cell linked to the test that runs it."""
+    a, m, z = spec.adapter.kind, spec.method.kind, spec.deepspeed.zero_stage
+    if a == "qlora" and not spec.scaling.use_gpu:
+        return ("`adapter.kind: qlora` loads the base in 4 bits with bitsandbytes, which needs a GPU: set "
+                "`scaling.use_gpu: true`, or use `adapter.kind: lora` on CPU")
+    if a == "qlora" and z == 3:
+        return ("`adapter.kind: qlora` with `deepspeed.zero_stage: 3`: ZeRO-3 would partition the base's packed "
+                "4-bit weights; use ZeRO 0-2 (the frozen 4-bit base is small already)")
+    if a == "adalora" and z == 3:
+        return ("`adapter.kind: adalora` with `deepspeed.zero_stage: 3`: its rank allocator multiplies each "
+                "parameter by its gradient between backward and step, and ZeRO-3 leaves only a partition of each "
+                "parameter on a rank (size 0 vs the full gradient); use ZeRO 0-2")
+    if a in (*PROMPT_FAMILY, "llama_adapter", "qlora") and m not in PROMPT_METHODS:
+        why = ("peft prepends virtual tokens (or a key-value prefix), which the other methods' pooling, "
+               "reference and rollout code does not cut off" if a in PROMPT_FAMILY else
+               "peft's adaption prompt is for causal LMs (llama, mistral, gpt2)" if a == "llama_adapter" else
+               "only the causal-LM loader of those methods quantizes the base")
+        return f"`adapter.kind: {a}` works with `method.kind` {' and '.join(PROMPT_METHODS)} only: {why}; got `{m}`"
+    if a in PROMPT_FAMILY and spec.data.packing:
+        return (f"`adapter.kind: {a}` with `data.packing: true`: packed examples are kept apart by their "
+                "position_ids, which peft drops (prompt, p_tuning) or puts behind a shared key-value prefix "
+                "(prefix); set `data.packing: false`")
+    if spec.output.merge and a in PEFT_KINDS and a not in MERGEABLE_KINDS:
+        return (f"`output.merge: true` with `adapter.kind: {a}`: it adds virtual tokens or prompts, not weight "
+                "deltas, so there is nothing to merge into the base")
+    return None
 
 
 # --------------------------------------------------------------------------------------------- loading

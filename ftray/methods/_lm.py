@@ -11,7 +11,16 @@ from ftray.methods.losses import token_cross_entropy
 def load_causal_lm(path, dtype, spec):
     from ftray.models.load import load_model
 
-    return load_model(path, dtype, spec.model.trust_remote_code, spec.model.attn_implementation)
+    extra = {}
+    if spec.adapter.kind == "qlora":  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, GPU only), LoRA on top
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    return load_model(path, dtype, spec.model.trust_remote_code, spec.model.attn_implementation, **extra)
 
 
 def collate_tokens(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,5 +47,7 @@ def collate_tokens(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
+    # Prompt / p-tuning (peft) put their virtual tokens before the input: their logits predict nothing here.
+    logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
     loss, n = token_cross_entropy(logits, batch["labels"])
     return loss, {"target_tokens": float(n)}

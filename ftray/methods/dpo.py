@@ -16,6 +16,7 @@ import copy
 
 import torch
 
+from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, ensure_chat_template
 from ftray.methods._enc import pad
 from ftray.methods._lm import load_causal_lm
@@ -91,7 +92,7 @@ class DPO:
         from ftray.config import SpecError
         from ftray.models.load import resolve
 
-        if spec.adapter.kind == "lora" and resolve(spec.model.path, spec.model.tokenizer).adapter:
+        if spec.adapter.kind in PEFT_KINDS and resolve(spec.model.path, spec.model.tokenizer).adapter:
             # Disabling a continued adapter would give the bare base, not the model the run starts from.
             raise SpecError(
                 f"model.path: {spec.model.path} is an adapter run; dpo with LoRA needs a full model as its "
@@ -105,7 +106,7 @@ class DPO:
 
     def load_base(self, path, dtype, spec):
         model = load_causal_lm(path, dtype, spec)
-        if spec.adapter.kind != "lora":
+        if spec.adapter.kind not in PEFT_KINDS:  # under peft the reference is the adapter disabled
             ref = copy.deepcopy(model).eval()
             ref.requires_grad_(False)
             model.__dict__[_REF] = ref

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
 from ftray.methods.dpo import DPO, reference_logits_of
@@ -72,7 +73,7 @@ class GRPO:
 
         m = spec.method
         n, kl = (m.group_size, m.beta) if m.kind == "grpo" else (m.samples_per_prompt, m.kl_coef)
-        if spec.adapter.kind == "lora" and kl > 0 and resolve(spec.model.path, spec.model.tokenizer).adapter:
+        if spec.adapter.kind in PEFT_KINDS and kl > 0 and resolve(spec.model.path, spec.model.tokenizer).adapter:
             raise SpecError(
                 f"model.path: {spec.model.path} is an adapter run; {m.kind} with LoRA and a KL penalty needs a full "
                 "model as its reference: `ftray export RUN --merge` and start from the run's merged/"

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from ftray.config import AdapterSpec
 
-__all__ = ["AdapterError", "apply_adapter", "apply_freeze", "check_targets", "trainable_summary"]
+__all__ = [
+    "AdapterError",
+    "adapter_report",
+    "after_optimizer_step",
+    "apply_adapter",
+    "apply_freeze",
+    "before_optimizer_step",
+    "check_targets",
+    "peft_config_for",
+    "trainable_summary",
+]
 
 # Module names that are a model's task head in transformers (sequence/token classification, LM, QA).
 HEADS = ("classifier", "score", "lm_head", "cls", "pre_classifier", "qa_outputs")
@@ -19,8 +29,21 @@ def _module_suffixes(model) -> set[str]:
 
 
 def check_targets(model, spec: AdapterSpec) -> None:
-    """Every `adapter.target_modules` entry must name modules that exist (checked on a meta model)."""
-    if spec.kind != "lora" or spec.target_modules in (None, "all-linear"):
+    """Every `adapter.target_modules` entry must name modules that exist, and the adapter must fit the model
+    family (checked on a meta model, before Ray)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if spec.kind == "llama_adapter":
+        from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+        if model_type not in TRANSFORMERS_MODEL_CONFIG:
+            raise AdapterError(
+                f"adapter.kind: llama_adapter: peft's adaption prompt supports model types "
+                f"{', '.join(sorted(TRANSFORMERS_MODEL_CONFIG))}, not `{model_type}`"
+            )
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        if spec.adapter_layers and n_layers and spec.adapter_layers > n_layers:
+            raise AdapterError(f"adapter.adapter_layers: {spec.adapter_layers} > the model's {n_layers} blocks")
+    if spec.kind not in ("lora", "qlora", "adalora", "ia3") or spec.target_modules in (None, "all-linear"):
         return
     names = _module_suffixes(model)
     full = {name for name, _ in model.named_modules()}
@@ -32,8 +55,52 @@ def check_targets(model, spec: AdapterSpec) -> None:
             )
 
 
-def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume_from: str | None = None):
-    """Wrap `model` as the spec says; `resume_from` continues an earlier run's adapter."""
+def adalora_schedule(total_steps: int) -> dict[str, int]:
+    """AdaLoRA's phases from the job's optimizer steps: 10% at the initial rank, then the budget falls
+    (cubic) to the target, then the last 20% train at the final ranks (tinit < total - tfinal always)."""
+    return {"total_step": total_steps, "tinit": total_steps // 10, "tfinal": total_steps // 5, "deltaT": 1}
+
+
+def peft_config_for(model, spec: AdapterSpec, task_type: str, total_steps: int | None = None,
+                    tokenizer_path: str | None = None):
+    """The peft config of `adapter.kind`: every kind is peft's own, configured from the spec."""
+    import math
+
+    import peft
+
+    common = {"task_type": task_type, "modules_to_save": spec.modules_to_save}
+    lora = {"r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": spec.target_modules}
+    k = spec.kind
+    if k in ("lora", "qlora"):
+        init = True if spec.init_lora_weights == "default" else spec.init_lora_weights
+        return peft.LoraConfig(**common, **lora, use_dora=spec.use_dora, use_rslora=spec.use_rslora,
+                               init_lora_weights=init)
+    if k == "adalora":
+        lora.pop("r")
+        return peft.AdaLoraConfig(**common, **lora, use_rslora=spec.use_rslora, target_r=spec.r,
+                                  init_r=spec.init_r or math.ceil(1.5 * spec.r), **adalora_schedule(total_steps or 1))
+    if k == "ia3":
+        return peft.IA3Config(**common, target_modules=spec.target_modules)
+    if k == "prefix":
+        return peft.PrefixTuningConfig(**common, num_virtual_tokens=spec.num_virtual_tokens)
+    if k == "prompt":
+        text = {}
+        if spec.prompt_init_text is not None:
+            text = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": spec.prompt_init_text,
+                    "tokenizer_name_or_path": tokenizer_path or model.name_or_path}
+        return peft.PromptTuningConfig(**common, num_virtual_tokens=spec.num_virtual_tokens, **text)
+    if k == "p_tuning":
+        return peft.PromptEncoderConfig(**common, num_virtual_tokens=spec.num_virtual_tokens)
+    if k == "llama_adapter":
+        layers = spec.adapter_layers or model.config.num_hidden_layers
+        return peft.AdaptionPromptConfig(task_type=task_type, adapter_len=spec.num_virtual_tokens, adapter_layers=layers)
+    raise AdapterError(f"adapter.kind: `{k}` is not a peft adapter")
+
+
+def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume_from: str | None = None,
+                  total_steps: int | None = None, tokenizer_path: str | None = None):
+    """Wrap `model` as the spec says; `resume_from` continues an earlier run's adapter. `total_steps`: the
+    job's optimizer steps (AdaLoRA's schedule); `tokenizer_path`: for prompt tuning initialised from text."""
     if spec.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -41,20 +108,76 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
     heads = tuple(getattr(model, "_ftray_trainable_heads", ()))  # a method's own new modules (ppo's value head)
     if spec.kind == "freeze":
         return _keep_trainable(apply_freeze(model, spec), heads)
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
+    if spec.kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if resume_from:
         return _keep_trainable(PeftModel.from_pretrained(model, resume_from, is_trainable=True), heads)
     check_targets(model, spec)
-    cfg = LoraConfig(
-        task_type=task_type,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
-        modules_to_save=spec.modules_to_save,
-    )
+    cfg = peft_config_for(model, spec, task_type, total_steps, tokenizer_path)
     return _keep_trainable(get_peft_model(model, cfg), heads)
+
+
+def _adalora(model):
+    """The AdaLoraModel inside `model` (a PeftModel, maybe under a DeepSpeed engine), else None."""
+    model = getattr(model, "module", model)
+    cfg = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return model.base_model if cfg is not None and cfg.peft_type == "ADALORA" else None
+
+
+def before_optimizer_step(model, step: int) -> None:
+    """Called by the loop between backward and the optimizer step, once per optimizer step (at the
+    gradient-accumulation boundary). AdaLoRA: peft's rank allocator scores each rank by |weight x gradient|
+    and masks the least important (`update_and_allocate`). Other kinds: nothing."""
+    ada = _adalora(model)
+    if ada is None:
+        return
+    # Under ZeRO-1/2 a parameter's .grad is gone after backward (reduced into the optimizer's partitions);
+    # DeepSpeed's safe_get_full_grad gathers the averaged full gradient, the same on every rank, so every
+    # rank allocates the same ranks. Collective: all ranks call this.
+    try:
+        from deepspeed.utils import safe_get_full_grad
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        safe_get_full_grad = None
+    params = [p for n, p in ada.model.named_parameters() if "lora_" in n and p.requires_grad]
+    saved = [p.grad for p in params]
+    try:
+        if safe_get_full_grad is not None:
+            for p in params:
+                if p.grad is None:
+                    g = safe_get_full_grad(p)
+                    p.grad = None if g is None else g.view_as(p).to(p.dtype)
+        ada.update_and_allocate(step)
+    finally:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+
+
+def after_optimizer_step(model, step: int) -> None:
+    """Called by the loop right after the optimizer step. AdaLoRA: the step rewrote the masked ranks from the
+    optimizer's own (unmasked) copy of the weights under DeepSpeed; mask them again with peft's rank pattern."""
+    ada = _adalora(model)
+    if ada is None:
+        return
+    pattern = ada.peft_config[ada.trainable_adapter_name].rank_pattern
+    if pattern:
+        ada.rankallocator.mask_using_rank_pattern(ada.model, pattern)
+
+
+def adapter_report(model) -> dict:
+    """What the adapter became during training, for run.json: AdaLoRA's final rank of every module."""
+    ada = _adalora(model)
+    if ada is None:
+        return {}
+    cfg = ada.peft_config[ada.trainable_adapter_name]
+    pattern = cfg.rank_pattern or {}
+    ranks = {k.removesuffix(f".{ada.trainable_adapter_name}").removesuffix(".lora_E"): int(sum(bool(x) for x in v))
+             for k, v in pattern.items()}
+    return {"kind": "adalora", "init_r": cfg.init_r, "target_r": cfg.target_r, "final_ranks": ranks,
+            "final_budget": sum(ranks.values())}
 
 
 def _keep_trainable(model, heads: tuple[str, ...]):

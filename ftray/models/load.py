@@ -83,8 +83,10 @@ def meta_model(path: str, trust_remote_code: bool = False, auto_class=None):
         return (auto_class or AutoModelForCausalLM).from_config(cfg, trust_remote_code=trust_remote_code)
 
 
-def load_model(path: str, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "auto", auto_class=None):
-    """Weights from safetensors only (`use_safetensors=True`): nothing is unpickled."""
+def load_model(path: str, dtype=None, trust_remote_code: bool = False, attn_implementation: str = "auto", auto_class=None,
+               **extra):
+    """Weights from safetensors only (`use_safetensors=True`): nothing is unpickled. `extra` goes to
+    from_pretrained (e.g. qlora's quantization_config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -104,4 +106,5 @@ def load_model(path: str, dtype=None, trust_remote_code: bool = False, attn_impl
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         **kw,
+        **extra,
     )

@@ -144,6 +144,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
         "data_hash": meta["key"],
         "eval": {"before": m.get("before", {}), "after": m.get("after", {})},
         "trainable": m.get("trainable", {}),
+        "adapter": m.get("adapter", {}),  # what the adapter became (AdaLoRA: final ranks per module)
         "train": {
             "steps": m.get("step"),
             "final_loss": m.get("loss"),

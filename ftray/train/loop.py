@@ -23,7 +23,13 @@ from ftray.config import JobSpec
 from ftray.data.encode import ensure_chat_template
 from ftray.data.prepare import load_split
 from ftray.methods import EvalContext, get_method
-from ftray.models.adapters import apply_adapter, trainable_summary
+from ftray.models.adapters import (
+    adapter_report,
+    after_optimizer_step,
+    apply_adapter,
+    before_optimizer_step,
+    trainable_summary,
+)
 from ftray.models.load import Resolved, load_tokenizer
 from ftray.train import outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
@@ -172,7 +178,10 @@ def train_fn_per_worker(config: dict) -> None:
     random.seed(spec.train.seed)
     np.random.seed(spec.train.seed % 2**32)
     model = method.load_base(resolved.base, dtype, spec)
-    model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
+    model = apply_adapter(
+        model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
+        total_steps=steps, tokenizer_path=resolved.tokenizer,
+    )
     summary = trainable_summary(model)
     log(
         f"[ftray] {spec.method.kind} + {spec.adapter.kind}: {summary['trainable_params']:,} trainable of "
@@ -310,7 +319,14 @@ def train_fn_per_worker(config: dict) -> None:
             batch = to_dev(method.collate(examples, pad_id))
             loss, info = method.loss(engine, batch)
             engine.backward(loss)
+            # DeepSpeed steps the optimizer only at the accumulation boundary; adapters that act per
+            # optimizer step (AdaLoRA's rank allocator) act there, between backward and step.
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                before_optimizer_step(engine.module, step)
             engine.step()
+            if boundary:
+                after_optimizer_step(engine.module, step)
             loss_acc += float(loss.detach()) / accum
             n_tok += info.get("target_tokens", 0.0)
             infos.append(info)
@@ -362,6 +378,7 @@ def train_fn_per_worker(config: dict) -> None:
         "before": before,
         "after": after,
         "trainable": summary,
+        "adapter": adapter_report(engine.module),
         "train_seconds": time.time() - t_start,
         "trained_tokens": tokens_done,
         "precision": precision,

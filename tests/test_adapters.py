@@ -1,0 +1,304 @@
+"""Every peft adapter kind (lora and its options, adalora, ia3, prefix, prompt, p_tuning, llama_adapter):
+on one process, each trains only its own parameters, saves, and reloads in peft with the same outputs;
+AdaLoRA's allocator really changes ranks; the refused adapter x method x ZeRO-stage cells fail at spec
+validation with their reason; `export --merge` merges the LoRA family and refuses prompt-family adapters.
+Then a few real Ray Train + DeepSpeed runs (2 workers). docs/compatibility.md is rendered from this file's
+parametrizations and `ftray.config.adapter_refusal` (`scripts/compat_matrix.py`; a test fails when stale).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftray.config import SpecError, resolve_paths, spec_from_dict
+from ftray.methods import REGISTRY
+from tests.conftest import ROOT, job_dict
+
+SFT = REGISTRY["sft"]
+TARGETS = ["q_proj", "v_proj"]
+
+# One process, no DeepSpeed: each adapter kind (name -> (adapter spec, data section)).
+UNPACKED = {"packing": False}
+KINDS: dict[str, tuple[dict, dict]] = {
+    "lora": ({"kind": "lora", "r": 4, "alpha": 8, "target_modules": TARGETS}, {}),
+    "lora_dora_rslora_gaussian": (
+        {"kind": "lora", "r": 4, "alpha": 8, "target_modules": TARGETS, "use_dora": True, "use_rslora": True,
+         "init_lora_weights": "gaussian"},
+        {},
+    ),
+    "adalora": ({"kind": "adalora", "r": 2, "init_r": 4, "target_modules": TARGETS}, {}),
+    "ia3": ({"kind": "ia3"}, {}),
+    "prefix": ({"kind": "prefix", "num_virtual_tokens": 4}, UNPACKED),
+    "prompt_random": ({"kind": "prompt", "num_virtual_tokens": 4}, UNPACKED),
+    "prompt_text": ({"kind": "prompt", "num_virtual_tokens": 4, "prompt_init_text": "3+4=7"}, UNPACKED),
+    "p_tuning": ({"kind": "p_tuning", "num_virtual_tokens": 4}, UNPACKED),
+    "llama_adapter": ({"kind": "llama_adapter", "num_virtual_tokens": 4, "adapter_layers": 1}, {}),
+}
+# Names of the parameters each peft kind adds (anything else trainable would be a bug).
+OWN = {"lora": ("lora_",), "adalora": ("lora_",), "ia3": ("ia3_",), "prefix": ("prompt_encoder",),
+       "prompt": ("prompt_encoder",), "p_tuning": ("prompt_encoder",), "llama_adapter": ("adaption_",)}
+
+
+def spec_of(name: str, tiny_model, arith, out: Path, **over):
+    adapter, data = KINDS[name]
+    d = job_dict(tiny_model, arith[0], arith[1], out, out / "cache", **over)
+    d["adapter"] = dict(adapter)
+    d["data"].update(data)
+    return resolve_paths(spec_from_dict(d))
+
+
+def batch_of(tok, arith, n: int = 8):
+    rows = [json.loads(x) for x in Path(arith[0]).read_text().splitlines()[:n]]
+    examples = [e for r in rows for e in SFT.examples(r, tok, None or _Spec())]
+    return SFT.collate(examples, tok.pad_token_id)
+
+
+class _Spec:  # what SFT.examples reads of a spec
+    class data:  # noqa: N801
+        max_length = 64
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return out[:, out.shape[1] - batch["input_ids"].shape[1] :]
+
+
+def train_steps(model, batch, steps: int, lr: float = 1e-2) -> list[float]:
+    """The loop's order at each optimizer step: backward, adapter hook, step, adapter hook."""
+    from ftray.models.adapters import after_optimizer_step, before_optimizer_step
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss, _ = SFT.loss(model, batch)
+        loss.backward()
+        before_optimizer_step(model, step)
+        opt.step()
+        after_optimizer_step(model, step)
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_adapter_trains_only_its_own_params_saves_and_reloads(name, tiny_model, arith, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftray.models.adapters import apply_adapter, trainable_summary
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of(name, tiny_model, arith, tmp_path / "run")
+    tok = load_tokenizer(str(tiny_model))
+    batch = batch_of(tok, arith)
+    torch.manual_seed(0)
+    model = apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type="CAUSAL_LM",
+                          total_steps=6, tokenizer_path=str(tiny_model))
+    model.eval()  # no dropout: a frozen parameter must stay exactly equal
+    summary = trainable_summary(model)
+    assert 0 < summary["trainable_params"] < summary["total_params"] / 5, summary
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_steps(model, batch, steps=6)
+    assert losses[-1] < losses[0], losses
+    own = OWN[spec.adapter.kind]
+    for n, p in model.named_parameters():
+        moved = not torch.equal(before[n], p.detach())
+        pruned = "lora_E" in n and not p.any()  # AdaLoRA starts E at 0 and may prune all of a module's ranks
+        assert moved == p.requires_grad or pruned, (n, p.requires_grad, moved)
+        assert not p.requires_grad or any(o in n for o in own), n
+    want = logits_of(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter").eval()
+    assert torch.allclose(logits_of(fresh, batch), want, atol=1e-5)
+    assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), batch), want, atol=1e-4)
+
+
+def test_prompt_init_from_text_copies_the_token_embeddings(tiny_model, arith, tmp_path):
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of("prompt_text", tiny_model, arith, tmp_path / "run")
+    tok = load_tokenizer(str(tiny_model))
+    base = SFT.load_base(str(tiny_model), torch.float32, spec)
+    emb = base.get_input_embeddings().weight.detach().clone()
+    model = apply_adapter(base, spec.adapter, tokenizer_path=str(tiny_model))
+    ids = tok("3+4=7", add_special_tokens=False)["input_ids"]
+    ids = (ids * 4)[:4]  # peft repeats / cuts the text's tokens to num_virtual_tokens
+    got = model.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(got, emb[ids])
+
+
+def test_adalora_allocator_changes_ranks_through_its_schedule(tiny_model, arith, tmp_path):
+    from ftray.models.adapters import adalora_schedule, adapter_report, apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of("adalora", tiny_model, arith, tmp_path / "run")
+    steps = 20
+    sched = adalora_schedule(steps)
+    assert sched == {"total_step": 20, "tinit": 2, "tfinal": 4, "deltaT": 1}
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec), spec.adapter, total_steps=steps)
+    cfg = model.peft_config["default"]
+    assert (cfg.init_r, cfg.target_r, cfg.total_step) == (4, 2, 20)
+    assert adapter_report(model)["final_ranks"] == {}  # nothing allocated yet
+    train_steps(model.train(), batch_of(tok, arith), steps=steps)
+    rep = adapter_report(model)
+    # 2 layers x (q_proj, v_proj) start at rank 4 (budget 16) and end at the target budget 2 x 4 = 8,
+    # spread unevenly: the allocator moved rank to where |weight x gradient| is large.
+    assert len(rep["final_ranks"]) == 4 and rep["final_budget"] == 8, rep
+    assert len(set(rep["final_ranks"].values())) > 1, rep
+    # The pruned ranks are zero in the weights the model computes with.
+    for n, p in model.named_parameters():
+        if "lora_E" in n:
+            key = n.removesuffix(".default")
+            assert int((p != 0).sum()) <= rep["final_ranks"][key.removeprefix("base_model.model.").removesuffix(".lora_E")]
+
+
+REFUSED = {
+    "qlora_on_cpu": (dict(adapter={"kind": "qlora"}), r"`adapter.kind: qlora` loads the base in 4 bits .* needs a GPU"),
+    "qlora_zero3": (dict(adapter={"kind": "qlora"}, scaling={"use_gpu": True}, deepspeed={"zero_stage": 3}),
+                    r"qlora` with `deepspeed.zero_stage: 3`"),
+    "adalora_zero3": (dict(adapter={"kind": "adalora"}, deepspeed={"zero_stage": 3}),
+                      r"adalora` with `deepspeed.zero_stage: 3`: its rank allocator .* ZeRO-3"),
+    "prefix_packing": (dict(adapter={"kind": "prefix"}), r"prefix` with `data.packing: true`: .*position_ids"),
+    "prompt_dpo": (dict(adapter={"kind": "prompt"}, method={"kind": "dpo"}, data={"format": "preference", "packing": False}),
+                   r"`adapter.kind: prompt` works with `method.kind` sft and causal_lm only: .*; got `dpo`"),
+    "p_tuning_seq2seq": (dict(adapter={"kind": "p_tuning"}, method={"kind": "seq2seq"},
+                              data={"format": "translation", "packing": False}), r"p_tuning` works with .*; got `seq2seq`"),
+    "llama_adapter_classify": (dict(adapter={"kind": "llama_adapter"}, method={"kind": "classify"},
+                                    data={"format": "labels"}), r"llama_adapter` works with .*; got `classify`"),
+    "merge_prefix": (dict(adapter={"kind": "prefix"}, data={"packing": False}, output={"merge": True}),
+                     r"`output.merge: true` with `adapter.kind: prefix`: .*nothing to merge"),
+    "dora_on_adalora": (dict(adapter={"kind": "adalora", "use_dora": True}), r"`adapter.use_dora`.* only apply"),
+    "init_r_below_r": (dict(adapter={"kind": "adalora", "r": 8, "init_r": 4}), r"`adapter.init_r` \(4\) must be >="),
+    "pissa": (dict(adapter={"kind": "lora", "init_lora_weights": "pissa"}), r"adapter.init_lora_weights"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_at_spec_validation_with_the_reason(name, tiny_model, arith, tmp_path):
+    over, pattern = REFUSED[name]
+    d = job_dict(tiny_model, arith[0], arith[1], tmp_path / "run", tmp_path / "cache")
+    for section, values in over.items():
+        d[section] = {**d.get(section, {}), **values} if section != "adapter" else values
+    with pytest.raises(SpecError, match=pattern) as e:
+        spec_from_dict(d, "job.yaml")
+    assert "\n" not in str(e.value) and str(e.value).startswith("job.yaml")
+
+
+def test_llama_adapter_on_a_bert_is_refused_before_ray(tiny_model, work, ray_down):
+    from ftray.config import AdapterSpec
+    from ftray.models.adapters import AdapterError, check_targets
+    from ftray.models.load import meta_model
+    from tests._methods_tiny import build_tiny_bert
+
+    bert = build_tiny_bert(tiny_model, work / "tiny-bert")
+    with pytest.raises(AdapterError, match=r"adapter.kind: llama_adapter: peft's adaption prompt supports model types .*llama.* not `bert`"):
+        check_targets(meta_model(str(bert)), AdapterSpec(kind="llama_adapter"))
+    with pytest.raises(AdapterError, match=r"adapter.adapter_layers: 5 > the model's 2 blocks"):
+        check_targets(meta_model(str(tiny_model)), AdapterSpec(kind="llama_adapter", adapter_layers=5))
+    assert not ray_down.is_initialized()
+
+
+def _run_folder(kind: str, tiny_model, arith, tmp_path) -> Path:
+    """A run folder as `ftray train` leaves it (adapter/ + tokenizer/), trained on one process."""
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of(kind, tiny_model, arith, tmp_path / kind)
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec), spec.adapter, total_steps=4)
+    train_steps(model.eval(), batch_of(tok, arith), steps=4)
+    run = tmp_path / kind
+    model.save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "tokenizer")
+    return run
+
+
+@pytest.mark.parametrize("kind", ["adalora", "ia3", "prefix"])
+def test_export_merge(kind, tiny_model, arith, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftray.cli import main
+    from ftray.models.load import load_tokenizer
+
+    run = _run_folder(kind, tiny_model, arith, tmp_path)
+    rc = main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")])
+    if kind == "prefix":
+        assert rc == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "PREFIX_TUNING adapter (prompt family)" in err and "cannot be merged" in err and "\n" not in err
+        assert not (tmp_path / "merged").exists()
+        return
+    assert rc == 0
+    batch = batch_of(load_tokenizer(str(tiny_model)), arith)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter").eval()
+    assert torch.allclose(logits_of(merged, batch), logits_of(peft, batch), atol=1e-5)
+
+
+def test_compatibility_doc_is_current():
+    """docs/compatibility.md is `scripts/compat_matrix.py`'s output: regenerate it when this fails."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "compat_matrix.py"), "--print"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (ROOT / "docs" / "compatibility.md").read_text() == out.stdout, (
+        "docs/compatibility.md is stale: run `python scripts/compat_matrix.py`")
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+# Real runs: 2 Ray Train workers, DeepSpeed on CPU. id -> (KINDS entry, method, ZeRO stage).
+RAY_CASES: dict[str, tuple[str, str, int]] = {
+    "adalora-zero2": ("adalora", "sft", 2),
+    "prompt_text-zero3": ("prompt_text", "sft", 3),
+    "llama_adapter-zero3": ("llama_adapter", "sft", 3),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(RAY_CASES))
+def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
+    from safetensors.torch import load_file
+
+    from ftray.train.launch import train
+
+    name, method, zero = RAY_CASES[case]
+    adapter, data = KINDS[name]
+    run = tmp_path / "run"
+    d = job_dict(tiny_model, arith[0], arith[1], run, cache_dir, train__max_steps=10, train__lr=5e-3,
+                 deepspeed__zero_stage=zero, data__eval_max_rows=32)
+    d["adapter"], d["method"] = dict(adapter), {"kind": method}
+    d["data"].update(data)
+    record = train(resolve_paths(spec_from_dict(d)))
+    assert record["status"] == "completed"
+    assert record["eval"]["after"]["eval_loss"] < record["eval"]["before"]["eval_loss"], record["eval"]
+    t = record["trainable"]
+    assert 0 < t["trainable_params"] < t["total_params"] / 5 and abs(t["trainable_pct"] - 100 * t["trainable_params"] / t["total_params"]) < 1e-9
+    # The saved adapter is whole (ZeRO-3 gathered it) and nothing in it is empty.
+    w = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert w and all(v.numel() > 0 for v in w.values())
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    if name == "adalora":
+        ranks = record["adapter"]["final_ranks"]
+        # 2 layers x (q_proj, v_proj) start at rank 4 and are cut to the target budget 2 x 4 = 8.
+        assert len(ranks) == 4 and sum(ranks.values()) == 8, record["adapter"]
+        assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"], cfg
+        saved = {k.removesuffix(".lora_E").removesuffix(".default"): sum(map(bool, v)) for k, v in cfg["rank_pattern"].items()}
+        assert sorted(saved.values()) == sorted(ranks.values())
+    # A fresh process: PeftModel.from_pretrained + the held-out data -> the eval loss measured at the end.
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(run), str(tiny_model)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"]
+    assert abs(fresh - record["eval"]["after"]["eval_loss"]) < 1e-5, (fresh, record["eval"]["after"])
