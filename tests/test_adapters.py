@@ -162,6 +162,59 @@ def test_adalora_allocator_changes_ranks_through_its_schedule(tiny_model, arith,
             assert int((p != 0).sum()) <= rep["final_ranks"][key.removeprefix("base_model.model.").removesuffix(".lora_E")]
 
 
+def test_adalora_resumes_exactly_from_its_allocator_state(tiny_model, arith, tmp_path):
+    """10 steps straight = 5 steps, a checkpoint (weights, optimizer, allocator state through safetensors),
+    a fresh model, 5 more steps. Without the allocator state the ranks it prunes differ."""
+    from safetensors.torch import load_file, save_file
+
+    from ftray.models.adapters import (
+        adapter_report,
+        adapter_state,
+        after_optimizer_step,
+        apply_adapter,
+        before_optimizer_step,
+        load_adapter_state,
+    )
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of("adalora", tiny_model, arith, tmp_path / "run")
+    batch = batch_of(load_tokenizer(str(tiny_model)), arith)
+
+    def fresh():
+        torch.manual_seed(0)
+        m = apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec), spec.adapter, total_steps=10).eval()
+        return m, torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+
+    def run(model, opt, steps):
+        for step in steps:
+            SFT.loss(model, batch)[0].backward()
+            before_optimizer_step(model, step)
+            opt.step()
+            after_optimizer_step(model, step)
+            opt.zero_grad()
+
+    straight, opt = fresh()
+    run(straight, opt, range(10))
+    first, opt = fresh()
+    run(first, opt, range(5))
+    weights = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
+    save_file(adapter_state(first), str(tmp_path / "state.safetensors"))
+    optim = opt.state_dict()
+    for resume_state in (True, False):
+        second, opt = fresh()
+        with torch.no_grad():
+            for n, p in second.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        opt.load_state_dict(optim)
+        if resume_state:
+            load_adapter_state(second, load_file(str(tmp_path / "state.safetensors")))
+        run(second, opt, range(5, 10))
+        same = all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in straight.named_parameters())
+        assert same == resume_state, resume_state
+    assert adapter_report(second)["final_budget"] == 8
+
+
 REFUSED = {
     "qlora_on_cpu": (dict(adapter={"kind": "qlora"}), r"`adapter.kind: qlora` loads the base in 4 bits .* needs a GPU"),
     "qlora_zero3": (dict(adapter={"kind": "qlora"}, scaling={"use_gpu": True}, deepspeed={"zero_stage": 3}),

@@ -7,11 +7,13 @@ from ftray.config import AdapterSpec
 __all__ = [
     "AdapterError",
     "adapter_report",
+    "adapter_state",
     "after_optimizer_step",
     "apply_adapter",
     "apply_freeze",
     "before_optimizer_step",
     "check_targets",
+    "load_adapter_state",
     "peft_config_for",
     "trainable_summary",
 ]
@@ -165,6 +167,40 @@ def after_optimizer_step(model, step: int) -> None:
     pattern = ada.peft_config[ada.trainable_adapter_name].rank_pattern
     if pattern:
         ada.rankallocator.mask_using_rank_pattern(ada.model, pattern)
+
+
+def adapter_state(model) -> dict | None:
+    """The adapter's training state beyond its weights, for checkpoints (exact resume); None when there is
+    none. AdaLoRA: the allocator's importance averages and the current rank pattern."""
+    import torch
+
+    ada = _adalora(model)
+    if ada is None:
+        return None
+    ra = ada.rankallocator
+    state = {f"{name}/{k}": v.detach().contiguous().clone()
+             for name in ("ipt", "exp_avg_ipt", "exp_avg_unc") for k, v in getattr(ra, name).items()}
+    pattern = ada.peft_config[ada.trainable_adapter_name].rank_pattern or {}
+    state.update({f"rank_pattern/{k}": torch.tensor(v, dtype=torch.bool) for k, v in pattern.items()})
+    return state
+
+
+def load_adapter_state(model, state: dict) -> None:
+    """Restore `adapter_state` after the weights and optimizer are loaded. A DeepSpeed checkpoint puts the
+    optimizer's unmasked copy back into the weights, so AdaLoRA's pruned ranks are masked again here."""
+    ada = _adalora(model)
+    if ada is None or not state:
+        return
+    ra = ada.rankallocator
+    for key, v in state.items():
+        name, k = key.split("/", 1)
+        if name == "rank_pattern":
+            continue
+        getattr(ra, name)[k] = v
+    pattern = {key.split("/", 1)[1]: v.tolist() for key, v in state.items() if key.startswith("rank_pattern/")}
+    ada.peft_config[ada.trainable_adapter_name].rank_pattern = pattern or None
+    if pattern:
+        ra.mask_using_rank_pattern(ada.model, pattern)
 
 
 def adapter_report(model) -> dict:

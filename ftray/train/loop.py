@@ -25,9 +25,11 @@ from ftray.data.prepare import load_split
 from ftray.methods import EvalContext, get_method
 from ftray.models.adapters import (
     adapter_report,
+    adapter_state,
     after_optimizer_step,
     apply_adapter,
     before_optimizer_step,
+    load_adapter_state,
     trainable_summary,
 )
 from ftray.models.load import Resolved, load_tokenizer
@@ -216,6 +218,11 @@ def train_fn_per_worker(config: dict) -> None:
             rng_file = Path(d, f"rng_rank{rank}.json")
             if rng_file.exists():
                 _set_rng_state(json.loads(rng_file.read_text()))
+            adapter_file = Path(d, f"adapter_state_rank{rank}.safetensors")
+            if adapter_file.exists():  # e.g. AdaLoRA's allocator: importance averages, rank pattern
+                from safetensors.torch import load_file
+
+                load_adapter_state(engine.module, load_file(str(adapter_file)))
         log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
 
     def row(split: dict, i: int) -> dict:
@@ -266,6 +273,11 @@ def train_fn_per_worker(config: dict) -> None:
         try:
             engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
             Path(tmp, f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
+            extra = adapter_state(engine.module)
+            if extra is not None:
+                from safetensors.torch import save_file
+
+                save_file(extra, str(Path(tmp, f"adapter_state_rank{rank}.safetensors")))
             if rank == 0:
                 Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
