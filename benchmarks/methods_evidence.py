@@ -15,6 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_RT = ROOT.parent / "shared" / "data" / "classification"
+RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}"]
 # job -> (metrics to report, overrides beyond model.path / output.dir)
 RUNS = {
     "classify_sst2_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60"]),
@@ -28,9 +30,14 @@ RUNS = {
     "reward": (("accuracy", "margin"), []),
     "reward_minilm": (("accuracy", "margin"), ["train.max_steps=40", "train.lr=5e-5", "data.max_length=384"]),
     "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"), []),
+    "classify_rt_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
+    "classify_rt_lora": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
+    "classify_rt_full": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
+    "cpt_text": (("perplexity",), ["train.max_steps=60"]),
 }
 # Entries that run another entry's job file (with other overrides).
-JOB_FILE = {"reward_minilm": "reward"}
+JOB_FILE = {"reward_minilm": "reward", "classify_rt_freeze": "classify_sst2_freeze", "classify_rt_lora": "classify_sst2_lora",
+            "classify_rt_full": "classify_sst2_full"}
 # Jobs on a tiny Llama built here (random init, tokenizer trained on the oasst1 pairs), as their YAML says.
 TINY_OASST = ROOT / "runs" / "tiny-oasst"
 ON_TINY_OASST = ("reward", "dpo")
@@ -48,6 +55,19 @@ def build_tiny_t5(out: Path) -> Path:
     data = ROOT.parent / "shared" / "data" / "translation" / "en_fr_train.jsonl"
     texts = [v for line in data.read_text().splitlines() for k, v in _json.loads(line).items() if k in ("source", "target")]
     return build(out, texts, vocab_size=4000, d_model=128, layers=3)
+
+
+TINY_TEXT = ROOT / "runs" / "tiny-rust"
+
+
+def build_tiny_text(out: Path) -> Path:
+    """A random-init micro Llama whose tokenizer is trained on the Rust book (continued pretraining's corpus)."""
+    from ftray.models.tiny import build_tiny
+
+    if (out / "config.json").exists():
+        return out
+    return build_tiny(out, size="micro", corpus=[str(ROOT.parent / "shared" / "data" / "text" / "rust_book_train.txt")],
+                      vocab_size=4096)
 
 
 def build_tiny_oasst(out: Path) -> Path:
@@ -90,6 +110,8 @@ def main() -> None:
         label = "all-MiniLM-L6-v2"
         if job.startswith("seq2seq"):
             model, label = build_tiny_t5(TINY_T5), "tiny T5 (random init)"
+        if job == "cpt_text":
+            model, label = build_tiny_text(TINY_TEXT), "tiny Llama micro (random init, runs/tiny-rust)"
         if job in ON_TINY_OASST:
             model, label = build_tiny_oasst(TINY_OASST), "tiny Llama micro (random init, runs/tiny-oasst)"
         overrides = [f"model.path={model}", f"output.dir={out}", *extra]
@@ -111,7 +133,9 @@ def main() -> None:
 
 
 SECTIONS = {
-    "classify": "classify — SST-2 sentiment (train 7,969 / held-out 419), accuracy and macro-F1",
+    "classify_sst2": "classify — SST-2 sentiment (train 7,969 / held-out 419), accuracy and macro-F1",
+    "classify_rt": "classify — rt_polarity sentiment (held-out 512 rows), accuracy and macro-F1",
+    "cpt": "causal_lm — continued pretraining on the Rust book, tiny random-init Llama, held-out perplexity",
     "contrastive": "contrastive — STS-B (train 3,091 scored pairs / held-out 500), Spearman of cosine vs score",
     "masked_lm": "masked_lm — WikiText-2 (fresh MLM head on the pre-trained encoder), held-out perplexity",
     "cluster": "cluster — AG News (labels hidden from training; held-out 512 rows), NMI / ARI of k-means (k=4)",
@@ -141,7 +165,7 @@ def write_markdown(results: dict, path: Path) -> None:
             r = results[j]
             fmt = lambda d: ", ".join(f"{k} {v:.4f}" for k, v in d.items())  # noqa: E731
             lines.append(
-                f"| `{r['command']}` | {r.get('model', 'all-MiniLM-L6-v2')} | {r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%) "
+                f"| `{r['command'].replace(str(ROOT.parent) + '/', '../')}` | {r.get('model', 'all-MiniLM-L6-v2')} | {r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%) "
                 f"| {r['steps']} | {fmt(r['before'])} | {fmt(r['after'])} |"
             )
         lines.append("")
