@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftray.config import METHOD_KINDS, PROMPT_FAMILY, adapter_refusal  # noqa: E402
-from tests.test_adapters import KINDS, RAY_CASES  # noqa: E402
+from tests.test_adapters import ENCODER_KINDS, KINDS, RAY_CASES  # noqa: E402
 
 ADAPTERS = ("full", "freeze", "lora", "qlora", "adalora", "ia3", "prefix", "prompt", "p_tuning", "llama_adapter")
 STAGES = (0, 1, 2, 3)
@@ -54,15 +54,17 @@ def _spec(adapter: str, method: str, zero: int) -> SimpleNamespace:
 
 
 def proofs() -> tuple[dict, dict]:
-    """(adapter, method, stage) -> Ray test node; adapter kind -> one-process test nodes."""
+    """(adapter, method, stage) -> Ray test node; (adapter, method) -> one-process test node."""
     ray = {k: _check_exists(v) for k, v in OTHER_PROOFS.items()}
     for case_id, (kind_name, method, zero) in RAY_CASES.items():
         kind = KINDS[kind_name][0]["kind"]
         ray[(kind, method, zero)] = f"tests/test_adapters.py::test_two_workers[{case_id}]"
-    unit: dict[str, list[str]] = {}
+    unit: dict[tuple[str, str], str] = {}
     for name, (adapter, _) in KINDS.items():
-        unit.setdefault(adapter["kind"], []).append(
-            f"tests/test_adapters.py::test_adapter_trains_only_its_own_params_saves_and_reloads[{name}]")
+        unit.setdefault((adapter["kind"], "sft"),
+                        f"tests/test_adapters.py::test_adapter_trains_only_its_own_params_saves_and_reloads[{name}]")
+    for name, adapter in ENCODER_KINDS.items():
+        unit[(adapter["kind"], "classify")] = f"tests/test_adapters.py::test_classify_adapter_trains_saves_and_reloads[{name}]"
     return ray, unit
 
 
@@ -87,8 +89,10 @@ def render() -> str:
         test_file = ROOT / "tests" / f"test_methods_{method}.py"
         if adapter in ("full", "freeze", "lora") and test_file.exists() and f'"kind": "{adapter}"' in test_file.read_text():
             return f"🔸 [method][{ref(f'tests/test_methods_{method}.py')}]"
-        if adapter in unit:
-            return f"🔹 [1 proc][{ref(unit[adapter][0])}]"
+        if (adapter, method) in unit:
+            return f"🔹 [1 proc][{ref(unit[(adapter, method)])}]"
+        if (adapter, "sft") in unit:
+            return f"🔹 [1 proc, sft][{ref(unit[(adapter, 'sft')])}]"
         return "⚪"
 
     out = [
@@ -104,8 +108,9 @@ def render() -> str:
         "",
         "- ✅ a test runs this cell on 2 Ray Train workers under DeepSpeed",
         "- 🔸 allowed; the method's own tests use this adapter kind (at the stages they pin)",
-        "- 🔹 allowed; the adapter kind is tested on one process with `sft` (trains only its own parameters, "
-        "saves, reloads in peft with the same logits), but no test runs it with this method / stage",
+        "- 🔹 allowed; the adapter kind is tested on one process, without DeepSpeed (trains only its own "
+        "parameters, saves, reloads in peft with the same logits) with this method, or with `sft` where the "
+        "link says so; no test runs it under this ZeRO stage",
         "- ⚪ allowed, no test runs it (`qlora`: needs a GPU and bitsandbytes, none in CI)",
         "- ❌ n: refused, reason n below",
         "",

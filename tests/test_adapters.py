@@ -120,6 +120,60 @@ def test_adapter_trains_only_its_own_params_saves_and_reloads(name, tiny_model, 
     assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), batch), want, atol=1e-4)
 
 
+# The same on a classification job (tiny BERT encoder + new head, peft SEQ_CLS): (method, kind) -> adapter.
+ENCODER_KINDS: dict[str, dict] = {
+    "adalora": {"kind": "adalora", "r": 2, "init_r": 4, "target_modules": ["query", "value"]},
+    "ia3": {"kind": "ia3"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_KINDS))
+def test_classify_adapter_trains_saves_and_reloads(name, tiny_model, work, tmp_path):
+    from peft import PeftModel
+
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+    from tests._methods_tiny import build_tiny_bert, sign_task
+
+    method = REGISTRY["classify"]
+    bert = build_tiny_bert(tiny_model, work / "tiny-bert")
+    train, _ = sign_task(tmp_path / "signs")
+    d = {"model": {"path": str(bert)}, "data": {"train": str(train), "format": "labels", "max_length": 32},
+         "method": {"kind": "classify"}, "adapter": ENCODER_KINDS[name],
+         "train": {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 4}, "output": {"dir": str(tmp_path / "o")}}
+    spec = spec_from_dict(d)
+    tok = load_tokenizer(str(bert))
+    rows = [json.loads(x) for x in train.read_text().splitlines()[:16]]
+    batch = method.collate([e for r in rows for e in method.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(method.load_base(str(bert), torch.float32, spec), spec.adapter, task_type=method.task_type,
+                          total_steps=6).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    from ftray.models.adapters import after_optimizer_step, before_optimizer_step
+
+    for step in range(6):
+        method.loss(model, batch)[0].backward()
+        before_optimizer_step(model, step)
+        opt.step()
+        after_optimizer_step(model, step)
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(before[n], p.detach())
+        pruned = "lora_E" in n and not p.any()
+        assert moved == p.requires_grad or pruned, (n, p.requires_grad, moved)
+        # Only the adapter and the new head (peft keeps SEQ_CLS heads in modules_to_save) train.
+        assert not p.requires_grad or any(o in n for o in ("lora_", "ia3_", "classifier")), n
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(1)  # a different random head: the saved one must replace it
+    fresh = PeftModel.from_pretrained(method.load_base(str(bert), torch.float32, spec), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_prompt_init_from_text_copies_the_token_embeddings(tiny_model, arith, tmp_path):
     from ftray.models.adapters import apply_adapter
     from ftray.models.load import load_tokenizer
@@ -314,6 +368,7 @@ def test_compatibility_doc_is_current():
 # Real runs: 2 Ray Train workers, DeepSpeed on CPU. id -> (KINDS entry, method, ZeRO stage).
 RAY_CASES: dict[str, tuple[str, str, int]] = {
     "adalora-zero2": ("adalora", "sft", 2),
+    "ia3-zero2": ("ia3", "sft", 2),
     "prompt_text-zero3": ("prompt_text", "sft", 3),
     "llama_adapter-zero3": ("llama_adapter", "sft", 3),
 }
@@ -338,14 +393,18 @@ def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
     assert record["eval"]["after"]["eval_loss"] < record["eval"]["before"]["eval_loss"], record["eval"]
     t = record["trainable"]
     assert 0 < t["trainable_params"] < t["total_params"] / 5 and abs(t["trainable_pct"] - 100 * t["trainable_params"] / t["total_params"]) < 1e-9
-    # The saved adapter is whole (ZeRO-3 gathered it) and nothing in it is empty.
     w = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert w and all(v.numel() > 0 for v in w.values())
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    if name == "adalora":
+    if name != "adalora":  # the saved adapter is whole (ZeRO-3 gathered it) and nothing in it is empty
+        assert w and all(v.numel() > 0 for v in w.values())
+    else:
         ranks = record["adapter"]["final_ranks"]
         # 2 layers x (q_proj, v_proj) start at rank 4 and are cut to the target budget 2 x 4 = 8.
         assert len(ranks) == 4 and sum(ranks.values()) == 8, record["adapter"]
+        # peft saves each module cut to its final rank (a module pruned to rank 0 saves empty matrices).
+        for k, v in w.items():
+            module, part = k.removeprefix("base_model.model.").rsplit(".", 1)
+            assert v.shape[1 if part == "lora_B" else 0] == ranks[module], (k, v.shape, ranks)
         assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"], cfg
         saved = {k.removesuffix(".lora_E").removesuffix(".default"): sum(map(bool, v)) for k, v in cfg["rank_pattern"].items()}
         assert sorted(saved.values()) == sorted(ranks.values())

@@ -120,6 +120,15 @@ def _where() -> dict:
     }
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory: allocated GPU memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
     """DeepSpeed JIT-builds its CPU ops under a lock file (torch's FileBaton); a build killed midway leaves
     the lock behind and every later worker waits on it forever. A lock older than `max_age_s` beside an
@@ -379,7 +388,7 @@ def train_fn_per_worker(config: dict) -> None:
     # ---------------------------------------------------------------- finish
     after = evaluate()
     placement: list = [None] * world
-    dist.all_gather_object(placement, {"rank": rank, **_where()})
+    dist.all_gather_object(placement, {"rank": rank, **_where(), "peak_memory_mb": _peak_memory_mb(device)})
     if after:
         history.append({"step": steps, **{f"eval/{k}": v for k, v in after.items()}})
         log(f"[ftray] eval after training: {json.dumps(after)}", flush=True)
