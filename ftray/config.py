@@ -177,26 +177,25 @@ class RewardModelRef(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the deployed reward replica (with `path`).")
 
 
-class GRPOMethod(_Strict):
-    kind: Literal["grpo"] = "grpo"
-    group_size: int = Field(4, ge=2, description="G: completions sampled per prompt; advantages are relative to the group.")
+class _RolloutMethod(_Strict):
+    """What grpo and ppo share: how completions are sampled and rewarded, how held-out prompts are judged."""
+
     max_new_tokens: int = Field(16, ge=1, description="Length of each sampled completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
-    beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (0: no reference pass).")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio.")
-    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's standard deviation.")
     rewards: dict[Literal["exact_match", "numeric_match", "format"], float] = Field(
         default_factory=lambda: {"exact_match": 1.0},
         description="Verifiable rewards and their weights: `exact_match` (completion == reference, stripped), "
-        "`numeric_match` (last number of the completion == the reference's), `format` (`format_regex` matches).",
+        "`numeric_match` (last number of the completion == the reference's), `format` (`format_regex` matches); "
+        "added to the served model's score when there is one.",
     )
     format_regex: str | None = Field(None, description="Regular expression the whole completion must match (`format`).")
     reward_model: RewardModelRef | None = Field(None, description="A served reward model scoring (prompt, completion).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio.")
     exact_match: bool = Field(True, description="Judge held-out prompts by greedy exact match (and numeric match).")
 
     @model_validator(mode="after")
-    def _check(self) -> GRPOMethod:
+    def _check_rewards(self):
         if not self.rewards and self.reward_model is None:
             raise ValueError("`method.rewards` is empty and there is no `method.reward_model`: nothing to learn from")
         if "format" in self.rewards and not self.format_regex:
@@ -211,18 +210,19 @@ class GRPOMethod(_Strict):
         return self
 
 
-class PPOMethod(_Strict):
+class GRPOMethod(_RolloutMethod):
+    kind: Literal["grpo"] = "grpo"
+    group_size: int = Field(4, ge=2, description="G: completions sampled per prompt; advantages are relative to the group.")
+    beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (0: no reference pass).")
+    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's standard deviation.")
+
+
+class PPOMethod(_RolloutMethod):
     kind: Literal["ppo"] = "ppo"
     samples_per_prompt: int = Field(1, ge=1, description="Completions sampled per prompt.")
-    max_new_tokens: int = Field(16, ge=1, description="Length of each sampled completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
     rewards: dict[Literal["exact_match", "numeric_match", "format"], float] = Field(
         default_factory=dict, description="Verifiable rewards and their weights (as `grpo`), added to the served score."
     )
-    format_regex: str | None = Field(None, description="Regular expression the whole completion must match (`format`).")
-    reward_model: RewardModelRef | None = Field(None, description="The served reward model scoring (prompt, completion).")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="Clip range of the importance ratio.")
     value_clip: float = Field(0.2, gt=0, description="Clip range of the value update.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount over completion tokens.")
@@ -233,15 +233,6 @@ class PPOMethod(_Strict):
         "unset: the coefficient stays fixed.",
     )
     kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive KL controller (in sequences).")
-    exact_match: bool = Field(True, description="Judge held-out prompts by greedy exact match (and numeric match).")
-
-    @model_validator(mode="after")
-    def _check(self) -> PPOMethod:
-        if not self.rewards and self.reward_model is None:
-            raise ValueError("`method.rewards` is empty and there is no `method.reward_model`: nothing to learn from")
-        if "format" in self.rewards and not self.format_regex:
-            raise ValueError("`method.rewards` has `format` but `method.format_regex` is not set")
-        return self
 
 
 MethodSpec = Annotated[

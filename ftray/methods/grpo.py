@@ -17,6 +17,7 @@ served reward model's mean score when there is one; eval_loss is the reference a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +46,18 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
             ids[i, n - len(s) :] = torch.tensor(s)
             mask[i, n - len(s) :] = 1
     return ids, mask
+
+
+@dataclass
+class Rollout:
+    full: torch.Tensor  # prompt (left-padded) + sampled completion
+    attn: torch.Tensor
+    pos: torch.Tensor
+    comp: torch.Tensor  # the completion tokens
+    c_mask: torch.Tensor  # 1 up to and including the first EOS
+    prompt_len: int
+    rewards: torch.Tensor  # one per completion
+    info: dict  # generate_s, score_s and per-source reward means
 
 
 def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -170,49 +183,54 @@ class GRPO:
         comp = out[:, ids.shape[1] :]
         return ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), comp
 
+    def _rollout(self, net, batch, n: int) -> Rollout:
+        """Sample `n` completions per prompt of the batch, decode and reward them."""
+        tok = self.tokenizer
+        device = batch["input_ids"].device
+        prompts, refs, raw = self._texts(batch)
+        t0 = time.time()
+        p_ids, p_mask, comp = self._generate(net, prompts, device, sample=True, n=n)
+        gen_s = time.time() - t0
+        c_mask = completion_mask(comp, tok.eos_token_id)
+        texts = tok.batch_decode(comp.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+        rewards, parts = self.reward([x for x in raw for _ in range(n)], texts, [r for r in refs for _ in range(n)])
+        attn = torch.cat([p_mask, c_mask], dim=1)
+        return Rollout(
+            full=torch.cat([p_ids, comp], dim=1), attn=attn, pos=(attn.cumsum(-1) - 1).clamp(min=0),
+            comp=comp, c_mask=c_mask, prompt_len=p_ids.shape[1],
+            rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
+            info={"generate_s": gen_s, **{k.replace("/", "_"): v for k, v in parts.items()}},
+        )
+
     def loss(self, model, batch):
         net = getattr(model, "module", model)  # DeepSpeedEngine.eval() sets its module's mode, not its own
         if not net.training:  # the loop's held-out loss: NLL of the reference answers
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss, n = token_cross_entropy(logits, batch["labels"])
             return loss, {"target_tokens": float(n)}
-        m, tok = self.spec.method, self.tokenizer
-        device = batch["input_ids"].device
+        m = self.spec.method
         G = m.group_size
-        prompts, refs, raw = self._texts(batch)
-
-        t0 = time.time()
-        p_ids, p_mask, comp = self._generate(net, prompts, device, sample=True, n=G)
-        gen_s = time.time() - t0
-        c_mask = completion_mask(comp, tok.eos_token_id)
-        texts = tok.batch_decode(comp.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
-        rewards, parts = self.reward([x for x in raw for _ in range(G)], texts, [r for r in refs for _ in range(G)])
-        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
-        adv = group_advantages(rewards_t, G, scale=m.scale_rewards)
-
-        full = torch.cat([p_ids, comp], dim=1)
-        attn = torch.cat([p_mask, c_mask], dim=1)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        P = p_ids.shape[1]
-        logits = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        r = self._rollout(net, batch, G)
+        adv = group_advantages(r.rewards, G, scale=m.scale_rewards)
+        comp, c_mask, P = r.comp, r.c_mask, r.prompt_len
+        logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False).logits
         logp = token_logps(logits[:, P - 1 : -1], comp)
         per_tok, clipped = clipped_surrogate(logp, logp.detach(), adv[:, None], m.clip_eps)
         kl = torch.zeros_like(logp)
         if m.beta > 0:
-            ref_logits = reference_logits_of(model, full, attn, pos)
+            ref_logits = reference_logits_of(model, r.full, r.attn, r.pos)
             kl = k3_kl(logp, token_logps(ref_logits[:, P - 1 : -1], comp))
             per_tok = per_tok + m.beta * kl
         loss = masked_mean(per_tok, c_mask, dim=1).mean()
         info = {
-            "target_tokens": float(len(texts)),
-            "reward_mean": float(rewards_t.mean()),
-            "reward_min": float(rewards_t.min()),
-            "reward_max": float(rewards_t.max()),
+            "target_tokens": float(len(comp)),
+            "reward_mean": float(r.rewards.mean()),
+            "reward_min": float(r.rewards.min()),
+            "reward_max": float(r.rewards.max()),
             "kl": float(masked_mean(kl.detach(), c_mask)),
             "completion_len": float(c_mask.sum(-1).float().mean()),
             "clipped": float(masked_mean(clipped, c_mask)),
-            "generate_s": gen_s,
-            **{k.replace("/", "_"): v for k, v in parts.items()},
+            **r.info,
         }
         return loss, info
 
@@ -238,12 +256,10 @@ class GRPO:
             if self.reward is not None:
                 raw = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
                 totals, _ = self.reward(raw, texts, refs)
-                for s, tot in zip(scores, totals, strict=True):
+                for i, (s, tot) in enumerate(zip(scores, totals, strict=True)):
                     s["reward"] = tot
-                if self.reward.served is not None:
-                    served = self.reward.served(raw, texts)
-                    for s, v in zip(scores, served, strict=True):
-                        s["reward_model_score"] = v
+                    if self.reward.last_served:
+                        s["reward_model_score"] = self.reward.last_served[i]
             out += scores
         return out
 

@@ -12,12 +12,10 @@ fine-tune saves it as an extra weight (`ftray_value_head`) that `from_pretrained
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ftray.methods.dpo import reference_logits_of
-from ftray.methods.grpo import GRPO, completion_mask
+from ftray.methods.grpo import GRPO
 from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, token_logps, whiten
 
 __all__ = ["PPO"]
@@ -57,23 +55,10 @@ class PPO(GRPO):
         net = getattr(model, "module", model)
         if not net.training:
             return super().loss(model, batch)  # held-out NLL of the reference answers
-        m, tok = self.spec.method, self.tokenizer
+        m = self.spec.method
         device = batch["input_ids"].device
-        prompts, refs, raw = self._texts(batch)
-        n = m.samples_per_prompt
-
-        t0 = time.time()
-        p_ids, p_mask, comp = self._generate(net, prompts, device, sample=True, n=n)
-        gen_s = time.time() - t0
-        c_mask = completion_mask(comp, tok.eos_token_id)
-        texts = tok.batch_decode(comp.masked_fill(c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
-        scores, parts = self.reward([x for x in raw for _ in range(n)], texts, [r for r in refs for _ in range(n)])
-        scores_t = torch.tensor(scores, dtype=torch.float32, device=device)
-
-        full = torch.cat([p_ids, comp], dim=1)
-        attn = torch.cat([p_mask, c_mask], dim=1)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        P = p_ids.shape[1]
+        r = self._rollout(net, batch, m.samples_per_prompt)
+        full, attn, pos, comp, c_mask, P, scores_t = r.full, r.attn, r.pos, r.comp, r.c_mask, r.prompt_len, r.rewards
         out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
         logp = token_logps(out.logits[:, P - 1 : -1], comp)
         values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
@@ -94,9 +79,9 @@ class PPO(GRPO):
         coef = self.kl_coef
         if m.kl_target is not None:  # Ziegler et al. (2019): proportional control of the KL coefficient
             err = max(-0.2, min(0.2, seq_kl / m.kl_target - 1.0))
-            self.kl_coef *= 1.0 + err * len(texts) / m.kl_horizon
+            self.kl_coef *= 1.0 + err * len(comp) / m.kl_horizon
         return loss, {
-            "target_tokens": float(len(texts)),
+            "target_tokens": float(len(comp)),
             "reward_mean": float(scores_t.mean()),
             "reward_min": float(scores_t.min()),
             "reward_max": float(scores_t.max()),
@@ -106,6 +91,5 @@ class PPO(GRPO):
             "value_loss": float(value_loss.detach()),
             "completion_len": float(c_mask.sum(-1).float().mean()),
             "clipped": float(masked_mean(clipped, c_mask)),
-            "generate_s": gen_s,
-            **{k.replace("/", "_"): v for k, v in parts.items()},
+            **r.info,
         }

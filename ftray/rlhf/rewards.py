@@ -48,7 +48,7 @@ class RewardFn:
     format_regex: str | None = None
     served: Callable[[list[str], list[str]], list[float]] | None = None
     served_weight: float = 1.0
-    last: dict[str, float] = field(default_factory=dict)
+    last_served: list[float] = field(default_factory=list)  # the served model's scores of the last call
 
     def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> tuple[list[float], dict[str, float]]:
         parts = [verifiable_rewards(c, r, self.weights, self.format_regex) for c, r in zip(completions, references, strict=True)]
@@ -58,6 +58,7 @@ class RewardFn:
         if self.served is not None:
             t0 = time.time()
             scores = self.served(prompts, completions)
+            self.last_served = scores
             served_s = time.time() - t0
             totals = [t + self.served_weight * s for t, s in zip(totals, scores, strict=True)]
             means["reward/model"] = sum(scores) / len(scores) if scores else 0.0
