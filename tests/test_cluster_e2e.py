@@ -9,10 +9,13 @@ cloud node would get them from its role. Slow (about 3 minutes on 2 loaded cores
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 import urllib.error
@@ -32,14 +35,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 
 
-@pytest.fixture
-def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instance on the machine
+@contextlib.contextmanager
+def _local_cluster(workers: int, tmp_path: Path):
+    """`cluster/local.sh up N` with its own dir, token, ports; yields (client env, cluster dir); always `down`."""
     if shutil.which("setsid") is None:
         pytest.skip("cluster/local.sh needs `setsid` (util-linux), which this machine lacks")
     psutil = pytest.importorskip("psutil", reason="psutil is needed to stop only this test's Ray processes")
     cluster_dir = Path(tempfile.mkdtemp(prefix="ftc2-", dir="/tmp"))
-    env = _plain_env()  # os.environ holds the moto endpoint and credentials (the s3 fixture)
-    assert env["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+    env = _plain_env()  # os.environ holds the moto endpoint and credentials (the s3 fixture) when it is used
     env.update(
         FTRAY_CLUSTER_DIR=str(cluster_dir),
         FTRAY_RAY_TOKEN=str(tmp_path / "auth" / "ray_token"),
@@ -49,13 +52,13 @@ def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instanc
         FTRAY_OBJECT_STORE_MB="256",
     )
     try:
-        up = _run([SCRIPT, "up", "2"], env, timeout=400)
+        up = _run([SCRIPT, "up", str(workers)], env, timeout=150 + 150 * workers)
         assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
         authed = _plain_env()
         for line in (cluster_dir / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             authed[key] = value
-        yield authed
+        yield authed, cluster_dir
     finally:
         _run([SCRIPT, "down"], env, timeout=120)
         for p in _ours(cluster_dir):
@@ -64,6 +67,13 @@ def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instanc
             except psutil.Error:
                 pass
         shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instance on the machine
+    assert _plain_env()["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+    with _local_cluster(2, tmp_path) as (authed, _):
+        yield authed
 
 
 def _wait_serve_running(authed: dict, timeout: float = 240) -> None:
@@ -97,7 +107,15 @@ def test_two_node_job_to_s3_then_serve_deploy(two_nodes, tiny_model, arith, cach
         "train.checkpoint_every": "null",
         "method.exact_match": "false",
     }
-    cmd = ["ray", "job", "submit", "--working-dir", ROOT, "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--working-dir",
+        ROOT,
+        "--runtime-env-json",
+        json.dumps({"excludes": EXCLUDES}),
+    ]
     cmd += ["--", "ftray", "train", "jobs/quickstart.yaml"] + [f"--set={k}={v}" for k, v in sets.items()]
     job = _run(cmd, authed, timeout=600)
     text = job.stdout + job.stderr
@@ -147,8 +165,132 @@ def test_two_node_job_to_s3_then_serve_deploy(two_nodes, tiny_model, arith, cach
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=120, max_retries=2)
     done = client.completions.create(model="tiny:e2e", prompt="2+3=", max_tokens=4, temperature=0)
-    assert done.model == "tiny:e2e" and isinstance(done.choices[0].text, str) and done.usage.completion_tokens >= 1
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert (
+        done.model == "tiny:e2e"
+        and isinstance(done.choices[0].text, str)
+        and done.usage.completion_tokens >= 1
+    )
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer wrong"}
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 401
+
+
+# Labels of the nodes running a live Ray Train worker, read from the dashboard's state API.
+TRAIN_NODES = """
+import json, os
+from ray.util.state import list_actors, list_nodes
+url = os.environ["RAY_DASHBOARD_ADDRESS"]
+labels = {n.node_id: n.labels.get("ftray.io/node", "?") for n in list_nodes(address=url, detail=True, raise_on_missing_output=False)}
+alive = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+print(json.dumps(sorted(labels.get(a.node_id, "?") for a in alive)))
+"""
+
+
+ENDED = r"Job '[^']+' (succeeded|failed|was stopped|stopped)"  # `ray job status` once the job has ended
+
+
+def _kill_raylet(cluster_dir: Path, node: str) -> int:
+    """SIGKILL the raylet of local.sh's node `node` (found in that node's session); returns its pid."""
+    import psutil
+
+    starts = dict(reversed(line.split()) for line in (cluster_dir / "pids").read_text().splitlines())
+    sid = int(starts[node])  # `setsid ray start --block`: its pid is the node's session id
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] == "raylet" and os.getsid(p.pid) == sid:
+                p.send_signal(signal.SIGKILL)
+                return p.pid
+        except (psutil.Error, ProcessLookupError):
+            pass
+    raise AssertionError(f"no raylet found in the session of node {node}")
+
+
+def test_worker_node_lost_mid_run_restarts_from_checkpoint(tiny_model, arith, cache_dir, tmp_path, ray_down):
+    """3 worker nodes, a 2-worker STRICT_SPREAD job; the raylet of a node running a worker is SIGKILLed after the
+    first checkpoint: Ray Train restarts the worker group on the 2 nodes left and the job finishes from it."""
+    steps, every = 40, 5
+    with _local_cluster(3, tmp_path) as (authed, cluster_dir):
+        out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
+        sets = {
+            "model.path": tiny_model.resolve(),
+            "data.train": arith[0].resolve(),
+            "data.eval": arith[1].resolve(),
+            "data.cache_dir": cache_dir.resolve(),
+            "output.dir": out,
+            "scaling.placement_strategy": "STRICT_SPREAD",
+            "scaling.max_failures": 2,
+            "train.max_steps": steps,
+            "train.checkpoint_every": every,
+            "train.eval_every": "null",
+            "train.log_every": 1,
+            "method.exact_match": "false",
+        }
+        sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
+        cmd = ["ray", "job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", ROOT]
+        cmd += [
+            "--runtime-env-json",
+            json.dumps({"excludes": EXCLUDES}),
+            "--",
+            "ftray",
+            "train",
+            "jobs/quickstart.yaml",
+        ]
+        sub = _run(cmd + [f"--set={k}={v}" for k, v in sets.items()], authed, timeout=300)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+
+        def logs() -> str:
+            r = _run(["ray", "job", "logs", sid], authed, timeout=120)
+            return r.stdout + r.stderr
+
+        def status() -> str:
+            r = _run(["ray", "job", "status", sid], authed, timeout=120)
+            return r.stdout + r.stderr
+
+        # Wait until the first checkpoint is registered (progress two steps past it) while the job runs.
+        deadline, text = time.time() + 600, ""
+        while time.time() < deadline:
+            text = logs()
+            done = [int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", text)]
+            if done and max(done) >= every + 2 and list((out / "checkpoints").glob("checkpoint_*")):
+                break
+            assert not re.search(ENDED, status()), text[-4000:]
+            time.sleep(3)
+        else:
+            pytest.fail(f"no checkpoint within 600 s:\n{text[-4000:]}")
+        r = _run(["python", "-c", TRAIN_NODES], authed, timeout=120)
+        nodes = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else []
+        assert len(nodes) == 2 and len(set(nodes)) == 2, r.stdout + r.stderr
+        victim = nodes[-1]
+        step_at_kill = max(int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", logs()))
+        _kill_raylet(cluster_dir, victim)
+        t_kill = time.time()
+
+        deadline = time.time() + 900
+        while time.time() < deadline and not re.search(ENDED, st := status()):
+            time.sleep(5)
+        text = logs()
+        assert f"Job '{sid}' succeeded" in st, st + text[-6000:]
+        took = time.time() - t_kill
+
+    resumed = re.findall(rf"resumed from checkpoint at step (\d+)/{steps}", text)
+    assert resumed, text[-6000:]
+    from_step = int(resumed[0])
+    # The steps run twice give the same loss: the restart continued the run exactly from the checkpoint.
+    before, after = text.split(f"resumed from checkpoint at step {from_step}/{steps}", 1)
+    losses = [
+        dict(re.findall(rf"\[ftray\] step (\d+)/{steps} loss ([\d.]+)", part)) for part in (before, after)
+    ]
+    redone = sorted(set(losses[0]) & set(losses[1]), key=int)
+    assert redone and all(losses[0][k] == losses[1][k] for k in redone), (losses, redone)
+    assert every <= from_step <= step_at_kill and from_step % every == 0, (from_step, step_at_kill)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["train"]["steps"] == steps
+    placed = sorted(r["labels"].get("ftray.io/node") for r in run["placement"]["ranks"])
+    assert victim not in placed and len(set(placed)) == 2, (victim, placed)
+    print(
+        f"node {victim} lost at step >= {step_at_kill}; restarted on {placed} from the step-{from_step} checkpoint: "
+        f"{len(redone)} steps redone (same losses); job finished {took:.0f} s after the kill"
+    )
