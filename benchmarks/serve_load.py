@@ -4,9 +4,12 @@ Compares (a) dynamic batching, (b) one request at a time (max_batch_size 1), (c)
 the traffic vs 1 adapter, all against a tiny model on CPU; `--kill-replica` kills the generator's
 replica mid-run and reports how many requests failed and for how long Serve took to replace it.
 
-    python benchmarks/serve_load.py                       # full: concurrency 1,4,16,32, 20 s per cell
+    python benchmarks/serve_load.py                       # full: concurrency 1,4,16,32, 20 s per cell, then the drill
     python benchmarks/serve_load.py --quick               # 5 s per cell (~4 min on 2 cores)
     python benchmarks/serve_load.py --kill-replica        # the failure drill only
+
+The table and the ratios (batching / one at a time, 8 adapters / 1 adapter, per concurrency) are printed
+and written to benchmarks/results/serve_load.md (the load generator shares the machine with the server).
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--size", default="nano")
-    ap.add_argument("--kill-replica", action="store_true")
+    ap.add_argument("--kill-replica", action="store_true", help="the failure drill only")
+    ap.add_argument("--no-drill", action="store_true", help="skip the failure drill after the load cells")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     if a.quick:
@@ -156,11 +160,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
-    if a.kill_replica:
-        r = kill_drill(config(base, reg, 16), port, max(a.seconds, 15.0), 8, a.max_tokens)
-        r.pop("_ok")
-        rows.append({"case": "kill replica", **r})
-    else:
+    if not a.kill_replica:
         adapters8 = [f"a{i}" for i in range(8)]
         for case, mbs, adapters in [("batching, 1 adapter", 16, ["a0"]), ("batching, 8 adapters", 16, adapters8),
                                     ("max_batch_size 1, 1 adapter", 1, ["a0"])]:
@@ -171,6 +171,11 @@ def main() -> None:
                 rows.append({"case": case, **r})
                 print(json.dumps(rows[-1]), flush=True)
             serve.delete("bench")
+    if a.kill_replica or not a.no_drill:
+        r = kill_drill(config(base, reg, 16), port, max(a.seconds, 15.0), 8, a.max_tokens)
+        r.pop("_ok")
+        rows.append({"case": "kill replica", **r})
+        serve.delete("bench")
     serve.shutdown()
     print(f"\n{'case':30} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
     for r in rows:
@@ -179,6 +184,43 @@ def main() -> None:
               + (f"  outage {r['outage_s']:.1f} s, {r['answered_after_kill']} answered after the kill" if "outage_s" in r else ""))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
+    if not a.kill_replica:
+        write_markdown(rows, a)
+
+
+def write_markdown(rows: list[dict], a) -> None:
+    """The table and the two ratios the issue sets goals for, per concurrency."""
+    by = {(r["case"], r["concurrency"]): r for r in rows}
+    lines = [
+        "# Serving load (benchmarks/serve_load.py)",
+        "",
+        f"`{a.size}` Llama + 8 LoRA adapters, CPU, {a.max_tokens} new tokens per request (greedy), "
+        f"{a.seconds:g} s per cell; the load generator (httpx, asyncio) runs on the same 2-core machine.",
+        "",
+        "| case | concurrency | req/s | gen tok/s | p50 ms | p99 ms | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["case"] != "kill replica":
+            lines.append(f"| {r['case']} | {r['concurrency']} | {r['req_s']:.1f} | {r['tok_s']:.1f} | "
+                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['failed']} |")
+    lines += ["", "| concurrency | batching / one at a time (goal >= 3x at 16) | 8 adapters / 1 adapter (goal >= 0.8x) |",
+              "|---|---|---|"]
+    for c in sorted({r["concurrency"] for r in rows if r["case"] != "kill replica"}):
+        one, bat, mix = (by.get((k, c)) for k in ("max_batch_size 1, 1 adapter", "batching, 1 adapter",
+                                                   "batching, 8 adapters"))
+        ratio = lambda x, y: f"{x['req_s'] / y['req_s']:.2f}x" if x and y and y["req_s"] else "-"  # noqa: E731
+        lines.append(f"| {c} | {ratio(bat, one)} | {ratio(mix, bat)} |")
+    drill = by.get(("kill replica", 8))
+    if drill:
+        lines += ["", f"Failure drill (concurrency 8, the generator replica killed at 1/3 of "
+                      f"{max(a.seconds, 15.0):g} s): {drill['failed']} requests failed over "
+                      f"{drill['failed_window_s']:.1f} s; first answer from the new replica {drill['outage_s']:.1f} s "
+                      f"after the kill; {drill['answered_after_kill']} answered after it; {drill['requests']} in all."]
+    out = ROOT / "benchmarks" / "results" / "serve_load.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ def cmd_data_arithmetic(args) -> int:
 
     tr, te = write_arithmetic(args.out, max_operand=args.max_operand, test_size=args.test_size, seed=args.seed)
     print(f"train: {tr}\ntest: {te}")
+    if args.preferences:
+        from ftray.data.synthetic import write_arithmetic_preferences
+
+        ptr, pte = write_arithmetic_preferences(args.out, args.max_operand, args.test_size, args.seed)
+        print(f"preference train: {ptr}\npreference test: {pte}")
     return 0
 
 
@@ -221,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--max-operand", type=int, default=19)
     ar.add_argument("--test-size", type=int, default=60)
     ar.add_argument("--seed", type=int, default=0)
+    ar.add_argument(
+        "--preferences", action="store_true", help="also arith_pref_{train,test}.jsonl: the right sum chosen over near misses"
+    )
     ar.set_defaults(fn=cmd_data_arithmetic)
 
     sv = sub.add_parser("serve", help="serve run folders over OpenAI-compatible HTTP (Ray Serve)")

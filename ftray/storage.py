@@ -103,6 +103,18 @@ def exists(path: str) -> bool:
         return False
 
 
+def stamp(path: str) -> str | None:
+    """A version of one file: size, mtime and inode (local) or ETag (S3); None when it is absent.
+    A rewrite (a new upload, or a folder renamed over the old one) changes it."""
+    fs, p = filesystem(path)
+    try:
+        info = fs.info(p)
+    except (FileNotFoundError, PermissionError):
+        return None
+    keys = ("size", "mtime", "ino", "ETag", "etag", "LastModified")
+    return repr([str(info.get(k)) for k in keys])
+
+
 def isdir(path: str) -> bool:
     fs, p = filesystem(path)
     try:

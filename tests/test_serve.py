@@ -295,9 +295,11 @@ def test_adapter_names_are_validated(tiny_model, work):
     (reg / "pickled" / "run.json").write_text(json.dumps({"status": "completed"}))
     make_adapter_run(tiny_model, reg / "running", seed=4)
     (reg / "running" / "run.json").unlink()  # the trainer writes run.json last
+    ia3 = make_adapter_run(tiny_model, reg / "ia3", seed=5) / "adapter" / "adapter_config.json"
+    ia3.write_text(json.dumps({**json.loads(ia3.read_text()), "peft_type": "IA3"}))  # no per-request selection
     r = AdapterRegistry(GenerationModel(name="tiny", base=str(tiny_model), registry=[str(reg)]), str(tiny_model))
     assert r.lookup("ok").endswith("adapter")
-    for bad, status in [("../../etc/passwd", 400), ("a/b", 400), ("..", 400), ("", 400), ("missing", 404), ("pickled", 400), ("running", 409)]:
+    for bad, status in [("../../etc/passwd", 400), ("a/b", 400), ("..", 400), ("", 400), ("missing", 404), ("pickled", 400), ("running", 409), ("ia3", 400)]:
         with pytest.raises(AdapterError) as e:
             r.lookup(bad)
         assert e.value.status == status, bad
@@ -340,3 +342,49 @@ def test_timeouts_and_backpressure_map_to_408_429():
     with pytest.raises(APIError) as e:
         asyncio.run(call(me, Full(), time.monotonic() + 5))
     assert e.value.status == 429 and e.value.headers == {"Retry-After": "2"}
+
+
+def _peft_greedy(base: Path, adapter: Path, ids: list[int], n: int) -> list[int]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    with torch.no_grad():
+        ref = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+    eos = AutoTokenizer.from_pretrained(base).eos_token_id
+    return ref[: ref.index(eos)] if eos in ref else ref
+
+
+def test_adapter_rewritten_under_same_name_is_reloaded(tiny_model, work):
+    """A run trained again into the folder of a served adapter: the replica loads the new weights on the next
+    request once the new version is complete, and keeps serving the old one while the rewrite is going on."""
+    from ftray import storage
+    from ftray.serve.config import GenerationModel
+    from ftray.serve.engine import LoraEngine
+
+    reg = work / "reg-rewrite"
+    make_adapter_run(tiny_model, reg / "same", seed=21)
+    engine = LoraEngine(GenerationModel(name="tiny", base=str(tiny_model), registry=[str(reg)], reload_check_s=0))
+    ids = _ids(tiny_model, "12+7=")
+    req = {"adapter": "same", "input_ids": ids, "max_tokens": 10, "temperature": 0}
+    first = engine.generate([req])[0]["token_ids"]
+    assert first == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
+
+    def retrain(seed: int) -> None:  # a new version written aside, then put in place as the trainer does
+        new = make_adapter_run(tiny_model, work / f"rewrite-{seed}", seed=seed)
+        storage.publish_dir(new / "adapter", str(reg / "same" / "adapter"))
+
+    retrain(22)
+    second = engine.generate([req])[0]["token_ids"]
+    assert second == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10) and second != first
+
+    # A rewrite in progress (run.json is written last): the old version keeps answering.
+    run_json = (reg / "same" / "run.json").read_text()
+    (reg / "same" / "run.json").unlink()
+    retrain(23)
+    assert engine.generate([req])[0]["token_ids"] == second
+    (reg / "same" / "run.json").write_text(run_json)
+    third = engine.generate([req])[0]["token_ids"]
+    assert third == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
+    assert list(engine.loaded) == ["same"]

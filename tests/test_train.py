@@ -240,3 +240,25 @@ def test_export_merge_equals_adapter(equivalence_runs, tmp_path, tiny_model):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-5)
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_job_that_cannot_fit_is_refused_on_an_embedded_ray(ray_local, tiny_model, arith, cache_dir, tmp_path):
+    """More CPUs than the cluster has: an embedded Ray can never grow, so the job is refused before any worker
+    is placed (instead of waiting forever); a joined cluster gets a warning (an autoscaler may add nodes).
+    A grpo job's reward replica counts too."""
+    from ftray.config import SpecError
+    from ftray.train.launch import check_fits
+
+    have = ray_local.cluster_resources()["CPU"]
+    big = spec_from_dict(job_dict(tiny_model, arith[0], None, tmp_path / "big", cache_dir, scaling__num_workers=3, scaling__cpus_per_worker=have / 2))
+    with pytest.raises(SpecError, match=rf"scaling: the job needs {1.5 * have:g} CPUs .* the Ray cluster has {have:g}: lower"):
+        check_fits(big, embedded=True)
+    said: list[str] = []
+    check_fits(big, embedded=False, log=lambda m, **_: said.append(m))
+    assert len(said) == 1 and "waits until the cluster grows" in said[0]
+
+    rm = {"path": str(tmp_path / "rm"), "num_cpus": have - 1.5}
+    grpo = spec_from_dict(job_dict(tiny_model, arith[0], None, tmp_path / "g", cache_dir, method__kind="grpo", method__rewards={}, method__reward_model=rm))
+    with pytest.raises(SpecError, match=r"\+ .* for the method's reward replica"):
+        check_fits(grpo, embedded=True)
+    check_fits(spec_from_dict(job_dict(tiny_model, arith[0], None, tmp_path / "ok", cache_dir)), embedded=True)

@@ -69,6 +69,8 @@ class Method(Protocol):
     #   before_fit(spec)                on the driver once Ray is up, before the workers start (e.g. grpo
     #                                   deploys its reward model)
     #   setup(spec, tokenizer, ctx)     on each worker before the first evaluation (e.g. grpo's sampler)
+    #   extra_cpus(spec) -> float       CPUs the job takes beside its workers (e.g. the reward replica that
+    #                                   grpo deploys), counted when the driver checks the job fits the cluster
     # `loss` may return more numbers in its info dict than `target_tokens`: the loop logs them every step
     # as `train/<key>`, averaged over micro-batches and ranks (`*_min` / `*_max`: the extreme; `*_s`:
     # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).

@@ -103,6 +103,10 @@ class GRPO:
             if r.adapter:
                 raise SpecError(f"method.reward_model.path: {rm.path} is an adapter run; serve its merged/ model")
 
+    def extra_cpus(self, spec) -> float:
+        rm = spec.method.reward_model
+        return rm.num_cpus if rm is not None and rm.path is not None else 0.0
+
     def before_fit(self, spec) -> None:
         """On the driver, after Ray is up and before the workers start: make the served reward model exist."""
         rm = spec.method.reward_model

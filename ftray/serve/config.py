@@ -73,6 +73,12 @@ class GenerationModel(_Strict):
         " request: an adapter written there later is servable without a restart",
     )
     max_loaded_adapters: int = Field(16, ge=1, description="adapters kept in memory per replica (LRU)")
+    reload_check_s: float | None = Field(
+        5.0,
+        ge=0,
+        description="how often (seconds, per adapter, on use) a loaded adapter's weights file is checked for a "
+        "rewrite under the same name; a new complete version is loaded in place. null: never",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     deployment: Deployment = Field(default_factory=Deployment)
 

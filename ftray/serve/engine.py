@@ -60,8 +60,11 @@ class LoraEngine:
 
         for name in sorted(names):
             if name in self.loaded:
-                self.loaded.move_to_end(name)
-                continue
+                if not self.registry.changed(name):
+                    self.loaded.move_to_end(name)
+                    continue
+                self.peft.delete_adapter(name)  # rewritten under the same name: load the new version
+                del self.loaded[name]
             folder = self.registry.lookup(name)
             local = str(storage.cached_copy(folder))
             if self.peft is None:

@@ -3,7 +3,8 @@
 Only two kinds of names resolve: those configured explicitly and the sub-folders of a registry
 folder. A name is checked against `ADAPTER_NAME` before it touches a path, so "../x" or "a/b" never
 reaches the filesystem. Registry folders are listed on each miss, so an adapter written there after
-start-up (by a finished training run) is found without a restart.
+start-up (by a finished training run) is found without a restart; an adapter rewritten under the same
+name (a run trained again into its folder) is noticed by `changed` and reloaded once it is complete.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class AdapterRegistry:
         self._found: dict[str, str] = {}
         self._misses: dict[str, float] = {}
         self._miss_ttl = miss_ttl_s  # a flood of unknown names costs one listing a second, not one each
+        self._stamps: dict[str, str | None] = {}  # name -> version of its adapter_model.safetensors
+        self._checked: dict[str, float] = {}
+        self._recheck = model.reload_check_s
 
     def validate(self, name: str) -> None:
         if not ADAPTER_NAME.match(name) or ".." in name:
@@ -94,6 +98,14 @@ class AdapterRegistry:
             if status != "completed" or not storage.is_complete(folder):
                 raise AdapterError(f"adapter {name}: its run is {status!r}, not completed", 409, "adapter_not_ready")
         cfg = json.loads(storage.read_text(storage.join(folder, "adapter_config.json")))
+        kind = cfg.get("peft_type", "LORA")
+        if kind != "LORA":  # peft selects adapters per request (mixed batches) for LoRA layers only
+            raise AdapterError(
+                f"adapter {name} is a {kind} adapter: the generation server batches LoRA adapters only; merge it "
+                "into its base (`ftray export RUN --merge`) and serve the merged model as a base",
+                400,
+                "unsupported_adapter",
+            )
         trained_on = cfg.get("base_model_name_or_path")
         if trained_on and (storage.is_remote(trained_on) or Path(trained_on).exists()):
             from ftray.models.load import resolve
@@ -102,7 +114,28 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {name} was trained on {trained_on}, not on {self.model.name}", 400)
         check_safetensors(folder)
         self._found[name] = folder
+        self._stamps[name] = storage.stamp(storage.join(folder, "adapter_model.safetensors"))
+        self._checked[name] = time.monotonic()
         return folder
+
+    def changed(self, name: str) -> bool:
+        """True when the adapter `name` was rewritten since it was found and the new version is complete
+        (then it is remembered as current). Checked at most every `reload_check_s` per name; while a
+        rewrite is in progress (no weights, run not completed) the old version keeps being served."""
+        if name not in self._found or self._recheck is None:
+            return False
+        now = time.monotonic()
+        if now - self._checked.get(name, -1e9) < self._recheck:
+            return False
+        self._checked[name] = now
+        folder = self._found[name]
+        if storage.stamp(storage.join(folder, "adapter_model.safetensors")) == self._stamps.get(name):
+            return False
+        try:
+            self._remember(name, folder)
+        except AdapterError:
+            return False
+        return True
 
     def names(self) -> list[str]:
         out = set(self._static)

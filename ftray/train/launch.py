@@ -16,7 +16,7 @@ from ftray.methods import check_method, get_method
 from ftray.models.adapters import check_targets
 from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
 
-__all__ = ["Plan", "check_job", "ensure_ray", "fit_job", "train"]
+__all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "train"]
 
 
 
@@ -55,14 +55,43 @@ def check_job(spec: JobSpec) -> Plan:
     return Plan(spec, resolved, train_rows, eval_rows)
 
 
-def ensure_ray(spec: JobSpec | None = None) -> None:
-    """Join the running cluster (ray job submit sets RAY_ADDRESS) or start an embedded one."""
+def ensure_ray(spec: JobSpec | None = None) -> bool:
+    """Join the running cluster (ray job submit sets RAY_ADDRESS) or start an embedded one; True when
+    this process started it (then nothing can be added to it: no autoscaler)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
     ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
+    node = getattr(ray._private.worker, "_global_node", None)  # head=True: ray.init started this cluster
+    return bool(node is not None and node.head)
+
+
+def check_fits(spec: JobSpec, embedded: bool, log=print) -> None:
+    """A job whose workers (and what its method deploys beside them) need more CPUs or GPUs than the
+    cluster has would wait for them forever: refuse it on an embedded Ray, warn on a joined cluster
+    (an autoscaler may add nodes)."""
+    import ray
+
+    from ftray.config import SpecError
+
+    s = spec.scaling
+    method = get_method(spec.method.kind)
+    extra = method.extra_cpus(spec) if hasattr(method, "extra_cpus") else 0.0
+    have = ray.cluster_resources()
+    needs = {"CPU": s.num_workers * s.cpus_per_worker + extra, "GPU": float(s.num_workers if s.use_gpu else 0)}
+    for res, need in needs.items():
+        if need > have.get(res, 0.0) + 1e-9:
+            msg = (
+                f"scaling: the job needs {need:g} {res}s (scaling.num_workers {s.num_workers} x "
+                + (f"scaling.cpus_per_worker {s.cpus_per_worker:g}" if res == "CPU" else "1 GPU")
+                + (f" + {extra:g} for the method's reward replica" if res == "CPU" and extra else "")
+                + f"), the Ray cluster has {have.get(res, 0.0):g}"
+            )
+            if embedded:
+                raise SpecError(msg + ": lower them, or join a larger cluster (RAY_ADDRESS)")
+            log(f"[ftray] warning: {msg}; the job waits until the cluster grows", flush=True)
 
 
 def _run_config(spec: JobSpec, callbacks=None):
@@ -166,7 +195,7 @@ def train(spec: JobSpec, log=print) -> dict:
     """`ftray train`: the whole job. Returns run.json's record."""
     t0 = time.time()
     plan = check_job(spec)
-    ensure_ray(spec)
+    check_fits(spec, ensure_ray(spec), log=log)
     result, meta, timings = fit_job(plan, log=log)
     if result.error:
         raise result.error
