@@ -250,8 +250,8 @@ def test_job_that_cannot_fit_is_refused_on_an_embedded_ray(ray_local, tiny_model
     from ftray.train.launch import check_fits
 
     have = ray_local.cluster_resources()["CPU"]
-    big = spec_from_dict(job_dict(tiny_model, arith[0], None, tmp_path / "big", cache_dir, scaling__num_workers=3, scaling__cpus_per_worker=have / 2))
-    with pytest.raises(SpecError, match=rf"scaling: the job needs {1.5 * have:g} CPUs .* the Ray cluster has {have:g}: lower"):
+    big = spec_from_dict(job_dict(tiny_model, arith[0], None, tmp_path / "big", cache_dir, scaling__num_workers=4, scaling__cpus_per_worker=have / 2, train__micro_batch_size=2))
+    with pytest.raises(SpecError, match=rf"scaling: the job needs {2 * have:g} CPUs .* the Ray cluster has {have:g}: lower"):
         check_fits(big, embedded=True)
     said: list[str] = []
     check_fits(big, embedded=False, log=lambda m, **_: said.append(m))
