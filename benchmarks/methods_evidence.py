@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _RT = ROOT.parent / "shared" / "data" / "classification"
 RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}"]
+_PREF = ROOT.parent / "shared" / "data" / "preference"
+HH = [f"data.train={_PREF / 'hh_rlhf_harmless_train.jsonl'}", f"data.eval={_PREF / 'hh_rlhf_harmless_test.jsonl'}"]
 # job -> (metrics to report, overrides beyond model.path / output.dir)
 RUNS = {
     "classify_sst2_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60"]),
@@ -30,17 +32,20 @@ RUNS = {
     "reward": (("accuracy", "margin"), []),
     "reward_minilm": (("accuracy", "margin"), ["train.max_steps=40", "train.lr=5e-5", "data.max_length=384"]),
     "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"), []),
+    "hh_reward": (("accuracy", "margin"), ["train.epochs=null", "train.max_steps=60", "data.max_length=256", *HH]),
+    "hh_reward_minilm": (("accuracy", "margin"), ["train.epochs=null", "train.max_steps=40", "train.lr=5e-5",
+                                                  "data.max_length=256", *HH]),
     "classify_rt_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
     "classify_rt_lora": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
     "classify_rt_full": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
     "cpt_text": (("perplexity",), ["train.max_steps=60"]),
 }
 # Entries that run another entry's job file (with other overrides).
-JOB_FILE = {"reward_minilm": "reward", "classify_rt_freeze": "classify_sst2_freeze", "classify_rt_lora": "classify_sst2_lora",
+JOB_FILE = {"reward_minilm": "reward", "hh_reward": "reward", "hh_reward_minilm": "reward", "classify_rt_freeze": "classify_sst2_freeze", "classify_rt_lora": "classify_sst2_lora",
             "classify_rt_full": "classify_sst2_full"}
 # Jobs on a tiny Llama built here (random init, tokenizer trained on the oasst1 pairs), as their YAML says.
 TINY_OASST = ROOT / "runs" / "tiny-oasst"
-ON_TINY_OASST = ("reward", "dpo")
+ON_TINY_OASST = ("reward", "dpo", "hh_reward")
 # Jobs whose base is not MiniLM: a tiny T5 built here (random init, tokenizer trained on the pairs).
 TINY_T5 = ROOT / "runs" / "tiny-t5-enfr"
 
@@ -142,6 +147,7 @@ SECTIONS = {
     "sentence_order": "sentence_order — WikiText-2, order of 3 shuffled sentences (6 classes), accuracy vs chance",
     "seq2seq": "seq2seq — en→fr (train 3,811 pairs / 200 held-out), tiny random-init T5, BLEU / chrF",
     "reward": "reward — oasst1 preference pairs (train 542 / held-out 86), pairwise accuracy and mean margin",
+    "hh_reward": "reward — Anthropic HH-RLHF harmless pairs (train 1,669 / held-out 317), pairwise accuracy and mean margin",
     "dpo": "dpo — oasst1 preference pairs (train 542 / held-out 86), LoRA, implicit-reward accuracy / margin, log-probs",
 }
 

@@ -2,7 +2,8 @@
 
 1. warm start: a tiny Llama SFT'd briefly on the task, merged (shared with benchmarks/grpo_arith.py);
 2. `reward` (jobs/reward_arith.yaml): a reward model learns from preference pairs (the right sum chosen over
-   near misses), started from the SFT'd policy; held-out pairwise accuracy before/after;
+   wrong answers: a near miss, a far-off number, a malformed answer), started from the SFT'd policy;
+   held-out pairwise accuracy before/after;
 3. `grpo` (jobs/grpo_arith.yaml with `rewards: {}` and `reward_model: {path: <the reward run>}`) and `ppo`
    (jobs/ppo_arith.yaml): the job deploys the reward run as a Ray Serve app and every rollout is scored
    through its deployment handle. Held-out prompts are judged by the served model's mean score (greedy
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--rm-steps", type=int, default=120)
     ap.add_argument("--steps", type=int, default=100, help="grpo and ppo steps")
+    ap.add_argument("--grpo-beta", type=float, default=1.0, help="grpo's KL weight against the learned reward")
+    ap.add_argument("--grpo-lr", type=float, default=3e-4)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-grpo"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rlhf_served.md"))
     a = ap.parse_args(argv)
@@ -79,17 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         ftray("export", str(sft), "--merge")
 
     rm = w / "rm"
-    t = {"reward": ftray("train", "jobs/reward_arith.yaml", *sets({
-        "model.path": sft / "merged", "data.train": data / "arith_pref_train.jsonl",
-        "data.eval": data / "arith_pref_test.jsonl", "train.max_steps": a.rm_steps, "output.dir": rm}))}
+    if not done(rm):
+        ftray("train", "jobs/reward_arith.yaml", *sets({
+            "model.path": sft / "merged", "data.train": data / "arith_pref_train.jsonl",
+            "data.eval": data / "arith_pref_test.jsonl", "train.max_steps": a.rm_steps, "output.dir": rm}))
+    t = {"reward": record(rm)["timings"]["total_s"]}
 
     served = {"path": str(rm), "app": "ftray-reward", "scorer": "rm", "num_cpus": 0.5}
     paths = {"model.path": sft / "merged", "data.train": data / "arith_train.jsonl",
              "data.eval": data / "arith_test.jsonl", "train.max_steps": a.steps}
     g_job = yaml.safe_load((ROOT / "jobs" / "grpo_arith.yaml").read_text())
-    g_job["method"].update(rewards={}, reward_model=served)
+    # A learned reward can be gamed (the policy drifts to what the reward model over-rates): a stronger KL
+    # penalty than the verifiable-reward job's beta 0.04 keeps the policy near the SFT model.
+    g_job["method"].update(rewards={}, reward_model=served, beta=a.grpo_beta)
     g_job["scaling"]["cpus_per_worker"] = 0.75
-    g_job["train"].update(eval_every=a.steps // 2, log_every=10)
+    g_job["train"].update(eval_every=a.steps // 2, log_every=10, lr=a.grpo_lr)
     (w / "grpo_served.yaml").write_text(yaml.safe_dump(g_job, sort_keys=False))
     runs = {"grpo": w / "grpo-served", "ppo": w / "ppo-served"}
     t["grpo"] = ftray("train", str(w / "grpo_served.yaml"), *sets({**paths, "output.dir": runs["grpo"]}))
@@ -101,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# RLHF against a served reward model (arithmetic)",
         "",
-        f"`python benchmarks/rlhf_served.py --sft-steps {a.sft_steps} --rm-steps {a.rm_steps} --steps {a.steps}` "
+        f"`python benchmarks/rlhf_served.py --sft-steps {a.sft_steps} --rm-steps {a.rm_steps} --steps {a.steps} "
+        f"--grpo-beta {a.grpo_beta} --grpo-lr {a.grpo_lr:g}` "
         f"({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, total {time.time() - t0:.0f} s)",
         "",
         f"Tiny Llama `micro`, SFT warm start of {a.sft_steps} steps, merged. Reward model: `jobs/reward_arith.yaml` "
         f"(full fine-tune from the SFT model, {a.rm_steps} steps, "
         f"{len((data / 'arith_pref_train.jsonl').read_text().splitlines())} train pairs: the right sum over a near "
-        f"miss); held-out pairwise accuracy {rb['accuracy']:.3f} -> {ra['accuracy']:.3f} on "
+        f"miss, a far-off number or a malformed answer); held-out pairwise accuracy {rb['accuracy']:.3f} -> {ra['accuracy']:.3f} on "
         f"{len((data / 'arith_pref_test.jsonl').read_text().splitlines())} pairs over unseen sums ({t['reward']:.0f} s).",
         "",
         "Policies (2 Ray Train workers, ZeRO-2, LoRA, from the SFT model): each job deploys the reward run as the "

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--test-size", type=int, default=60)
     ar.add_argument("--seed", type=int, default=0)
     ar.add_argument(
-        "--preferences", action="store_true", help="also arith_pref_{train,test}.jsonl: the right sum chosen over near misses"
+        "--preferences", action="store_true", help="also arith_pref_{train,test}.jsonl: the right sum chosen over wrong answers"
     )
     ar.set_defaults(fn=cmd_data_arithmetic)
 

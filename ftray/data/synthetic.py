@@ -30,12 +30,14 @@ def write_arithmetic(out_dir: str | Path, max_operand: int = 19, test_size: int 
 
 
 def write_arithmetic_preferences(
-    out_dir: str | Path, max_operand: int = 19, test_size: int = 60, seed: int = 0, per_prompt: int = 3
+    out_dir: str | Path, max_operand: int = 19, test_size: int = 60, seed: int = 0
 ) -> tuple[Path, Path]:
-    """arith_pref_{train,test}.jsonl: {"prompt", "chosen": the sum, "rejected": the sum off by 1-10}, with
-    `per_prompt` rejected answers per prompt, on the same train/test split as `write_arithmetic`."""
+    """arith_pref_{train,test}.jsonl on the same split as `write_arithmetic`: per prompt, the right sum is
+    chosen over three wrong answers of the kinds a weak model gives: a near miss (off by 1-3), a number far
+    off (off by more than 5), and a malformed answer (the sum with the prompt's tail repeated)."""
     tr, te = write_arithmetic(out_dir, max_operand=max_operand, test_size=test_size, seed=seed)
     rng = random.Random(seed + 1)
+    top = 2 * max_operand
     paths = []
     for name, src in (("train", tr), ("test", te)):
         rows = []
@@ -44,8 +46,10 @@ def write_arithmetic_preferences(
                 continue
             r = json.loads(line)
             right = int(r["completion"])
-            wrong = rng.sample([right + d for d in range(-10, 11) if d and right + d >= 0], per_prompt)
-            rows += [{"prompt": r["prompt"], "chosen": str(right), "rejected": str(w)} for w in wrong]
+            near = rng.choice([right + d for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0])
+            far = rng.choice([x for x in range(top + 1) if abs(x - right) > 5])
+            malformed = f"{right}{r['prompt'][-2:]}"  # e.g. "19" + "7="
+            rows += [{"prompt": r["prompt"], "chosen": str(right), "rejected": str(w)} for w in (near, far, malformed)]
         p = Path(out_dir) / f"arith_pref_{name}.jsonl"
         p.write_text("".join(json.dumps(x) + "\n" for x in rows))
         paths.append(p)

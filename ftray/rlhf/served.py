@@ -62,7 +62,12 @@ def deploy_reward_app(ref, resolved_path: str) -> None:
     from ftray.serve.config import ServeConfig
 
     cfg = ServeConfig.model_validate(
-        {"scorers": [{"name": ref.scorer, "path": resolved_path, "kind": "reward", "deployment": {"num_cpus": ref.num_cpus}}]}
+        {
+            "scorers": [{"name": ref.scorer, "path": resolved_path, "kind": "reward", "deployment": {"num_cpus": ref.num_cpus}}],
+            # Rollouts call the scorer by handle; the HTTP ingress only routes, so it reserves no CPU that the
+            # job's workers need (a 2-worker job + reward replica then fits exactly what the spec asks for).
+            "ingress": {"num_cpus": 0.0, "max_ongoing_requests": 64, "max_queued_requests": 64, "max_batch_size": 1},
+        }
     )
     serve.start(http_options={"host": "127.0.0.1"})
     serve.run(build_app(cfg), name=ref.app, route_prefix=f"/{ref.app}", blocking=False)
