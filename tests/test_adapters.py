@@ -72,13 +72,14 @@ def logits_of(model, batch) -> torch.Tensor:
 
 def train_steps(model, batch, steps: int, lr: float = 1e-2) -> list[float]:
     """The loop's order at each optimizer step: backward, adapter hook, step, adapter hook."""
-    from ftray.models.adapters import after_optimizer_step, before_optimizer_step
+    from ftray.models.adapters import adapter_loss, after_optimizer_step, before_optimizer_step
 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         loss, _ = SFT.loss(model, batch)
-        loss.backward()
+        reg = adapter_loss(model)
+        (loss if reg is None else loss + reg).backward()
         before_optimizer_step(model, step)
         opt.step()
         after_optimizer_step(model, step)
@@ -214,6 +215,33 @@ def test_adalora_allocator_changes_ranks_through_its_schedule(tiny_model, arith,
         if "lora_E" in n:
             key = n.removesuffix(".default")
             assert int((p != 0).sum()) <= rep["final_ranks"][key.removeprefix("base_model.model.").removesuffix(".lora_E")]
+
+
+def test_adalora_orthogonal_regulariser_is_peft_s(tiny_model, arith, tmp_path):
+    """ftray's methods compute their own losses, so peft never adds AdaLoRA's orthogonal regulariser (it does
+    so only in its forward, from `labels`); the loop adds `adapter_loss`, which must equal peft's term."""
+    import torch.nn.functional as F
+
+    from ftray.models.adapters import adapter_loss, apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_of("adalora", tiny_model, arith, tmp_path / "run")
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec), spec.adapter, total_steps=20).train()
+    with torch.no_grad():  # lora_A / lora_B start orthonormal-ish: move them so the term is not ~0
+        for n, p in model.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    ids = batch_of(tok, arith)["input_ids"][:2]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)  # peft adds orth_reg_weight x regulariser to this loss
+        plain = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+        reg = adapter_loss(model)
+    assert reg is not None and float(reg) > 1e-3
+    assert abs(float(out.loss - plain) - float(reg)) < 1e-5, (float(out.loss - plain), float(reg))
+    assert adapter_loss(apply_adapter(SFT.load_base(str(tiny_model), torch.float32, spec_of("lora", tiny_model, arith, tmp_path / "l")),
+                                      spec_of("lora", tiny_model, arith, tmp_path / "l").adapter)) is None
 
 
 def test_adalora_resumes_exactly_from_its_allocator_state(tiny_model, arith, tmp_path):

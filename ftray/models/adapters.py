@@ -130,6 +130,28 @@ def _adalora(model):
     return model.base_model if cfg is not None and cfg.peft_type == "ADALORA" else None
 
 
+def adapter_loss(model):
+    """A term the adapter adds to the training loss, or None. AdaLoRA: the orthogonal regulariser on P and Q
+    (orth_reg_weight x the mean over its lora_A / lora_B of ||P P^T - I||_F, resp. ||Q^T Q - I||_F), which peft
+    adds only inside its own forward when it computes the loss from `labels`; ftray's methods compute their
+    losses themselves, so the loop adds it here. (AdaLoRA is refused under ZeRO-3: parameters are whole.)"""
+    import torch
+
+    ada = _adalora(model)
+    if ada is None:
+        return None
+    name = ada.trainable_adapter_name
+    weight = ada.peft_config[name].orth_reg_weight
+    terms = []
+    for n, p in ada.model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n and p.requires_grad:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    if not terms or weight <= 0:
+        return None
+    return weight * torch.stack(terms).mean()
+
+
 def before_optimizer_step(model, step: int) -> None:
     """Called by the loop between backward and the optimizer step, once per optimizer step (at the
     gradient-accumulation boundary). AdaLoRA: peft's rank allocator scores each rank by |weight x gradient|

@@ -24,6 +24,7 @@ from ftray.data.encode import ensure_chat_template
 from ftray.data.prepare import load_split
 from ftray.methods import EvalContext, get_method
 from ftray.models.adapters import (
+    adapter_loss,
     adapter_report,
     adapter_state,
     after_optimizer_step,
@@ -339,7 +340,10 @@ def train_fn_per_worker(config: dict) -> None:
             examples = [row(train_split, i) for i in idx]
             batch = to_dev(method.collate(examples, pad_id))
             loss, info = method.loss(engine, batch)
-            engine.backward(loss)
+            reg = adapter_loss(engine.module)  # e.g. AdaLoRA's orthogonal regulariser; not in the logged loss
+            if reg is not None:
+                info = {**info, "adapter_reg": float(reg.detach())}
+            engine.backward(loss if reg is None else loss + reg)
             # DeepSpeed steps the optimizer only at the accumulation boundary; adapters that act per
             # optimizer step (AdaLoRA's rank allocator) act there, between backward and step.
             boundary = engine.is_gradient_accumulation_boundary()
