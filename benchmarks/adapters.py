@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ROOT, ftray  # noqa: E402
 
 # Per kind: the overrides beyond `adapter.kind` (the quickstart's LoRA fields do not apply to the others).
 NOT_LORA = ["adapter.target_modules=null", "adapter.modules_to_save=null"]
@@ -37,13 +34,6 @@ KINDS: dict[str, list[str]] = {
 }
 
 
-def ftray(*args: str) -> float:
-    t0 = time.time()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "ftray"), *args]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    return time.time() - t0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,26 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def ftray(*args: str) -> float:
-    t0 = time.time()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "ftray"), *args]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    return time.time() - t0
-
-
-def record(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ROOT, done, ftray, record  # noqa: E402
 
 
 def steps(run: Path) -> list[dict]:
@@ -58,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sft = w / "sft"
     sft_over = [*paths, f"model.path={model}", f"train.max_steps={a.sft_steps}", "train.eval_every=null",
                 "train.checkpoint_every=null", f"output.dir={sft}"]
-    if not (sft / "run.json").exists() or record(sft).get("status") != "completed":
+    if not done(sft):
         ftray("train", "jobs/quickstart.yaml", *[x for o in sft_over for x in ("--set", o)])
     if not (sft / "merged" / ".complete").exists():
         ftray("export", str(sft), "--merge")

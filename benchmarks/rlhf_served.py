@@ -20,32 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def ftray(*args: str) -> float:
-    t0 = time.time()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "ftray"), *args]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    return time.time() - t0
-
-
-def record(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
-
-
-def done(run: Path) -> bool:
-    return (run / "run.json").exists() and record(run).get("status") == "completed"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ROOT, done, ftray, record  # noqa: E402
 
 
 def steps(run: Path) -> list[dict]:

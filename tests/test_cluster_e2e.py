@@ -35,6 +35,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 
 
+def _submit_quickstart(tiny_model, arith, cache_dir, out, *submit_args: str, **sets) -> list:
+    """`ray job submit [submit_args] --working-dir . -- ftray train jobs/quickstart.yaml --set ...` on the test's
+    tiny model and data, spread one rank per worker node; `sets` (dotted keys as `a__b`) add or override."""
+    over = {
+        "model.path": tiny_model.resolve(),
+        "data.train": arith[0].resolve(),
+        "data.eval": arith[1].resolve(),
+        "data.cache_dir": cache_dir.resolve(),
+        "output.dir": out,
+        "scaling.placement_strategy": "STRICT_SPREAD",
+        "train.eval_every": "null",
+        "method.exact_match": "false",
+        **{k.replace("__", "."): v for k, v in sets.items()},
+    }
+    cmd = ["ray", "job", "submit", *submit_args, "--working-dir", ROOT, "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
+    return cmd + ["--", "ftray", "train", "jobs/quickstart.yaml"] + [f"--set={k}={v}" for k, v in over.items()]
+
+
 @contextlib.contextmanager
 def _local_cluster(workers: int, tmp_path: Path):
     """`cluster/local.sh up N` with its own dir, token, ports; yields (client env, cluster dir); always `down`."""
@@ -95,28 +113,7 @@ def test_two_node_job_to_s3_then_serve_deploy(two_nodes, tiny_model, arith, cach
 
     authed = two_nodes
     out = f"s3://{BUCKET}/runs/e2e-{uuid.uuid4().hex[:6]}"
-    sets = {
-        "model.path": tiny_model.resolve(),
-        "data.train": arith[0].resolve(),
-        "data.eval": arith[1].resolve(),
-        "data.cache_dir": cache_dir.resolve(),
-        "output.dir": out,
-        "scaling.placement_strategy": "STRICT_SPREAD",
-        "train.max_steps": 4,
-        "train.eval_every": "null",
-        "train.checkpoint_every": "null",
-        "method.exact_match": "false",
-    }
-    cmd = [
-        "ray",
-        "job",
-        "submit",
-        "--working-dir",
-        ROOT,
-        "--runtime-env-json",
-        json.dumps({"excludes": EXCLUDES}),
-    ]
-    cmd += ["--", "ftray", "train", "jobs/quickstart.yaml"] + [f"--set={k}={v}" for k, v in sets.items()]
+    cmd = _submit_quickstart(tiny_model, arith, cache_dir, out, train__max_steps=4, train__checkpoint_every="null")
     job = _run(cmd, authed, timeout=600)
     text = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in text, text[-6000:]
@@ -214,31 +211,12 @@ def test_worker_node_lost_mid_run_restarts_from_checkpoint(tiny_model, arith, ca
     steps, every = 40, 5
     with _local_cluster(3, tmp_path) as (authed, cluster_dir):
         out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
-        sets = {
-            "model.path": tiny_model.resolve(),
-            "data.train": arith[0].resolve(),
-            "data.eval": arith[1].resolve(),
-            "data.cache_dir": cache_dir.resolve(),
-            "output.dir": out,
-            "scaling.placement_strategy": "STRICT_SPREAD",
-            "scaling.max_failures": 2,
-            "train.max_steps": steps,
-            "train.checkpoint_every": every,
-            "train.eval_every": "null",
-            "train.log_every": 1,
-            "method.exact_match": "false",
-        }
         sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
-        cmd = ["ray", "job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", ROOT]
-        cmd += [
-            "--runtime-env-json",
-            json.dumps({"excludes": EXCLUDES}),
-            "--",
-            "ftray",
-            "train",
-            "jobs/quickstart.yaml",
-        ]
-        sub = _run(cmd + [f"--set={k}={v}" for k, v in sets.items()], authed, timeout=300)
+        cmd = _submit_quickstart(
+            tiny_model, arith, cache_dir, out, "--no-wait", "--submission-id", sid,
+            scaling__max_failures=2, train__max_steps=steps, train__checkpoint_every=every, train__log_every=1,
+        )  # fmt: skip
+        sub = _run(cmd, authed, timeout=300)
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
 
         def logs() -> str:

@@ -140,3 +140,15 @@ def test_jsonl_lines_end_at_newline_only(tmp_path):
     p.write_text('{"prompt": "a\u2028b", "completion": "c\u0085d"}\n{"prompt": "e", "completion": "f"}\n', encoding="utf-8")
     rows = read_checked(str(p), "prompt_completion").rows
     assert [r["prompt"] for r in rows] == ["a\u2028b", "e"] and rows[0]["completion"] == "c\u0085d"
+
+
+def test_arithmetic_preferences_follow_the_task_split(tmp_path):
+    from ftray.data.synthetic import write_arithmetic, write_arithmetic_preferences
+
+    tr, te = write_arithmetic(tmp_path)
+    ptr, pte = write_arithmetic_preferences(tmp_path)
+    for src, prefs in ((tr, ptr), (te, pte)):
+        answers = {r["prompt"]: r["completion"] for r in map(json.loads, src.read_text().split("\n")[:-1])}
+        rows = [json.loads(x) for x in prefs.read_text().split("\n")[:-1]]
+        assert len(rows) == 3 * len(answers) and {r["prompt"] for r in rows} == set(answers)
+        assert all(r["chosen"] == answers[r["prompt"]] != r["rejected"] for r in rows)

@@ -15,10 +15,15 @@ from pathlib import Path
 __all__ = ["write_arithmetic", "write_arithmetic_preferences"]
 
 
-def write_arithmetic(out_dir: str | Path, max_operand: int = 19, test_size: int = 60, seed: int = 0) -> tuple[Path, Path]:
+def _split(max_operand: int, test_size: int, seed: int) -> tuple[list, list]:
+    """(train, test) operand pairs: every a+b with a, b <= max_operand, shuffled, the first test_size held out."""
     pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     random.Random(seed).shuffle(pairs)
-    test, train = pairs[:test_size], pairs[test_size:]
+    return pairs[test_size:], pairs[:test_size]
+
+
+def write_arithmetic(out_dir: str | Path, max_operand: int = 19, test_size: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    train, test = _split(max_operand, test_size, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -35,21 +40,19 @@ def write_arithmetic_preferences(
     """arith_pref_{train,test}.jsonl on the same split as `write_arithmetic`: per prompt, the right sum is
     chosen over three wrong answers of the kinds a weak model gives: a near miss (off by 1-3), a number far
     off (off by more than 5), and a malformed answer (the sum with the prompt's tail repeated)."""
-    tr, te = write_arithmetic(out_dir, max_operand=max_operand, test_size=test_size, seed=seed)
     rng = random.Random(seed + 1)
     top = 2 * max_operand
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, src in (("train", tr), ("test", te)):
+    for name, split in zip(("train", "test"), _split(max_operand, test_size, seed), strict=True):
         rows = []
-        for line in src.read_text().split("\n"):
-            if not line:
-                continue
-            r = json.loads(line)
-            right = int(r["completion"])
+        for a, b in split:
+            right, prompt = a + b, f"{a}+{b}="
             near = rng.choice([right + d for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0])
             far = rng.choice([x for x in range(top + 1) if abs(x - right) > 5])
-            malformed = f"{right}{r['prompt'][-2:]}"  # e.g. "19" + "7="
-            rows += [{"prompt": r["prompt"], "chosen": str(right), "rejected": str(w)} for w in (near, far, malformed)]
+            malformed = f"{right}{prompt[-2:]}"  # e.g. "19" + "7="
+            rows += [{"prompt": prompt, "chosen": str(right), "rejected": str(w)} for w in (near, far, malformed)]
         p = Path(out_dir) / f"arith_pref_{name}.jsonl"
         p.write_text("".join(json.dumps(x) + "\n" for x in rows))
         paths.append(p)
