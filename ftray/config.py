@@ -659,23 +659,29 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     return resolve_paths(spec)
 
 
+def _absolute(p, hub_ok: bool = False):
+    if not isinstance(p, str) or "://" in p:
+        return p
+    q = Path(p).expanduser()
+    # A bare hub id (org/name) that is not a local path stays as is.
+    if hub_ok and not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):
+        return p
+    return str(q.resolve())
+
+
+_PATHS = (("model", "path", True), ("model", "tokenizer", True), ("data", "train", False),
+          ("data", "eval", False), ("data", "cache_dir", False), ("output", "dir", False))
+
+
+def absolute_paths(d: dict) -> dict:
+    """A job mapping (whole or partial) with its local paths made absolute against this process's cwd."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for section, key, hub_ok in _PATHS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = _absolute(out[section][key], hub_ok)
+    return out
+
+
 def resolve_paths(spec: JobSpec) -> JobSpec:
     """Make local paths absolute: Ray workers do not share the driver's working directory."""
-
-    def absolute(p: str | None, hub_ok: bool = False) -> str | None:
-        if p is None or "://" in p:
-            return p
-        q = Path(p).expanduser()
-        # A bare hub id (org/name) that is not a local path stays as is.
-        if hub_ok and not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):
-            return p
-        return str(q.resolve())
-
-    d = spec.model_dump()
-    d["model"]["path"] = absolute(d["model"]["path"], hub_ok=True)
-    d["model"]["tokenizer"] = absolute(d["model"]["tokenizer"], hub_ok=True)
-    d["data"]["train"] = absolute(d["data"]["train"])
-    d["data"]["eval"] = absolute(d["data"]["eval"])
-    d["data"]["cache_dir"] = absolute(d["data"]["cache_dir"])
-    d["output"]["dir"] = absolute(d["output"]["dir"])
-    return JobSpec.model_validate(d)
+    return JobSpec.model_validate(absolute_paths(spec.model_dump()))

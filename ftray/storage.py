@@ -78,6 +78,14 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("file"), str(Path(path.removeprefix("file://")).expanduser())
 
 
+def url_like(path: str, like: str) -> str:
+    """A path that Ray reports without its scheme (a checkpoint's `.path` on the storage filesystem of
+    `like`) as a URL again: `bucket/x` next to `s3://bucket/sweep` -> `s3://bucket/x`."""
+    if "://" in like and "://" not in path:
+        return like.split("://", 1)[0] + "://" + path.lstrip("/")
+    return path
+
+
 def pyarrow_filesystem(path: str):
     """(pyarrow filesystem, path) for Ray's `storage_path` and Ray Data I/O."""
     import pyarrow.fs as pafs

@@ -394,10 +394,18 @@ def test_compatibility_doc_is_current():
 # ------------------------------------------------------------------------------------------ Ray
 
 # Real runs: 2 Ray Train workers, DeepSpeed on CPU. id -> (KINDS entry, method, ZeRO stage).
+# With lora (tests/test_train.py) every adapter kind runs under ZeRO-2 and ZeRO-3 (adalora: ZeRO-3 refused).
 RAY_CASES: dict[str, tuple[str, str, int]] = {
     "adalora-zero2": ("adalora", "sft", 2),
     "ia3-zero2": ("ia3", "sft", 2),
+    "ia3-zero3": ("ia3", "sft", 3),
+    "prefix-zero2": ("prefix", "sft", 2),
+    "prefix-zero3": ("prefix", "sft", 3),
+    "prompt_random-zero2": ("prompt_random", "sft", 2),
     "prompt_text-zero3": ("prompt_text", "sft", 3),
+    "p_tuning-zero2": ("p_tuning", "sft", 2),
+    "p_tuning-zero3": ("p_tuning", "sft", 3),
+    "llama_adapter-zero2": ("llama_adapter", "sft", 2),
     "llama_adapter-zero3": ("llama_adapter", "sft", 3),
 }
 

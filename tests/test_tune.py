@@ -79,7 +79,19 @@ def test_valid_sweep_checks_every_bound_and_value(tmp_path):
         (lambda d: d["fixed"].update({"train.eval_every": 3}), "must be a multiple of it"),
         (lambda d: d["fixed"].pop("train.eval_every"), "set `train.eval_every`"),
         (lambda d: d.update(search_alg="grid"), "`search_alg: grid` enumerates values"),
-        (lambda d: d["scheduler"].update(kind="pbt"), "`scheduler.kind: pbt` is not available yet"),
+        (lambda d: (d["scheduler"].update(kind="pbt"), d.update(max_concurrent_trials=8)),
+         "PBT copies the checkpoint of each"),
+        (lambda d: (d["scheduler"].update(kind="pbt", mutate=["adapter.r"]), d["fixed"].update({"train.checkpoint_every": 2}), d.update(max_concurrent_trials=8)),
+         "PBT cannot change `adapter.r` in a running trial"),
+        (lambda d: (d["scheduler"].update(kind="pbt", mutate=["train.weight_decay"]), d["fixed"].update({"train.checkpoint_every": 2}), d.update(max_concurrent_trials=8)),
+         "`scheduler.mutate`: `train.weight_decay` is not a `search` key"),
+        (lambda d: (d["scheduler"].update(kind="pbt", perturbation_interval=3), d["fixed"].update({"train.checkpoint_every": 2}), d.update(max_concurrent_trials=8)),
+         "`scheduler.perturbation_interval` (3) must be a multiple of `train.eval_every` (2)"),
+        (lambda d: (d["scheduler"].update(kind="pbt"), d["fixed"].update({"train.checkpoint_every": 2}), d.update(num_samples=1)),
+         "PBT needs a population of at least 2 trials"),
+        (lambda d: d["scheduler"].update(mutate=["train.lr"]), "are for `kind: pbt`"),
+        (lambda d: (d["scheduler"].update(kind="pbt"), d["fixed"].update({"train.checkpoint_every": 2})),
+         "set `max_concurrent_trials` to the 8 trials"),
         (lambda d: d["scheduler"].update(grace_period=8), "must be below the full trial's 8 steps"),
         (lambda d: d.update(bogus=1), "unknown key `bogus`"),
     ],
@@ -147,6 +159,16 @@ def test_schedulers_and_search_algorithms_build(tmp_path):
     grid = sweep_from_dict({**sweep_dict(fake_base(), tmp_path, search_alg="grid"),
                             "search": {"adapter.r": {"choice": [2, 4]}, "train.lr": {"grid": [1e-3, 1e-2]}}})[0]
     assert param_space(grid)["adapter.r"] == {"grid_search": [2, 4]}
+    pbt_d = sweep_dict(fake_base(), tmp_path, scheduler={"kind": "pbt", "perturbation_interval": 4},
+                       max_concurrent_trials=8)
+    pbt_d["fixed"]["train.checkpoint_every"] = 2
+    pbt_sweep, pbt_jobs = sweep_from_dict(pbt_d)
+    pbt = _scheduler(pbt_sweep, pbt_jobs)
+    # Only the lr is mutated by default: the LoRA rank shapes the weights, so it is copied with them.
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    assert isinstance(pbt, PopulationBasedTraining) and list(pbt._hyperparam_mutations) == ["train.lr"]
+    assert pbt._perturbation_interval == 4 and pbt._time_attr == "step"
     pytest.importorskip("optuna", reason="`search_alg: optuna` needs the optuna package")
     d.pop("search")
     opt = sweep_from_dict({**d, "search": {"train.lr": {"loguniform": [1e-4, 1e-2]}}, "search_alg": "optuna"})[0]
@@ -162,6 +184,7 @@ def test_shipped_sweep_validates():
     try:
         os.chdir(ROOT)
         assert main(["tune", "jobs/sweep_lora.yaml", "--check"]) == 0
+        assert main(["tune", "jobs/sweep_pbt.yaml", "--check"]) == 0
     finally:
         os.chdir(cwd)
 
@@ -234,6 +257,65 @@ def test_too_many_concurrent_trials_refused_before_any_trial(tmp_path, tiny_mode
     with pytest.raises(SpecError, match=r"needs 4.2 CPUs .* the cluster has 4"):
         run_sweep(sweep, jobs)
     assert time.time() - t0 < 10 and not (tmp_path / "big" / "tune").exists()
+
+
+@pytest.mark.integration
+def test_pbt_trial_continues_the_better_trials_checkpoint_with_a_perturbed_lr(tmp_path, tiny_model, arith, cache_dir, ray_local):
+    """PBT, population 2 (both running: no time-sharing pauses), 2 workers per trial: the trial behind at
+    a perturbation continues the other's checkpoint (its weights, optimizer, data position and LoRA
+    rank) with the other's lr x 0.8 or x 1.2, and the loop trains on with that lr."""
+    from ftray.train.loop import lr_lambda
+    from ftray.tune import run_sweep
+
+    out = tmp_path / "pbt"
+    d = sweep_dict(real_base(tiny_model, arith, cache_dir), out, num_samples=2, max_concurrent_trials=2,
+                   scheduler={"kind": "pbt", "perturbation_interval": 4, "resample_probability": 0.0})
+    d["search"] = {"train.lr": {"loguniform": [3e-4, 3e-2]}, "adapter.r": {"choice": [2, 8]}}
+    d["fixed"] = {"train.max_steps": 16, "train.eval_every": 4, "train.log_every": 4, "train.checkpoint_every": 4}
+    sweep, jobs = sweep_from_dict(d)
+    s = run_sweep(sweep, jobs)
+    assert s["trials"] == 2 and s["completed"] == 2 and s["failed"] == 0
+    rows = {r["trial"]: r for r in s["rows"]}
+
+    def lines(tid, name):
+        return [json.loads(x) for x in (Path(rows[tid]["run"]) / name).read_text().splitlines() if x.strip()]
+
+    sched = lr_lambda(jobs[0], 16)  # the schedule's shape; each trial's peak lr scales it
+    exploits = 0
+    for tid, r in rows.items():
+        seg_file = Path(r["run"]) / "segments.json"
+        segments = json.loads(seg_file.read_text()) if seg_file.exists() else []
+        mine = lines(tid, "metrics.jsonl")
+        # An exploit replaces the trial's history with the donor's: the run folder shows the last stretch.
+        assert segments[0]["start_step"] == 0 and segments[0]["from_trial"] is None
+        for seg, end in zip(segments[-1:], [16], strict=True):
+            start, donor = seg["start_step"], seg["from_trial"] or tid
+            assert start in (0, 4, 8, 12) and donor in rows, seg
+            theirs = lines(donor, "metrics.jsonl")
+            # Up to the exploit (or pause) the trial's history is the donor's: it continued that run ...
+            upto = [h for h in mine if h["step"] <= start and "loss" in h]
+            assert upto == [h for h in theirs if h["step"] <= start and "loss" in h] and len(upto) == start
+            # ... then it trained with the stretch's lr on the same schedule.
+            new_lr = seg["config"]["train.lr"]
+            stretch = [h for h in mine if start < h["step"] <= end and "lr" in h]
+            assert stretch and all(abs(h["lr"] - new_lr * sched(h["step"])) < 1e-12 for h in stretch), stretch[:2]
+        for seg in segments[1:]:
+            start, donor, new_lr = seg["start_step"], seg["from_trial"], seg["config"]["train.lr"]
+            if donor != tid:  # an exploit: the donor's lr then, x 0.8 or x 1.2 (no resampling)
+                exploits += 1
+                theirs = json.loads((Path(rows[donor]["run"]) / "segments.json").read_text())
+                donor_lr = [g for g in theirs if g["time"] < seg["time"]][-1]["config"]["train.lr"]
+                assert min(abs(new_lr / donor_lr - f) for f in (0.8, 1.2)) < 1e-6, (new_lr, donor_lr)
+                print(f"PBT: trial {tid} continued {donor}'s checkpoint at step {start} with lr {new_lr:.4g} "
+                      f"(donor {donor_lr:.4g}), r {seg['config']['adapter.r']}")
+        if segments:
+            assert r["params"] == segments[-1]["config"]  # the trial's final values: its last stretch's
+        # The LoRA rank came with the weights: the saved adapter has the trial's final rank.
+        assert json.loads((Path(r["run"]) / "adapter" / "adapter_config.json").read_text())["r"] == r["params"]["adapter.r"]
+    assert exploits >= 1, "no PBT exploit happened"
+    md = (out / "results.md").read_text()
+    assert "Exploits" in md and " of " in md
+    assert "# PBT:" in (out / "best.yaml").read_text()
 
 
 # ----------------------------------------------------------------------------- resume after a kill

@@ -94,12 +94,12 @@ def check_fits(spec: JobSpec, embedded: bool, log=print) -> None:
             log(f"[ftray] warning: {msg}; the job waits until the cluster grows", flush=True)
 
 
-def _run_config(spec: JobSpec, callbacks=None):
+def _run_config(spec: JobSpec, callbacks=None, name: str = "checkpoints"):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     fs, path = storage.pyarrow_filesystem(spec.output.dir)
     return RunConfig(
-        name="checkpoints",
+        name=name,
         storage_path=path,
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
@@ -108,8 +108,12 @@ def _run_config(spec: JobSpec, callbacks=None):
     )
 
 
-def fit_job(plan: Plan, callbacks=None, log=print):
-    """Prepare data and fit one TorchTrainer; returns (ray Result, data meta, timings)."""
+def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = None, run_name: str = "checkpoints"):
+    """Prepare data and fit one TorchTrainer; returns (ray Result, data meta, timings).
+
+    `resume_from`: a checkpoint folder (local or URL) to start from when the run `run_name` in the job's
+    folder has no checkpoint of its own yet (Train V2 has no `resume_from_checkpoint`). A PBT trial
+    continues another trial's checkpoint this way, under a new `run_name`."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -134,14 +138,15 @@ def fit_job(plan: Plan, callbacks=None, log=print):
     s = spec.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared},
+        train_loop_config={"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
             placement_strategy=s.placement_strategy,
         ),
-        run_config=_run_config(spec, callbacks),
+        run_config=_run_config(spec, callbacks, run_name),
     )
     t1 = time.time()
     result = trainer.fit()

@@ -143,6 +143,19 @@ def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
             pass
 
 
+def _take_hyperparams(scheduler, groups: list[dict], spec: JobSpec, schedule) -> None:
+    """A checkpoint restores the optimizer's and scheduler's hyperparameters; the job's win. Same job:
+    the same values (exact resume is unchanged). A PBT trial continuing another trial's checkpoint with a
+    perturbed `train.lr` / `train.weight_decay`: the new values, on the restored step's schedule."""
+    scheduler.base_lrs = [spec.train.lr] * len(scheduler.base_lrs)
+    factor = schedule(scheduler.last_epoch)
+    for g, mine in zip(scheduler.optimizer.param_groups, groups, strict=True):
+        g["initial_lr"] = spec.train.lr
+        g["lr"] = spec.train.lr * factor
+        g["weight_decay"] = mine.get("weight_decay", spec.train.weight_decay)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 def train_fn_per_worker(config: dict) -> None:
     import ray.train
 
@@ -219,7 +232,10 @@ def train_fn_per_worker(config: dict) -> None:
 
     # ---------------------------------------------------------------- resume
     start_step, history = 0, []
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # this run's own latest checkpoint (after a worker-group restart)
+    if ckpt is None and config.get("resume_from"):  # another run's (a PBT exploit, a sweep resumed)
+        fs, path = storage.pyarrow_filesystem(config["resume_from"])
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds", load_module_strict=False)
@@ -233,6 +249,7 @@ def train_fn_per_worker(config: dict) -> None:
                 from safetensors.torch import load_file
 
                 load_adapter_state(engine.module, load_file(str(adapter_file)))
+        _take_hyperparams(scheduler, groups, spec, schedule)
         log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
 
     def row(split: dict, i: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 
@@ -12,7 +13,7 @@ import yaml
 
 from ftray import storage
 from ftray.tune.spec import SweepSpec, trial_spec
-from ftray.tune.trial import COMPLETED, trial_dir
+from ftray.tune.trial import COMPLETED, SEGMENTS, trial_dir
 
 __all__ = ["collect", "write_results"]
 
@@ -54,6 +55,8 @@ def collect(sweep: SweepSpec, grid) -> list[dict]:
         else:
             status, why = "stopped", f"stopped early by {sweep.scheduler.kind} at step {m.get('step')}"
         metric = m.get(sweep.metric)
+        seg_file = storage.join(trial_dir(sweep.output.dir, tid), SEGMENTS)
+        segments = json.loads(storage.read_text(seg_file)) if storage.exists(seg_file) else []
         rows.append({
             "trial": tid,
             "status": status,
@@ -63,6 +66,9 @@ def collect(sweep: SweepSpec, grid) -> list[dict]:
             "params": {k: r.config.get(k) for k in sweep.search},
             "run": trial_dir(sweep.output.dir, tid),
             "history": hist,
+            # PBT: each stretch that continued a checkpoint (another trial's after an exploit).
+            "continued": [f"step {g['start_step']} of {g['from_trial']}" if g.get("from_trial") != tid
+                          else f"paused, resumed at step {g['start_step']}" for g in segments[1:]],
         })
     sign = 1 if sweep.mode == "min" else -1
     order = {"completed": 0, "stopped": 1, "unfinished": 2, "failed": 3}
@@ -120,6 +126,11 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
     for i, x in enumerate(rows, 1):
         md.append(f"| {i} | {x['trial']} | {_fmt(x['metric'])} | {x['steps']} | "
                   + " | ".join(_fmt(x["params"][k]) for k in keys) + f" | {x['why']} |")
+    if s.kind == "pbt":
+        md += ["", "PBT: the values above are each trial's last ones. Exploits (a trial continuing another's "
+               "checkpoint with perturbed values) and pauses (PBT lets a waiting trial run); "
+               "`trials/<id>/segments.json` has each stretch's values:", ""]
+        md += [f"- {x['trial']}: " + (", then ".join(x["continued"]) if x["continued"] else "none") for x in rows]
     if best:
         md += ["", f"Best: trial {best['trial']} ({sweep.metric} {_fmt(best['metric'])}); `best.yaml` is its job "
                f"spec; run folder `{best['run']}`."]
@@ -131,6 +142,9 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
         d["name"] = f"{sweep.sweep_name}-best"
         head = (f"# The winner of sweep `{sweep.sweep_name}`: trial {best['trial']}, {sweep.metric} "
                 f"{_fmt(best['metric'])} after {best['steps']} steps.\n# Run it: ftray train {storage.join(out, 'best.yaml')}\n")
+        if s.kind == "pbt":
+            head += (f"# PBT: the trial's weights came from a schedule of values ({best['run']}/{SEGMENTS});\n"
+                     f"# this spec trains with its last values from the start. Its trained model: {best['run']}\n")
         storage.write_text_atomic(storage.join(out, "best.yaml"), head + yaml.safe_dump(d, sort_keys=False))
     _plot(sweep, rows, best)
     return summary

@@ -22,6 +22,7 @@ from ftray.config import (
     _coerce_floats,
     _line_index,
     _merge,
+    absolute_paths,
     load_raw,
     resolve_paths,
     spec_from_dict,
@@ -82,8 +83,9 @@ class Scheduler(_Strict):
     kind: Literal["asha", "hyperband", "pbt", "none"] = Field(
         "asha",
         description="`asha`: asynchronous successive halving. `hyperband`: asynchronous HyperBand (ASHA over "
-        "`brackets` brackets). `pbt`: population based training (not available yet). `none`: every trial to "
-        "its full budget.",
+        "`brackets` brackets). `pbt`: population based training: every `perturbation_interval` steps a trial in "
+        "the bottom `quantile_fraction` continues from a top trial's checkpoint with that trial's values, the "
+        "`mutate` keys perturbed. `none`: every trial to its full budget.",
     )
     grace_period: int = Field(1, ge=1, description="Steps every trial runs before it can be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="Keep 1 / reduction_factor of the trials at each rung.")
@@ -91,6 +93,22 @@ class Scheduler(_Strict):
         None, ge=1, description="Steps of a full trial (default: the base job's `train.max_steps`)."
     )
     brackets: int = Field(3, ge=1, description="HyperBand brackets (`hyperband` only).")
+    perturbation_interval: int | None = Field(
+        None, ge=1, description="`pbt`: steps between exploit/explore decisions (default: the job's "
+        "`train.eval_every`); a multiple of `train.eval_every`."
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="`pbt`: the bottom fraction that copies the top fraction."
+    )
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="`pbt`: chance a mutated value is drawn anew from its search "
+        "distribution instead of perturbed (x0.8 / x1.2, or a neighbouring `choice`)."
+    )
+    mutate: list[str] | None = Field(
+        None, description="`pbt`: the search keys PBT changes during a trial (default: every searched key "
+        f"among {', '.join(f'`{k}`' for k in ('train.lr', 'train.weight_decay'))}). Other searched keys are "
+        "sampled once and copied with the weights."
+    )
 
 
 class Resources(_Strict):
@@ -130,6 +148,14 @@ class SweepSpec(_Strict):
     @property
     def sweep_name(self) -> str:
         return self.name or self.output.dir.rstrip("/").rsplit("/", 1)[-1]
+
+    def trial_count(self) -> int:
+        """Trials Tune will run: `num_samples` x every grid combination."""
+        n = self.num_samples
+        for d in self.search.values():
+            if d.kind == "grid" or (d.kind == "choice" and self.search_alg == "grid"):
+                n *= len(d.args)
+        return n
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -241,10 +267,9 @@ def _check(sweep: SweepSpec, where: dict[str, str]) -> list[JobSpec]:
 
     sch = sweep.scheduler
     if sch.kind == "pbt":
-        raise SpecError(
-            f"{at('scheduler')}: `scheduler.kind: pbt` is not available yet: a PBT exploit restarts a trial from "
-            "another trial's checkpoint with a new learning rate, which the training loop does not support yet"
-        )
+        _check_pbt(sweep, job, at)
+    elif sch.mutate is not None or sch.perturbation_interval is not None:
+        raise SpecError(f"{at('scheduler')}: `scheduler.mutate` / `perturbation_interval` are for `kind: pbt`")
     if sch.kind in ("asha", "hyperband"):
         searched_len = {"train.max_steps", "train.epochs"} & set(sweep.search)
         if sch.max_t is None and (job.train.max_steps is None or searched_len):
@@ -275,6 +300,63 @@ def _check(sweep: SweepSpec, where: dict[str, str]) -> list[JobSpec]:
                 f"for `search.{bad[0]}`"
             )
     return specs
+
+
+# Fields the loop can change between two steps of one run: it takes them from the job over the values
+# restored with a checkpoint. Anything else (LoRA rank, model, data) shapes the weights or the data order.
+PBT_MUTABLE = ("train.lr", "train.weight_decay")
+
+
+def pbt_mutations(sweep: SweepSpec) -> list[str]:
+    sch = sweep.scheduler
+    return list(sch.mutate) if sch.mutate is not None else [k for k in sweep.search if k in PBT_MUTABLE]
+
+
+def _check_pbt(sweep: SweepSpec, job: JobSpec, at) -> None:
+    sch, t = sweep.scheduler, job.train
+    keys = pbt_mutations(sweep)
+    for k in keys:
+        if k not in sweep.search:
+            raise SpecError(f"{at('scheduler')}: `scheduler.mutate`: `{k}` is not a `search` key")
+        if k not in PBT_MUTABLE:
+            raise SpecError(
+                f"{at('scheduler')}: `scheduler.mutate`: PBT cannot change `{k}` in a running trial (it can "
+                f"change {', '.join(f'`{m}`' for m in PBT_MUTABLE)}); search it without mutating it"
+            )
+    if not keys:
+        raise SpecError(
+            f"{at('scheduler')}: `scheduler.kind: pbt` needs a searched key to mutate: search one of "
+            f"{', '.join(f'`{m}`' for m in PBT_MUTABLE)}"
+        )
+    if sweep.search_alg != "random":
+        raise SpecError(f"{at('search_alg')}: `scheduler.kind: pbt` samples its population at random; use "
+                        "`search_alg: random`")
+    if any(k in sweep.search for k in ("train.max_steps", "train.epochs")):
+        raise SpecError(f"{at('scheduler')}: PBT trials share checkpoints, so they need one length: do not "
+                        "search `train.max_steps` / `train.epochs`")
+    # The metric reaches Tune at evaluations (eval/ metrics) or at log steps (training metrics).
+    every, what = (t.eval_every, "train.eval_every") if sweep.metric.startswith("eval/") else (t.log_every, "train.log_every")
+    interval = sch.perturbation_interval or every
+    if interval % every:
+        raise SpecError(
+            f"{at('scheduler')}: `scheduler.perturbation_interval` ({interval}) must be a multiple of "
+            f"`{what}` ({every}): PBT compares trials on `{sweep.metric}`"
+        )
+    if not t.checkpoint_every or every % t.checkpoint_every:
+        raise SpecError(
+            f"{at('scheduler')}: PBT copies the checkpoint of each `{sweep.metric}` report: set "
+            f"`train.checkpoint_every` to `{what}` ({every}) or a divisor of it (in the base job or `fixed`)"
+        )
+    n = sweep.trial_count()
+    if n < 2:
+        raise SpecError(f"{at('num_samples')}: PBT needs a population of at least 2 trials")
+    if n > sweep.max_concurrent_trials:
+        # Tune would run the population in turns, pausing trials at perturbations: each pause restarts a
+        # Ray Train run (workers, DeepSpeed) from its checkpoint, and later trials meet only each other.
+        raise SpecError(
+            f"{at('max_concurrent_trials')}: PBT's population is the trials that train together: set "
+            f"`max_concurrent_trials` to the {n} trials (and `resources` so that they fit the cluster)"
+        )
 
 
 def sweep_from_dict(
@@ -330,4 +412,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[SweepSpec, list[JobSpec]]:
     out = sweep.output.dir
     if "://" not in out:
         sweep = sweep.model_copy(update={"output": SweepOutput(dir=str(Path(out).expanduser().resolve()))})
-    return sweep, jobs
+    # Tune runs each trial in its own folder: a base job given by path (and the relative paths in it) is
+    # read here, against this process's working directory, and travels inline.
+    base = sweep.base if isinstance(sweep.base, dict) else load_raw(sweep.base)[0]
+    return sweep.model_copy(update={"base": absolute_paths(base)}), jobs

@@ -17,27 +17,34 @@ __all__ = ["TRIAL_CPU", "check_resources", "param_space", "run_sweep"]
 TRIAL_CPU = 0.1
 
 
-def param_space(sweep: SweepSpec) -> dict[str, Any]:
+def _domain(sweep: SweepSpec, d):
     from ray import tune
 
-    out = {}
-    for key, d in sweep.search.items():
-        k, v = d.kind, d.args
-        if k == "loguniform":
-            out[key] = tune.loguniform(v[0], v[1])
-        elif k == "uniform":
-            out[key] = tune.uniform(v[0], v[1])
-        elif k == "randint":
-            out[key] = tune.randint(v[0], v[1])
-        elif k == "grid" or (k == "choice" and sweep.search_alg == "grid"):
-            out[key] = tune.grid_search(list(v))
-        else:
-            out[key] = tune.choice(list(v))
-    return out
+    k, v = d.kind, d.args
+    if k == "loguniform":
+        return tune.loguniform(v[0], v[1])
+    if k == "uniform":
+        return tune.uniform(v[0], v[1])
+    if k == "randint":
+        return tune.randint(v[0], v[1])
+    if k == "grid" or (k == "choice" and sweep.search_alg == "grid"):
+        return tune.grid_search(list(v))
+    return tune.choice(list(v))
+
+
+def param_space(sweep: SweepSpec) -> dict[str, Any]:
+    return {key: _domain(sweep, d) for key, d in sweep.search.items()}
 
 
 def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
-    from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        AsyncHyperBandScheduler,
+        FIFOScheduler,
+        PopulationBasedTraining,
+    )
+
+    from ftray.tune.spec import pbt_mutations
 
     s = sweep.scheduler
     max_t = s.max_t or jobs[0].train.max_steps
@@ -49,6 +56,34 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
     if s.kind == "hyperband":
         return AsyncHyperBandScheduler(time_attr="step", max_t=max_t, grace_period=s.grace_period,
                                        reduction_factor=s.reduction_factor, brackets=s.brackets)
+    if s.kind == "pbt":
+        t = jobs[0].train
+        every = t.eval_every if sweep.metric.startswith("eval/") else t.log_every
+        from ftray.tune.trial import COMPLETED
+
+        class PBT(PopulationBasedTraining):
+            """Ray's asynchronous PBT, less two pauses. A trial's final report comes after its run folder is
+            written: nothing is left to exploit. And Ray pauses a trial at a perturbation whenever another
+            is pending or paused, to take turns; the whole population runs at once here (checked at
+            validation), so the only other paused trial is one being restarted from an exploit, and a pause
+            would only cost this trial a restart of its Ray Train run."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                if result.get(COMPLETED):
+                    return self.CONTINUE
+                decision = super().on_trial_result(tune_controller, trial, result)
+                return self.CONTINUE if decision == self.PAUSE else decision
+
+        return PBT(
+            time_attr="step",
+            perturbation_interval=s.perturbation_interval or every,
+            # A `grid` key cannot be resampled from; it is perturbed between its listed values.
+            hyperparam_mutations={k: (list(sweep.search[k].args) if sweep.search[k].kind == "grid"
+                                      else _domain(sweep, sweep.search[k])) for k in pbt_mutations(sweep)},
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+            log_config=True,
+        )
     return FIFOScheduler()
 
 
@@ -100,12 +135,16 @@ def _progress(sweep: SweepSpec, table_every_s: float = 30.0):
 
         def __init__(self):
             self._last_table = 0.0
+            self._started: set[str] = set()
 
         def _p(self, msg: str) -> None:
             print(f"[sweep] {msg}", flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._p(f"trial {trial.trial_id} started: {_short(trial.config)}")
+            again = trial.trial_id in self._started
+            self._started.add(trial.trial_id)
+            how = "continues from a checkpoint (PBT)" if again and sweep.scheduler.kind == "pbt" else "started"
+            self._p(f"trial {trial.trial_id} {how}: {_short(trial.config)}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if COMPLETED not in result:
