@@ -68,7 +68,7 @@ def collect(sweep: SweepSpec, grid) -> list[dict]:
             "history": hist,
             # PBT: each stretch that continued a checkpoint (another trial's after an exploit).
             "continued": [f"step {g['start_step']} of {g['from_trial']}" if g.get("from_trial") != tid
-                          else f"paused, resumed at step {g['start_step']}" for g in segments[1:]],
+                          else f"restarted at step {g['start_step']}" for g in segments[1:]],
         })
     sign = 1 if sweep.mode == "min" else -1
     order = {"completed": 0, "stopped": 1, "unfinished": 2, "failed": 3}
@@ -128,7 +128,7 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
                   + " | ".join(_fmt(x["params"][k]) for k in keys) + f" | {x['why']} |")
     if s.kind == "pbt":
         md += ["", "PBT: the values above are each trial's last ones. Exploits (a trial continuing another's "
-               "checkpoint with perturbed values) and pauses (PBT lets a waiting trial run); "
+               "checkpoint with perturbed values) and restarts from the trial's own checkpoint (a resumed sweep); "
                "`trials/<id>/segments.json` has each stretch's values:", ""]
         md += [f"- {x['trial']}: " + (", then ".join(x["continued"]) if x["continued"] else "none") for x in rows]
     if best:
