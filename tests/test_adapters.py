@@ -410,18 +410,23 @@ RAY_CASES: dict[str, tuple[str, str, int]] = {
 }
 
 
+# One case per adapter kind (lora: tests/test_train.py) also resumes from its step-5 checkpoint.
+RESUMED = {"adalora-zero2", "ia3-zero3", "prefix-zero3", "prompt_random-zero2", "p_tuning-zero3", "llama_adapter-zero3"}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(RAY_CASES))
 def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
     from safetensors.torch import load_file
 
-    from ftray.train.launch import train
+    from ftray.train.launch import check_job, fit_job, train
 
     name, method, zero = RAY_CASES[case]
     adapter, data = KINDS[name]
     run = tmp_path / "run"
     d = job_dict(tiny_model, arith[0], arith[1], run, cache_dir, train__max_steps=10, train__lr=5e-3,
-                 deepspeed__zero_stage=zero, data__eval_max_rows=32)
+                 deepspeed__zero_stage=zero, data__eval_max_rows=32, train__checkpoint_every=5,
+                 output__keep_checkpoints=3)
     d["adapter"], d["method"] = dict(adapter), {"kind": method}
     d["data"].update(data)
     record = train(resolve_paths(spec_from_dict(d)))
@@ -450,3 +455,15 @@ def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
     assert out.returncode == 0, out.stderr[-2000:]
     fresh = json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"]
     assert abs(fresh - record["eval"]["after"]["eval_loss"]) < 1e-5, (fresh, record["eval"]["after"])
+    if case in RESUMED:
+        # Exact resume: a new 2-worker run continuing this run's step-5 checkpoint (DeepSpeed state of the
+        # trainable parameters, optimizer, RNG, adapter state) ends with the same adapter weights.
+        ckpt = next(p.parent for p in (run / "checkpoints").glob("checkpoint_*/state.json")
+                    if json.loads(p.read_text())["step"] == 5)
+        d["output"]["dir"] = str(tmp_path / "resumed")
+        result, _, _ = fit_job(check_job(resolve_paths(spec_from_dict(d))), resume_from=str(ckpt))
+        assert result.error is None, result.error
+        w2 = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+        diff = max(float((w[k] - w2[k]).abs().max()) if w[k].numel() else 0.0 for k in w)
+        assert w.keys() == w2.keys() and diff <= 1e-6, diff
+        print(f"{case}: resumed from step 5, adapter max abs diff {diff:.1e}")

@@ -55,3 +55,59 @@ def test_rollout_update_on_one_process(tiny_model, arith, tmp_path):
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("ftray_value_head" in n for n in grads) and grads <= trainable
+
+
+def _two_rank_update(rank: int, model_dir: str, train: str, out: str, port: int) -> None:
+    """One rollout + update per rank under torch.distributed (gloo), like two Ray Train workers."""
+    import os
+
+    import torch.distributed as dist
+
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    spec = spec_from_dict(ppo_spec(model_dir, train, None, out,
+                                   method={"samples_per_prompt": 2, "kl_target": 0.01, "kl_horizon": 10}))
+    tok = load_tokenizer(model_dir)
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in open(train).read().splitlines()[4 * rank : 4 * rank + 4]]
+    batch = M.collate([e for r in rows for e in M.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(rank)
+    model = apply_adapter(M.load_base(model_dir, torch.float32, spec), spec.adapter, task_type=M.task_type)
+    if rank == 1:  # only rank 1's policy moves away from the reference: its sequences carry all the KL
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    M.setup(spec, tok, EvalContext())
+    model.train()
+    _, info = M.loss(model, batch)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"kl": info["kl"], "coef_used": info["kl_coef"], "coef_after": M.kl_coef, "n": info["target_tokens"],
+                   "state": M.state_dict()}, f)
+    dist.destroy_process_group()
+
+
+def test_adaptive_kl_is_one_coefficient_for_all_ranks(tiny_model, arith, tmp_path):
+    """Rank 0's policy is the reference (its KL is 0), rank 1's is not: both ranks see the KL of all
+    sequences and take the same controller step, so the coefficient stays one number for the job."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_rank_update, args=(str(tiny_model), str(arith[0]), str(tmp_path), port), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["kl"] == r1["kl"] > 0.0 and r0["coef_after"] == r1["coef_after"], (r0, r1)
+    n_all = r0["n"] + r1["n"]
+    err = max(-0.2, min(0.2, r0["kl"] / 0.01 - 1.0))
+    assert r0["coef_after"] == pytest.approx(0.05 * (1 + err * n_all / 10))
+    # What the loop writes into a checkpoint, and reads back into the method on resume.
+    assert r0["state"] == {"kl_coef": r0["coef_after"]}
+    M.load_state_dict({"kl_coef": 0.123})
+    assert M.state_dict() == {"kl_coef": 0.123}

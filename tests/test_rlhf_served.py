@@ -112,6 +112,13 @@ def test_ppo_scores_rollouts_with_the_running_reward_app(tiny_model, arith, cach
         assert {"train/reward_model", "train/value_loss", "train/kl_coef", "train/policy_loss"} <= set(s), s
     assert "reward_model_score" in record["eval"]["after"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    # The same job with 2 more steps resumes from its final checkpoint, and the adaptive KL coefficient
+    # comes back with it (were it restarted, step 3 would use the spec's 0.05 again).
+    d["train"]["max_steps"] = 4
+    train(resolve_paths(spec_from_dict(d)))
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert steps[0]["train/kl_coef"] == 0.05 and steps[2]["train/kl_coef"] != 0.05, [s["train/kl_coef"] for s in steps]
 
 
 def test_a_job_naming_a_reward_app_that_is_not_running_fails_before_training(tiny_model, arith, tmp_path, serve_up):

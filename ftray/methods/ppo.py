@@ -3,7 +3,7 @@ in InstructGPT: the policy samples a completion per prompt; each completion toke
 (log pi - log ref) and the last one also the completion's reward; a value head on the policy's last hidden
 state estimates the return; GAE gives advantages (whitened); the loss is the clipped surrogate plus
 vf_coef x the clipped value loss. `kl_target` turns on adaptive KL control (the coefficient follows the
-measured KL); otherwise it stays fixed. One update per rollout (PPO epochs = 1; the ratios start at 1).
+KL measured over all ranks' sequences, and is kept in checkpoints); otherwise it stays fixed. One update per rollout (PPO epochs = 1; the ratios start at 1).
 
 Rows, reference, rollouts and evaluation as `grpo` (this class reuses its machinery). The value head is
 trained beside the adapter (or the full model) and is not part of the saved policy's adapter; a full
@@ -42,6 +42,13 @@ class PPO(GRPO):
         super().setup(spec, tokenizer, ctx)
         self.kl_coef = spec.method.kl_coef
 
+    # State the loop keeps in checkpoints: a resumed job goes on with the adapted coefficient.
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_coef = float(state["kl_coef"])
+
     def load_base(self, path, dtype, spec):
         model = super().load_base(path, dtype, spec)  # the policy (+ a frozen reference copy unless LoRA)
         head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
@@ -75,11 +82,16 @@ class PPO(GRPO):
         policy_loss, value_loss = masked_mean(pg, c_mask), masked_mean(vl, c_mask)
         loss = policy_loss + m.vf_coef * value_loss
 
-        seq_kl = float(kl_tok.sum(-1).mean())
+        # The KL of every rank's sequences: the coefficient is one number for the whole job, so every
+        # rank takes the same step (a per-rank update would let the ranks' coefficients drift apart).
+        kl_n = torch.tensor([float(kl_tok.sum()), float(len(comp))], dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(kl_n)
+        seq_kl, n_seq = float(kl_n[0] / kl_n[1]), float(kl_n[1])
         coef = self.kl_coef
         if m.kl_target is not None:  # Ziegler et al. (2019): proportional control of the KL coefficient
             err = max(-0.2, min(0.2, seq_kl / m.kl_target - 1.0))
-            self.kl_coef *= 1.0 + err * len(comp) / m.kl_horizon
+            self.kl_coef *= 1.0 + err * n_seq / m.kl_horizon
         return loss, {
             "target_tokens": float(len(comp)),
             "reward_mean": float(scores_t.mean()),

@@ -231,7 +231,7 @@ def train_fn_per_worker(config: dict) -> None:
     mb = spec.train.micro_batch_size
 
     # ---------------------------------------------------------------- resume
-    start_step, history = 0, []
+    start_step, history, method_state = 0, [], None
     ckpt = ray.train.get_checkpoint()  # this run's own latest checkpoint (after a worker-group restart)
     if ckpt is None and config.get("resume_from"):  # another run's (a PBT exploit, a sweep resumed)
         fs, path = storage.pyarrow_filesystem(config["resume_from"])
@@ -249,6 +249,9 @@ def train_fn_per_worker(config: dict) -> None:
                 from safetensors.torch import load_file
 
                 load_adapter_state(engine.module, load_file(str(adapter_file)))
+            method_file = Path(d, "method_state.json")  # e.g. ppo's adaptive KL coefficient
+            if method_file.exists():
+                method_state = json.loads(method_file.read_text())
         _take_hyperparams(scheduler, groups, spec, schedule)
         log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
 
@@ -307,12 +310,17 @@ def train_fn_per_worker(config: dict) -> None:
                 save_file(extra, str(Path(tmp, f"adapter_state_rank{rank}.safetensors")))
             if rank == 0:
                 Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
+                if hasattr(method, "state_dict"):  # the same on every rank (the method keeps it so)
+                    Path(tmp, "method_state.json").write_text(json.dumps(method.state_dict()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     if hasattr(method, "setup"):  # per-worker state a method needs beside the batch (e.g. grpo's sampler)
         method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device)))
+    if method_state is not None and hasattr(method, "load_state_dict"):
+        method.load_state_dict(method_state)
+        log(f"[ftray] {spec.method.kind} state restored: {json.dumps(method_state)}", flush=True)
 
     def step_info(parts: list[dict[str, float]]) -> dict[str, float]:
         """A step's extra loss info (beyond target_tokens) over micro-batches, then over ranks."""
