@@ -312,8 +312,16 @@ def pbt_mutations(sweep: SweepSpec) -> list[str]:
     return list(sch.mutate) if sch.mutate is not None else [k for k in sweep.search if k in PBT_MUTABLE]
 
 
+def pbt_interval(sweep: SweepSpec, job: JobSpec) -> tuple[int, int, str]:
+    """(perturbation interval, report interval of the metric, the field that sets it): the metric reaches
+    Tune at evaluations (eval/ metrics) or at log steps (training metrics)."""
+    t = job.train
+    every, what = (t.eval_every, "train.eval_every") if sweep.metric.startswith("eval/") else (t.log_every, "train.log_every")
+    return sweep.scheduler.perturbation_interval or every, every, what
+
+
 def _check_pbt(sweep: SweepSpec, job: JobSpec, at) -> None:
-    sch, t = sweep.scheduler, job.train
+    t = job.train
     keys = pbt_mutations(sweep)
     for k in keys:
         if k not in sweep.search:
@@ -334,9 +342,7 @@ def _check_pbt(sweep: SweepSpec, job: JobSpec, at) -> None:
     if any(k in sweep.search for k in ("train.max_steps", "train.epochs")):
         raise SpecError(f"{at('scheduler')}: PBT trials share checkpoints, so they need one length: do not "
                         "search `train.max_steps` / `train.epochs`")
-    # The metric reaches Tune at evaluations (eval/ metrics) or at log steps (training metrics).
-    every, what = (t.eval_every, "train.eval_every") if sweep.metric.startswith("eval/") else (t.log_every, "train.log_every")
-    interval = sch.perturbation_interval or every
+    interval, every, what = pbt_interval(sweep, job)
     if interval % every:
         raise SpecError(
             f"{at('scheduler')}: `scheduler.perturbation_interval` ({interval}) must be a multiple of "

@@ -44,7 +44,7 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
         PopulationBasedTraining,
     )
 
-    from ftray.tune.spec import pbt_mutations
+    from ftray.tune.spec import pbt_interval, pbt_mutations
 
     s = sweep.scheduler
     max_t = s.max_t or jobs[0].train.max_steps
@@ -57,8 +57,6 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
         return AsyncHyperBandScheduler(time_attr="step", max_t=max_t, grace_period=s.grace_period,
                                        reduction_factor=s.reduction_factor, brackets=s.brackets)
     if s.kind == "pbt":
-        t = jobs[0].train
-        every = t.eval_every if sweep.metric.startswith("eval/") else t.log_every
         from ftray.tune.trial import COMPLETED
 
         class PBT(PopulationBasedTraining):
@@ -76,7 +74,7 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
 
         return PBT(
             time_attr="step",
-            perturbation_interval=s.perturbation_interval or every,
+            perturbation_interval=pbt_interval(sweep, jobs[0])[0],
             # A `grid` key cannot be resampled from; it is perturbed between its listed values.
             hyperparam_mutations={k: (list(sweep.search[k].args) if sweep.search[k].kind == "grid"
                                       else _domain(sweep, sweep.search[k])) for k in pbt_mutations(sweep)},
