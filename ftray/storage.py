@@ -170,8 +170,19 @@ def write_text_atomic(path: str, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "wb") as f:
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them (a crash keeps old or new)
     os.replace(tmp, target)
+    try:  # and the rename itself is durable
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def download_dir(src: str, dst: str | os.PathLike) -> Path:

@@ -2,8 +2,9 @@
 decides it (`ftray.config.adapter_refusal`), each allowed cell linked to the test that runs it.
 
 The proofs are read from the tests themselves: `tests/test_adapters.py`'s parametrizations (`KINDS`: one
-process per adapter kind; `RAY_CASES`: 2 Ray workers under DeepSpeed) plus the few older tests named in
-`OTHER_PROOFS` (checked to exist). `tests/test_adapters.py::test_compatibility_doc_is_current` fails when
+process per adapter kind, no DeepSpeed; `DS_CASES`: the training loop and DeepSpeed on one process;
+`RAY_CASES`: 2 Ray workers under DeepSpeed) plus the few other tests named in `OTHER_PROOFS` (checked to
+exist). `tests/test_adapters.py::test_compatibility_doc_is_current` fails when
 the committed file differs from this output.
 
 Usage: python scripts/compat_matrix.py [--print]
@@ -20,18 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftray.config import METHOD_KINDS, PROMPT_FAMILY, adapter_refusal  # noqa: E402
-from tests.test_adapters import ENCODER_KINDS, KINDS, RAY_CASES  # noqa: E402
+from tests.test_adapters import DS_CASES, ENCODER_KINDS, KINDS, RAY_CASES  # noqa: E402
 
 ADAPTERS = ("full", "freeze", "lora", "qlora", "adalora", "ia3", "prefix", "prompt", "p_tuning", "llama_adapter")
 STAGES = (0, 1, 2, 3)
 # Older tests that run a cell under Ray: (adapter, method, ZeRO stage) -> pytest node id.
 OTHER_PROOFS = {
-    ("lora", "sft", 0): "tests/test_train.py::test_loss_curves_equal_across_zero_stages",
     ("lora", "sft", 2): "tests/test_train.py::test_loss_curves_equal_across_zero_stages",
     ("lora", "sft", 3): "tests/test_train.py::test_zero3_adapter_is_complete_and_reloads_in_fresh_process",
+    ("lora", "classify", 3): "tests/test_methods_classify.py::test_two_workers_zero3_lora",
+}
+# Other tests that run a cell through the loop and DeepSpeed on one process.
+OTHER_ONE_RANK = {
+    ("freeze", "classify", 2): "tests/test_methods_classify.py::test_in_process_zero2_freeze_last_block",
     ("full", "sft", 2): "tests/test_train.py::test_sft_on_gpteacher_code_eval_loss_falls",
-    ("freeze", "classify", 2): "tests/test_methods_classify.py::test_two_workers_zero[2-freeze_last_block]",
-    ("lora", "classify", 3): "tests/test_methods_classify.py::test_two_workers_zero[3-lora]",
+    ("lora", "sft", 0): "tests/test_train.py::test_loss_curves_equal_across_zero_stages",
 }
 
 
@@ -53,23 +57,28 @@ def _spec(adapter: str, method: str, zero: int) -> SimpleNamespace:
     )
 
 
-def proofs() -> tuple[dict, dict]:
-    """(adapter, method, stage) -> Ray test node; (adapter, method) -> one-process test node."""
+def proofs() -> tuple[dict, dict, dict]:
+    """(adapter, method, stage) -> Ray test node; the same -> one-rank DeepSpeed test node; (adapter,
+    method) -> one-process test node (no DeepSpeed)."""
     ray = {k: _check_exists(v) for k, v in OTHER_PROOFS.items()}
     for case_id, (kind_name, method, zero) in RAY_CASES.items():
         kind = KINDS[kind_name][0]["kind"]
         ray[(kind, method, zero)] = f"tests/test_adapters.py::test_two_workers[{case_id}]"
+    one_rank = {k: _check_exists(v) for k, v in OTHER_ONE_RANK.items()}
+    for case_id, (kind_name, method, zero) in DS_CASES.items():
+        kind = KINDS[kind_name][0]["kind"]
+        one_rank.setdefault((kind, method, zero), f"tests/test_adapters.py::test_deepspeed_one_process_and_exact_resume[{case_id}]")
     unit: dict[tuple[str, str], str] = {}
     for name, (adapter, _) in KINDS.items():
         unit.setdefault((adapter["kind"], "sft"),
                         f"tests/test_adapters.py::test_adapter_trains_only_its_own_params_saves_and_reloads[{name}]")
     for name, adapter in ENCODER_KINDS.items():
         unit[(adapter["kind"], "classify")] = f"tests/test_adapters.py::test_classify_adapter_trains_saves_and_reloads[{name}]"
-    return ray, unit
+    return ray, one_rank, unit
 
 
 def render() -> str:
-    ray, unit = proofs()
+    ray, one_rank, unit = proofs()
     reasons: list[str] = []
     refs: dict[str, str] = {}  # test node -> reference label
 
@@ -86,6 +95,8 @@ def render() -> str:
             return f"❌ {reasons.index(why) + 1}"
         if (adapter, method, zero) in ray:
             return f"✅ [ray][{ref(ray[(adapter, method, zero)])}]"
+        if (adapter, method, zero) in one_rank:
+            return f"☑️ [1 rank][{ref(one_rank[(adapter, method, zero)])}]"
         test_file = ROOT / "tests" / f"test_methods_{method}.py"
         if adapter in ("full", "freeze", "lora") and test_file.exists() and f'"kind": "{adapter}"' in test_file.read_text():
             return f"🔸 [method][{ref(f'tests/test_methods_{method}.py')}]"
@@ -107,6 +118,8 @@ def render() -> str:
         "peft's own (`ftray/models/adapters.py` maps the spec onto its config).",
         "",
         "- ✅ a test runs this cell on 2 Ray Train workers under DeepSpeed",
+        "- ☑️ a test runs this cell through the training loop and DeepSpeed on one process (world size 1: "
+        "ZeRO's code paths, checkpoints and exact resume, saving; no second rank)",
         "- 🔸 allowed; the method's own tests use this adapter kind (at the stages they pin)",
         "- 🔹 allowed; the adapter kind is tested on one process, without DeepSpeed (trains only its own "
         "parameters, saves, reloads in peft with the same logits) with this method, or with `sft` where the "

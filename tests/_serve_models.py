@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
+from tests._specs import ROOT
+
 __all__ = ["make_adapter_run", "make_scorer_run"]
 
 
@@ -62,3 +66,24 @@ def make_scorer_run(base: Path, run: Path, labels: list[str], seed: int = 0) -> 
     tok.save_pretrained(run / "tokenizer")
     _run_json(run, base, "reward" if len(labels) == 1 else "classify")
     return run
+
+
+def serve_config(base: Path, runs: Path, keys: Path) -> dict:
+    """deploy/adapters.yaml's args, pointed at the test's folders and with tight limits."""
+    doc = yaml.safe_load((ROOT / "deploy" / "adapters.yaml").read_text())
+    args = doc["applications"][0]["args"]
+    g = args["generation"][0]
+    g.update(base=str(base), adapters={"sft-a": str(runs / "sft-a"), "sft-b": str(runs / "sft-b")}, registry=[str(runs / "registry")])
+    g["deployment"].update(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=8, max_queued_requests=8)
+    args["scorers"] = [
+        {"name": "emb", "path": str(base), "kind": "embedding"},
+        {"name": "cls", "path": str(runs / "cls"), "kind": "classifier"},
+        {"name": "rm", "path": str(runs / "rm"), "kind": "reward"},
+    ]
+    for s in args["scorers"]:
+        s["deployment"] = {"num_cpus": 0.25, "max_batch_size": 8, "max_ongoing_requests": 16}
+    g["deployment"]["num_cpus"] = 1
+    args["limits"].update(max_prompt_tokens=64, max_tokens=64, max_body_bytes=4096, request_timeout_s=60)
+    args["auth"] = {"api_keys_env": None, "api_keys_file": str(keys)}
+    args["ingress"] = {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 256, "max_batch_size": 1}
+    return args

@@ -1,30 +1,35 @@
-"""Shared fixtures: tiny models built from a config, the arithmetic task, a local Ray, the shared data."""
+"""Shared fixtures: tiny models built from a config, the arithmetic task, one local Ray for the session,
+the run farm, the shared data.
+
+Test order (`pytest_collection_modifyitems`): first everything that needs no Ray (unit tests, in-process
+runs, and the checks that a refused job never started Ray), then every test on the session's one local
+Ray (started once, on first use), then the modules that need a cluster of their own (a `ray start` head,
+`cluster/local.sh`, an S3 endpoint in Ray's environment): they shut the session's Ray down first."""
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-BIN = Path(sys.executable).parent
+from tests._methods_tiny import build_tiny_bert
+from tests._runs import RunFarm
+from tests._s3 import s3  # noqa: F401 - the module-scoped moto_server fixture (tests/_s3.py)
+from tests._specs import SHARED_DATA
+
+# Modules that start (or need) a Ray cluster of their own; they run last.
+OWN_CLUSTER = {"test_cluster.py", "test_cluster_e2e.py", "test_job_submit.py", "test_s3.py"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _group(item) -> int:
+    if item.path.name in OWN_CLUSTER:
+        return 2
+    return 1 if "ray_local" in item.fixturenames else 0
 
 
-def needs_shared(*parts: str) -> Path:
-    p = SHARED_DATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"needs the shared datasets: {p} is absent")
-    return p
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_group)  # stable: the file order holds within each group
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +57,28 @@ def tiny_model(work, arith) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(work, tiny_model) -> Path:
+    """A tiny random-init BERT with the tiny Llama's tokenizer (it has `<mask>` and `<pad>`)."""
+    return build_tiny_bert(tiny_model, work / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
 def cache_dir(work) -> Path:
     """One data cache for the whole session: jobs over the same data and tokenizer prepare once."""
     return work / "cache"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray cluster on loopback (4 logical CPUs on 2 cores: 2 train workers + data tasks).
+@pytest.fixture(scope="session")
+def runs(work) -> RunFarm:
+    """Each distinct job fitted once per session; every test that reads it gets the same run folder."""
+    return RunFarm(work / "farm")
 
-    Module-scoped and left running for the next module; a module that needs its own cluster (S3
-    endpoint in the environment, a `ray start` head) shuts it down, and the next user starts it again."""
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster on loopback for the session (4 logical CPUs on 2 cores: 2 train workers +
+    data tasks), started by the first test that needs it. The dashboard is on: Tune needs it to free a
+    finished trial's placement group. The own-cluster modules, ordered last, shut it down."""
     import ray
 
     if not ray.is_initialized():
@@ -73,35 +89,10 @@ def ray_local():
 
 @pytest.fixture
 def ray_down():
-    """No Ray in this process, so a test can assert that a refused job never started one.
-
-    Shuts down the cluster an earlier module left running (the next `ray_local` user starts it again)."""
+    """No Ray in this process, so a test can assert that a refused job never started one (those tests
+    run before the session's Ray starts), or start a cluster of its own."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     return ray
-
-
-def job_dict(model: Path, train: Path, test: Path | None, out: Path, cache: Path, **over) -> dict:
-    """A small SFT job spec as a dict; `over` replaces sections by dotted keys (e.g. train__max_steps=4)."""
-    d = {
-        "model": {"path": str(model)},
-        "data": {
-            "train": str(train),
-            "eval": str(test) if test else None,
-            "format": "prompt_completion",
-            "max_length": 64,
-            "cache_dir": str(cache),
-        },
-        "method": {"kind": "sft"},
-        "adapter": {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"lr": 1e-3, "max_steps": 6, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 1},
-        "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 2},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d

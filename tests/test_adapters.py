@@ -18,7 +18,7 @@ import torch
 
 from ftray.config import SpecError, resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY
-from tests.conftest import ROOT, job_dict
+from tests._specs import ROOT, job_dict
 
 SFT = REGISTRY["sft"]
 TARGETS = ["q_proj", "v_proj"]
@@ -393,43 +393,46 @@ def test_compatibility_doc_is_current():
 
 # ------------------------------------------------------------------------------------------ Ray
 
-# Real runs: 2 Ray Train workers, DeepSpeed on CPU. id -> (KINDS entry, method, ZeRO stage).
-# With lora (tests/test_train.py) every adapter kind runs under ZeRO-2 and ZeRO-3 (adalora: ZeRO-3 refused).
-RAY_CASES: dict[str, tuple[str, str, int]] = {
+# DeepSpeed runs through the training loop. On one process (world size 1: DeepSpeed's ZeRO code paths,
+# checkpoints, saving; seconds each): every kind under ZeRO-2 and ZeRO-3 (adalora: ZeRO-3 refused), each
+# also resumed exactly from its step-5 checkpoint. On 2 Ray Train workers (parameters partitioned across
+# ranks and gathered to save; ~40 s each): one prompt-learning kind (prefix: a prompt encoder instead of
+# injected layers) and llama_adapter (adaption prompts and gates inside attention); LoRA on 2 workers under
+# every stage is tests/test_train.py's. id -> (KINDS entry, method, ZeRO stage).
+DS_CASES: dict[str, tuple[str, str, int]] = {
     "adalora-zero2": ("adalora", "sft", 2),
     "ia3-zero2": ("ia3", "sft", 2),
     "ia3-zero3": ("ia3", "sft", 3),
     "prefix-zero2": ("prefix", "sft", 2),
     "prefix-zero3": ("prefix", "sft", 3),
     "prompt_random-zero2": ("prompt_random", "sft", 2),
+    "prompt_random-zero3": ("prompt_random", "sft", 3),
     "prompt_text-zero3": ("prompt_text", "sft", 3),
     "p_tuning-zero2": ("p_tuning", "sft", 2),
     "p_tuning-zero3": ("p_tuning", "sft", 3),
     "llama_adapter-zero2": ("llama_adapter", "sft", 2),
     "llama_adapter-zero3": ("llama_adapter", "sft", 3),
 }
+RAY_CASES: dict[str, tuple[str, str, int]] = {
+    "prefix-zero3": ("prefix", "sft", 3),
+    "llama_adapter-zero3": ("llama_adapter", "sft", 3),
+}
 
 
-# One case per adapter kind (lora: tests/test_train.py) also resumes from its step-5 checkpoint.
-RESUMED = {"adalora-zero2", "ia3-zero3", "prefix-zero3", "prompt_random-zero2", "p_tuning-zero3", "llama_adapter-zero3"}
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("case", sorted(RAY_CASES))
-def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
-    from safetensors.torch import load_file
-
-    from ftray.train.launch import check_job, fit_job, train
-
-    name, method, zero = RAY_CASES[case]
+def _case_job(case: str, cases: dict, tiny_model, arith, cache_dir) -> dict:
+    name, method, zero = cases[case]
     adapter, data = KINDS[name]
-    run = tmp_path / "run"
-    d = job_dict(tiny_model, arith[0], arith[1], run, cache_dir, train__max_steps=10, train__lr=5e-3,
+    d = job_dict(tiny_model, arith[0], arith[1], None, cache_dir, train__max_steps=10, train__lr=5e-3,
                  deepspeed__zero_stage=zero, data__eval_max_rows=32, train__checkpoint_every=5,
                  output__keep_checkpoints=3)
     d["adapter"], d["method"] = dict(adapter), {"kind": method}
     d["data"].update(data)
-    record = train(resolve_paths(spec_from_dict(d)))
+    return d
+
+
+def _check_adapter_run(name: str, record: dict, run: Path) -> dict:
+    from safetensors.torch import load_file
+
     assert record["status"] == "completed"
     assert record["eval"]["after"]["eval_loss"] < record["eval"]["before"]["eval_loss"], record["eval"]
     t = record["trainable"]
@@ -449,24 +452,66 @@ def test_two_workers(case, tiny_model, arith, cache_dir, tmp_path, ray_local):
         assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"], cfg
         saved = {k.removesuffix(".lora_E").removesuffix(".default"): sum(map(bool, v)) for k, v in cfg["rank_pattern"].items()}
         assert sorted(saved.values()) == sorted(ranks.values())
-    # A fresh process: PeftModel.from_pretrained + the held-out data -> the eval loss measured at the end.
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(run), str(tiny_model)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return w
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    """Largest difference between two saved adapters (inf where a shape differs: AdaLoRA's final ranks)."""
+    assert a.keys() == b.keys()
+    return max(float("inf") if a[k].shape != b[k].shape else float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0
+               for k in a)
+
+
+@pytest.mark.parametrize("case", sorted(DS_CASES))
+def test_deepspeed_one_process_and_exact_resume(case, tiny_model, arith, cache_dir, runs, tmp_path):
+    """Trains, saves a whole adapter; a second run continuing the step-5 checkpoint (DeepSpeed state of the
+    trainable parameters, optimizer, RNG, adapter state) starts at step 6 with the optimizer state of 5
+    steps and ends with the same adapter; one continuing a perturbed copy of that checkpoint does not
+    (so the check fails when the checkpoint is ignored: a fresh run with the same seed ends the same)."""
+    from safetensors.torch import load_file
+
+    from tests._specs import perturb_checkpoint, run_here
+
+    d = _case_job(case, DS_CASES, tiny_model, arith, cache_dir)
+    record, run = runs.get(d)
+    w = _check_adapter_run(DS_CASES[case][0], record, run)
+    ckpt = next(p.parent for p in (run / "checkpoints").glob("checkpoint_*/state.json")
+                if json.loads(p.read_text())["step"] == 5)
+    resumed = run_here({**d, "output": {**d["output"], "dir": str(tmp_path / "resumed")}}, resume_from=str(ckpt))
+    assert resumed["train"]["resumed_from_step"] == 5 and resumed["train"]["resumed_optimizer_steps"] == 5, resumed["train"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 11)), steps  # 1-5 from the checkpoint's history, 6-10 run here
+    w2 = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert _max_diff(w, w2) <= 1e-6
+    perturb_checkpoint(ckpt, tmp_path / "perturbed")
+    run_here({**d, "output": {**d["output"], "dir": str(tmp_path / "off")}}, resume_from=str(tmp_path / "perturbed"))
+    w3 = load_file(str(tmp_path / "off" / "adapter" / "adapter_model.safetensors"))
+    assert _max_diff(w, w3) > 1e-4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(RAY_CASES))
+def test_two_workers(case, tiny_model, arith, cache_dir, runs, ray_local):
+    d = _case_job(case, RAY_CASES, tiny_model, arith, cache_dir)
+    record, run = runs.get(d, on_ray=True)
+    assert record["placement"]["ranks"] and len(record["placement"]["ranks"]) == 2
+    _check_adapter_run(RAY_CASES[case][0], record, run)
+
+
+@pytest.mark.integration
+def test_every_adapter_run_reloads_in_one_fresh_process(tiny_model, arith, cache_dir, runs, ray_local):
+    """A fresh process (one for all runs): PeftModel.from_pretrained + the held-out data -> the eval loss each
+    run measured at its end. The runs are the farm's (fitted by the tests above)."""
+    jobs = [(_case_job(c, DS_CASES, tiny_model, arith, cache_dir), False) for c in sorted(DS_CASES)]
+    jobs += [(_case_job(c, RAY_CASES, tiny_model, arith, cache_dir), True) for c in sorted(RAY_CASES)]
+    got = [runs.get(d, on_ray=on_ray) for d, on_ray in jobs]
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(tiny_model), *(str(r) for _, r in got)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    fresh = json.loads(out.stdout.strip().splitlines()[-1])["eval_loss"]
-    assert abs(fresh - record["eval"]["after"]["eval_loss"]) < 1e-5, (fresh, record["eval"]["after"])
-    if case in RESUMED:
-        # Exact resume: a new 2-worker run continuing this run's step-5 checkpoint (DeepSpeed state of the
-        # trainable parameters, optimizer, RNG, adapter state) ends with the same adapter weights.
-        ckpt = next(p.parent for p in (run / "checkpoints").glob("checkpoint_*/state.json")
-                    if json.loads(p.read_text())["step"] == 5)
-        d["output"]["dir"] = str(tmp_path / "resumed")
-        result, _, _ = fit_job(check_job(resolve_paths(spec_from_dict(d))), resume_from=str(ckpt))
-        assert result.error is None, result.error
-        w2 = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
-        diff = max(float((w[k] - w2[k]).abs().max()) if w[k].numel() else 0.0 for k in w)
-        assert w.keys() == w2.keys() and diff <= 1e-6, diff
-        print(f"{case}: resumed from step 5, adapter max abs diff {diff:.1e}")
+    fresh = [json.loads(x)["eval_loss"] for x in out.stdout.strip().splitlines()[-len(got):]]
+    for (record, run), loss in zip(got, fresh, strict=True):
+        assert abs(loss - record["eval"]["after"]["eval_loss"]) < 1e-5, (run, loss, record["eval"]["after"])
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ftray.cli import main
-from tests.conftest import job_dict
+from tests._specs import job_dict
 
 
 @pytest.fixture
@@ -48,7 +48,11 @@ CASES = {
     "zero stage 4": (dict(overrides=["deepspeed.zero_stage=4"]), r"`deepspeed.zero_stage`: Input should be 0, 1, 2 or 3"),
     "batch not divisible": (dict(overrides=["train.global_batch_size=12"]), r"`train.global_batch_size` \(12\) must be a multiple"),
     "missing data file": (dict(overrides=["data.train=/nonexistent/train.jsonl"]), r"/nonexistent/train.jsonl: no such data file"),
-    "model path missing": (dict(overrides=["model.path=/nonexistent/model"]), r"model.path: /nonexistent/model: no model there"),
+    "model path missing": (dict(overrides=["model.path=/nonexistent/model"]), r"model.path: /nonexistent/model: no such folder"),
+    # A relative path is kept as written when it could be a hub id: without its own check it was sent to the hub.
+    "model path not a hub id": (dict(overrides=["model.path=runs/ftray-no-such-model"]),
+                                r"model.path: runs/ftray-no-such-model: no such folder"),
+    "tokenizer missing": (dict(overrides=["model.tokenizer=/nonexistent/tok"]), r"model.tokenizer: /nonexistent/tok: no such folder"),
     "lora target missing": (
         dict(mutate=lambda d: d["adapter"].update(target_modules=["q_proj", "attn_c"])),
         r"adapter.target_modules: `attn_c` is not a module of LlamaForCausalLM; linear modules are: .*q_proj",

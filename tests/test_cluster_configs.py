@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests._specs import ROOT
 
 KUBERAY = ROOT.parent / "shared" / "schemas" / "kuberay"
 CONFIGS = sorted(str(p.relative_to(ROOT)) for d in ("cluster", "deploy") for p in (ROOT / d).rglob("*.yaml"))

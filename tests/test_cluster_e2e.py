@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
-from tests.test_cluster import SCRIPT, _ours, _plain_env, _run
-from tests.test_s3 import BUCKET, s3  # noqa: F401 - the moto_server fixture
+from tests._cluster import SCRIPT, _ours, _plain_env, _run
+from tests._s3 import BUCKET
+from tests._specs import ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -208,7 +208,7 @@ def _kill_raylet(cluster_dir: Path, node: str) -> int:
 def test_worker_node_lost_mid_run_restarts_from_checkpoint(tiny_model, arith, cache_dir, tmp_path, ray_down):
     """3 worker nodes, a 2-worker STRICT_SPREAD job; the raylet of a node running a worker is SIGKILLed after the
     first checkpoint: Ray Train restarts the worker group on the 2 nodes left and the job finishes from it."""
-    steps, every = 40, 5
+    steps, every = 20, 5  # killed after step 7+: the restart and the steps left still run mid-job
     with _local_cluster(3, tmp_path) as (authed, cluster_dir):
         out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
         sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"

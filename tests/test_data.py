@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,23 @@ def test_arithmetic_preferences_follow_the_task_split(tmp_path):
         rows = [json.loads(x) for x in prefs.read_text().split("\n")[:-1]]
         assert len(rows) == 3 * len(answers) and {r["prompt"] for r in rows} == set(answers)
         assert all(r["chosen"] == answers[r["prompt"]] != r["rejected"] for r in rows)
+
+
+@pytest.mark.integration
+def test_ray_data_and_the_driver_write_the_same_shards(tiny_model, arith, tmp_path, ray_local):
+    """`data.prepare_with`: a Ray Data job and the driver tokenize and pack into the same shards and counts."""
+    from ftray.config import resolve_paths, spec_from_dict
+    from ftray.data.prepare import load_split
+    from ftray.methods import get_method
+    from ftray.train.launch import check_job, prepare_data
+    from tests._specs import job_dict
+
+    got = {}
+    for how in ("ray_data", "driver"):
+        d = job_dict(tiny_model, arith[0], arith[1], tmp_path / how, tmp_path / f"cache-{how}", data__prepare_with=how)
+        plan = check_job(resolve_paths(spec_from_dict(d)))
+        prepared, meta, _ = prepare_data(plan, get_method("sft"))
+        assert not meta["cached"] and (tmp_path / f"cache-{how}") in Path(prepared).parents
+        got[how] = ({s: load_split(prepared, s) for s in ("train", "eval")}, {s: meta[s] for s in ("train", "eval")})
+    assert got["ray_data"][0]["train"]["position_ids"] is not None  # packed
+    assert got["ray_data"] == got["driver"]

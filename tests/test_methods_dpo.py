@@ -15,6 +15,7 @@ from ftray.data.rows import DataError
 from ftray.methods import REGISTRY
 from tests._methods_tiny import write_jsonl
 from tests._preference import preference_rows, preference_task
+from tests._specs import ROOT, method_spec, needs_shared, run_here
 
 M = REGISTRY["dpo"]
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -26,18 +27,7 @@ def prefs(work) -> tuple[Path, Path]:
 
 
 def spec_for(model, train, test, out, adapter=None, method=None, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "preference", "max_length": 48},
-        "method": {"kind": "dpo", **(method or {})},
-        "adapter": adapter or LORA,
-        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("dpo", model, train, test, out, adapter, method, **over)
 
 
 def _tok(path):
@@ -65,7 +55,7 @@ def test_bad_input_refused_before_ray(tiny_model, prefs, tmp_path, ray_down):
     missing = write_jsonl(tmp_path / "m.jsonl", [*preference_rows(2, 0), {"prompt": "1+1=", "rejected": "3"}])
     with pytest.raises(DataError, match=r"m.jsonl:3: missing `chosen`"):
         train(resolve_paths(spec_from_dict(spec_for(tiny_model, missing, None, tmp_path / "a"))))
-    with pytest.raises(ModelError, match=r"model.path: .*/nope: no model there"):
+    with pytest.raises(ModelError, match=r"model.path: .*/nope: no such folder"):
         train(resolve_paths(spec_from_dict(spec_for(tmp_path / "nope", prefs[0], None, tmp_path / "b"))))
     # Continuing an adapter run under LoRA: disabling it would make the bare base the reference.
     run = make_adapter_run(tiny_model, tmp_path / "sft-run", seed=1)
@@ -123,18 +113,18 @@ def test_reference_and_trainable_params(adapter, tiny_model, prefs, tmp_path):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.integration
-def test_two_workers_zero2_lora_implicit_reward_accuracy_rises(tiny_model, prefs, cache_dir, tmp_path, ray_local):
-    from ftray.train.launch import train
-
+def test_in_process_zero2_lora_implicit_reward_accuracy_rises(tiny_model, prefs, cache_dir, tmp_path):
+    """The method's mechanics through the loop and DeepSpeed on one process (LoRA: the reference is the
+    base with the adapter switched off)."""
     out = tmp_path / "dpo"
     d = spec_for(
         tiny_model, prefs[0], prefs[1], out, {**LORA, "target_modules": "all-linear"},
         method={"beta": 0.5, "label_smoothing": 0.05}, train__max_steps=8, data__cache_dir=str(cache_dir),
     )
-    record = train(resolve_paths(spec_from_dict(d)))
+    record = run_here(d)
     b, a = record["eval"]["before"], record["eval"]["after"]
-    assert set(a) == {"eval_loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"}
+    assert set(a) == {"eval_loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps",
+                      "length_heuristic_accuracy", "balanced_accuracy", "balanced_pairs", "beats_length_heuristic"}
     assert b["reward_accuracy"] == 0.5 and b["reward_margin"] == 0.0  # the policy starts as its reference
     assert a["reward_accuracy"] > 0.5 and a["reward_margin"] > 0 and a["eval_loss"] < b["eval_loss"], (b, a)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -144,7 +134,6 @@ def test_shipped_job_validates(tiny_model):
     from ftray.config import load_spec
     from ftray.methods import check_method
     from ftray.train.launch import check_job
-    from tests.conftest import ROOT, needs_shared
 
     needs_shared("preference", "oasst1_train.jsonl")
     spec = load_spec(ROOT / "jobs" / "dpo.yaml", [f"model.path={tiny_model}"])

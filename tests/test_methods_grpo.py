@@ -14,24 +14,14 @@ from ftray.data.encode import ensure_chat_template
 from ftray.data.rows import DataError
 from ftray.methods import REGISTRY, EvalContext
 from tests._methods_tiny import write_jsonl
+from tests._specs import ROOT, method_spec, needs_shared, run_here
 
 M = REGISTRY["grpo"]
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
 
 
 def spec_for(model, train, test, out, adapter=None, method=None, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "prompt_completion", "max_length": 32},
-        "method": {"kind": "grpo", "group_size": 4, "max_new_tokens": 4, **(method or {})},
-        "adapter": adapter or LORA,
-        "train": {"lr": 1e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("grpo", model, train, test, out, adapter, method, **over)
 
 
 def test_spec_refusals(tiny_model, arith, tmp_path):
@@ -48,7 +38,7 @@ def test_spec_refusals(tiny_model, arith, tmp_path):
 def test_bad_input_refused_before_ray(tiny_model, arith, tmp_path, ray_down):
     from ftray.train.launch import train
 
-    with pytest.raises(SpecError, match=r"method.reward_model.path: .*/no-rm: no model there"):
+    with pytest.raises(SpecError, match=r"method.reward_model.path: .*/no-rm: no such folder"):
         train(resolve_paths(spec_from_dict(spec_for(
             tiny_model, arith[0], None, tmp_path / "a", method={"reward_model": {"path": str(tmp_path / "no-rm")}}
         ))))
@@ -89,15 +79,14 @@ def test_rollout_loss_on_one_process(tiny_model, arith, tmp_path):
         assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.integration
-def test_two_workers_zero2_lora_logs_rollouts(tiny_model, arith, cache_dir, tmp_path, ray_local):
-    from ftray.train.launch import train
-
+def test_in_process_zero2_lora_logs_rollouts(tiny_model, arith, cache_dir, tmp_path):
+    """Rollouts, rewards and the loss through the loop and DeepSpeed on one process; scoring by a served
+    reward model on Ray: tests/test_rlhf_served.py."""
     out = tmp_path / "grpo"
     d = spec_for(tiny_model, arith[0], arith[1], out, method={"group_size": 4}, train__max_steps=3,
                  data__cache_dir=str(cache_dir), data__eval_max_rows=16)
     d["deepspeed"] = {"zero_stage": 2}
-    record = train(resolve_paths(spec_from_dict(d)))
+    record = run_here(d)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = [s for s in steps if "loss" in s]
     assert len(train_steps) == 3
@@ -116,7 +105,6 @@ def test_shipped_jobs_validate(tiny_model, arith):
     from ftray.config import load_spec
     from ftray.methods import check_method
     from ftray.train.launch import check_job
-    from tests.conftest import ROOT, needs_shared
 
     spec = load_spec(ROOT / "jobs" / "grpo_arith.yaml",
                      [f"model.path={tiny_model}", f"data.train={arith[0]}", f"data.eval={arith[1]}"])

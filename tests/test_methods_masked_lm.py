@@ -9,17 +9,10 @@ import pytest
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY, check_method
-from tests._methods_tiny import build_tiny_bert
-from tests.conftest import ROOT, needs_shared
-from tests.test_methods_classify import step_and_compare
+from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = REGISTRY["masked_lm"]
 TEXT = "1+2=3 and 2+2=4. Once upon a time there was a model that learned to add numbers."
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(work, tiny_model) -> Path:
-    return build_tiny_bert(tiny_model, work / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
@@ -32,18 +25,7 @@ def corpus(work) -> tuple[Path, Path]:
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "text", "max_length": 32},
-        "method": {"kind": "masked_lm", "mask_prob": 0.3},
-        "adapter": adapter,
-        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("masked_lm", model, train, test, out, adapter, **over)
 
 
 def test_examples_are_chunked_masked_and_deterministic(tiny_bert, corpus, tmp_path):
@@ -111,21 +93,14 @@ def test_shipped_job_validates():
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
-def run_job(d: dict) -> dict:
-    from ftray.train.launch import train
-
-    return train(resolve_paths(spec_from_dict(d)))
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_workers_zero_perplexity_falls(zero, tiny_bert, corpus, cache_dir, tmp_path, ray_local):
+# One rank at both stages: its cross-rank helper (max_over_ranks) runs on 2 Ray workers in sentence_order's test.
+@pytest.mark.parametrize("place", ONE_RANK)
+def test_runs_perplexity_falls(place, tiny_bert, corpus, cache_dir, tmp_path, request):
     from transformers import AutoModelForMaskedLM
 
     out = tmp_path / "run"
-    d = spec_for(tiny_bert, corpus[0], corpus[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
-                 train__max_steps=8, data__cache_dir=str(cache_dir))
-    record = run_job(d)
+    d = spec_for(tiny_bert, corpus[0], corpus[1], out, {"kind": "full"}, train__max_steps=8, data__cache_dir=str(cache_dir))
+    record = fit(d, place, request)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "perplexity", "masked_accuracy"}
     assert a["perplexity"] < b["perplexity"], (b, a)

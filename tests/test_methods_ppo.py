@@ -11,13 +11,13 @@ import torch
 from ftray.config import SpecError, spec_from_dict
 from ftray.data.encode import ensure_chat_template
 from ftray.methods import REGISTRY, EvalContext
-from tests.test_methods_grpo import spec_for
+from tests._specs import method_spec, run_here
 
 M = REGISTRY["ppo"]
 
 
 def ppo_spec(model, train, test, out, method=None, **over) -> dict:
-    d = spec_for(model, train, test, out, **over)
+    d = method_spec("grpo", model, train, test, out, **over)
     d["method"] = {"kind": "ppo", "max_new_tokens": 4, "rewards": {"exact_match": 1.0}, **(method or {})}
     return d
 
@@ -111,3 +111,32 @@ def test_adaptive_kl_is_one_coefficient_for_all_ranks(tiny_model, arith, tmp_pat
     assert r0["state"] == {"kl_coef": r0["coef_after"]}
     M.load_state_dict({"kl_coef": 0.123})
     assert M.state_dict() == {"kl_coef": 0.123}
+
+
+def test_resume_restores_the_adaptive_kl_coefficient(tiny_model, arith, cache_dir, tmp_path):
+    """In process: the same job with 2 more steps resumes from its final checkpoint (step 3 is the first it
+    runs, with the optimizer state of 2 steps) and takes the adaptive KL coefficient from it; a copy of the
+    checkpoint with another coefficient gives another step 3, so the check fails if the state is ignored."""
+    import shutil
+
+    out = tmp_path / "ppo"
+    d = ppo_spec(tiny_model, arith[0], None, out, method={"kl_target": 0.1}, train__max_steps=2,
+                 data__cache_dir=str(cache_dir))
+    run_here(d)
+    ckpt = next((out / "checkpoints").glob("checkpoint_*"))
+    d["train"]["max_steps"] = 4
+    record = run_here(d)
+    assert record["train"]["resumed_from_step"] == 2 and record["train"]["resumed_optimizer_steps"] == 2, record["train"]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    coef = [s["train/kl_coef"] for s in steps]
+    # Logged per step as the mean over its 2 micro-batches: the second already sees the first's update.
+    assert abs(coef[0] - 0.05) < 1e-3 and coef[2] != coef[0], coef
+
+    other = tmp_path / "perturbed"
+    shutil.copytree(ckpt, other)
+    state = json.loads((other / "method_state.json").read_text())
+    (other / "method_state.json").write_text(json.dumps({"kl_coef": 10 * state["kl_coef"]}))
+    run_here({**d, "output": {**d["output"], "dir": str(tmp_path / "off")}}, resume_from=str(other))
+    off = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert off[2]["train/kl_coef"] != coef[2] and abs(off[2]["train/kl_coef"] / coef[2] - 10) < 2, (off[2], coef[2])

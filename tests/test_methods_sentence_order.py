@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ftray.config import load_spec, resolve_paths, spec_from_dict
+from ftray.config import load_spec, spec_from_dict
 from ftray.methods import REGISTRY, check_method
 from ftray.methods.sentence_order import split_sentences
-from tests._methods_tiny import build_tiny_bert
-from tests.conftest import ROOT, needs_shared
-from tests.test_methods_classify import step_and_compare
+from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = REGISTRY["sentence_order"]
 DOC = "One fox ran. Two dogs sat! Three cats slept? Four birds sang. Five fish swam. Six ants hid."
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(work, tiny_model) -> Path:
-    return build_tiny_bert(tiny_model, work / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
@@ -35,18 +28,7 @@ def docs(work) -> tuple[Path, Path]:
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "text", "max_length": 64},
-        "method": {"kind": "sentence_order", "n_sentences": 3},
-        "adapter": adapter,
-        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("sentence_order", model, train, test, out, adapter, **over)
 
 
 def test_examples_shuffle_windows_and_label_them(tiny_bert, docs, tmp_path):
@@ -90,17 +72,13 @@ def test_shipped_job_validates():
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_workers_zero(zero, tiny_bert, docs, cache_dir, tmp_path, ray_local):
+@pytest.mark.parametrize("place", PLACES)
+def test_runs(place, tiny_bert, docs, cache_dir, tmp_path, request):
     from transformers import AutoModelForSequenceClassification
 
-    from ftray.train.launch import train
-
     out = tmp_path / "run"
-    d = spec_for(tiny_bert, docs[0], docs[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
-                 train__max_steps=4, data__cache_dir=str(cache_dir))
-    record = train(resolve_paths(spec_from_dict(d)))
+    d = spec_for(tiny_bert, docs[0], docs[1], out, {"kind": "full"}, train__max_steps=4, data__cache_dir=str(cache_dir))
+    record = fit(d, place, request)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "accuracy", "chance"} and abs(a["chance"] - 1 / 6) < 1e-9
     assert a["eval_loss"] != b["eval_loss"]

@@ -11,7 +11,7 @@ import torch
 from ftray.config import resolve_paths, spec_from_dict
 from ftray.methods import REGISTRY, EvalContext, check_method
 from tests._methods_tiny import build_tiny_t5, copy_task
-from tests.test_methods_classify import step_and_compare
+from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = REGISTRY["seq2seq"]
 
@@ -28,18 +28,7 @@ def tiny_t5(work, copies) -> Path:
 
 
 def spec_for(model, train, test, out, adapter, **over) -> dict:
-    d = {
-        "model": {"path": str(model)},
-        "data": {"train": str(train), "eval": str(test) if test else None, "format": "translation", "max_length": 32},
-        "method": {"kind": "seq2seq", "max_new_tokens": 12},
-        "adapter": adapter,
-        "train": {"lr": 3e-3, "max_steps": 1, "global_batch_size": 8, "micro_batch_size": 4},
-        "output": {"dir": str(out)},
-    }
-    for k, v in over.items():
-        sec, key = k.split("__", 1)
-        d.setdefault(sec, {})[key] = v
-    return d
+    return method_spec("seq2seq", model, train, test, out, adapter, **over)
 
 
 def test_examples_and_loss(tiny_t5, copies, tmp_path):
@@ -100,17 +89,13 @@ def test_bleu_and_chrf_scores(tiny_t5, copies, tmp_path):
     assert len(scores) == len(rows) and 0 <= scores[0]["bleu"] <= 100 and 0 <= scores[0]["chrf"] <= 100
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_workers_zero(zero, tiny_t5, copies, cache_dir, tmp_path, ray_local):
+@pytest.mark.parametrize("place", PLACES)
+def test_runs(place, tiny_t5, copies, cache_dir, tmp_path, request):
     from transformers import AutoModelForSeq2SeqLM
 
-    from ftray.train.launch import train
-
     out = tmp_path / "run"
-    d = spec_for(tiny_t5, copies[0], copies[1], out, {"kind": "full"}, deepspeed__zero_stage=zero,
-                 train__max_steps=6, data__cache_dir=str(cache_dir))
-    record = train(resolve_paths(spec_from_dict(d)))
+    d = spec_for(tiny_t5, copies[0], copies[1], out, {"kind": "full"}, train__max_steps=6, data__cache_dir=str(cache_dir))
+    record = fit(d, place, request)
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert set(a) == {"eval_loss", "perplexity", "bleu", "chrf"}
     assert a["eval_loss"] < b["eval_loss"], (b, a)
@@ -120,7 +105,6 @@ def test_two_workers_zero(zero, tiny_t5, copies, cache_dir, tmp_path, ray_local)
 def test_shipped_job_validates(tiny_t5):
     from ftray.config import load_spec
     from ftray.train.launch import check_job
-    from tests.conftest import ROOT, needs_shared
 
     needs_shared("translation", "en_fr_train.jsonl")
     spec = load_spec(ROOT / "jobs" / "seq2seq_en_fr.yaml", [f"model.path={tiny_t5}"])

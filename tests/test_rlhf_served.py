@@ -13,7 +13,7 @@ import pytest
 from ftray.config import RewardModelRef, resolve_paths, spec_from_dict
 from ftray.rlhf.served import RewardServiceError, ServedReward, check_reward_app, deploy_reward_app
 from tests._serve_models import make_scorer_run
-from tests.test_methods_grpo import spec_for
+from tests._specs import method_spec
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,8 @@ def test_grpo_deploys_its_reward_model_and_logs_its_scores(rm_run, tiny_model, a
     from ftray.train.launch import train
 
     out = tmp_path / "grpo-rm"
-    d = spec_for(
+    d = method_spec(
+        "grpo",
         tiny_model, arith[0], arith[1], out,
         method={"group_size": 2, "rewards": {}, "reward_model": {"path": str(rm_run), "app": "rm-job", "scorer": "rm"}},
         train__max_steps=2, data__cache_dir=str(cache_dir), data__eval_max_rows=8,
@@ -101,7 +102,7 @@ def test_ppo_scores_rollouts_with_the_running_reward_app(tiny_model, arith, cach
 
     assert "rm-job" in serve_up.status().applications  # left by the test above
     out = tmp_path / "ppo-rm"
-    d = spec_for(tiny_model, arith[0], arith[1], out, train__max_steps=2, data__cache_dir=str(cache_dir),
+    d = method_spec("grpo", tiny_model, arith[0], arith[1], out, train__max_steps=2, data__cache_dir=str(cache_dir),
                  data__eval_max_rows=8)
     d["method"] = {"kind": "ppo", "max_new_tokens": 4, "kl_target": 0.1,
                    "reward_model": {"app": "rm-job", "scorer": "rm"}}
@@ -112,19 +113,13 @@ def test_ppo_scores_rollouts_with_the_running_reward_app(tiny_model, arith, cach
         assert {"train/reward_model", "train/value_loss", "train/kl_coef", "train/policy_loss"} <= set(s), s
     assert "reward_model_score" in record["eval"]["after"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    # The same job with 2 more steps resumes from its final checkpoint, and the adaptive KL coefficient
-    # comes back with it (were it restarted, step 3 would use the spec's 0.05 again).
-    d["train"]["max_steps"] = 4
-    train(resolve_paths(spec_from_dict(d)))
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert [s["step"] for s in steps] == [1, 2, 3, 4]
-    assert steps[0]["train/kl_coef"] == 0.05 and steps[2]["train/kl_coef"] != 0.05, [s["train/kl_coef"] for s in steps]
+    # Resuming with the adaptive KL coefficient: tests/test_methods_ppo.py (in process, no reward service).
 
 
 def test_a_job_naming_a_reward_app_that_is_not_running_fails_before_training(tiny_model, arith, tmp_path, serve_up):
     from ftray.train.launch import train
 
-    d = spec_for(tiny_model, arith[0], None, tmp_path / "x", method={"rewards": {}, "reward_model": {"app": "nope"}})
+    d = method_spec("grpo", tiny_model, arith[0], None, tmp_path / "x", method={"rewards": {}, "reward_model": {"app": "nope"}})
     with pytest.raises(RewardServiceError, match=r"no Serve application 'nope' is running"):
         train(resolve_paths(spec_from_dict(d)))
     assert not (tmp_path / "x" / "run.json").exists() or json.loads((tmp_path / "x" / "run.json").read_text())["status"] != "completed"

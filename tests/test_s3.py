@@ -14,100 +14,15 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, free_port, job_dict
+from tests._s3 import BUCKET
+from tests._specs import job_dict
 
 pytestmark = pytest.mark.integration
-
-BUCKET = "bucket"
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-def _moto_command(port: int) -> list[str]:
-    exe = BIN / "moto_server"
-    if exe.exists():
-        return [str(exe), "-H", "127.0.0.1", "-p", str(port)]
-    found = shutil.which("moto_server")
-    if found:
-        return [found, "-H", "127.0.0.1", "-p", str(port)]
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        pytest.skip("moto[server] is not installed (no `moto_server` script, no moto.server module)")
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"moto_server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"moto_server did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with bucket `bucket`; AWS_* set in os.environ for the module."""
-    pytest.importorskip("s3fs", reason="s3fs is needed for s3:// paths")
-    boto3 = pytest.importorskip("boto3", reason="boto3 is needed to create the bucket")
-    from ftray import storage
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            _moto_command(port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    saved_env = {k: os.environ.get(k) for k in AWS_ENV}
-    saved_opts = dict(storage._options)
-    try:
-        _wait_http(url + "/", proc, log)
-        os.environ.update(
-            AWS_ENDPOINT_URL=url,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        # An endpoint configured by an earlier test in this process would win over the env var.
-        storage._options.update(endpoint_url=url, region="us-east-1")
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield url
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage._options.clear()
-        storage._options.update(saved_opts)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
 
 def _boto(url: str):
     import boto3

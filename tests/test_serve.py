@@ -11,32 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._serve_models import make_adapter_run, make_scorer_run
-from tests.conftest import ROOT, free_port
+from tests._serve_models import make_adapter_run, make_scorer_run, serve_config
+from tests._specs import ROOT, free_port
 
 KEY = "sk-test-123"
 APP = "ftray"
 
 
-def _config(base: Path, runs: Path, keys: Path) -> dict:
-    """deploy/adapters.yaml's args, pointed at the test's folders and with tight limits."""
-    doc = yaml.safe_load((ROOT / "deploy" / "adapters.yaml").read_text())
-    args = doc["applications"][0]["args"]
-    g = args["generation"][0]
-    g.update(base=str(base), adapters={"sft-a": str(runs / "sft-a"), "sft-b": str(runs / "sft-b")}, registry=[str(runs / "registry")])
-    g["deployment"].update(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=8, max_queued_requests=8)
-    args["scorers"] = [
-        {"name": "emb", "path": str(base), "kind": "embedding"},
-        {"name": "cls", "path": str(runs / "cls"), "kind": "classifier"},
-        {"name": "rm", "path": str(runs / "rm"), "kind": "reward"},
-    ]
-    for s in args["scorers"]:
-        s["deployment"] = {"num_cpus": 0.25, "max_batch_size": 8, "max_ongoing_requests": 16}
-    g["deployment"]["num_cpus"] = 1
-    args["limits"].update(max_prompt_tokens=64, max_tokens=64, max_body_bytes=4096, request_timeout_s=60)
-    args["auth"] = {"api_keys_env": None, "api_keys_file": str(keys)}
-    args["ingress"] = {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 256, "max_batch_size": 1}
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +35,7 @@ def served(ray_local, tiny_model, work):
     keys = work / "api_keys.txt"
     keys.write_text(f"# test keys\n{KEY}\n")
     port = free_port()
-    cfg = _config(tiny_model, runs, keys)
+    cfg = serve_config(tiny_model, runs, keys)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "runs": runs, "base": tiny_model, "cfg": cfg}

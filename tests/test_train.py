@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ftray.config import resolve_paths, spec_from_dict
-from tests.conftest import ROOT, job_dict, needs_shared
+from tests._specs import ROOT, job_dict, needs_shared, run_here
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +36,17 @@ def adapter_weights(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def equivalence_runs(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
-    """The same 10-step job under ZeRO 0, 2 and 3 (2 workers), and on 1 worker x 2 accumulation steps."""
+    """The same 10-step job under ZeRO 2 and 3 on 2 Ray workers, on 1 Ray worker x 2 accumulation steps,
+    and under ZeRO-0 in this process (1 rank: no partitioning to compare, the plain optimizer step)."""
     base = tmp_path_factory.mktemp("equiv")
-    runs = {}
+    runs = {"_job": lambda out, **over: job_dict(tiny_model, arith[0], arith[1], out, cache_dir, train__max_steps=10, **over)}
     for name, over in {
-        "zero0": {"deepspeed__zero_stage": 0},
         "zero2": {"deepspeed__zero_stage": 2},
         "zero3": {"deepspeed__zero_stage": 3},
         "one_worker": {"deepspeed__zero_stage": 2, "scaling__num_workers": 1},
     }.items():
-        d = job_dict(tiny_model, arith[0], arith[1], base / name, cache_dir, train__max_steps=10, **over)
-        runs[name] = (run_job(d), base / name)
+        runs[name] = (run_job(runs["_job"](base / name, **over)), base / name)
+    runs["zero0"] = (run_here(runs["_job"](base / "zero0", deepspeed__zero_stage=0)), base / "zero0")
     return runs
 
 
@@ -66,6 +66,17 @@ def test_one_worker_accumulating_equals_two_workers(equivalence_runs):
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-4, (one, two)
 
 
+def test_in_process_loop_equals_the_ray_train_loop(equivalence_runs, tmp_path):
+    """The same 1-worker job through `run_local` (no Ray) and through a Ray Train worker: one loop, one
+    loss curve (1e-6), one held-out loss at the end."""
+    record, run = equivalence_runs["one_worker"]
+    here = run_here(equivalence_runs["_job"](tmp_path / "here", deepspeed__zero_stage=2, scaling__num_workers=1))
+    ray_losses, here_losses = losses(run), losses(tmp_path / "here")
+    assert len(here_losses) == 10 and max(abs(a - b) for a, b in zip(ray_losses, here_losses, strict=True)) < 1e-6
+    assert abs(here["eval"]["after"]["eval_loss"] - record["eval"]["after"]["eval_loss"]) < 1e-6
+    assert here["placement"]["ranks"][0]["node_id"] == "local"
+
+
 def test_zero3_adapter_is_complete_and_reloads_in_fresh_process(equivalence_runs, tiny_model):
     record, run = equivalence_runs["zero3"]
     w = adapter_weights(run)
@@ -77,7 +88,7 @@ def test_zero3_adapter_is_complete_and_reloads_in_fresh_process(equivalence_runs
     # A fresh process: PeftModel.from_pretrained + the same held-out data -> the eval loss the run
     # measured at the end of training (a function of every held-out logit).
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(run), str(tiny_model)],
+        [sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(tiny_model), str(run)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -113,9 +124,11 @@ def _cli_job(tmp: Path, name: str, tiny_model, arith, cache_dir, **over) -> Path
     return p
 
 
-def _spawn(job: Path, log: Path) -> subprocess.Popen:
-    # RAY_ADDRESS=local: the job starts its own Ray, so its worker processes are its descendants.
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+def _spawn(job: Path, log: Path, address: str = "local") -> subprocess.Popen:
+    # RAY_ADDRESS=local: the job starts its own Ray, so its worker processes are its descendants. Given the
+    # session's address, it joins that cluster as a job of its own (no Ray start-up); killing its driver ends
+    # its trainer and workers.
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "ftray", "train", str(job)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT,
@@ -173,16 +186,17 @@ def test_sigkilled_worker_resumes_to_same_weights(tmp_path, tiny_model, arith, c
     assert diff <= 1e-6, diff
 
 
-def test_rerunning_the_same_command_resumes(tmp_path, tiny_model, arith, cache_dir, uninterrupted):
+def test_rerunning_the_same_command_resumes(tmp_path, tiny_model, arith, cache_dir, uninterrupted, ray_local):
+    address = ray_local.get_runtime_context().gcs_address
     job = _cli_job(tmp_path, "again", tiny_model, arith, cache_dir, **RESUME)
-    first = _spawn(job, tmp_path / "first.log")
+    first = _spawn(job, tmp_path / "first.log", address)
     try:
         _wait_for_checkpoint(tmp_path / "again", first, tmp_path / "first.log")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert not (tmp_path / "again" / "run.json").exists()
-    second = _spawn(job, tmp_path / "second.log")
+    second = _spawn(job, tmp_path / "second.log", address)
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
     text = (tmp_path / "second.log").read_text()
     assert "resumed from checkpoint at step" in text
@@ -195,7 +209,9 @@ def test_rerunning_the_same_command_resumes(tmp_path, tiny_model, arith, cache_d
 
 
 @pytest.mark.slow
-def test_sft_on_gpteacher_code_eval_loss_falls(tmp_path, tiny_model, cache_dir, ray_local):
+def test_sft_on_gpteacher_code_eval_loss_falls(tmp_path, tiny_model, cache_dir):
+    """Full fine-tuning on real data, in one process: the evidence is the model's, not the sharding's."""
+
     train = needs_shared("sft", "gpteacher_code_train.jsonl")
     test = needs_shared("sft", "gpteacher_code_test.jsonl")
     d = job_dict(
@@ -205,7 +221,7 @@ def test_sft_on_gpteacher_code_eval_loss_falls(tmp_path, tiny_model, cache_dir, 
         adapter__kind="full", adapter__target_modules=None,
     )
     d["adapter"] = {"kind": "full"}
-    record = run_job(d)
+    record = run_here(d)
     before, after = record["eval"]["before"]["eval_loss"], record["eval"]["after"]["eval_loss"]
     print(f"gpteacher_code eval loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.5
@@ -216,7 +232,7 @@ def test_continue_from_a_run_folder_unpacked(equivalence_runs, tmp_path, tiny_mo
     parent = equivalence_runs["zero2"][1]
     d = job_dict(parent, arith[0], arith[1], tmp_path / "child", cache_dir, train__max_steps=2, data__packing=False)
     d["adapter"] = {"kind": "lora"}  # the parent's adapter config is reused
-    record = run_job(d)
+    record = run_here(d)  # in process: what is checked is the run folder's lineage, not Ray
     assert record["parent_run"] == str(parent)
     assert record["base_model"] == str(tiny_model)
     assert record["data"]["train"]["padding_share"] == 0.0  # unpacked rows carry no padding in the shards

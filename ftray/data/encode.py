@@ -16,23 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# The chat template belongs to the tokenizer (models/); re-exported here, where rows are rendered with it.
+from ftray.models.load import DEFAULT_CHAT_TEMPLATE, ensure_chat_template
+
 IGNORE = -100
 
-# Used when a tokenizer has no chat template of its own (documented in the README).
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for m in messages %}"
-    # Encoders (BERT) have no eos token: nothing ends a turn but the newline.
-    "{{ '<|' + m['role'] + '|>\n' + m['content'] + (eos_token if eos_token is defined and eos_token else '') + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
-)
-
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "IGNORE", "encode_row", "ensure_chat_template", "pack_examples", "render_prompt"]
-
-
-def ensure_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 def _ids(tokenizer, text: str) -> list[int]:

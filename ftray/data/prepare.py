@@ -84,13 +84,12 @@ class _Encode:
     packed rows for the train split when packing is on. Counts ride along as columns (non-zero on
     one row per batch), so one pass over the data yields both the shards and the report."""
 
-    def __init__(self, spec_json: str, tokenizer_dir: str, pack: bool, pad_id: int):
+    def __init__(self, spec_json: str, tokenizer_dir: str, pack: bool, pad_id: int, method):
         from ftray.config import JobSpec
-        from ftray.methods import get_method
         from ftray.models.load import load_tokenizer
 
         self.spec = JobSpec.model_validate_json(spec_json)
-        self.method = get_method(self.spec.method.kind)
+        self.method = method
         self.tok = load_tokenizer(tokenizer_dir, self.spec.model.trust_remote_code)
         ensure_chat_template(self.tok)
         self.pack, self.pad_id = pack, pad_id
@@ -124,16 +123,38 @@ class _Encode:
         return _table({c: [r.get(c) for r in out] for c in cols})
 
 
-def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tuple[str, dict]:
-    """Tokenize (+pack) both splits in one Ray Data pass into the cache; returns (prepared folder,
-    meta). Each attempt writes its own folder and `meta.json` (written last) names the finished one,
-    so an interrupted preparation never leaves half a dataset behind a valid key. Needs Ray up."""
+_BATCH = 4096  # examples per encode batch: packing quality grows with it (a few % padding at most)
+
+
+def _encode_here(items: list[dict], encode: _Encode, out_path: str, fs) -> None:
+    """The same pass as the Ray Data one, in this process (no Ray): the same batches of `_BATCH`
+    items, the same UDF, the same `split=<name>/` parquet layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts: dict[str, list] = {}
+    for b in range(0, len(items), _BATCH):
+        table = encode(pa.Table.from_pylist(items[b : b + _BATCH]))
+        for split in ("train", "eval"):
+            mask = pa.compute.equal(table.column("split"), split)
+            part = table.filter(mask).drop_columns(["split"])
+            if part.num_rows:
+                parts.setdefault(split, []).append(part)
+    for split, tables in parts.items():
+        fs.create_dir(f"{out_path}/split={split}", recursive=True)
+        table = pa.concat_tables(tables, promote_options="permissive")
+        pq.write_table(table, f"{out_path}/split={split}/part-0.parquet", filesystem=fs)
+
+
+def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None, method, use_ray: bool = True) -> tuple[str, dict]:
+    """Tokenize (+pack) both splits in one pass into the cache; returns (prepared folder, meta).
+    `method` is the job's method (its `examples`, `packable`). With `use_ray` the pass is a Ray Data
+    job (Ray must be up); without, it runs in this process and writes the same shards. Each attempt
+    writes its own folder and `meta.json` (written last) names the finished one, so an interrupted
+    preparation never leaves half a dataset behind a valid key."""
     import uuid
 
-    import ray.data
-
     from ftray.data.rows import DataError
-    from ftray.methods import get_method
     from ftray.models.load import load_tokenizer
 
     key = cache_key(spec, tokenizer_dir)
@@ -147,10 +168,7 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
 
     tok = load_tokenizer(tokenizer_dir, spec.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    pack = spec.data.packing and get_method(spec.method.kind).packable
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
+    pack = spec.data.packing and method.packable
     attempt = uuid.uuid4().hex[:12]
     out = storage.join(root, attempt)
     fs, out_path = storage.pyarrow_filesystem(out)
@@ -158,17 +176,25 @@ def prepare(spec, tokenizer_dir: str, train: Checked, ev: Checked | None) -> tup
     items = [{"key": i, "split": "train", "row": json.dumps(r)} for i, r in enumerate(train.rows)]
     if ev is not None:
         items += [{"key": i, "split": "eval", "row": json.dumps(r)} for i, r in enumerate(ev.rows)]
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(4 * cpus, len(items) // 2048)))
-    ds.map_batches(
-        _Encode,
-        fn_constructor_args=(spec.model_dump_json(), tokenizer_dir, pack, pad_id),
-        # Packing quality grows with the batch: 4096 examples leave a few % padding at most.
-        batch_size=4096,
-        # One tokenizer actor per ~50k rows, up to the cluster's CPUs: start-up (~5 s) dominates small data.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(cpus, len(items) // 50_000))),
-        batch_format="pyarrow",
-    ).write_parquet(out_path, filesystem=fs, partition_cols=["split"])
+    args = (spec.model_dump_json(), tokenizer_dir, pack, pad_id, method)
+    if use_ray:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(4 * cpus, len(items) // 2048)))
+        ds.map_batches(
+            _Encode,
+            fn_constructor_args=args,
+            batch_size=_BATCH,
+            # One tokenizer actor per ~50k rows, up to the cluster's CPUs: start-up (~5 s) dominates small data.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(cpus, len(items) // 50_000))),
+            batch_format="pyarrow",
+        ).write_parquet(out_path, filesystem=fs, partition_cols=["split"])
+    else:
+        _encode_here(items, _Encode(*args), out_path, fs)
 
     meta: dict = {"key": key, "dir": attempt, "format": spec.data.format, "max_length": spec.data.max_length}
     for split, checked in (("train", train), ("eval", ev)):

@@ -1,5 +1,6 @@
-"""Metrics: accuracy/macro-F1 (scikit-learn), Spearman (scipy), NMI/ARI; `ftray eval` (evaluate.py)."""
+"""`ftray eval` (evaluate.py). The metrics (accuracy/macro-F1, Spearman) live in `ftray.metrics`, below
+`methods/`, and are re-exported here."""
 
-from ftray.eval.metrics import confusion_keys, macro_f1_from_confusion, spearman
+from ftray.metrics import confusion_keys, macro_f1_from_confusion, spearman
 
 __all__ = ["confusion_keys", "macro_f1_from_confusion", "spearman"]

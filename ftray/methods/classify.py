@@ -13,8 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ftray.eval.metrics import confusion_keys, macro_f1_from_confusion
 from ftray.methods._enc import load_auto, pad, tokenize
+from ftray.metrics import confusion_keys, macro_f1_from_confusion
 
 __all__ = ["Classify", "label_names"]
 

@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ftray.eval.metrics import spearman
 from ftray.methods._enc import (
     gather_rows,
     load_auto,
@@ -27,6 +26,7 @@ from ftray.methods._enc import (
     write_sentence_transformers,
 )
 from ftray.methods.losses import cosine_similarity_loss, info_nce, mean_pool
+from ftray.metrics import spearman
 
 __all__ = ["Contrastive", "embed"]
 

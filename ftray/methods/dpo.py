@@ -7,7 +7,8 @@ The reference: under LoRA, the same model with its adapter disabled (`PeftModel.
 second copy in memory); under `full` / `freeze`, a frozen copy of the base made when it is loaded.
 Judged on held-out pairs by the implicit reward beta x (log pi - log ref): accuracy (chosen above
 rejected; a tie counts half, so the untrained policy scores 0.5), margin, and the policy's
-chosen/rejected log-probabilities.
+chosen/rejected log-probabilities; beside the accuracy, the length heuristic's and the accuracy on the
+length-balanced pairs (`ftray.metrics.length_summary`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ftray.data.encode import IGNORE, ensure_chat_template
 from ftray.methods._enc import pad
 from ftray.methods._lm import load_causal_lm
 from ftray.methods.losses import dpo_loss, sequence_logps
+from ftray.metrics import length_keys, length_summary
 
 __all__ = ["DPO", "LOSS_TYPES", "reference_logits_of"]
 
@@ -159,20 +161,23 @@ class DPO:
     def score_rows(self, model, tokenizer, rows, spec, ctx):
         out = []
         for i in range(0, len(rows), 16):
-            ex = [e for r in rows[i : i + 16] for e in self.examples(r, tokenizer, spec)]
+            chunk = rows[i : i + 16]
+            ex = [e for r in chunk for e in self.examples(r, tokenizer, spec)]
             batch = {k: v.to(ctx.device) for k, v in self.collate(ex, tokenizer.pad_token_id).items()}
             _, cr, rr, pc, pr = self._pair(model, batch)
-            for a, b, c, d in zip(cr.tolist(), rr.tolist(), pc.tolist(), pr.tolist(), strict=True):
+            for row, a, b, c, d in zip(chunk, cr.tolist(), rr.tolist(), pc.tolist(), pr.tolist(), strict=True):
+                acc = float(a > b) + 0.5 * float(a == b)
                 out.append({
-                    "reward_accuracy": float(a > b) + 0.5 * float(a == b),
+                    "reward_accuracy": acc,
                     "reward_margin": a - b,
                     "chosen_logps": c,
                     "rejected_logps": d,
+                    **length_keys(row, acc),
                 })
         return out
 
     def summarize(self, eval_loss, scores):
-        return {"eval_loss": eval_loss, **scores}
+        return {"eval_loss": eval_loss, **length_summary(scores, "reward_accuracy")}
 
     def save_extra(self, model, tokenizer, folder, spec):
         return None

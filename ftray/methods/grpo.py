@@ -2,7 +2,8 @@
 policy; each is rewarded (verifiable functions of the completion and the row's reference answer, and/or a
 served reward model); advantages are the rewards relative to their group (minus the group mean, over its
 standard deviation); the loss is PPO's clipped surrogate on the completion tokens plus beta x the k3 KL
-estimate to a frozen reference (DeepSeekMath, as TRL's GRPOTrainer with one update per rollout).
+estimate to a frozen reference (DeepSeekMath, as TRL's GRPOTrainer with one update per rollout), made one
+number as `method.loss_type` says (`grpo`, `dapo`, `dr_grpo`: `losses.aggregate_token_loss`).
 
 Rows: `prompt_completion` / `instruction` / `chat`; the completion (last assistant turn) is the reference
 answer the verifiable rewards check (`data.columns` maps other names, e.g. GSM8K's `question` and
@@ -26,6 +27,7 @@ from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
 from ftray.methods.dpo import DPO, reference_logits_of
 from ftray.methods.losses import (
+    aggregate_token_loss,
     clipped_surrogate,
     group_advantages,
     k3_kl,
@@ -225,7 +227,15 @@ class GRPO:
             ref_logits = reference_logits_of(model, r.full, r.attn, r.pos)
             kl = k3_kl(logp, token_logps(ref_logits[:, P - 1 : -1], comp))
             per_tok = per_tok + m.beta * kl
-        loss = masked_mean(per_tok, c_mask, dim=1).mean()
+        n_tok = None
+        if m.loss_type == "dapo":
+            # DeepSpeed averages gradients over ranks: each rank's token sum over the mean count of all ranks
+            # gives sum / total over every rank's completions, as TRL's `num_items_in_batch` does.
+            n_tok = c_mask.sum().float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(n_tok)
+                n_tok = n_tok / torch.distributed.get_world_size()
+        loss = aggregate_token_loss(per_tok, c_mask, m.loss_type, m.max_new_tokens, n_tok)
         info = {
             "target_tokens": float(len(comp)),
             "reward_mean": float(r.rewards.mean()),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "GRPO_LOSS_TYPES",
+    "aggregate_token_loss",
     "bradley_terry_loss",
     "clipped_surrogate",
     "clipped_value_loss",
@@ -34,16 +37,13 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     Returns (mean loss, number of unmasked target tokens). A batch with no target token gives a
     zero loss that still depends on the logits, so backward and DeepSpeed's hooks run on every rank.
+    The log-probs come from `token_logps` (no full-vocabulary log-softmax), like every method's.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    n = int((shift_labels != ignore_index).sum())
-    if n == 0:
-        return shift_logits.sum() * 0.0, 0
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
-    )
-    return loss / n, n
+    lp, n = sequence_logps(logits, labels, ignore_index)
+    n_all = int(n.sum())
+    if n_all == 0:
+        return logits.sum().float() * 0.0, 0
+    return -lp.sum() / n_all, n_all
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,11 +101,11 @@ def mask_tokens(
 def masked_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
     """Cross-entropy at the masked positions (no shift: position t predicts its own token); mean over
     targets. Like `token_cross_entropy`, a batch without targets gives a zero loss that keeps the graph."""
-    n = int((labels != ignore_index).sum())
+    mask = labels != ignore_index
+    n = int(mask.sum())
     if n == 0:
-        return logits.float().sum() * 0.0, 0
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
-    return loss / n, n
+        return logits.sum().float() * 0.0, 0
+    return -torch.where(mask, token_logps(logits, labels.clamp(min=0)), 0.0).sum() / n, n
 
 
 def sentence_order_label(order: list[int] | tuple[int, ...]) -> int:
@@ -128,11 +128,10 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of log p(token) over the labelled (response) tokens: logits[:, t] predicts
     labels[:, t + 1]. Returns (sum of log-probs (B,), labelled token count (B,))."""
-    shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != ignore_index
-    logp = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    logp = token_logps(logits[:, :-1], shift_labels.clamp(min=0))
+    return torch.where(mask, logp, 0.0).sum(-1), mask.sum(-1)
 
 
 def dpo_loss(
@@ -146,11 +145,13 @@ def dpo_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO and its variants on summed response log-probs, as TRL 1.16's DPOTrainer computes them (TRL has
-    them only inside the trainer). d = (pi_c - ref_c) - (pi_r - ref_r):
+    """DPO and its variants on summed response log-probs. d = (pi_c - ref_c) - (pi_r - ref_r):
         sigmoid  -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d)        (DPO; e > 0: cDPO)
         hinge    (1 - e) relu(1 - beta d) + e relu(1 + beta d)                  (SLiC; e flips the label)
         ipo      (d' - 1 / (2 beta))^2, d' from per-token mean log-ratios       (IPO, TRL's normalisation)
+    Without smoothing (e = 0) each equals TRL 1.16's DPOTrainer loss of that name (tests/test_losses_dpo_trl.py;
+    TRL has them only inside the trainer). TRL 1.16's sigmoid and hinge ignore `label_smoothing`: cDPO is
+    the formula of its `aot_unpaired` taken pair by pair; the smoothed hinge has no TRL counterpart.
     Returns (mean loss, chosen rewards beta (pi_c - ref_c), rejected rewards beta (pi_r - ref_r))."""
     chosen_ratio = policy_chosen.float() - ref_chosen.float()
     rejected_ratio = policy_rejected.float() - ref_rejected.float()
@@ -199,9 +200,56 @@ def clipped_surrogate(
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int, n_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GRPO's per-token losses (B, T) of the completions (`mask` 1) to one number, as TRL's GRPOTrainer:
+        grpo     mean over each completion's tokens, then over completions (DeepSeekMath)
+        dapo     sum over all tokens / `n_tokens` (default: this batch's token count) (DAPO)
+        dr_grpo  sum over all tokens / (B x max_completion_length), a constant (Dr. GRPO)
+    `grpo` weighs a short completion's tokens more than a long one's; the other two weigh every token alike."""
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if loss_type == "dapo":
+        return total / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_completion_length)
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}")
+
+
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[:, t] | ...) from logits[:, t] (already shifted by the caller): (B, T)."""
-    return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(tokens[:, t] | ...) from logits[:, t] (already shifted by the caller): (B, T), in fp32.
+
+    Every per-token log-prob of the methods goes through here. It never builds the (B, T, V) fp32
+    log-softmax: log p = logit[token] - logsumexp(logits), one sequence at a time (TRL's
+    `selective_log_softmax`, or its fused kernel on a GPU). With SmolLM2's 49,152-token vocabulary a
+    full fp32 log-softmax of 8 x 512 positions is 0.8 GB, twice over with its gradient."""
+    select = _selective_log_softmax()
+    if logits.dtype in (torch.float32, torch.float64):
+        return select(logits, tokens)
+    # bf16/fp16 logits: TRL would take their log-softmax in bf16; cast one sequence at a time instead.
+    return torch.stack([select(lg.float(), tk) for lg, tk in zip(logits, tokens, strict=True)])
+
+
+@functools.cache
+def _selective_log_softmax():
+    try:
+        from trl.trainer.utils import selective_log_softmax  # imported on first use: trl takes ~1 s to import
+
+        return selective_log_softmax
+    except ImportError:
+        return _logsumexp_gather
+
+
+def _logsumexp_gather(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The same idea as TRL's, for when trl is not importable: gather the token's logit, subtract the
+    row's logsumexp, one sequence at a time (the peak is one (T, V) temporary, not (B, T, V))."""
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

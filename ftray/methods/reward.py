@@ -4,7 +4,9 @@ A scalar head (`AutoModelForSequenceClassification`, one label) on a causal LM (
 token) or an encoder (it reads the pooled [CLS]). Each reply is scored with its conversation
 (`history` + `prompt` + reply) rendered by the chat template, exactly as the Serve app's scorer renders
 a `/v1/rewards` input, so a saved run (`model/`, or `merged/` for LoRA) is served as is.
-Judged by pairwise accuracy on held-out pairs (a tie counts half) and the mean margin r_chosen - r_rejected.
+Judged by pairwise accuracy on held-out pairs (a tie counts half) and the mean margin r_chosen - r_rejected,
+beside the length heuristic (the longer reply is chosen) and the accuracy on the length-balanced pairs
+(`ftray.metrics.length_summary`): a figure the heuristic matches shows that length, not preference, was learnt.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from ftray.methods._enc import load_auto, pad
 from ftray.methods.losses import bradley_terry_loss
+from ftray.metrics import length_keys, length_summary
 
 __all__ = ["Reward", "render"]
 
@@ -69,15 +72,17 @@ class Reward:
     def score_rows(self, model, tokenizer, rows, spec, ctx):
         out = []
         for i in range(0, len(rows), 16):
-            ex = [e for r in rows[i : i + 16] for e in self.examples(r, tokenizer, spec)]
+            chunk = rows[i : i + 16]
+            ex = [e for r in chunk for e in self.examples(r, tokenizer, spec)]
             batch = {k: v.to(ctx.device) for k, v in self.collate(ex, tokenizer.pad_token_id).items()}
             chosen, rejected = self._rewards(model, batch)
-            for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
-                out.append({"accuracy": float(c > r) + 0.5 * float(c == r), "margin": c - r})
+            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+                acc = float(c > r) + 0.5 * float(c == r)
+                out.append({"accuracy": acc, "margin": c - r, **length_keys(row, acc)})
         return out
 
     def summarize(self, eval_loss, scores):
-        return {"eval_loss": eval_loss, **scores}
+        return {"eval_loss": eval_loss, **length_summary(scores, "accuracy")}
 
     def save_extra(self, model, tokenizer, folder, spec):
         return None  # num_labels=1 and the *ForSequenceClassification architecture are in config.json

@@ -8,7 +8,25 @@ from pathlib import Path
 
 from ftray import storage
 
-__all__ = ["ModelError", "Resolved", "load_model", "load_tokenizer", "resolve", "meta_model"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "ModelError",
+    "Resolved",
+    "ensure_chat_template",
+    "load_model",
+    "load_tokenizer",
+    "resolve",
+    "meta_model",
+]
+
+# Used when a tokenizer has no chat template of its own (documented in the README).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for m in messages %}"
+    # Encoders (BERT) have no eos token: nothing ends a turn but the newline.
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + (eos_token if eos_token is defined and eos_token else '') + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+)
 
 
 class ModelError(ValueError):
@@ -23,12 +41,32 @@ class Resolved:
     parent_run: str | None = None
 
 
-def _is_hub_id(path: str) -> bool:
-    return not storage.is_remote(path) and not Path(path).is_absolute() and not path.startswith((".", "~"))
+def _looks_local(path: str) -> bool:
+    """A hub id is `name` or `org/name`; a path that starts like a local one, has more parts, or whose
+    first folder exists here is local (then a missing folder is reported, not a hub connection error)."""
+    if storage.is_remote(path):
+        return False
+    if path.startswith((".", "/", "~", "runs/")) or Path(path).is_absolute():
+        return True
+    parts = Path(path).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _check_present(path: str, field: str, hint: str = "") -> None:
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        raise ModelError(f"{field}: {path}: no such {'file' if path.endswith('.gguf') else 'folder'}{hint}")
 
 
 def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") -> Resolved:
     """Find base weights, tokenizer and (for a run folder) the adapter to continue from."""
+    path = str(path)
+    if tokenizer is not None:
+        _check_present(tokenizer, field.removesuffix(".path") + ".tokenizer" if field.endswith(".path") else field)
+    _check_present(path, field, "" if path.endswith(".gguf") else " (`ftray models get` or `ftray models tiny` writes one)")
+    if path.endswith(".gguf"):  # one file: config, weights and tokenizer (`_local` converts it)
+        if not storage.exists(path):
+            raise ModelError(f"{field}: {path}: no such file")
+        return Resolved(path, tokenizer or path)
     if storage.exists(storage.join(path, "run.json")):
         for sub in ("merged", "model", "adapter"):
             inner = storage.join(path, sub)
@@ -46,12 +84,16 @@ def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") 
         raise ModelError(f"{field}: {path} is a run folder without `model/` or `adapter/`")
     if storage.exists(storage.join(path, "config.json")):
         return Resolved(path, tokenizer or path)
-    if storage.is_remote(path) or not _is_hub_id(path) or Path(path).exists():
+    if storage.is_remote(path) or _looks_local(path) or Path(path).exists():
         raise ModelError(f"{field}: {path}: no model there (no config.json)")
     return Resolved(path, tokenizer or path)  # a hub id: transformers resolves it (or says why not)
 
 
 def _local(path: str) -> str:
+    if str(path).endswith(".gguf"):
+        from ftray.models.real import gguf_folder
+
+        return str(gguf_folder(path))
     return str(storage.cached_copy(path)) if storage.is_remote(path) else path
 
 
@@ -62,6 +104,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template ftray's default one (in place)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 def load_config(path: str, trust_remote_code: bool = False):

@@ -9,6 +9,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from ftray.models.load import DEFAULT_CHAT_TEMPLATE
+
 __all__ = ["SIZES", "build_tiny", "train_tokenizer"]
 
 # name: (hidden, intermediate, layers, heads, kv_heads)
@@ -66,8 +68,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         show_progress=False,
     )
     tok.train_from_iterator(list(texts) + [_BUILTIN], trainer=trainer)
-    from ftray.data.encode import DEFAULT_CHAT_TEMPLATE
-
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",

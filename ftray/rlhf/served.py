@@ -67,6 +67,8 @@ def deploy_reward_app(ref, resolved_path: str) -> None:
             # Rollouts call the scorer by handle; the HTTP ingress only routes, so it reserves no CPU that the
             # job's workers need (a 2-worker job + reward replica then fits exactly what the spec asks for).
             "ingress": {"num_cpus": 0.0, "max_ongoing_requests": 64, "max_queued_requests": 64, "max_batch_size": 1},
+            # Bound to loopback and called by handle from the job's workers; nothing to authenticate.
+            "auth": {"allow_no_keys": True},
         }
     )
     serve.start(http_options={"host": "127.0.0.1"})

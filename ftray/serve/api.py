@@ -2,20 +2,20 @@
 
 It tokenizes and checks requests itself (so a prompt over the limit costs no model replica time),
 then calls the model deployments through their handles. Every error is OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}, the unexpected ones (500) and the ingress' own full queue
+(503 with Retry-After) included: `_Guard` wraps the whole app.
 """
 
 
 import asyncio
 import base64
+import contextlib
 import hmac
-import ipaddress
 import json
-import os
+import logging
 import struct
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -23,10 +23,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from ftray.serve.auth import is_loopback as _loopback
+from ftray.serve.auth import load_api_keys, require_keys
 from ftray.serve.config import ServeConfig
 
 __all__ = ["APIError", "Ingress", "load_api_keys"]
+
+log = logging.getLogger("ftray.serve")
 
 app = FastAPI(title="ftray", docs_url=None, redoc_url=None)
 
@@ -38,6 +43,7 @@ _TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    500: "server_error",
     503: "server_error",
 }
 
@@ -60,6 +66,79 @@ async def _api_error(request: Request, e: APIError):
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException):
     return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None).response()
+
+
+class _Admission:
+    """The ingress' own queue: `ongoing` requests at once, up to `queued` more waiting (-1: unbounded),
+    the rest refused at once with an OpenAI-shaped 503 and Retry-After."""
+
+    def __init__(self, ongoing: int, queued: int, retry_after_s: int):
+        self.ongoing, self.queued, self.retry_after_s = ongoing, queued, retry_after_s
+        self.slots = asyncio.Semaphore(ongoing)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.slots.locked():
+            if 0 <= self.queued <= self.waiting:
+                raise APIError(
+                    503, f"the server is at capacity ({self.ongoing} requests in progress, {self.waiting} waiting); "
+                    "retry later", "overloaded", headers={"Retry-After": str(self.retry_after_s)},
+                )
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.slots.acquire()
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+
+class _Guard:
+    """Outermost (pure ASGI, so streams pass through unbuffered): admits each request through
+    `app.state.admission` (set by the Ingress replica) and turns an exception that escapes a route into an
+    OpenAI-shaped 500 while the response has not started. Starlette's own 500 is plain text."""
+
+    def __init__(self, asgi):
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        started = False
+
+        async def send_(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        admission = getattr(scope["app"].state, "admission", None) if "app" in scope else None
+        try:
+            if admission is None or scope["path"].endswith("/healthz"):
+                await self.asgi(scope, receive, send_)
+            else:
+                async with admission.slot():
+                    await self.asgi(scope, receive, send_)
+        except APIError as e:  # refused by admission: nothing has been sent
+            if started:
+                raise
+            await e.response()(scope, receive, send)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return
+        except Exception as e:
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started:  # the status line is out; a stream reports its own errors
+                raise
+            await APIError(500, f"internal server error ({type(e).__name__}); it is in the server log", "internal_error").response()(
+                scope, receive, send
+            )
+
+
+app.add_middleware(_Guard)
 
 
 # request bodies -------------------------------------------------------------------------------------
@@ -135,23 +214,6 @@ class FeedbackRequest(BaseModel):
 
 
 # helpers ------------------------------------------------------------------------------------------------
-def load_api_keys(auth) -> set[str]:
-    keys: set[str] = set()
-    if auth.api_keys_env and os.environ.get(auth.api_keys_env):
-        keys |= {k.strip() for k in os.environ[auth.api_keys_env].split(",") if k.strip()}
-    if auth.api_keys_file:
-        lines = Path(auth.api_keys_file).expanduser().read_text().splitlines()
-        keys |= {x.strip() for x in lines if x.strip() and not x.startswith("#")}
-    return keys
-
-
-def _loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -184,7 +246,9 @@ class Ingress:
 
         self.cfg = ServeConfig.model_validate(config)
         self.limits = self.cfg.limits
-        self.keys = load_api_keys(self.cfg.auth)
+        self.keys = require_keys(self.cfg.auth, None)  # the keys this replica sees; build_app checked the bind
+        ing = self.cfg.ingress
+        app.state.admission = _Admission(ing.max_ongoing_requests, ing.max_queued_requests, self.limits.retry_after_s)
         self.generators, self.scorers = generators, scorers
         self.kinds = {s.name: s.kind for s in self.cfg.scorers}
         self.tok, self.registry, self.ctx, self._templates = {}, {}, {}, {}
@@ -201,7 +265,7 @@ class Ingress:
         if self.cfg.feedback.path:
             from ftray.serve.feedback import FeedbackStore
 
-            self.feedback = FeedbackStore(self.cfg.feedback.path, self.cfg.feedback.remember)
+            self.feedback = FeedbackStore(self.cfg.feedback.path, self.cfg.feedback.remember, self.cfg.feedback.remember_bytes)
 
     # plumbing ----------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -414,8 +478,13 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._body(request, CompletionRequest)
-        base, adapter = await self._route(body.model, "generation")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) > self.limits.max_prompts:  # before tokenizing: each prompt becomes n generations
+            raise APIError(
+                400, f"prompt has {len(prompts)} entries, above this server's limit of {self.limits.max_prompts}",
+                "too_many_prompts", "prompt",
+            )
+        base, adapter = await self._route(body.model, "generation")
         reqs = self._gen_reqs(body, base, adapter, [self._encode(base, p, bos=True) for p in prompts], body.max_tokens)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -508,7 +577,7 @@ class Ingress:
     @app.post("/v1/feedback")
     async def feedback_(self, request: Request):
         """A rating of one answer, or a preferred/rejected pair of answers to one prompt (see serve/feedback.py)."""
-        from ftray.serve.feedback import FeedbackError
+        from ftray.serve.feedback import FeedbackError, FeedbackStorageError
 
         body = await self._body(request, FeedbackRequest)
         if self.feedback is None:
@@ -517,3 +586,5 @@ class Ingress:
             return await asyncio.to_thread(self.feedback.handle, body.model_dump(exclude_unset=True))
         except FeedbackError as e:
             raise APIError(400, str(e), e.code, e.param) from None
+        except FeedbackStorageError as e:
+            raise APIError(503, str(e), "feedback_storage_unavailable", headers=self._retry()) from None

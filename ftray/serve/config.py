@@ -113,16 +113,26 @@ class Limits(_Strict):
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it")
     max_n: int = Field(4, ge=1, description="cap on a request's n")
     max_inputs: int = Field(64, ge=1, description="cap on the inputs of one embeddings/classify/rewards request")
+    max_prompts: int = Field(
+        16, ge=1, description="cap on the prompts of one completions request (each is generated n times; 400 above it)"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered by then gets 408")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429/503")
 
 
 class Auth(_Strict):
-    """API keys (`Authorization: Bearer KEY`). Without keys the server answers loopback clients only."""
+    """API keys (`Authorization: Bearer KEY`). Without any key the app does not start, unless `allow_no_keys`
+    says so; then it binds loopback only and answers loopback clients only (see `ftray/serve/auth.py`)."""
 
     api_keys_env: str | None = Field("FTRAY_API_KEYS", description="environment variable with comma-separated keys")
     api_keys_file: str | None = Field(None, description="file with one key per line")
+    allow_no_keys: bool = Field(
+        False,
+        description="serve without API keys (a warning at start). Loopback is no boundary: behind a port-forward, a "
+        "same-host proxy or a mesh sidecar every client looks local, so this lets in anyone who reaches the port. "
+        "An HTTP proxy bound beyond loopback is refused without keys all the same",
+    )
 
 
 class Feedback(_Strict):
@@ -134,6 +144,12 @@ class Feedback(_Strict):
         "(one object per row); null turns /v1/feedback off (404)",
     )
     remember: int = Field(10_000, ge=1, description="recent completion choices kept per ingress replica for feedback")
+    remember_bytes: int = Field(
+        64 << 20,
+        ge=1 << 16,
+        description="bytes of remembered prompts and answers per ingress replica (each choice counts its prompt, "
+        "history and text); the oldest are forgotten first, so a few huge answers cannot exhaust memory",
+    )
 
 
 class ServeConfig(_Strict):

@@ -10,7 +10,9 @@ name (a run trained again into its folder) is noticed by `changed` and reloaded 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from ftray import storage
@@ -45,13 +47,18 @@ def _norm(p: str) -> str:
 
 
 class AdapterRegistry:
+    # Unknown names are remembered for miss_ttl_s, and at most this many: a client sending endless new
+    # names (64 characters each) must not grow a replica's memory.
+    max_misses = 4096
+
     def __init__(self, model: GenerationModel, base_path: str, miss_ttl_s: float = 1.0):
         self.model = model
         self.base_path = _norm(base_path)
         self._static = dict(model.adapters)
         self._found: dict[str, str] = {}
-        self._misses: dict[str, float] = {}
-        self._miss_ttl = miss_ttl_s  # a flood of unknown names costs one listing a second, not one each
+        self._misses: OrderedDict[str, float] = OrderedDict()  # oldest first
+        self._misses_lock = threading.Lock()  # the ingress looks names up from worker threads
+        self._miss_ttl = miss_ttl_s  # the same unknown name asked again and again costs one listing a second
         self._stamps: dict[str, str | None] = {}  # name -> version of its adapter_model.safetensors
         self._checked: dict[str, float] = {}
         self._recheck = model.reload_check_s
@@ -80,8 +87,18 @@ class AdapterRegistry:
                 folder = adapter_folder(storage.join(reg, name))
                 if folder is not None:
                     return self._remember(name, folder)
-        self._misses[name] = time.monotonic()
+        self._missed(name)
         raise self._unknown(name)
+
+    def _missed(self, name: str) -> None:
+        now = time.monotonic()
+        with self._misses_lock:
+            self._misses.pop(name, None)
+            self._misses[name] = now
+            while len(self._misses) > self.max_misses or now - next(iter(self._misses.values())) >= self._miss_ttl:
+                self._misses.popitem(last=False)
+                if not self._misses:
+                    break
 
     def _unknown(self, name: str) -> AdapterError:
         return AdapterError(

@@ -16,7 +16,7 @@ from ftray.methods import check_method, get_method
 from ftray.models.adapters import check_targets
 from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
 
-__all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "train"]
+__all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "prepare_data", "train", "write_run_json"]
 
 
 
@@ -108,6 +108,29 @@ def _run_config(spec: JobSpec, callbacks=None, name: str = "checkpoints"):
     )
 
 
+RAY_DATA_MIN_ROWS = 50_000  # `data.prepare_with: auto`: below this, Ray Data's start-up outweighs its work
+
+
+def prepare_data(plan: Plan, method, log=print, use_ray: bool = True) -> tuple[str, dict, float]:
+    """Tokenize (+pack) the job's data into the cache (Ray Data, or in this process, per
+    `data.prepare_with`; never Ray without `use_ray`); says what it did. Returns (prepared folder, meta, seconds)."""
+    t0 = time.time()
+    rows = len(plan.train_rows.rows) + (len(plan.eval_rows.rows) if plan.eval_rows else 0)
+    how = plan.spec.data.prepare_with
+    ray_data = use_ray and (how == "ray_data" or (how == "auto" and rows >= RAY_DATA_MIN_ROWS))
+    prepared, meta = prepare(plan.spec, plan.resolved.tokenizer, plan.train_rows, plan.eval_rows, method, ray_data)
+    tr = meta["train"]
+    log(
+        f"[ftray] data {meta['key']}{' (cached)' if meta.get('cached') else ''}: {tr['rows']} rows, "
+        f"{tr['skipped_rows']} skipped, {tr['truncated']} truncated, {tr['dropped_no_answer']} dropped "
+        f"(no answer within max_length), {tr['sequences']} sequences, padding {100 * tr['padding_share']:.1f}%",
+        flush=True,
+    )
+    for line in plan.train_rows.first_skipped:
+        log(f"[ftray] skipped {line}", flush=True)
+    return prepared, meta, time.time() - t0
+
+
 def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = None, run_name: str = "checkpoints"):
     """Prepare data and fit one TorchTrainer; returns (ray Result, data meta, timings).
 
@@ -120,19 +143,8 @@ def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = Non
     from ftray.train.loop import train_fn_per_worker
 
     spec = plan.spec
-    t0 = time.time()
-    prepared, meta = prepare(spec, plan.resolved.tokenizer, plan.train_rows, plan.eval_rows)
-    t_prep = time.time() - t0
-    tr = meta["train"]
-    log(
-        f"[ftray] data {meta['key']}{' (cached)' if meta.get('cached') else ''}: {tr['rows']} rows, "
-        f"{tr['skipped_rows']} skipped, {tr['truncated']} truncated, {tr['dropped_no_answer']} dropped "
-        f"(no answer within max_length), {tr['sequences']} sequences, padding {100 * tr['padding_share']:.1f}%",
-        flush=True,
-    )
-    for line in plan.train_rows.first_skipped:
-        log(f"[ftray] skipped {line}", flush=True)
     method = get_method(spec.method.kind)
+    prepared, meta, t_prep = prepare_data(plan, method, log)
     if hasattr(method, "before_fit"):  # e.g. grpo deploys its reward model
         method.before_fit(spec)
     s = spec.scaling
@@ -185,6 +197,8 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "trained_tokens": m.get("trained_tokens"),
             "precision": m.get("precision"),
             "train_seconds": m.get("train_seconds"),
+            "resumed_from_step": m.get("resumed_from_step"),
+            "resumed_optimizer_steps": m.get("resumed_optimizer_steps"),
         },
         # Which node each rank ran on (node id, IP, hostname, node labels) under the spec's strategy.
         "placement": {"strategy": spec.scaling.placement_strategy, "ranks": m.get("placement", [])},

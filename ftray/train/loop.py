@@ -1,10 +1,13 @@
-"""The one training loop: every method, every adapter, over a DeepSpeed engine, inside a Ray Train worker.
+"""The one training loop: every method, every adapter, over a DeepSpeed engine.
 
-It knows the Method protocol and nothing about any one method.
+It knows the Method protocol and nothing about any one method. Where it runs is a `Session`: a Ray
+Train worker (`train_fn_per_worker`, what `ftray train` and Tune run) or this process alone
+(`LocalSession`, world size 1, gloo, no Ray: `ftray.train.local.run_local`). The loop body is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +40,7 @@ from ftray.models.load import Resolved, load_tokenizer
 from ftray.train import outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
 
-__all__ = ["train_fn_per_worker", "lr_lambda", "total_steps", "sample_index"]
+__all__ = ["LocalSession", "RayTrainSession", "run_worker", "train_fn_per_worker", "lr_lambda", "total_steps", "sample_index"]
 
 
 def total_steps(spec: JobSpec, n_train: int) -> int:
@@ -103,22 +106,104 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _where() -> dict:
-    """This rank's node, for run.json: with SPREAD placement the ranks should name different nodes."""
-    import socket
+class RayTrainSession:
+    """The loop inside a Ray Train worker: rank and world from Train's context, checkpoints through
+    `ray.train.report` (Train's storage, `num_to_keep`, restart after a failure)."""
 
-    import ray
+    def __init__(self, resume_from: str | None = None):
+        import ray.train
 
-    ctx = ray.get_runtime_context()
-    node_id = ctx.get_node_id()
-    # The address the node registered with (`ray start --node-ip-address`), not this host's default IP.
-    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
-    return {
-        "node_id": node_id,
-        "node_ip": ip or ray.util.get_node_ip_address(),
-        "hostname": socket.gethostname(),
-        "labels": {k: v for k, v in ctx.get_node_labels().items() if k != "ray.io/node-id"},
-    }
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self._resume_from = resume_from
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        """This run's own latest checkpoint (after a worker-group restart or a rerun), else `resume_from`
+        (another run's: a PBT exploit, a sweep resumed); yields a local folder or None."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self._resume_from:
+            fs, path = storage.pyarrow_filesystem(self._resume_from)
+            ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def where(self) -> dict:
+        """This rank's node, for run.json: with SPREAD placement the ranks should name different nodes."""
+        import socket
+
+        import ray
+
+        ctx = ray.get_runtime_context()
+        node_id = ctx.get_node_id()
+        # The address the node registered with (`ray start --node-ip-address`), not this host's default IP.
+        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
+        return {
+            "node_id": node_id,
+            "node_ip": ip or ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "labels": {k: v for k, v in ctx.get_node_labels().items() if k != "ray.io/node-id"},
+        }
+
+
+class LocalSession:
+    """The loop in this process alone (world size 1, no Ray). Checkpoints go where a Ray Train run puts
+    them (`<output.dir>/checkpoints/checkpoint_<step>`, each published whole), the newest
+    `output.keep_checkpoints` are kept, and a rerun on the same folder resumes from the newest."""
+
+    rank, world = 0, 1
+
+    def __init__(self, output_dir: str, keep: int | None, resume_from: str | None = None):
+        self.root = storage.join(output_dir, "checkpoints")
+        self.keep, self._resume_from = keep, resume_from
+        self.last_metrics: dict = {}
+
+    def _complete(self) -> list[tuple[int, str]]:
+        if not storage.isdir(self.root):
+            return []
+        out = []
+        for name in storage.listdir(self.root):
+            step = name.removeprefix("checkpoint_local_")
+            path = storage.join(self.root, name)
+            if step.isdigit() and storage.exists(storage.join(path, "state.json")) and storage.is_complete(path):
+                out.append((int(step), path))
+        return sorted(out)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        done = self._complete()
+        src = done[-1][1] if done else self._resume_from
+        if not src:
+            yield None
+            return
+        with storage.local_copy(src) as d:
+            yield str(d)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        self.last_metrics = metrics
+        if checkpoint_dir is None:
+            return
+        storage.publish_dir(checkpoint_dir, storage.join(self.root, f"checkpoint_local_{int(metrics['step']):06d}"))
+        done = self._complete()
+        for _, path in done[: max(0, len(done) - self.keep)] if self.keep else []:
+            fs, p = storage.filesystem(path)
+            fs.rm(p, recursive=True)
+
+    def where(self) -> dict:
+        import socket
+
+        return {"node_id": "local", "node_ip": "127.0.0.1", "hostname": socket.gethostname(), "labels": {}}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -157,10 +242,24 @@ def _take_hyperparams(scheduler, groups: list[dict], spec: JobSpec, schedule) ->
 
 
 def train_fn_per_worker(config: dict) -> None:
-    import ray.train
+    """What each Ray Train worker runs (TorchTrainer has set up torch.distributed)."""
+    run_worker(config, RayTrainSession(config.get("resume_from")))
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+def _optimizer_steps(engine) -> int | None:
+    """Optimizer steps the (restored) optimizer state has taken: shows that a resume restored it."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+    for st in inner.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return None
+
+
+def run_worker(config: dict, session) -> dict:
+    """The loop on one rank. `config`: {"spec", "resolved", "prepared", "resume_from"}; `session`: where
+    it runs (`RayTrainSession` or `LocalSession`). Returns the final metrics (also reported)."""
+    rank, world = session.rank, session.world
     spec = JobSpec.model_validate(config["spec"])
     if not spec.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -231,13 +330,9 @@ def train_fn_per_worker(config: dict) -> None:
     mb = spec.train.micro_batch_size
 
     # ---------------------------------------------------------------- resume
-    start_step, history, method_state = 0, [], None
-    ckpt = ray.train.get_checkpoint()  # this run's own latest checkpoint (after a worker-group restart)
-    if ckpt is None and config.get("resume_from"):  # another run's (a PBT exploit, a sweep resumed)
-        fs, path = storage.pyarrow_filesystem(config["resume_from"])
-        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    start_step, history, method_state, resumed_opt_steps = 0, [], None, None
+    with session.latest_checkpoint() as d:
+        if d is not None:
             engine.load_checkpoint(d, tag="ds", load_module_strict=False)
             state = json.loads(Path(d, "state.json").read_text())
             start_step, history = state["step"], state["history"]
@@ -252,8 +347,9 @@ def train_fn_per_worker(config: dict) -> None:
             method_file = Path(d, "method_state.json")  # e.g. ppo's adaptive KL coefficient
             if method_file.exists():
                 method_state = json.loads(method_file.read_text())
-        _take_hyperparams(scheduler, groups, spec, schedule)
-        log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
+            _take_hyperparams(scheduler, groups, spec, schedule)
+            resumed_opt_steps = _optimizer_steps(engine)
+            log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
 
     def row(split: dict, i: int) -> dict:
         return {k: (v[i] if v is not None else None) for k, v in split.items()}
@@ -312,7 +408,7 @@ def train_fn_per_worker(config: dict) -> None:
                 Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
                 if hasattr(method, "state_dict"):  # the same on every rank (the method keeps it so)
                     Path(tmp, "method_state.json").write_text(json.dumps(method.state_dict()))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            session.report(metrics, str(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -412,18 +508,19 @@ def train_fn_per_worker(config: dict) -> None:
             save_checkpoint(done, metrics)
         elif (done % spec.train.log_every == 0 or any(k.startswith("eval/") for k in rec)) and not is_last:
             # Eval steps are always reported: Tune schedulers stop trials on eval metrics.
-            ray.train.report(metrics)
+            session.report(metrics)
 
     # ---------------------------------------------------------------- finish
     after = evaluate()
     placement: list = [None] * world
-    dist.all_gather_object(placement, {"rank": rank, **_where(), "peak_memory_mb": _peak_memory_mb(device)})
+    dist.all_gather_object(placement, {"rank": rank, **session.where(), "peak_memory_mb": _peak_memory_mb(device)})
     if after:
         history.append({"step": steps, **{f"eval/{k}": v for k, v in after.items()}})
         log(f"[ftray] eval after training: {json.dumps(after)}", flush=True)
     final = {
         "step": steps,
-        "loss": history[-2]["loss"] if len(history) > 1 and "loss" in history[-2] else float("nan"),
+        # The last step's loss (the history may end with the after-training eval record).
+        "loss": next((h["loss"] for h in reversed(history) if "loss" in h), float("nan")),
         **{f"eval/{k}": v for k, v in after.items()},
         "before": before,
         "after": after,
@@ -433,10 +530,17 @@ def train_fn_per_worker(config: dict) -> None:
         "trained_tokens": tokens_done,
         "precision": precision,
         "placement": placement,
+        # Where this process started: the checkpoint step it resumed from (None: from scratch) and the
+        # optimizer steps its restored optimizer state had taken then.
+        "resumed_from_step": start_step or None,
+        "resumed_optimizer_steps": resumed_opt_steps,
     }
     save_checkpoint(steps, final)
     outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
     dist.barrier()
+    # Free the engine's hooks and buffers (ZeRO-3 reserves ~2 GB of bucket buffers): a process that runs
+    # several jobs (`run_local`, the tests) would otherwise keep every engine it built.
+    engine.destroy()
     # Later loads in this process must not re-enter zero.Init with a stale config.
     try:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -444,4 +548,5 @@ def train_fn_per_worker(config: dict) -> None:
         unset_hf_deepspeed_config()
     except ImportError:
         pass
+    return final
 

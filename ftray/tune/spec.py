@@ -12,21 +12,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ftray import storage
-from ftray.config import (
-    JobSpec,
-    SpecError,
-    _coerce_floats,
-    _line_index,
-    _merge,
-    absolute_paths,
-    load_raw,
-    resolve_paths,
-    spec_from_dict,
-)
+from ftray.config import JobSpec, absolute_paths, resolve_paths, spec_from_dict
+from ftray.yamlspec import SpecError, coerce_floats, format_error, load_mapping, merge, nest
 
 __all__ = ["Dist", "SweepSpec", "load_sweep", "reported_metrics", "sample_points", "sweep_from_dict", "trial_spec"]
 
@@ -175,37 +165,24 @@ def reported_metrics(spec: JobSpec) -> set[str]:
 # ------------------------------------------------------------------------------------------- building
 
 
-def _nest(dotted: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in dotted.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SpecError(f"`{key}`: `{p}` is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
 def _base_dict(sweep: SweepSpec) -> dict:
     """The base job with `fixed` and `resources` applied, before any sampled value."""
-    base = sweep.base if isinstance(sweep.base, dict) else load_raw(sweep.base)[0]
+    base = sweep.base if isinstance(sweep.base, dict) else load_mapping(sweep.base)[0]
     fixed = dict(sweep.fixed)
     if sweep.resources.workers is not None:
         fixed["scaling.num_workers"] = sweep.resources.workers
     if sweep.resources.cpus_per_worker is not None:
         fixed["scaling.cpus_per_worker"] = sweep.resources.cpus_per_worker
-    return _merge(base, _nest(fixed))
+    return merge(base, nest(fixed.items()))
 
 
 def trial_spec(sweep: SweepSpec, config: dict[str, Any], out_dir: str, source: str = "<sweep>") -> JobSpec:
     """The job a trial runs: base + fixed + resources + the sampled values, its own run folder."""
-    d = _merge(_base_dict(sweep), _nest({k: config[k] for k in sweep.search if k in config}))
-    d = _merge(d, {"output": {"dir": out_dir}})
+    d = merge(_base_dict(sweep), nest((k, config[k]) for k in sweep.search if k in config))
+    d = merge(d, {"output": {"dir": out_dir}})
     if not (d.get("data") or {}).get("cache_dir"):
         # One data cache for the whole sweep (and for best.yaml), not one per trial folder.
-        d = _merge(d, {"data": {"cache_dir": storage.join(sweep.output.dir, ".ftray-cache")}})
+        d = merge(d, {"data": {"cache_dir": storage.join(sweep.output.dir, ".ftray-cache")}})
     return resolve_paths(spec_from_dict(d, source))
 
 
@@ -371,21 +348,9 @@ def sweep_from_dict(
     """Validate a sweep mapping; returns (sweep, the jobs of its sample points)."""
     lines = lines or {}
     try:
-        sweep = SweepSpec.model_validate(_coerce_floats(raw))
+        sweep = SweepSpec.model_validate(coerce_floats(raw))
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
-        dotted = ".".join(str(p) for p in loc)
-        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-        where = f"{source}:{line}" if line else source
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            raise SpecError(f"{where}: unknown key `{dotted}`") from None
-        if e["type"] == "missing":
-            raise SpecError(f"{where}: `{dotted}` is required") from None
-        got = e.get("input")
-        got_s = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        raise SpecError(f"{where}: `{dotted}`: {msg}{got_s}") from None
+        raise SpecError(format_error(err, source, lines, hidden=lambda part: isinstance(part, int))) from None
     where = {"": source}
     for path, line in lines.items():
         if len(path) <= 2 and all(isinstance(p, str) for p in path):
@@ -401,24 +366,12 @@ def sweep_from_dict(
 
 def load_sweep(path: str | os.PathLike) -> tuple[SweepSpec, list[JobSpec]]:
     """Read and validate a sweep spec YAML; the sweep folder is made absolute."""
-    from ftray import storage
-
-    src = str(path)
-    if not storage.exists(src):
-        raise SpecError(f"{src}: no such sweep spec")
-    text = storage.read_text(src)
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_index(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"{src}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{src}: a sweep spec is a YAML mapping, got {type(raw).__name__}")
-    sweep, jobs = sweep_from_dict(raw, src, lines)
+    raw, lines = load_mapping(path, "sweep spec")
+    sweep, jobs = sweep_from_dict(raw, str(path), lines)
     out = sweep.output.dir
     if "://" not in out:
         sweep = sweep.model_copy(update={"output": SweepOutput(dir=str(Path(out).expanduser().resolve()))})
     # Tune runs each trial in its own folder: a base job given by path (and the relative paths in it) is
     # read here, against this process's working directory, and travels inline.
-    base = sweep.base if isinstance(sweep.base, dict) else load_raw(sweep.base)[0]
+    base = sweep.base if isinstance(sweep.base, dict) else load_mapping(sweep.base)[0]
     return sweep.model_copy(update={"base": absolute_paths(base)}), jobs

@@ -192,8 +192,9 @@ def _pin_ray_address() -> None:
 def _prepare_once(jobs: list[JobSpec], log) -> None:
     """Check every sample point's job (model, adapter fit, every data row) and prepare its data into the
     shared cache before trials start: trials then hit the cache instead of competing for CPUs."""
-    from ftray.data.prepare import cache_key, prepare
-    from ftray.train.launch import check_job
+    from ftray.data.prepare import cache_key
+    from ftray.methods import get_method
+    from ftray.train.launch import check_job, prepare_data
 
     seen = set()
     for job in jobs:
@@ -202,7 +203,7 @@ def _prepare_once(jobs: list[JobSpec], log) -> None:
         if key in seen:
             continue
         seen.add(key)
-        _, meta = prepare(job, plan.resolved.tokenizer, plan.train_rows, plan.eval_rows)
+        _, meta, _ = prepare_data(plan, get_method(job.method.kind), log=lambda *a, **k: None)
         log(f"[sweep] data {meta['key']}{' (cached)' if meta.get('cached') else ''} ready", flush=True)
 
 
