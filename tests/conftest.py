@@ -25,7 +25,9 @@ OWN_CLUSTER = {"test_cluster.py", "test_cluster_e2e.py", "test_job_submit.py", "
 def _group(item) -> int:
     if item.path.name in OWN_CLUSTER:
         return 2
-    return 1 if "ray_local" in item.fixturenames else 0
+    # `integration` without the fixture in its signature: a test that asks for `ray_local` as it runs
+    # (tests/_specs.py `fit`); after the refusal tests, which shut Ray down to show it never started.
+    return 1 if "ray_local" in item.fixturenames or item.get_closest_marker("integration") else 0
 
 
 def pytest_collection_modifyitems(session, config, items):

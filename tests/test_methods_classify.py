@@ -74,7 +74,7 @@ def test_freeze_counts_and_errors(tiny_bert, signs, tmp_path):
 def test_macro_f1_from_averaged_confusion_matches_sklearn():
     from sklearn.metrics import f1_score
 
-    from ftray.eval.metrics import confusion_keys
+    from ftray.metrics import confusion_keys
 
     true, pred = [0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2]
     rows = [{"accuracy": float(t == p), **confusion_keys(t, p, 3)} for t, p in zip(true, pred, strict=True)]
