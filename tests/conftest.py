@@ -84,9 +84,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # Ray Train's controller polls its workers every 2 s by default: each fit would end up to 2 s after
-        # its workers did. Inherited by the controller (a process of this cluster), for this session only.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ}
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
     return ray
