@@ -66,12 +66,69 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from ftray.tune import load_sweep, run_sweep
 
-    sweep, jobs = load_sweep(args.sweep)
+    sweep, jobs = load_sweep(args.sweep, args.set)
     if args.check:
         print(f"ok: {args.sweep}: {len(sweep.search)} search keys, {sweep.scheduler.kind} + {sweep.search_alg}")
         return 0
     run_sweep(sweep, jobs)
     print(f"sweep: {sweep.output.dir}", flush=True)
+    return 0
+
+
+def _fmt_metric(row: dict) -> str:
+    if not row.get("metric"):
+        return "-"
+    b, a = row.get("before"), row.get("after")
+    num = lambda v: "?" if v is None else f"{v:.4g}"  # noqa: E731
+    return f"{row['metric']} {num(b)} -> {num(a)}"
+
+
+def cmd_runs(args) -> int:
+    """`ftray runs [DIR]`: the run folders under DIR; `ftray runs show RUN`: a run and its lineage."""
+    import json
+
+    from ftray import storage
+    from ftray.config import SpecError
+    from ftray.runs import RunFolder, find_runs, lineage, summary
+
+    words = list(args.target)
+    if words and words[0] == "show":
+        if len(words) != 2:
+            raise SpecError("usage: ftray runs show RUN")
+        run = RunFolder(words[1])
+        if not (run.has_record() or storage.exists(run.join("checkpoints"))):
+            raise SpecError(f"{words[1]}: not a run folder (no run.json, no checkpoints/)")
+        chain = lineage(run)
+        if args.json:
+            print(json.dumps(chain, indent=1, default=str))
+            return 0
+        for depth, row in enumerate(chain):
+            pad = "  " * depth + ("<- " if depth else "")
+            if row["status"] == "missing":
+                print(f"{pad}{row['run']} (missing)")
+                continue
+            print(f"{pad}{row['name']}  {row['method'] or '?'} + {row['adapter'] or '?'}  {row['status']}  "
+                  f"{_fmt_metric(row)}  {row['when'] or ''}  {row['run']}")
+        base = chain[-1].get("base") if chain else None
+        if base:
+            print(f"{'  ' * len(chain)}<- base {base}")
+        return 0
+    if len(words) > 1:
+        raise SpecError("usage: ftray runs [DIR] | ftray runs show RUN")
+    root = words[0] if words else "runs"
+    rows = [summary(r) for r in find_runs(root)]
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    if not rows:
+        print(f"no run folders under {root}")
+        return 0
+    cols = ("name", "method", "adapter", "status", "metric", "parent", "when", "base")
+    table = [[r["name"], r["method"] or "-", r["adapter"] or "-", r["status"], _fmt_metric(r),
+              (r["parent"] or "-").rstrip("/").rsplit("/", 1)[-1], r["when"] or "-", r["base"] or "-"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *table, strict=True)]
+    for line in [list(cols), *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 
@@ -228,7 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="run a Ray Tune sweep over a job spec (rerun the same command to resume)")
     tu.add_argument("sweep", help="sweep spec YAML")
     tu.add_argument("--check", action="store_true", help="validate the sweep spec without starting Ray")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a sweep field (output.dir=..., num_samples=4) or fix a job field for every trial "
+                    "(train.max_steps=50)")
     tu.set_defaults(fn=cmd_tune)
+
+    r = sub.add_parser("runs", help="the run folders under DIR (default runs/) as a table; `runs show RUN`: its lineage")
+    r.add_argument("target", nargs="*", metavar="DIR | show RUN")
+    r.add_argument("--json", action="store_true", help="JSON instead of text")
+    r.set_defaults(fn=cmd_runs)
 
     v = sub.add_parser("validate", help="check a job spec, its model and every data row, without running it")
     v.add_argument("job", nargs="?", help="job spec YAML")

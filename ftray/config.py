@@ -379,6 +379,11 @@ class TrainSpec(_Strict):
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always before and after).")
     checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (always at the end).")
     log_every: int = Field(1, ge=1, description="Print a progress line every N steps (rank 0).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass (transformers' own, non-reentrant): "
+        "less activation memory for about a third more compute; with adapters and under ZeRO-3.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:

@@ -25,6 +25,7 @@ __all__ = [
     "load_mapping",
     "merge",
     "nest",
+    "override_items",
     "parse_overrides",
 ]
 
@@ -91,6 +92,11 @@ def nest(items: Iterable[tuple[str, Any]], label: str = "`{}`") -> dict:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`a.b=c` → {"a": {"b": c}}, values parsed as YAML scalars (so `1e-4` is a float, `true` a bool)."""
+    return nest(override_items(pairs), "--set {}")
+
+
+def override_items(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=c` → ("a.b", c), the value parsed as `parse_overrides` parses it."""
     items = []
     for pair in pairs:
         if "=" not in pair:
@@ -107,7 +113,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             except ValueError:
                 pass
         items.append((key, value))
-    return nest(items, "--set {}")
+    return items
 
 
 def merge(base: dict, extra: dict) -> dict:

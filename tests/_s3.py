@@ -48,9 +48,10 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.
     pytest.fail(f"moto_server did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with bucket `bucket`; AWS_* set in os.environ for the module."""
+    """A moto S3 server on 127.0.0.1 with bucket `bucket`; AWS_* set in os.environ for the session (the
+    session's Ray is started with them: `ray_local` asks for this fixture first)."""
     pytest.importorskip("s3fs", reason="s3fs is needed for s3:// paths")
     boto3 = pytest.importorskip("boto3", reason="boto3 is needed to create the bucket")
     from ftray import storage

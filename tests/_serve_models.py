@@ -7,22 +7,31 @@ model/ for full models (here: a classifier and a reward model built from the tin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
+from ftray.runs import RunFolder
 from tests._specs import ROOT
 
 __all__ = ["make_adapter_run", "make_scorer_run"]
 
 
-def _run_json(run: Path, base: Path, kind: str) -> None:
+def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
+    """run.json in the trainer's schema (the fields serving reads: status, spec.method, spec.adapter),
+    written through the run-folder contract."""
     for sub in ("adapter", "model", "tokenizer"):  # storage.publish_dir's commit markers
         if (run / sub).is_dir():
             (run / sub / ".complete").write_text("ok\n")
-    rec = {"status": "completed", "name": run.name, "base_model": str(base), "method": kind, "outputs": []}
-    (run / "run.json").write_text(json.dumps(rec, indent=1))
+    rec = {
+        "status": "completed",
+        "name": run.name,
+        "spec": {"method": {"kind": kind}, "adapter": {"kind": adapter}},
+        "base_model": str(base),
+        "parent_run": None,
+        "outputs": sorted(p.name for p in run.iterdir()),
+    }
+    RunFolder(str(run)).write_record(rec)
 
 
 def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4) -> Path:
@@ -43,7 +52,7 @@ def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     peft.save_pretrained(run / "adapter", safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
-    _run_json(run, base, "sft")
+    _run_json(run, base, "sft", "lora")
     return run
 
 
@@ -64,7 +73,7 @@ def make_scorer_run(base: Path, run: Path, labels: list[str], seed: int = 0) -> 
     model.save_pretrained(run / "model", safe_serialization=True)
     tok.save_pretrained(run / "model")
     tok.save_pretrained(run / "tokenizer")
-    _run_json(run, base, "reward" if len(labels) == 1 else "classify")
+    _run_json(run, base, "reward" if len(labels) == 1 else "classify", "full")
     return run
 
 

@@ -15,11 +15,11 @@ import pytest
 
 from tests._methods_tiny import build_tiny_bert
 from tests._runs import RunFarm
-from tests._s3 import s3  # noqa: F401 - the module-scoped moto_server fixture (tests/_s3.py)
+from tests._s3 import s3  # noqa: F401 - the session-scoped moto_server fixture (tests/_s3.py)
 from tests._specs import SHARED_DATA
 
 # Modules that start (or need) a Ray cluster of their own; they run last.
-OWN_CLUSTER = {"test_cluster.py", "test_cluster_e2e.py", "test_job_submit.py", "test_s3.py"}
+OWN_CLUSTER = {"test_cluster_e2e.py"}
 
 
 def _group(item) -> int:
@@ -77,14 +77,17 @@ def runs(work) -> RunFarm:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials go into every Ray worker's environment
     """One local Ray cluster on loopback for the session (4 logical CPUs on 2 cores: 2 train workers +
     data tasks), started by the first test that needs it. The dashboard is on: Tune needs it to free a
     finished trial's placement group. The own-cluster modules, ordered last, shut it down."""
     import ray
 
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ}
+        # Ray Train's default controller poll (2 s), not the 0.25 s `ftray train` sets for an embedded Ray:
+        # at 0.25 s a trial's steps outran the few seconds between the two PBT trials' starts (one ended
+        # before the other reported, and PBT compares live trials only).
+        env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
     return ray
 

@@ -106,3 +106,40 @@ def test_cli_subprocess_one_line(job, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_submitted_job_with_a_run_folder_in_its_working_dir_is_refused(command, job, tmp_path, capsys, monkeypatch):
+    """In a `ray job submit` job (the supervisor hands its driver RAY_JOB_CONFIG_JSON_ENV_VAR) the working
+    dir is a temporary copy Ray deletes after the job: a relative output.dir would be lost with it."""
+    work = tmp_path / "working_dir_copy"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_x1"}}))
+    args = job(overrides=["output.dir=runs/sft"])
+    if command == "tune":
+        d = {
+            "base": yaml.safe_load((tmp_path / "job.yaml").read_text()),
+            "fixed": {"train.max_steps": 4, "train.eval_every": 2},
+            "search": {"train.lr": {"choice": [1e-3, 1e-2]}},
+            "metric": "eval/eval_loss",
+            "mode": "min",
+            "num_samples": 2,
+            "resources": {"workers": 1},
+            "output": {"dir": "runs/sweep"},
+        }
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(d))
+        args = [str(tmp_path / "sweep.yaml")]
+    import ray
+
+    code = main([command, *args])
+    err = capsys.readouterr().err.strip()
+    assert not ray.is_initialized(), "Ray was started before the input was checked"
+    assert code == 2 and len(err.splitlines()) == 1, err
+    name = "sweep" if command == "tune" else "sft"
+    assert f"output.dir: {work / 'runs' / name} is inside the working directory of submitted job raysubmit_x1" in err, err
+    assert "s3://" in err and not (work / "runs").exists()
+    # Outside the working dir (shared storage) the same submitted job passes this check.
+    from ftray.train.launch import check_output_survives
+
+    check_output_survives(str(tmp_path / "shared" / "runs" / name))

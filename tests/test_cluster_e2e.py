@@ -1,32 +1,40 @@
-"""End to end on a real multi-node cluster: `cluster/local.sh up 2` → `ray job submit --working-dir .` of an
-SFT job with 2 workers under STRICT_SPREAD (one per worker node) → its run folder on `s3://` (moto_server
-on loopback) → `serve deploy` of a config serving that adapter from `s3://` → the `openai` client gets a
-completion with the API key (and a 401 without) → `down`.
+"""Everything on a cluster of its own, one `cluster/local.sh up 3` (a head with 0 CPUs, 3 worker nodes of 2
+CPUs, token auth, every node with the moto S3 endpoint and credentials in its environment, as a cloud
+node gets them from its role), in this order:
 
-Every node inherits AWS_ENDPOINT_URL and the moto credentials from `local.sh up`'s environment, as a
-cloud node would get them from its role. Slow (about 3 minutes on 2 loaded cores).
+1. `up`: the token file, a `ray start` per node, the client environment; a job sees every node by label;
+   submits without the token, with a wrong one or an unreadable token file are refused, and the GCS too.
+2. `ray job submit --working-dir .` of an SFT job with 2 workers under STRICT_SPREAD (one per worker node)
+   → its run folder on `s3://` → `serve deploy` of a config serving that adapter from `s3://` → the
+   `openai` client gets a completion with the API key (and a 401 without).
+3. The raylet of a node running a worker is SIGKILLed mid-run: the job restarts from its checkpoint.
+4. `down` leaves nothing running.
+
+One cluster for all four: each `up` costs about a minute on this 2-core machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
+import stat
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests._cluster import SCRIPT, _ours, _plain_env, _run
+from tests._cluster import LIST_NODES, SCRIPT, _ours, _plain_env, _run
 from tests._s3 import BUCKET
 from tests._specs import ROOT, free_port
 
@@ -53,32 +61,57 @@ def _submit_quickstart(tiny_model, arith, cache_dir, out, *submit_args: str, **s
     return cmd + ["--", "ftray", "train", "jobs/quickstart.yaml"] + [f"--set={k}={v}" for k, v in over.items()]
 
 
-@contextlib.contextmanager
-def _local_cluster(workers: int, tmp_path: Path):
-    """`cluster/local.sh up N` with its own dir, token, ports; yields (client env, cluster dir); always `down`."""
+@dataclass
+class Cluster:
+    dir: Path  # FTRAY_CLUSTER_DIR: state, logs, Ray's temp dir
+    env: dict  # runs local.sh; has no client auth settings
+    authed: dict  # a client environment from the `env` file `up` wrote
+    token: Path
+    gcs_port: int
+    dashboard: str
+    starts: list  # pids of each node's `ray start --block` (head first)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):  # noqa: F811 - s3: every node inherits the moto endpoint and credentials
+    """`cluster/local.sh up 3` with its own dir, token (absent: `up` creates it), ports; the module's tests
+    run on it in file order (the node-loss test kills a node; the last test takes it down). Always `down`."""
+    import ray
+
     if shutil.which("setsid") is None:
         pytest.skip("cluster/local.sh needs `setsid` (util-linux), which this machine lacks")
-    psutil = pytest.importorskip("psutil", reason="psutil is needed to stop only this test's Ray processes")
-    cluster_dir = Path(tempfile.mkdtemp(prefix="ftc2-", dir="/tmp"))
-    env = _plain_env()  # os.environ holds the moto endpoint and credentials (the s3 fixture) when it is used
+    psutil = pytest.importorskip("psutil", reason="psutil is needed to stop only this module's Ray processes")
+    if ray.is_initialized():  # one Ray instance on the machine: Train's helpers look their cluster up by "auto"
+        ray.shutdown()
+    # Short: Ray puts unix sockets under it, and their paths are limited to ~107 bytes.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="ftc-", dir="/tmp"))
+    token = tmp_path_factory.mktemp("auth") / "ray_token"
+    gcs, dash = free_port(), free_port()
+    env = _plain_env()  # os.environ holds the moto endpoint and credentials (the s3 fixture)
+    # A cluster keeps Ray Train's default controller poll (2 s), whatever an embedded Ray earlier in this
+    # process set (ftray/train/launch.py `ensure_ray`).
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
     env.update(
         FTRAY_CLUSTER_DIR=str(cluster_dir),
-        FTRAY_RAY_TOKEN=str(tmp_path / "auth" / "ray_token"),
-        FTRAY_RAY_PORT=str(free_port()),
-        FTRAY_DASHBOARD_PORT=str(free_port()),
+        FTRAY_RAY_TOKEN=str(token),
+        FTRAY_RAY_PORT=str(gcs),
+        FTRAY_DASHBOARD_PORT=str(dash),
         FTRAY_WORKER_CPUS="2",
         FTRAY_OBJECT_STORE_MB="256",
     )
     try:
-        up = _run([SCRIPT, "up", str(workers)], env, timeout=150 + 150 * workers)
+        up = _run([SCRIPT, "up", "3"], env, timeout=600)
         assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
         authed = _plain_env()
+        authed.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
         for line in (cluster_dir / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             authed[key] = value
-        yield authed, cluster_dir
+        starts = [int(line.split()[0]) for line in (cluster_dir / "pids").read_text().splitlines()]
+        yield Cluster(cluster_dir, env, authed, token, gcs, f"http://127.0.0.1:{dash}", starts)
     finally:
         _run([SCRIPT, "down"], env, timeout=120)
+        # Last resort, by pid: anything of this cluster that `down` missed (a test has failed then).
         for p in _ours(cluster_dir):
             try:
                 p.kill()
@@ -87,11 +120,57 @@ def _local_cluster(workers: int, tmp_path: Path):
         shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def two_nodes(s3, tmp_path, ray_down):  # noqa: F811 - ray_down: one Ray instance on the machine
-    assert _plain_env()["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
-    with _local_cluster(2, tmp_path) as (authed, _):
-        yield authed
+def _job_info(c: Cluster, sid: str) -> dict | None:
+    """GET /api/jobs/<id> with the token: the job's details, or None when there is no such job."""
+    req = urllib.request.Request(f"{c.dashboard}/api/jobs/{sid}", headers={"Authorization": f"Bearer {c.token.read_text().strip()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
+def test_local_sh_up_token_auth(cluster):
+    """`up`: a token file of mode 600, one `ray start` per node, the client environment; a job submitted with
+    the token sees every node by its label; without it, with a wrong one or an unreadable token file, the
+    job API refuses (nothing is submitted), and so does the GCS."""
+    c = cluster
+    assert c.token.is_file() and stat.S_IMODE(c.token.stat().st_mode) == 0o600
+    assert len(c.starts) == 4  # the head's and 3 workers' `ray start --block`
+    assert c.authed["RAY_AUTH_MODE"] == "token" and c.authed["RAY_AUTH_TOKEN_PATH"] == str(c.token)
+    assert c.authed["RAY_API_SERVER_ADDRESS"] == c.authed["RAY_DASHBOARD_ADDRESS"] == c.dashboard
+
+    sid = f"ftray-local-{uuid.uuid4().hex[:6]}"
+    ok = _run(["ray", "job", "submit", "--submission-id", sid, "--", "python", "-c", LIST_NODES], c.authed, timeout=180)
+    out = ok.stdout + ok.stderr
+    assert ok.returncode == 0 and f"Job '{sid}' succeeded" in out, out[-4000:]
+    assert "nodes: ['head', 'worker-1', 'worker-2', 'worker-3']" in out, out[-4000:]  # a raylet per node, each labelled
+
+    status = _run([SCRIPT, "status"], c.env)
+    rows = sorted(line.split()[:2] for line in status.stdout.splitlines())
+    assert rows == [["head", "0"], ["worker-1", "2"], ["worker-2", "2"], ["worker-3", "2"]], status.stdout + status.stderr
+
+    plain = {k: v for k, v in c.authed.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    refused = {
+        "Missing authentication token": {**plain, "RAY_AUTH_TOKEN_PATH": str(c.token)},  # the file, but no mode: 401
+        "Invalid authentication token": {**c.authed, "RAY_AUTH_TOKEN": secrets.token_hex(32)},  # 403
+        # Refused on the client's side.
+        "RAY_AUTH_TOKEN_PATH is set but file cannot be opened": {**c.authed, "RAY_AUTH_TOKEN_PATH": str(c.dir / "no-such-token")},
+    }
+    for says, env in refused.items():
+        bad_sid = f"ftray-refused-{uuid.uuid4().hex[:6]}"
+        bad = _run(["ray", "job", "submit", "--submission-id", bad_sid, "--no-wait", "--", "echo", "hi"], env)
+        text = bad.stdout + bad.stderr
+        assert bad.returncode != 0 and "AuthenticationError" in text and says in text, text[-3000:]
+        assert _job_info(c, bad_sid) is None  # nothing was submitted
+    listed = _run(["ray", "job", "list"], c.authed)
+    assert listed.returncode == 0 and listed.stdout.count("submission_id='ftray-local-") == 1, listed.stdout[-3000:]
+    # The GCS (gRPC) side too. (With the token it works: each job's driver connects through it.)
+    gcs = _run(["ray", "status", "--address", f"127.0.0.1:{c.gcs_port}"], {**plain, "RAY_AUTH_TOKEN_PATH": str(c.token)}, timeout=90)
+    text = gcs.stdout + gcs.stderr
+    assert gcs.returncode != 0 and "AuthenticationError" in text and "InvalidAuthToken" in text, text[-3000:]
 
 
 def _wait_serve_running(authed: dict, timeout: float = 240) -> None:
@@ -108,23 +187,34 @@ def _wait_serve_running(authed: dict, timeout: float = 240) -> None:
     pytest.fail(f"the Serve app did not reach RUNNING within {timeout:.0f} s:\n{out[-4000:]}")
 
 
-def test_two_node_job_to_s3_then_serve_deploy(two_nodes, tiny_model, arith, cache_dir, tmp_path):
+def test_two_node_job_to_s3_then_serve_deploy(cluster, tiny_model, arith, cache_dir, tmp_path):
     from ftray import storage
 
-    authed = two_nodes
+    authed = cluster.authed
     out = f"s3://{BUCKET}/runs/e2e-{uuid.uuid4().hex[:6]}"
-    cmd = _submit_quickstart(tiny_model, arith, cache_dir, out, train__max_steps=4, train__checkpoint_every="null")
+    sid = f"ftray-e2e-{uuid.uuid4().hex[:6]}"
+    cmd = _submit_quickstart(tiny_model, arith, cache_dir, out, "--submission-id", sid, train__max_steps=4, train__checkpoint_every="null")
     job = _run(cmd, authed, timeout=600)
     text = job.stdout + job.stderr
-    assert job.returncode == 0 and "succeeded" in text, text[-6000:]
+    assert job.returncode == 0 and f"Job '{sid}' succeeded" in text, text[-6000:]
+    info = _job_info(cluster, sid)
+    assert info is not None and info["status"] == "SUCCEEDED", info
+    # The driver joined this cluster (ray.init found RAY_ADDRESS set by the job supervisor) rather than
+    # starting an embedded Ray: only a driver connected to the cluster gets a Ray job id.
+    assert info["job_id"] and info["driver_info"], info
+    logs = _run(["ray", "job", "logs", sid], authed)
+    assert logs.returncode == 0 and f"run: {out}" in logs.stdout and "[ftray] step 4/4" in logs.stdout, logs.stdout[-4000:]
 
     run = json.loads(storage.read_text(storage.join(out, "run.json")))
-    assert run["status"] == "completed" and run["train"]["steps"] == 4
+    assert run["status"] == "completed" and run["train"]["steps"] == 4 and run["spec"]["output"]["dir"] == out
     ranks = run["placement"]["ranks"]
-    assert run["placement"]["strategy"] == "STRICT_SPREAD"
-    assert sorted(r["labels"].get("ftray.io/node") for r in ranks) == ["worker-1", "worker-2"], ranks
+    assert run["placement"]["strategy"] == "STRICT_SPREAD" and [r["rank"] for r in ranks] == [0, 1]
+    # One rank on each of 2 of the 3 worker nodes (the head has 0 CPUs).
+    labels = [r["labels"].get("ftray.io/node") for r in ranks]
+    assert len(set(labels)) == 2 and set(labels) <= {"worker-1", "worker-2", "worker-3"}, ranks
     assert len({r["node_id"] for r in ranks}) == 2, ranks
-    assert storage.exists(storage.join(out, "adapter", ".complete"))
+    for name in (".complete", "adapter_config.json", "adapter_model.safetensors"):
+        assert storage.exists(storage.join(out, "adapter", name)), name
 
     key = secrets.token_hex(16)
     keys = tmp_path / "api_keys"
@@ -175,26 +265,34 @@ def test_two_node_job_to_s3_then_serve_deploy(two_nodes, tiny_model, arith, cach
     assert e.value.code == 401
 
 
-# Labels of the nodes running a live Ray Train worker, read from the dashboard's state API.
-TRAIN_NODES = """
-import json, os
-from ray.util.state import list_actors, list_nodes
-url = os.environ["RAY_DASHBOARD_ADDRESS"]
-labels = {n.node_id: n.labels.get("ftray.io/node", "?") for n in list_nodes(address=url, detail=True, raise_on_missing_output=False)}
-alive = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
-print(json.dumps(sorted(labels.get(a.node_id, "?") for a in alive)))
-"""
-
-
 ENDED = r"Job '[^']+' (succeeded|failed|was stopped|stopped)"  # `ray job status` once the job has ended
+
+
+def _node_sessions(cluster_dir: Path) -> dict:
+    """local.sh's node name of each node's session id (`setsid ray start --block`: its pid)."""
+    return {int(pid): name for pid, name in (line.split()[:2] for line in (cluster_dir / "pids").read_text().splitlines())}
+
+
+def _train_worker_nodes(cluster_dir: Path) -> list[str]:
+    """The nodes of this cluster running a live Ray Train worker process, from the process table."""
+    import psutil
+
+    nodes = _node_sessions(cluster_dir)
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and os.getsid(p.pid) in nodes:
+                found.append(nodes[os.getsid(p.pid)])
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return sorted(found)
 
 
 def _kill_raylet(cluster_dir: Path, node: str) -> int:
     """SIGKILL the raylet of local.sh's node `node` (found in that node's session); returns its pid."""
     import psutil
 
-    starts = dict(reversed(line.split()) for line in (cluster_dir / "pids").read_text().splitlines())
-    sid = int(starts[node])  # `setsid ray start --block`: its pid is the node's session id
+    sid = {name: pid for pid, name in _node_sessions(cluster_dir).items()}[node]
     for p in psutil.process_iter(["name"]):
         try:
             if p.info["name"] == "raylet" and os.getsid(p.pid) == sid:
@@ -205,53 +303,59 @@ def _kill_raylet(cluster_dir: Path, node: str) -> int:
     raise AssertionError(f"no raylet found in the session of node {node}")
 
 
-def test_worker_node_lost_mid_run_restarts_from_checkpoint(tiny_model, arith, cache_dir, tmp_path, ray_down):
+def test_worker_node_lost_mid_run_restarts_from_checkpoint(cluster, tiny_model, arith, cache_dir, tmp_path):
     """3 worker nodes, a 2-worker STRICT_SPREAD job; the raylet of a node running a worker is SIGKILLed after the
     first checkpoint: Ray Train restarts the worker group on the 2 nodes left and the job finishes from it."""
-    steps, every = 20, 5  # killed after step 7+: the restart and the steps left still run mid-job
-    with _local_cluster(3, tmp_path) as (authed, cluster_dir):
-        out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
-        sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
-        cmd = _submit_quickstart(
-            tiny_model, arith, cache_dir, out, "--no-wait", "--submission-id", sid,
-            scaling__max_failures=2, train__max_steps=steps, train__checkpoint_every=every, train__log_every=1,
-        )  # fmt: skip
-        sub = _run(cmd, authed, timeout=300)
-        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+    steps, every = 30, 5  # killed after step 7+: the restart and the steps left still run mid-job
+    authed, cluster_dir = cluster.authed, cluster.dir
+    out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
+    sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
+    cmd = _submit_quickstart(
+        tiny_model, arith, cache_dir, out, "--no-wait", "--submission-id", sid,
+        scaling__max_failures=2, train__max_steps=steps, train__checkpoint_every=every, train__log_every=1,
+    )  # fmt: skip
+    sub = _run(cmd, authed, timeout=300)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
 
-        def logs() -> str:
-            r = _run(["ray", "job", "logs", sid], authed, timeout=120)
-            return r.stdout + r.stderr
+    def status() -> str:
+        r = _run(["ray", "job", "status", sid], authed, timeout=120)
+        return r.stdout + r.stderr
 
-        def status() -> str:
-            r = _run(["ray", "job", "status", sid], authed, timeout=120)
-            return r.stdout + r.stderr
+    # The job driver's log on the head (what `ray job logs` serves), read from disk: polling it costs no
+    # CLI start-up, so the kill lands within a step or two of the checkpoint.
+    def logs() -> str:
+        found = list((cluster_dir / "ray").glob(f"session_*/logs/job-driver-{sid}.log"))
+        return found[0].read_text(errors="replace") if found else ""
 
-        # Wait until the first checkpoint is registered (progress two steps past it) while the job runs.
-        deadline, text = time.time() + 600, ""
-        while time.time() < deadline:
-            text = logs()
-            done = [int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", text)]
-            if done and max(done) >= every + 2 and list((out / "checkpoints").glob("checkpoint_*")):
-                break
-            assert not re.search(ENDED, status()), text[-4000:]
-            time.sleep(3)
-        else:
-            pytest.fail(f"no checkpoint within 600 s:\n{text[-4000:]}")
-        r = _run(["python", "-c", TRAIN_NODES], authed, timeout=120)
-        nodes = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else []
-        assert len(nodes) == 2 and len(set(nodes)) == 2, r.stdout + r.stderr
-        victim = nodes[-1]
-        step_at_kill = max(int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", logs()))
-        _kill_raylet(cluster_dir, victim)
-        t_kill = time.time()
-
-        deadline = time.time() + 900
-        while time.time() < deadline and not re.search(ENDED, st := status()):
-            time.sleep(5)
+    # Wait until the first checkpoint is registered (progress two steps past it) while the job runs.
+    deadline, text, polls = time.time() + 600, "", 0
+    while time.time() < deadline:
         text = logs()
-        assert f"Job '{sid}' succeeded" in st, st + text[-6000:]
-        took = time.time() - t_kill
+        done = [int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", text)]
+        if done and max(done) >= every + 2 and list((out / "checkpoints").glob("checkpoint_*")):
+            break
+        polls += 1
+        if polls % 40 == 0:
+            assert not re.search(ENDED, status()), text[-4000:]
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"no checkpoint within 600 s:\n{text[-4000:]}")
+    nodes = _train_worker_nodes(cluster_dir)
+    assert len(nodes) == 2 and len(set(nodes)) == 2 and "head" not in nodes, nodes
+    victim = nodes[-1]
+    step_at_kill = max(int(m) for m in re.findall(rf"\[ftray\] step (\d+)/{steps}", logs()))
+    _kill_raylet(cluster_dir, victim)
+    t_kill = time.time()
+
+    # run.json is the driver's last write; then the job's end.
+    deadline = time.time() + 900
+    while time.time() < deadline and not (out / "run.json").exists() and "Traceback" not in logs()[-20000:]:
+        time.sleep(1)
+    while time.time() < deadline and not re.search(ENDED, st := status()):
+        time.sleep(2)
+    text = logs()
+    assert f"Job '{sid}' succeeded" in st, st + text[-6000:]
+    took = time.time() - t_kill
 
     resumed = re.findall(rf"resumed from checkpoint at step (\d+)/{steps}", text)
     assert resumed, text[-6000:]
@@ -272,3 +376,16 @@ def test_worker_node_lost_mid_run_restarts_from_checkpoint(tiny_model, arith, ca
         f"node {victim} lost at step >= {step_at_kill}; restarted on {placed} from the step-{from_step} checkpoint: "
         f"{len(redone)} steps redone (same losses); job finished {took:.0f} s after the kill"
     )
+
+
+def test_local_sh_down_leaves_nothing_running(cluster):
+    """Last in the module: `down` stops every node's `ray start` and everything in their sessions."""
+    import psutil
+
+    c = cluster
+    down = _run([SCRIPT, "down"], c.env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [p for p in c.starts if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not _ours(c.dir), [p.info["cmdline"][:3] for p in _ours(c.dir)]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", c.gcs_port)) != 0  # the GCS is gone

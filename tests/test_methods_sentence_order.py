@@ -1,5 +1,5 @@
 """sentence_order: windows, shuffles and labels from the text itself; trainable parameters move and
-frozen ones do not; 2 Ray workers under ZeRO-2 and ZeRO-3; the shipped job."""
+frozen ones do not; one rank under ZeRO-2 and ZeRO-3; the shipped job."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from ftray.config import load_spec, spec_from_dict
 from ftray.methods import REGISTRY, check_method
 from ftray.methods.sentence_order import split_sentences
-from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, step_and_compare
+from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = REGISTRY["sentence_order"]
 DOC = "One fox ran. Two dogs sat! Three cats slept? Four birds sang. Five fish swam. Six ants hid."
@@ -72,7 +72,10 @@ def test_shipped_job_validates():
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
-@pytest.mark.parametrize("place", PLACES)
+# One rank, both stages: a sequence classifier with no collective of its own (its accuracy is the loop's
+# all-reduced score sums); a full BERT-family model under ZeRO-3 on 2 Ray workers (partitioned, gathered to
+# save) is tests/test_methods_cluster.py's Ray run, a classifier head on 2 ranks tests/test_methods_classify.py's.
+@pytest.mark.parametrize("place", ONE_RANK)
 def test_runs(place, tiny_bert, docs, cache_dir, tmp_path, request):
     from transformers import AutoModelForSequenceClassification
 

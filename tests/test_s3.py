@@ -232,21 +232,14 @@ def test_missing_s3_data_fails_before_ray(s3, s3_inputs, monkeypatch, which):
 # --------------------------------------------------------------------------------------------- end to end
 
 
-def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path, monkeypatch):
-    import ray
-
+def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path, ray_local):
     from ftray import storage
     from ftray.config import spec_from_dict
     from ftray.train.launch import train
 
-    # Ray must start after AWS_ENDPOINT_URL is in os.environ (the s3 fixture put it there).
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
+    # The session's Ray was started after AWS_ENDPOINT_URL was in os.environ (`ray_local` asks for `s3`):
+    # its workers reach the moto endpoint as a cloud node reaches S3.
     assert os.environ["AWS_ENDPOINT_URL"] == s3
-    # A fresh local Ray, even if someone ran `ray start` with the default temp dir on this machine.
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-
     out = f"{s3_inputs['prefix']}/runs/sft"
     cache = f"{s3_inputs['prefix']}/cache"
     d = job_dict(
@@ -263,12 +256,7 @@ def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path, monkeypatch):
         p.startswith("s3://")
         for p in (spec.model.path, spec.data.train, spec.data.eval, spec.output.dir, spec.data.cache_dir)
     )
-    try:
-        record = train(spec)
-    finally:
-        ray.shutdown()
-        if was_up:  # leave Ray as the session's `ray_local` fixture had it
-            ray.init(num_cpus=4, include_dashboard=True, configure_logging=False)
+    record = train(spec)
 
     assert record["status"] == "completed"
     assert record["train"]["steps"] == 4

@@ -175,6 +175,51 @@ def test_schedulers_and_search_algorithms_build(tmp_path):
     assert type(_search_alg(opt)).__name__ == "OptunaSearch"
 
 
+def test_a_sweep_metric_is_checked_against_what_the_method_reports():
+    """Each method declares the keys its evaluation reports (`Method.metrics`): a classify sweep on
+    eval/accuracy is valid, a dpo sweep on eval/perplexity (which it never reports) is refused."""
+    from ftray.config import spec_from_dict
+    from ftray.tune.spec import reported_metrics
+    from tests._specs import method_spec
+
+    def job(kind, **over):
+        return spec_from_dict(method_spec(kind, FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o", **over))
+
+    assert {"eval/accuracy", "eval/macro_f1", "eval/eval_loss"} <= reported_metrics(job("classify"))
+    assert "eval/perplexity" not in reported_metrics(job("dpo")) and "eval/reward_accuracy" in reported_metrics(job("dpo"))
+    assert "eval/exact_match" in reported_metrics(job("sft", method={"exact_match": True}))
+    assert "eval/exact_match" not in reported_metrics(job("sft", method={"exact_match": False}))
+    assert reported_metrics(job("classify", data__eval=None)) == {"loss"}
+    d = sweep_dict(fake_base(), FAKE / "sweep", metric="eval/accuracy", mode="max")
+    d["base"] = method_spec("classify", FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o")
+    d["search"] = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    sweep_from_dict(d)
+    d["base"] = method_spec("dpo", FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o")
+    d["metric"] = "eval/perplexity"
+    with pytest.raises(SpecError, match=r"`metric: eval/perplexity` is not reported by `dpo` jobs"):
+        sweep_from_dict(d)
+
+
+def test_tune_set_overrides_sweep_fields_and_fixes_job_fields(tmp_path, tiny_model, arith, capsys):
+    """`ftray tune --set`, parsed as `ftray train --set`: a sweep field is set, a job field is fixed for
+    every trial; a bad key or value is one line naming it."""
+    from ftray.cli import main
+    from ftray.tune.spec import load_sweep
+
+    d = sweep_dict(real_base(tiny_model, arith, tmp_path / "cache"), tmp_path / "out")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(d))
+    sweep, jobs = load_sweep(tmp_path / "sweep.yaml", [f"output.dir={tmp_path / 'other'}", "num_samples=3",
+                                                       "scheduler.grace_period=4", "train.max_steps=16", "train.warmup_steps=2"])
+    assert sweep.output.dir == str(tmp_path / "other") and sweep.num_samples == 3 and sweep.scheduler.grace_period == 4
+    assert sweep.fixed["train.max_steps"] == 16 and all(j.train.max_steps == 16 and j.train.warmup_steps == 2 for j in jobs)
+    assert main(["tune", str(tmp_path / "sweep.yaml"), "--check", "--set", "num_samples=4"]) == 0
+    for bad, says in (("num_samples=many", "num_samples"), ("train.learning_rate=1e-3", "train.learning_rate"),
+                      ("num_samples", "expected KEY=VALUE")):
+        assert main(["tune", str(tmp_path / "sweep.yaml"), "--check", "--set", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+
 def test_shipped_sweeps_validate(tmp_path, tiny_model, arith):
     """`ftray tune jobs/sweep_*.yaml --check` from a folder laid out as `make quickstart` leaves it (its
     runs/tiny-micro and runs/data built here), so a clean clone checks every shipped sweep."""
@@ -254,8 +299,17 @@ def test_best_yaml_reproduces_the_trial(asha_sweep, ray_local):
     record = run_local(spec)
     got = record["eval"]["after"]["eval_loss"]
     print(f"best trial {s['best_trial']}: eval_loss {s['best_metric']:.7f}, best.yaml rerun {got:.7f}")
-    # Same seed, same data order, 1 worker, fp32 on CPU: the same arithmetic.
+    # Same seed, same data order, 1 worker, fp32 on CPU: the same arithmetic. The trial ran the loop in a
+    # Ray Train worker, the rerun in this process (`run_local`, no Ray): one loop, one loss curve.
     assert abs(got - s["best_metric"]) <= 1e-6
+    trial = next(Path(r["run"]) for r in s["rows"] if r["trial"] == s["best_trial"])
+
+    def curve(run: Path) -> list[float]:
+        return [h["loss"] for h in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in h]
+
+    ray_curve, here_curve = curve(trial), curve(Path(spec.output.dir))
+    assert len(here_curve) == 8 and max(abs(a - b) for a, b in zip(ray_curve, here_curve, strict=True)) < 1e-6
+    assert record["placement"]["ranks"][0]["node_id"] == "local"
 
 
 @pytest.mark.integration

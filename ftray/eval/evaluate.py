@@ -3,7 +3,6 @@ method's own metric, in one process, without Ray. The same method code the train
 
 from __future__ import annotations
 
-import json
 import math
 
 from ftray import storage
@@ -12,11 +11,12 @@ __all__ = ["evaluate"]
 
 
 def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
-    from ftray.config import JobSpec, SpecError, resolve_paths, spec_from_dict
+    from ftray.config import SpecError, resolve_paths, spec_from_dict
     from ftray.methods import REGISTRY
+    from ftray.runs import RunFolder
 
-    if storage.exists(storage.join(run, "run.json")):
-        spec = JobSpec.model_validate(json.loads(storage.read_text(storage.join(run, "run.json")))["spec"])
+    spec = RunFolder(run).spec()
+    if spec is not None:
         if method and method != spec.method.kind:
             raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")
         if fmt and fmt != spec.data.format:

@@ -64,13 +64,15 @@ class Method(Protocol):
     def save_extra(self, model, tokenizer, folder, spec) -> None:
         """Files beside a fully saved model that make it load in the usual tools (may do nothing)."""
 
-    # Optional hooks (a method without the attribute skips them):
+    # Optional hooks, each with a no-op default in `ftray.methods._base.MethodBase` (every method derives
+    # from it; the loop and the driver call them unconditionally):
     #   check(spec, tokenizer, config, train_rows, eval_rows)  before Ray; raises SpecError / ModelError
     #   before_fit(spec)                on the driver once Ray is up, before the workers start (e.g. grpo
     #                                   deploys its reward model)
     #   setup(spec, tokenizer, ctx)     on each worker before the first evaluation (e.g. grpo's sampler)
     #   extra_cpus(spec) -> float       CPUs the job takes beside its workers (e.g. the reward replica that
     #                                   grpo deploys), counted when the driver checks the job fits the cluster
+    #   state_dict() / load_state_dict(state)  what a checkpoint carries of the method (ppo's KL coefficient)
     # `loss` may return more numbers in its info dict than `target_tokens`: the loop logs them every step
     # as `train/<key>`, averaged over micro-batches and ranks (`*_min` / `*_max`: the extreme; `*_s`:
     # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).
@@ -99,10 +101,8 @@ def get_method(kind: str) -> Method:
 def check_method(spec, resolved, train_rows, eval_rows) -> None:
     """A method's own checks before any Ray resource is taken (e.g. classify: the eval label set is the
     training label set; masked_lm: the tokenizer has a mask token). Raises SpecError / ModelError.
-    Methods without checks have no `check` attribute."""
+    Methods without checks inherit MethodBase's no-op `check`."""
     method = get_method(spec.method.kind)
-    if not hasattr(method, "check"):
-        return
     from ftray.models.load import load_config, load_tokenizer
 
     tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)

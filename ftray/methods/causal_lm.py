@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 
 from ftray.data.encode import encode_row
+from ftray.methods._base import MethodBase
 from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
 
 
-class CausalLM:
+class CausalLM(MethodBase):
     name = "causal_lm"
     formats = ("text",)
     task_type = "CAUSAL_LM"
     packable = True
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "perplexity"}
 
     def load_base(self, path, dtype, spec):
         return load_causal_lm(path, dtype, spec)
@@ -26,8 +30,6 @@ class CausalLM:
     def loss(self, model, batch):
         return lm_loss(model, batch)
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None
 
     def score_rows(self, model, tokenizer, rows, spec, ctx):
         return []

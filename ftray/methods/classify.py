@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, pad, tokenize
 from ftray.metrics import confusion_keys, macro_f1_from_confusion
 
@@ -35,11 +36,14 @@ def label_names(spec) -> list[str]:
     return list(spec.method.labels or _train_labels(spec.data.train, spec.data.on_bad_rows))
 
 
-class Classify:
+class Classify(MethodBase):
     name = "classify"
     formats = ("labels",)
     task_type = "SEQ_CLS"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "accuracy", "macro_f1"}
 
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from ftray.config import SpecError

@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import (
     gather_objects,
     gather_rows,
@@ -37,11 +38,14 @@ def top_terms(texts: list[str], assign: list[int], k: int, n: int) -> list[list[
     return [[str(vocab[j]) for j in row.argsort()[::-1][:n] if row[j] > 0] for row in m]
 
 
-class Cluster:
+class Cluster(MethodBase):
     name = "cluster"
     formats = ("text", "labels")
     task_type = "FEATURE_EXTRACTION"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "nmi", "ari"}  # nmi/ari: held-out rows with a `label`
 
     def load_base(self, path, dtype, spec):
         from transformers import AutoModel

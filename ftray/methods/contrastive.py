@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import (
     gather_rows,
     load_auto,
@@ -35,11 +36,14 @@ def embed(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
 
-class Contrastive:
+class Contrastive(MethodBase):
     name = "contrastive"
     formats = ("pairs",)
     task_type = "FEATURE_EXTRACTION"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "spearman"}  # spearman: held-out scored pairs
 
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from ftray.config import SpecError

@@ -19,6 +19,7 @@ import torch
 
 from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, ensure_chat_template
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import pad
 from ftray.methods._lm import load_causal_lm
 from ftray.methods.losses import dpo_loss, sequence_logps
@@ -84,11 +85,14 @@ def reference_logps(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tenso
     return sequence_logps(reference_logits_of(model, ids, mask), labels)
 
 
-class DPO:
+class DPO(MethodBase):
     name = "dpo"
     formats = ("preference",)
     task_type = "CAUSAL_LM"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "reward_accuracy", "reward_margin", "length_heuristic_accuracy", "balanced_accuracy"}
 
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from ftray.config import SpecError
@@ -179,5 +183,3 @@ class DPO:
     def summarize(self, eval_loss, scores):
         return {"eval_loss": eval_loss, **length_summary(scores, "reward_accuracy")}
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None

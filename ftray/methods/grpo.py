@@ -24,6 +24,7 @@ import torch
 
 from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, render_prompt
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import pad
 from ftray.methods.dpo import DPO, reference_logits_of
 from ftray.methods.losses import (
@@ -69,11 +70,19 @@ def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after).long()
 
 
-class GRPO:
+class GRPO(MethodBase):
     name = "grpo"
     formats = ("prompt_completion", "instruction", "chat")
     task_type = "CAUSAL_LM"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        out = {"eval_loss"}
+        if spec.method.exact_match or spec.method.reward_model is not None:  # held-out prompts are generated
+            out |= {"exact_match", "numeric_match", "reward"}  # reward: the job's own reward of each completion
+            if spec.method.reward_model is not None:
+                out.add("reward_model_score")
+        return out
 
     def __init__(self):
         self.tokenizer = None
@@ -280,5 +289,3 @@ class GRPO:
     def summarize(self, eval_loss, scores):
         return {"eval_loss": eval_loss, **scores}
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None

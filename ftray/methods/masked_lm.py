@@ -15,6 +15,7 @@ import zlib
 import torch
 
 from ftray.data.encode import IGNORE
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, max_over_ranks, pad
 from ftray.methods.losses import mask_tokens, masked_token_cross_entropy
 
@@ -32,11 +33,14 @@ def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-class MaskedLM:
+class MaskedLM(MethodBase):
     name = "masked_lm"
     formats = ("text",)
     task_type = "FEATURE_EXTRACTION"  # peft has no masked-LM task type; this one passes the model's output through
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "perplexity", "masked_accuracy"}
 
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -114,5 +118,3 @@ class MaskedLM:
             out["masked_accuracy"] = scores["masked_correct"] / scores["masked_targets"]
         return out
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, pad
 from ftray.methods.losses import bradley_terry_loss
 from ftray.metrics import length_keys, length_summary
@@ -32,11 +33,14 @@ def _ids(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
     return full[:max_length], len(full) > max_length
 
 
-class Reward:
+class Reward(MethodBase):
     name = "reward"
     formats = ("preference",)
     task_type = "SEQ_CLS"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "accuracy", "margin", "length_heuristic_accuracy", "balanced_accuracy"}
 
     def load_base(self, path, dtype, spec):
         from transformers import AutoModelForSequenceClassification

@@ -17,6 +17,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, max_over_ranks, pad, tokenize
 from ftray.methods.losses import sentence_order_label
 
@@ -29,11 +30,14 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT.split(" ".join(text.split())) if len(s.strip()) > 1]
 
 
-class SentenceOrder:
+class SentenceOrder(MethodBase):
     name = "sentence_order"
     formats = ("text",)
     task_type = "SEQ_CLS"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "accuracy", "chance"}
 
     def load_base(self, path, dtype, spec):
         from transformers import AutoModelForSequenceClassification

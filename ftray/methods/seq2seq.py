@@ -13,17 +13,21 @@ import math
 import torch
 
 from ftray.data.encode import IGNORE
+from ftray.methods._base import MethodBase
 from ftray.methods._enc import gather_objects, load_auto, pad
 from ftray.methods.losses import masked_token_cross_entropy
 
 __all__ = ["Seq2Seq"]
 
 
-class Seq2Seq:
+class Seq2Seq(MethodBase):
     name = "seq2seq"
     formats = ("translation",)
     task_type = "SEQ_2_SEQ_LM"
     packable = False
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "perplexity", "bleu", "chrf"}
 
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from ftray.models.load import ModelError
@@ -87,5 +91,3 @@ class Seq2Seq:
     def summarize(self, eval_loss, scores):
         return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)), **scores}
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None

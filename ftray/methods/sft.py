@@ -11,14 +11,18 @@ import math
 import torch
 
 from ftray.data.encode import encode_row, render_prompt
+from ftray.methods._base import MethodBase
 from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
 
 
-class SFT:
+class SFT(MethodBase):
     name = "sft"
     formats = ("instruction", "chat", "prompt_completion")
     task_type = "CAUSAL_LM"
     packable = True
+
+    def metrics(self, spec) -> set[str]:
+        return {"eval_loss", "perplexity"} | ({"exact_match"} if spec.method.exact_match else set())
 
     def load_base(self, path, dtype, spec):
         return load_causal_lm(path, dtype, spec)
@@ -32,8 +36,6 @@ class SFT:
     def loss(self, model, batch):
         return lm_loss(model, batch)
 
-    def save_extra(self, model, tokenizer, folder, spec):
-        return None
 
     @torch.no_grad()
     def score_rows(self, model, tokenizer, rows, spec, ctx):

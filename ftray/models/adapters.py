@@ -5,6 +5,8 @@ from __future__ import annotations
 from ftray.config import AdapterSpec
 
 __all__ = [
+    "enable_gradient_checkpointing",
+    "check_gradient_checkpointing",
     "AdapterError",
     "adapter_report",
     "adapter_state",
@@ -24,6 +26,27 @@ HEADS = ("classifier", "score", "lm_head", "cls", "pre_classifier", "qa_outputs"
 
 class AdapterError(ValueError):
     """An adapter does not fit the model; one line naming the field."""
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_gradient_checkpointing(model) -> None:
+    """`train.gradient_checkpointing` on a model class that cannot recompute its layers: one line."""
+    from ftray.config import SpecError
+
+    inner = _inner(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise SpecError(f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient checkpointing")
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' own gradient checkpointing, non-reentrant: it needs no input that requires grad (frozen
+    embeddings under an adapter), works under ZeRO-3's parameter hooks, and restores the RNG for the
+    recomputed forward (dropout draws the same masks)."""
+    check_gradient_checkpointing(model)
+    _inner(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _module_suffixes(model) -> set[str]:

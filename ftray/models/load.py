@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftray import storage
+from ftray.runs import RunFolder
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -67,7 +68,7 @@ def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") 
         if not storage.exists(path):
             raise ModelError(f"{field}: {path}: no such file")
         return Resolved(path, tokenizer or path)
-    if storage.exists(storage.join(path, "run.json")):
+    if RunFolder(path).has_record():
         for sub in ("merged", "model", "adapter"):
             inner = storage.join(path, sub)
             if storage.exists(inner) and not storage.is_complete(inner):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ftray import storage
 from ftray.models.load import load_model, load_tokenizer, resolve
+from ftray.runs import RunFolder
 from ftray.serve.config import GenerationModel, ScorerModel
 from ftray.serve.registry import AdapterError, AdapterRegistry
 
@@ -217,6 +218,23 @@ class LoraEngine:
         return {"finish_reason": finish[0], "prompt_tokens": len(req["input_ids"]), "completion_tokens": count[0]}
 
 
+def _run_model(spec, resolved):
+    """A scorer run's model as its method builds it (the head and label names of a classifier, the encoder of
+    a contrastive or cluster run) with its adapter, if any, merged in: the model the run evaluated."""
+    import torch
+
+    from ftray.methods import get_method
+    from ftray.models.adapters import apply_adapter
+
+    method = get_method(spec.method.kind)
+    model = method.load_base(resolved.base, torch.float32, spec)
+    if resolved.adapter:
+        model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
+        if hasattr(model, "merge_and_unload") and spec.adapter.kind in ("lora", "adalora", "ia3"):
+            model = model.merge_and_unload()
+    return model
+
+
 class ScorerEngine:
     def __init__(self, cfg: ScorerModel, device: str | None = None):
         import torch
@@ -227,8 +245,16 @@ class ScorerEngine:
         self.cfg = cfg
         resolved = resolve(cfg.path, field=f"scorers[{cfg.name}].path")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        auto = AutoModel if cfg.kind == "embedding" else AutoModelForSequenceClassification
-        self.model = load_model(resolved.base, auto_class=auto).to(self.device).eval()
+        if resolved.adapter:
+            # An adapter run (e.g. classify + LoRA): its model as the run built it (head, labels, adapter).
+            spec = RunFolder(cfg.path).spec()
+            if spec is None:
+                raise ValueError(f"scorers[{cfg.name}]: {cfg.path} has an adapter but no run.json naming its method")
+            model = _run_model(spec, resolved)
+        else:  # a full model folder (or a run's model/): its config carries the head and label names
+            auto = AutoModel if cfg.kind == "embedding" else AutoModelForSequenceClassification
+            model = load_model(resolved.base, auto_class=auto)
+        self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(resolved.tokenizer)
         self.tokenizer.padding_side = "right"
         ensure_chat_template(self.tokenizer)

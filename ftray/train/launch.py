@@ -13,8 +13,9 @@ from ftray.config import JobSpec
 from ftray.data.prepare import check_data, prepare
 from ftray.data.rows import Checked
 from ftray.methods import check_method, get_method
-from ftray.models.adapters import check_targets
+from ftray.models.adapters import check_gradient_checkpointing, check_targets
 from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
+from ftray.runs import RunFolder
 
 __all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "prepare_data", "train", "write_run_json"]
 
@@ -28,8 +29,39 @@ class Plan:
     eval_rows: Checked | None
 
 
+def submitted_job_id() -> str | None:
+    """The submission id when this process is the driver of a `ray job submit` job: the job supervisor
+    hands its driver the job's config (metadata included) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("metadata") or {}).get("job_submission_id") or "(no id)"
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_output_survives(path: str, field: str = "output.dir") -> None:
+    """A submitted job runs in a temporary copy of its working dir that Ray deletes after the job: a run
+    folder given relative to it (or inside it) would be lost with it. Refused before anything runs."""
+    from ftray.config import SpecError
+
+    job = submitted_job_id()
+    if job is None or "://" in str(path):
+        return
+    cwd = os.path.realpath(os.getcwd())
+    real = os.path.realpath(str(path))
+    if real == cwd or real.startswith(cwd + os.sep):
+        raise SpecError(
+            f"{field}: {path} is inside the working directory of submitted job {job} ({cwd}), a temporary "
+            "copy Ray deletes when the job ends: use an absolute path on storage every node shares "
+            "(e.g. /mnt/shared/runs/NAME) or s3://BUCKET/runs/NAME"
+        )
+
+
 def check_job(spec: JobSpec) -> Plan:
     """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row."""
+    check_output_survives(spec.output.dir)
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     from transformers import AutoModelForSeq2SeqLM
 
@@ -40,18 +72,16 @@ def check_job(spec: JobSpec) -> Plan:
     )
     if resolved.adapter is None:
         check_targets(skeleton, spec.adapter)
+    if spec.train.gradient_checkpointing:
+        check_gradient_checkpointing(skeleton)
     load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     train_rows, eval_rows = check_data(spec)
     check_method(spec, resolved, train_rows, eval_rows)
-    if storage.exists(storage.join(spec.output.dir, "run.json")):
-        prev = json.loads(storage.read_text(storage.join(spec.output.dir, "run.json")))
-        if prev.get("spec", {}).get("method", {}).get("kind") not in (None, spec.method.kind):
-            from ftray.config import SpecError
+    prev = RunFolder(spec.output.dir).method()
+    if prev not in (None, spec.method.kind):
+        from ftray.config import SpecError
 
-            raise SpecError(
-                f"output.dir: {spec.output.dir} holds a finished `{prev['spec']['method']['kind']}` run; "
-                "choose another folder"
-            )
+        raise SpecError(f"output.dir: {spec.output.dir} holds a finished `{prev}` run; choose another folder")
     return Plan(spec, resolved, train_rows, eval_rows)
 
 
@@ -83,7 +113,7 @@ def check_fits(spec: JobSpec, embedded: bool, log=print) -> None:
 
     s = spec.scaling
     method = get_method(spec.method.kind)
-    extra = method.extra_cpus(spec) if hasattr(method, "extra_cpus") else 0.0
+    extra = method.extra_cpus(spec)
     have = ray.cluster_resources()
     needs = {"CPU": s.num_workers * s.cpus_per_worker + extra, "GPU": float(s.num_workers if s.use_gpu else 0)}
     for res, need in needs.items():
@@ -150,8 +180,7 @@ def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = Non
     spec = plan.spec
     method = get_method(spec.method.kind)
     prepared, meta, t_prep = prepare_data(plan, method, log)
-    if hasattr(method, "before_fit"):  # e.g. grpo deploys its reward model
-        method.before_fit(spec)
+    method.before_fit(spec)  # e.g. grpo deploys its reward model; a no-op for most methods
     s = spec.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -211,7 +240,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
         "versions": _versions(),
         "outputs": sorted(n for n in storage.listdir(spec.output.dir) if not n.startswith(".")),
     }
-    storage.write_text_atomic(storage.join(spec.output.dir, "run.json"), json.dumps(record, indent=1, default=str))
+    RunFolder(spec.output.dir).write_record(record)
     return record
 
 

@@ -33,12 +33,14 @@ from ftray.models.adapters import (
     after_optimizer_step,
     apply_adapter,
     before_optimizer_step,
+    enable_gradient_checkpointing,
     load_adapter_state,
     trainable_summary,
 )
 from ftray.models.load import Resolved, load_tokenizer
 from ftray.train import outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
+from ftray.train.live import LiveTensorBoard
 
 __all__ = ["LocalSession", "RayTrainSession", "run_worker", "train_fn_per_worker", "lr_lambda", "total_steps", "sample_index"]
 
@@ -306,6 +308,8 @@ def run_worker(config: dict, session) -> dict:
         model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
         total_steps=steps, tokenizer_path=resolved.tokenizer,
     )
+    if spec.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     summary = trainable_summary(model)
     log(
         f"[ftray] {spec.method.kind} + {spec.adapter.kind}: {summary['trainable_params']:,} trainable of "
@@ -406,15 +410,16 @@ def run_worker(config: dict, session) -> dict:
                 save_file(extra, str(Path(tmp, f"adapter_state_rank{rank}.safetensors")))
             if rank == 0:
                 Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
-                if hasattr(method, "state_dict"):  # the same on every rank (the method keeps it so)
-                    Path(tmp, "method_state.json").write_text(json.dumps(method.state_dict()))
+                state = method.state_dict()  # the same on every rank (the method keeps it so)
+                if state is not None:
+                    Path(tmp, "method_state.json").write_text(json.dumps(state))
             session.report(metrics, str(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    if hasattr(method, "setup"):  # per-worker state a method needs beside the batch (e.g. grpo's sampler)
-        method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device)))
-    if method_state is not None and hasattr(method, "load_state_dict"):
+    # Per-worker state a method needs beside the batch (e.g. grpo's sampler); a no-op for most methods.
+    method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device)))
+    if method_state is not None:
         method.load_state_dict(method_state)
         log(f"[ftray] {spec.method.kind} state restored: {json.dumps(method_state)}", flush=True)
 
@@ -440,10 +445,13 @@ def run_worker(config: dict, session) -> dict:
         }
 
     # ---------------------------------------------------------------- train
+    tb = LiveTensorBoard(spec.output.dir, start_step) if rank == 0 else None
     if start_step == 0:
         before = evaluate()
         if before:
             history.append({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+            if tb:
+                tb.add(history[-1], flush=True)
             log(f"[ftray] eval before training: {json.dumps(before)}", flush=True)
     else:
         before = next((h for h in history if h["step"] == 0 and any(k.startswith("eval/") for k in h)), {})
@@ -492,6 +500,8 @@ def run_worker(config: dict, session) -> dict:
             last_eval = evaluate()
             rec.update({f"eval/{k}": v for k, v in last_eval.items()})
         history.append(rec)
+        if tb:
+            tb.add(rec, flush=done % spec.train.log_every == 0 or is_last)
         if done % spec.train.log_every == 0 or is_last:
             elapsed = time.time() - t_start
             rate = tokens_done / max(elapsed, 1e-9)
@@ -506,8 +516,13 @@ def run_worker(config: dict, session) -> dict:
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
             save_checkpoint(done, metrics)
-        elif (done % spec.train.log_every == 0 or any(k.startswith("eval/") for k in rec)) and not is_last:
-            # Eval steps are always reported: Tune schedulers stop trials on eval metrics.
+            if tb:
+                tb.publish()
+        elif any(k.startswith("eval/") for k in rec) and not is_last:
+            # Only eval steps are reported without a checkpoint (Tune's schedulers act on eval metrics): a
+            # Ray Train report waits for the controller's next poll of the workers (every 2 s by default),
+            # so a report per log step stalled a job with log_every 1 up to 2 s a step. The step lines
+            # above and metrics.jsonl carry the per-step record.
             session.report(metrics)
 
     # ---------------------------------------------------------------- finish
@@ -516,6 +531,10 @@ def run_worker(config: dict, session) -> dict:
     dist.all_gather_object(placement, {"rank": rank, **session.where(), "peak_memory_mb": _peak_memory_mb(device)})
     if after:
         history.append({"step": steps, **{f"eval/{k}": v for k, v in after.items()}})
+        if tb:
+            tb.add(history[-1])
+    if tb:
+        tb.close()
         log(f"[ftray] eval after training: {json.dumps(after)}", flush=True)
     final = {
         "step": steps,

@@ -1,5 +1,6 @@
-"""What a finished run leaves in its folder: adapter/ or model/, tokenizer/, merged/, metrics.jsonl,
-curves.png and TensorBoard events (run.json is written last, by the driver, as the commit marker)."""
+"""What a finished run leaves in its folder: adapter/ or model/, tokenizer/, merged/, metrics.jsonl and
+curves.png (run.json is written last, by the driver, as the commit marker); its TensorBoard events in tb/
+are written while it trains (train/live.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
         if spec.output.merge and _is_peft(model):
             merged = merge_adapter(resolved.base, staging / "adapter", staging / "merged", tokenizer, method, spec)
             method.save_extra(merged, tokenizer, staging / "merged", spec)
-        write_curves(history, staging)
+        write_curves(history, staging, tensorboard=False)
         out = spec.output.dir
         for sub in ("adapter", "model", "merged", "tokenizer", "tb"):
             if (staging / sub).exists():
@@ -78,20 +79,21 @@ def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None, method=None, 
     return merged
 
 
-def write_curves(history: list[dict], folder: Path) -> None:
+def write_curves(history: list[dict], folder: Path, tensorboard: bool = True) -> None:
     folder = Path(folder)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    try:
-        from torch.utils.tensorboard import SummaryWriter
+    if tensorboard:  # a run's own tb/ is written as it trains (train/live.py)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        w = SummaryWriter(str(folder / "tb"))
-        for h in history:
-            for k, v in h.items():
-                if k != "step" and isinstance(v, int | float):
-                    w.add_scalar(k, v, h["step"])
-        w.close()
-    except ImportError:
-        pass
+            w = SummaryWriter(str(folder / "tb"))
+            for h in history:
+                for k, v in h.items():
+                    if k != "step" and isinstance(v, int | float):
+                        w.add_scalar(k, v, h["step"])
+            w.close()
+        except ImportError:
+            pass
     import matplotlib
 
     matplotlib.use("Agg")

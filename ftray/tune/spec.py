@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ftray import storage
 from ftray.config import JobSpec, absolute_paths, resolve_paths, spec_from_dict
-from ftray.yamlspec import SpecError, coerce_floats, format_error, load_mapping, merge, nest
+from ftray.yamlspec import SpecError, coerce_floats, format_error, load_mapping, merge, nest, override_items
 
 __all__ = ["Dist", "SweepSpec", "load_sweep", "reported_metrics", "sample_points", "sweep_from_dict", "trial_spec"]
 
@@ -153,12 +153,12 @@ class SweepSpec(_Strict):
 
 def reported_metrics(spec: JobSpec) -> set[str]:
     """What the loop reports to Ray Train for this job: `loss` every report; `eval/<m>` when held-out
-    data is set (the method's `summarize` keys)."""
+    data is set, for each key the job's method declares it reports (`Method.metrics`)."""
+    from ftray.methods import get_method
+
     out = {"loss"}
     if spec.data.eval:
-        out |= {"eval/eval_loss", "eval/perplexity"}
-        if spec.method.kind == "sft" and spec.method.exact_match:
-            out.add("eval/exact_match")
+        out |= {f"eval/{m}" for m in get_method(spec.method.kind).metrics(spec)}
     return out
 
 
@@ -364,9 +364,18 @@ def sweep_from_dict(
     return sweep, _check(sweep, where)
 
 
-def load_sweep(path: str | os.PathLike) -> tuple[SweepSpec, list[JobSpec]]:
-    """Read and validate a sweep spec YAML; the sweep folder is made absolute."""
+def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[SweepSpec, list[JobSpec]]:
+    """Read and validate a sweep spec YAML; the sweep folder is made absolute. `overrides` (`ftray tune
+    --set KEY=VALUE`, parsed as `ftray train --set`): a key under a sweep field (`output.dir`,
+    `num_samples`, `scheduler.grace_period`, ...) sets it; any other key is a job field, fixed for every
+    trial (`train.max_steps=50` → `fixed: {train.max_steps: 50}`)."""
     raw, lines = load_mapping(path, "sweep spec")
+    sweep_items, job_items = [], []
+    for key, value in override_items(overrides or []):
+        (sweep_items if key.split(".", 1)[0] in SweepSpec.model_fields else job_items).append((key, value))
+    raw = merge(raw, nest(sweep_items, "--set {}"))
+    if job_items:
+        raw["fixed"] = {**(raw.get("fixed") or {}), **dict(job_items)}
     sweep, jobs = sweep_from_dict(raw, str(path), lines)
     out = sweep.output.dir
     if "://" not in out:

@@ -212,11 +212,12 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
     import ray
     from ray import tune
 
-    from ftray.train.launch import ensure_ray
+    from ftray.train.launch import check_output_survives, ensure_ray
     from ftray.tune.results import write_results
     from ftray.tune.trial import run_trial
 
     t0 = time.time()
+    check_output_survives(sweep.output.dir)
     ensure_ray(jobs[0])
     check_resources(sweep, jobs, ray.cluster_resources())
     _pin_ray_address()

@@ -1,0 +1,37 @@
+"""The optional hooks of a method, with their no-op defaults: every method class derives from `MethodBase`,
+so the loop and the driver call each hook unconditionally (no attribute probing)."""
+
+from __future__ import annotations
+
+__all__ = ["MethodBase"]
+
+
+class MethodBase:
+    def metrics(self, spec) -> set[str]:
+        """The keys its evaluation reports for this job (`summarize`), each logged as `eval/<key>`: what a
+        sweep's `metric` may name."""
+        return {"eval_loss"}
+
+    def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
+        """Before any Ray resource: raise SpecError / ModelError naming the field, file or line."""
+
+    def before_fit(self, spec) -> None:
+        """On the driver once Ray is up, before the workers start (grpo: deploy its reward model)."""
+
+    def setup(self, spec, tokenizer, ctx) -> None:
+        """On each worker before the first evaluation (grpo: its sampler and reward function)."""
+
+    def extra_cpus(self, spec) -> float:
+        """CPUs the job takes beside its workers (grpo: the reward replica it deploys)."""
+        return 0.0
+
+    def state_dict(self) -> dict | None:
+        """State the method keeps across steps that a checkpoint must carry (ppo: its adaptive KL
+        coefficient); the same on every rank. None: nothing to keep."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, on resume."""
+
+    def save_extra(self, model, tokenizer, folder, spec) -> None:
+        """Files beside a fully saved model that make it load in the usual tools."""
