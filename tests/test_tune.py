@@ -182,19 +182,24 @@ def test_a_sweep_metric_is_checked_against_what_the_method_reports():
     from ftray.tune.spec import reported_metrics
     from tests._specs import method_spec
 
+    lora = {"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+    def base(kind, **over):
+        return method_spec(kind, FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o", lora, **over)
+
     def job(kind, **over):
-        return spec_from_dict(method_spec(kind, FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o", **over))
+        return spec_from_dict(base(kind, **over))
 
     assert {"eval/accuracy", "eval/macro_f1", "eval/eval_loss"} <= reported_metrics(job("classify"))
     assert "eval/perplexity" not in reported_metrics(job("dpo")) and "eval/reward_accuracy" in reported_metrics(job("dpo"))
-    assert "eval/exact_match" in reported_metrics(job("sft", method={"exact_match": True}))
-    assert "eval/exact_match" not in reported_metrics(job("sft", method={"exact_match": False}))
+    assert "eval/exact_match" in reported_metrics(spec_from_dict(fake_base(method__exact_match=True)))
+    assert "eval/exact_match" not in reported_metrics(spec_from_dict(fake_base(method__exact_match=False)))
     assert reported_metrics(job("classify", data__eval=None)) == {"loss"}
     d = sweep_dict(fake_base(), FAKE / "sweep", metric="eval/accuracy", mode="max")
-    d["base"] = method_spec("classify", FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o")
+    d["base"] = base("classify")
     d["search"] = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
     sweep_from_dict(d)
-    d["base"] = method_spec("dpo", FAKE / "m", FAKE / "t.jsonl", FAKE / "e.jsonl", FAKE / "o")
+    d["base"] = base("dpo")
     d["metric"] = "eval/perplexity"
     with pytest.raises(SpecError, match=r"`metric: eval/perplexity` is not reported by `dpo` jobs"):
         sweep_from_dict(d)
