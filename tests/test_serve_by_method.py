@@ -45,18 +45,11 @@ def method_runs(work, tiny_model, tiny_bert, cache_dir, runs) -> dict[str, Path]
 
 
 def _run_model(run: Path):
-    """The run's own model: the method's base (its head and labels) + the saved adapter, not merged."""
-    from ftray.methods import get_method
-    from ftray.models.adapters import apply_adapter
+    """The run's own model as `ftray eval` loads it: the method's base (head, labels) + the adapter, not merged."""
+    from ftray.methods import load_run_model
     from ftray.models.load import resolve
 
-    spec = RunFolder(str(run)).spec()
-    m = get_method(spec.method.kind)
-    r = resolve(str(run))
-    model = m.load_base(r.base, torch.float32, spec)
-    if r.adapter:
-        model = apply_adapter(model, spec.adapter, task_type=m.task_type, resume_from=r.adapter)
-    return model.eval()
+    return load_run_model(RunFolder(str(run)).spec(), resolve(str(run))).eval()
 
 
 def _inputs(engine: ScorerEngine, texts):

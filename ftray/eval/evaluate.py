@@ -45,8 +45,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
 
     from ftray.data.encode import ensure_chat_template
     from ftray.data.rows import read_checked
-    from ftray.methods import EvalContext, get_method
-    from ftray.models.adapters import apply_adapter
+    from ftray.methods import EvalContext, get_method, load_run_model
     from ftray.models.load import load_tokenizer, resolve
 
     spec = _spec_for(run, data, method, fmt)
@@ -55,10 +54,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows, columns=spec.data.columns).rows
     tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     ensure_chat_template(tok)
-    model = m.load_base(resolved.base, torch.float32, spec)
-    if resolved.adapter:
-        model = apply_adapter(model, spec.adapter, task_type=m.task_type, resume_from=resolved.adapter)
-    model.eval()
+    model = load_run_model(spec, resolved, torch.float32).eval()
     torch.manual_seed(0)
 
     examples = [e for r in rows for e in m.examples(r, tok, spec) if len(e["input_ids"])]

@@ -27,7 +27,7 @@ from ftray.methods import (
     sft,
 )
 
-__all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method"]
+__all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method", "load_run_model"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,21 @@ REGISTRY: dict[str, Any] = {
 
 def get_method(kind: str) -> Method:
     return REGISTRY[kind]
+
+
+def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False):
+    """A run's model as its method builds it (head, label names) with its adapter, if it has one: what
+    `ftray eval` judges (adapter kept) and what serving scores with (`merge`: a LoRA-family adapter folded
+    into its base)."""
+    from ftray.models.adapters import apply_adapter
+
+    method = get_method(spec.method.kind)
+    model = method.load_base(resolved.base, dtype, spec)
+    if resolved.adapter:
+        model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
+        if merge and spec.adapter.kind in ("lora", "adalora", "ia3"):
+            model = model.merge_and_unload()
+    return model
 
 
 def check_method(spec, resolved, train_rows, eval_rows) -> None:

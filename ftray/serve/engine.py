@@ -218,23 +218,6 @@ class LoraEngine:
         return {"finish_reason": finish[0], "prompt_tokens": len(req["input_ids"]), "completion_tokens": count[0]}
 
 
-def _run_model(spec, resolved):
-    """A scorer run's model as its method builds it (the head and label names of a classifier, the encoder of
-    a contrastive or cluster run) with its adapter, if any, merged in: the model the run evaluated."""
-    import torch
-
-    from ftray.methods import get_method
-    from ftray.models.adapters import apply_adapter
-
-    method = get_method(spec.method.kind)
-    model = method.load_base(resolved.base, torch.float32, spec)
-    if resolved.adapter:
-        model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
-        if hasattr(model, "merge_and_unload") and spec.adapter.kind in ("lora", "adalora", "ia3"):
-            model = model.merge_and_unload()
-    return model
-
-
 class ScorerEngine:
     def __init__(self, cfg: ScorerModel, device: str | None = None):
         import torch
@@ -250,7 +233,9 @@ class ScorerEngine:
             spec = RunFolder(cfg.path).spec()
             if spec is None:
                 raise ValueError(f"scorers[{cfg.name}]: {cfg.path} has an adapter but no run.json naming its method")
-            model = _run_model(spec, resolved)
+            from ftray.methods import load_run_model
+
+            model = load_run_model(spec, resolved, merge=True)
         else:  # a full model folder (or a run's model/): its config carries the head and label names
             auto = AutoModel if cfg.kind == "embedding" else AutoModelForSequenceClassification
             model = load_model(resolved.base, auto_class=auto)

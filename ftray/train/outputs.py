@@ -48,9 +48,9 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
         if spec.output.merge and _is_peft(model):
             merged = merge_adapter(resolved.base, staging / "adapter", staging / "merged", tokenizer, method, spec)
             method.save_extra(merged, tokenizer, staging / "merged", spec)
-        write_curves(history, staging, tensorboard=False)
+        write_curves(history, staging)
         out = spec.output.dir
-        for sub in ("adapter", "model", "merged", "tokenizer", "tb"):
+        for sub in ("adapter", "model", "merged", "tokenizer"):
             if (staging / sub).exists():
                 storage.publish_dir(staging / sub, storage.join(out, sub))
         storage.write_text_atomic(storage.join(out, "metrics.jsonl"), (staging / "metrics.jsonl").read_text())
@@ -79,21 +79,9 @@ def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None, method=None, 
     return merged
 
 
-def write_curves(history: list[dict], folder: Path, tensorboard: bool = True) -> None:
+def write_curves(history: list[dict], folder: Path) -> None:
     folder = Path(folder)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    if tensorboard:  # a run's own tb/ is written as it trains (train/live.py)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            w = SummaryWriter(str(folder / "tb"))
-            for h in history:
-                for k, v in h.items():
-                    if k != "step" and isinstance(v, int | float):
-                        w.add_scalar(k, v, h["step"])
-            w.close()
-        except ImportError:
-            pass
     import matplotlib
 
     matplotlib.use("Agg")
