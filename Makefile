@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check ftray tests benchmarks
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftray tests benchmarks

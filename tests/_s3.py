@@ -1,7 +1,9 @@
-"""A real S3 endpoint on loopback (`moto_server`) for the tests: the `s3` fixture and its bucket."""
+"""A real S3 endpoint on loopback (`moto_server`) for the tests: the `s3` fixture and its bucket, and
+`s3_inputs` (the tiny model and the arithmetic data uploaded there with boto3)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,44 @@ def s3(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def boto_client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+
+
+def _upload(client, local: Path, uri: str) -> None:
+    """Upload a file or a folder with boto3 (independent of the code under test)."""
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    if local.is_file():
+        client.upload_file(str(local), bucket, key)
+        return
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{key.rstrip('/')}/{f.relative_to(local).as_posix()}")
+
+
+def _remote_cache_dir(uri: str) -> Path:
+    """Where storage.cached_copy keeps a local copy of `uri` (same key as ftray.storage)."""
+    return Path(os.path.expanduser("~/.cache/ftray/remote")) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def s3_inputs(s3, arith, tiny_model):
+    """The arithmetic JSONL and the tiny model uploaded under a fresh prefix (fresh: ftray keeps local
+    copies of remote models keyed by their path, so a reused path would read an older upload)."""
+    prefix = f"s3://{BUCKET}/e2e-{uuid.uuid4().hex[:8]}"
+    client = boto_client(s3)
+    d = {
+        "prefix": prefix,
+        "model": f"{prefix}/models/tiny-nano",
+        "train": f"{prefix}/data/arith_train.jsonl",
+        "eval": f"{prefix}/data/arith_test.jsonl",
+    }
+    _upload(client, tiny_model, d["model"])
+    _upload(client, arith[0], d["train"])
+    _upload(client, arith[1], d["eval"])
+    yield d
+    shutil.rmtree(_remote_cache_dir(d["model"]), ignore_errors=True)

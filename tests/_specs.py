@@ -97,7 +97,8 @@ def step_and_compare(method, spec, examples, pad_id, steps=2):
     from ftray.models.adapters import apply_adapter
 
     torch.manual_seed(0)
-    model = apply_adapter(method.load_base(spec.model.path, torch.float32, spec), spec.adapter, task_type=method.task_type)
+    model = apply_adapter(method.load_base(spec.model.path, torch.float32, spec), spec.adapter, task_type=method.task_type,
+                          heads=method.trainable_heads(spec))
     model.eval()  # no dropout: a frozen parameter must stay exactly equal
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # Adam: a step moves every parameter with a non-zero gradient by ~lr, however small the gradient.

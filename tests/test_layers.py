@@ -41,13 +41,7 @@ LAYERS = {
 
 # Upward arrows that are still there, each with what removes it. The test fails when one is gone too,
 # so that this set only shrinks.
-KNOWN = {
-    # grpo's `before_fit` deploys/checks the reward app itself; the driver (train.launch.fit_job) should
-    # deploy it and the worker should be handed a scorer callable.
-    ("ftray.methods.grpo", "ftray.rlhf.served"),
-    # `build_reward` builds the Serve client on the worker; it should take the scorer callable instead.
-    ("ftray.rlhf.rewards", "ftray.rlhf.served"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

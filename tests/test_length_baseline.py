@@ -12,7 +12,7 @@ import torch
 
 from ftray.config import spec_from_dict
 from ftray.data.encode import ensure_chat_template
-from ftray.methods import REGISTRY, EvalContext
+from ftray.methods import EvalContext, get_method
 from ftray.metrics import length_baseline, length_keys, length_summary
 from tests._methods_tiny import write_jsonl
 from tests._specs import method_spec
@@ -75,7 +75,7 @@ ACCURACY = {"reward": "accuracy", "dpo": "reward_accuracy"}  # each method's own
 def test_score_rows_and_summarize_report_the_baselines(kind, tiny_model, tmp_path):
     from ftray.models.load import load_tokenizer
 
-    acc_key, m = ACCURACY[kind], REGISTRY[kind]
+    acc_key, m = ACCURACY[kind], get_method(kind)
     data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
     spec = spec_from_dict(method_spec(kind, tiny_model, data, None, tmp_path, {"kind": "full"}))
     tok = load_tokenizer(str(tiny_model))

@@ -14,12 +14,12 @@ import torch
 
 from ftray.config import spec_from_dict
 from ftray.data.encode import IGNORE, ensure_chat_template
-from ftray.methods import REGISTRY
+from ftray.methods import get_method
 from ftray.methods.losses import dpo_loss, sequence_logps
 from tests._preference import preference_rows
 from tests._specs import method_spec
 
-M = REGISTRY["dpo"]
+M = get_method("dpo")
 N = 4  # pairs
 
 

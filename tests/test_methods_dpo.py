@@ -12,12 +12,12 @@ import torch
 from ftray.config import SpecError, resolve_paths, spec_from_dict
 from ftray.data.encode import IGNORE, ensure_chat_template
 from ftray.data.rows import DataError
-from ftray.methods import REGISTRY
+from ftray.methods import get_method
 from tests._methods_tiny import write_jsonl
 from tests._preference import preference_rows, preference_task
 from tests._specs import ROOT, method_spec, needs_shared, run_here
 
-M = REGISTRY["dpo"]
+M = get_method("dpo")
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 

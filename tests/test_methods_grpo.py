@@ -12,11 +12,11 @@ import torch
 from ftray.config import SpecError, resolve_paths, spec_from_dict
 from ftray.data.encode import ensure_chat_template
 from ftray.data.rows import DataError
-from ftray.methods import REGISTRY, EvalContext
+from ftray.methods import EvalContext, get_method
 from tests._methods_tiny import write_jsonl
 from tests._specs import ROOT, method_spec, needs_shared, run_here
 
-M = REGISTRY["grpo"]
+M = get_method("grpo")
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
 
 

@@ -10,10 +10,10 @@ import torch
 
 from ftray.config import spec_from_dict
 from ftray.data.encode import ensure_chat_template
-from ftray.methods import REGISTRY, EvalContext
+from ftray.methods import EvalContext, get_method
 from tests._specs import method_spec
 
-M = REGISTRY["grpo"]
+M = get_method("grpo")
 
 
 def test_loss_type_aggregates_the_same_rollout(tiny_model, arith, tmp_path):

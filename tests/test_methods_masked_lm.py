@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
-from ftray.methods import REGISTRY, check_method
+from ftray.methods import check_method, get_method
 from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
-M = REGISTRY["masked_lm"]
+M = get_method("masked_lm")
 TEXT = "1+2=3 and 2+2=4. Once upon a time there was a model that learned to add numbers."
 
 

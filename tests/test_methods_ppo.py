@@ -10,10 +10,10 @@ import torch
 
 from ftray.config import SpecError, spec_from_dict
 from ftray.data.encode import ensure_chat_template
-from ftray.methods import REGISTRY, EvalContext
+from ftray.methods import EvalContext, get_method
 from tests._specs import method_spec, run_here
 
-M = REGISTRY["ppo"]
+M = get_method("ppo")
 
 
 def ppo_spec(model, train, test, out, method=None, **over) -> dict:
@@ -42,7 +42,8 @@ def test_rollout_update_on_one_process(tiny_model, arith, tmp_path):
     rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:4]]
     batch = M.collate([e for r in rows for e in M.examples(r, tok, spec)], tok.pad_token_id)
     torch.manual_seed(0)
-    model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type)
+    model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type,
+                          heads=M.trainable_heads(spec))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("ftray_value_head" in n for n in trainable) and all("lora_" in n or "ftray_value_head" in n for n in trainable)
     M.setup(spec, tok, EvalContext())
@@ -75,7 +76,8 @@ def _two_rank_update(rank: int, model_dir: str, train: str, out: str, port: int)
     rows = [json.loads(x) for x in open(train).read().splitlines()[4 * rank : 4 * rank + 4]]
     batch = M.collate([e for r in rows for e in M.examples(r, tok, spec)], tok.pad_token_id)
     torch.manual_seed(rank)
-    model = apply_adapter(M.load_base(model_dir, torch.float32, spec), spec.adapter, task_type=M.task_type)
+    model = apply_adapter(M.load_base(model_dir, torch.float32, spec), spec.adapter, task_type=M.task_type,
+                          heads=M.trainable_heads(spec))
     if rank == 1:  # only rank 1's policy moves away from the reference: its sequences carry all the KL
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from ftray.config import load_spec, spec_from_dict
-from ftray.methods import REGISTRY, check_method
+from ftray.methods import check_method, get_method
 from ftray.methods.sentence_order import split_sentences
 from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
-M = REGISTRY["sentence_order"]
+M = get_method("sentence_order")
 DOC = "One fox ran. Two dogs sat! Three cats slept? Four birds sang. Five fish swam. Six ants hid."
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ftray.config import resolve_paths, spec_from_dict
-from ftray.methods import REGISTRY, EvalContext, check_method
+from ftray.methods import EvalContext, check_method, get_method
 from tests._methods_tiny import build_tiny_t5, copy_task
 from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
-M = REGISTRY["seq2seq"]
+M = get_method("seq2seq")
 
 
 @pytest.fixture(scope="session")

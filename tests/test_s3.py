@@ -1,69 +1,21 @@
 """s3:// paths end to end against a real `moto_server` on loopback.
 
 Unit level: ftray.storage round trips, pyarrow access, publish_dir's `.complete` commit marker.
-End to end: an SFT job (2 workers, ZeRO-2, LoRA) whose model, data, cache and output all live on S3;
-the adapter it writes is downloaded and loaded with peft.
-
-Ray detail: the cluster must see AWS_ENDPOINT_URL, so it is in os.environ before `ray.init`; this file
-does not use the session `ray_local` fixture and lets `ftray.train.launch.train` start Ray itself.
+Refusals: a job whose S3 data is missing fails before Ray. A job whose model, data, cache and output all
+live on S3 (run on a 2-node cluster, its adapter downloaded and loaded with peft, then served from S3):
+tests/test_cluster_e2e.py `test_two_node_job_all_on_s3_then_serve_deploy`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests._s3 import BUCKET
+from tests._s3 import BUCKET, boto_client
 from tests._specs import job_dict
 
 pytestmark = pytest.mark.integration
-
-def _boto(url: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-
-
-def _upload(client, local: Path, uri: str) -> None:
-    """Upload a file or a folder with boto3 (independent of the code under test)."""
-    bucket, key = uri.removeprefix("s3://").split("/", 1)
-    if local.is_file():
-        client.upload_file(str(local), bucket, key)
-        return
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            client.upload_file(str(f), bucket, f"{key.rstrip('/')}/{f.relative_to(local).as_posix()}")
-
-
-def _remote_cache_dir(uri: str) -> Path:
-    """Where storage.cached_copy keeps a local copy of `uri` (same key as ftray.storage)."""
-    return Path(os.path.expanduser("~/.cache/ftray/remote")) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
-@pytest.fixture(scope="module")
-def s3_inputs(s3, arith, tiny_model):
-    """The arithmetic JSONL and the tiny model uploaded under a fresh prefix (fresh: ftray keeps local
-    copies of remote models keyed by their path, so a reused path would read an older upload)."""
-    prefix = f"s3://{BUCKET}/e2e-{uuid.uuid4().hex[:8]}"
-    client = _boto(s3)
-    d = {
-        "prefix": prefix,
-        "model": f"{prefix}/models/tiny-nano",
-        "train": f"{prefix}/data/arith_train.jsonl",
-        "eval": f"{prefix}/data/arith_test.jsonl",
-    }
-    _upload(client, tiny_model, d["model"])
-    _upload(client, arith[0], d["train"])
-    _upload(client, arith[1], d["eval"])
-    yield d
-    shutil.rmtree(_remote_cache_dir(d["model"]), ignore_errors=True)
-
 
 # --------------------------------------------------------------------------------------------- unit level
 
@@ -94,7 +46,7 @@ def test_storage_round_trip(s3):
     assert storage.read_text(f) == "new"
 
     # The object really is on the moto server, under the key the path names.
-    body = _boto(s3).get_object(Bucket=BUCKET, Key=f.removeprefix(f"s3://{BUCKET}/"))["Body"].read()
+    body = boto_client(s3).get_object(Bucket=BUCKET, Key=f.removeprefix(f"s3://{BUCKET}/"))["Body"].read()
     assert body == b"new"
 
     # pyarrow (what Ray Train and Ray Data use) sees the same objects.
@@ -227,76 +179,3 @@ def test_missing_s3_data_fails_before_ray(s3, s3_inputs, monkeypatch, which):
     from ftray import storage
 
     assert not storage.exists(f"{s3_inputs['prefix']}/runs/never")
-
-
-# --------------------------------------------------------------------------------------------- end to end
-
-
-def test_sft_job_all_on_s3(s3, s3_inputs, tiny_model, tmp_path, ray_local):
-    from ftray import storage
-    from ftray.config import spec_from_dict
-    from ftray.train.launch import train
-
-    # The session's Ray was started after AWS_ENDPOINT_URL was in os.environ (`ray_local` asks for `s3`):
-    # its workers reach the moto endpoint as a cloud node reaches S3.
-    assert os.environ["AWS_ENDPOINT_URL"] == s3
-    out = f"{s3_inputs['prefix']}/runs/sft"
-    cache = f"{s3_inputs['prefix']}/cache"
-    d = job_dict(
-        s3_inputs["model"],
-        s3_inputs["train"],
-        s3_inputs["eval"],
-        out,
-        cache,
-        train__max_steps=4,
-        storage__endpoint_url=s3,
-    )
-    spec = spec_from_dict(d)
-    assert all(
-        p.startswith("s3://")
-        for p in (spec.model.path, spec.data.train, spec.data.eval, spec.output.dir, spec.data.cache_dir)
-    )
-    record = train(spec)
-
-    assert record["status"] == "completed"
-    assert record["train"]["steps"] == 4
-
-    # The run folder on S3.
-    names = storage.listdir(out)
-    for n in ("run.json", "adapter", "metrics.jsonl", "checkpoints", "tokenizer"):
-        assert n in names, f"{out} lacks {n}: {names}"
-    run = json.loads(storage.read_text(f"{out}/run.json"))
-    assert run["status"] == "completed"
-    assert run["spec"]["output"]["dir"] == out
-    assert run["base_model"] == s3_inputs["model"]
-    adapter = storage.listdir(f"{out}/adapter")
-    assert {".complete", "adapter_config.json", "adapter_model.safetensors"} <= set(adapter), adapter
-    metrics = [json.loads(x) for x in storage.read_text(f"{out}/metrics.jsonl").splitlines() if x.strip()]
-    steps = [m["step"] for m in metrics if "loss" in m]
-    assert steps == [1, 2, 3, 4]
-    assert any(n.startswith("checkpoint_") for n in storage.listdir(f"{out}/checkpoints")), storage.listdir(
-        f"{out}/checkpoints"
-    )
-
-    # The prepared data went to the S3 cache.
-    key = record["data_hash"]
-    assert key in storage.listdir(cache)
-    assert storage.exists(f"{cache}/{key}/meta.json")
-
-    # Download the adapter and load it on the tiny base.
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    local = storage.download_dir(f"{out}/adapter", tmp_path / "adapter")
-    cfg = json.loads((local / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == s3_inputs["model"]
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(local))
-    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
-    assert lora_b, "no LoRA weights in the loaded adapter"
-    # lora_B starts at zero: non-zero values mean the trained weights were saved (ZeRO-2, rank 0).
-    assert any(p.abs().sum() > 0 for p in lora_b.values())
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        assert model(input_ids=ids).logits.shape[-1] == base.config.vocab_size

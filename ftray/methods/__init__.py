@@ -7,6 +7,7 @@ The registry is an explicit dict, checked by a test against the files in this fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from ftray.methods import (
     seq2seq,
     sft,
 )
+from ftray.methods._base import MethodBase
 
 __all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method", "load_run_model"]
 
@@ -36,6 +38,9 @@ class EvalContext:
 
     synced_gpus: bool = False  # every rank must run the same number of forward passes (ZeRO-3)
     device: str = "cpu"
+    # The served reward model's scorer, (prompts, completions) -> scores, when the method names one
+    # (`Method.reward_model`); built by the loop, so no method reaches Ray Serve itself.
+    reward_model: Callable[[list[str], list[str]], list[float]] | None = None
 
 
 class Method(Protocol):
@@ -67,8 +72,9 @@ class Method(Protocol):
     # Optional hooks, each with a no-op default in `ftray.methods._base.MethodBase` (every method derives
     # from it; the loop and the driver call them unconditionally):
     #   check(spec, tokenizer, config, train_rows, eval_rows)  before Ray; raises SpecError / ModelError
-    #   before_fit(spec)                on the driver once Ray is up, before the workers start (e.g. grpo
-    #                                   deploys its reward model)
+    #   reward_model(spec) -> RewardModelRef | None   the served reward model its rollouts are scored by
+    #                                   (grpo, ppo): the driver deploys or checks it, the loop hands its
+    #                                   scorer to setup as `ctx.reward_model`
     #   setup(spec, tokenizer, ctx)     on each worker before the first evaluation (e.g. grpo's sampler)
     #   extra_cpus(spec) -> float       CPUs the job takes beside its workers (e.g. the reward replica that
     #                                   grpo deploys), counted when the driver checks the job fits the cluster
@@ -78,24 +84,27 @@ class Method(Protocol):
     # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).
 
 
-REGISTRY: dict[str, Any] = {
-    "sft": sft.SFT(),
-    "causal_lm": causal_lm.CausalLM(),
-    "classify": classify.Classify(),
-    "contrastive": contrastive.Contrastive(),
-    "masked_lm": masked_lm.MaskedLM(),
-    "cluster": cluster.Cluster(),
-    "sentence_order": sentence_order.SentenceOrder(),
-    "seq2seq": seq2seq.Seq2Seq(),
-    "reward": reward.Reward(),
-    "dpo": dpo.DPO(),
-    "grpo": grpo.GRPO(),
-    "ppo": ppo.PPO(),
+# kind -> the method's class; `get_method` makes one instance per use, so whatever a method keeps during a run
+# (grpo's sampler and reward, ppo's KL coefficient) belongs to that run alone.
+REGISTRY: dict[str, type[MethodBase]] = {
+    "sft": sft.SFT,
+    "causal_lm": causal_lm.CausalLM,
+    "classify": classify.Classify,
+    "contrastive": contrastive.Contrastive,
+    "masked_lm": masked_lm.MaskedLM,
+    "cluster": cluster.Cluster,
+    "sentence_order": sentence_order.SentenceOrder,
+    "seq2seq": seq2seq.Seq2Seq,
+    "reward": reward.Reward,
+    "dpo": dpo.DPO,
+    "grpo": grpo.GRPO,
+    "ppo": ppo.PPO,
 }
 
 
 def get_method(kind: str) -> Method:
-    return REGISTRY[kind]
+    """A new instance of the method `kind` (its per-run state starts empty)."""
+    return REGISTRY[kind]()
 
 
 def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False):

@@ -15,11 +15,19 @@ class MethodBase:
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         """Before any Ray resource: raise SpecError / ModelError naming the field, file or line."""
 
-    def before_fit(self, spec) -> None:
-        """On the driver once Ray is up, before the workers start (grpo: deploy its reward model)."""
+    def trainable_heads(self, spec) -> tuple[str, ...]:
+        """Names of modules the method adds to the model (`load_base`) that train under any adapter (ppo's
+        value head): `apply_adapter(..., heads=...)` keeps them trainable beside the adapter."""
+        return ()
+
+    def reward_model(self, spec):
+        """The served reward model (`RewardModelRef`) its rollouts are scored by, or None. The driver deploys
+        it (or checks it runs) once Ray is up; the loop hands its scorer to `setup` (`EvalContext`)."""
+        return None
 
     def setup(self, spec, tokenizer, ctx) -> None:
-        """On each worker before the first evaluation (grpo: its sampler and reward function)."""
+        """On each worker before the first evaluation (grpo: its sampler and reward function, with the
+        served reward model's scorer in `ctx.reward_model`)."""
 
     def extra_cpus(self, spec) -> float:
         """CPUs the job takes beside its workers (grpo: the reward replica it deploys)."""

@@ -118,25 +118,15 @@ class GRPO(MethodBase):
         rm = spec.method.reward_model
         return rm.num_cpus if rm is not None and rm.path is not None else 0.0
 
-    def before_fit(self, spec) -> None:
-        """On the driver, after Ray is up and before the workers start: make the served reward model exist."""
-        rm = spec.method.reward_model
-        if rm is None:
-            return
-        from ftray.rlhf.served import check_reward_app, deploy_reward_app
-
-        if rm.path is not None:
-            from ftray.models.load import resolve
-
-            deploy_reward_app(rm, resolve(rm.path, None).base)
-        check_reward_app(rm)
+    def reward_model(self, spec):
+        return spec.method.reward_model
 
     # -------------------------------------------------------------- on each worker
     def setup(self, spec, tokenizer, ctx) -> None:
         from ftray.rlhf import build_reward
 
         self.spec, self.tokenizer, self.synced_gpus = spec, tokenizer, ctx.synced_gpus
-        self.reward = build_reward(spec.method)
+        self.reward = build_reward(spec.method, ctx.reward_model)
 
     def load_base(self, path, dtype, spec):
         return DPO().load_base(path, dtype, spec)  # the policy, plus a frozen reference copy unless LoRA

@@ -55,8 +55,10 @@ class PPO(GRPO):
         torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(head.bias)
         model.add_module(HEAD, head)
-        model._ftray_trainable_heads = (HEAD,)
         return model
+
+    def trainable_heads(self, spec) -> tuple[str, ...]:
+        return (HEAD,)
 
     def loss(self, model, batch):
         net = getattr(model, "module", model)

@@ -123,14 +123,14 @@ def peft_config_for(model, spec: AdapterSpec, task_type: str, total_steps: int |
 
 
 def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume_from: str | None = None,
-                  total_steps: int | None = None, tokenizer_path: str | None = None):
+                  total_steps: int | None = None, tokenizer_path: str | None = None, heads: tuple[str, ...] = ()):
     """Wrap `model` as the spec says; `resume_from` continues an earlier run's adapter. `total_steps`: the
-    job's optimizer steps (AdaLoRA's schedule); `tokenizer_path`: for prompt tuning initialised from text."""
+    job's optimizer steps (AdaLoRA's schedule); `tokenizer_path`: for prompt tuning initialised from text;
+    `heads`: modules a method added that train beside any adapter (`Method.trainable_heads`: ppo's value head)."""
     if spec.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    heads = tuple(getattr(model, "_ftray_trainable_heads", ()))  # a method's own new modules (ppo's value head)
     if spec.kind == "freeze":
         return _keep_trainable(apply_freeze(model, spec), heads)
     from peft import PeftModel, get_peft_model

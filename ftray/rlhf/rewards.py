@@ -1,5 +1,5 @@
 """Rewards of sampled completions: verifiable functions of (completion, reference) and, optionally, the
-score of a served reward model for (prompt, completion). `build_reward(method_spec)` combines them."""
+score of a served reward model for (prompt, completion). `build_reward(method_spec, scorer)` combines them."""
 
 from __future__ import annotations
 
@@ -66,13 +66,10 @@ class RewardFn:
         return totals, means
 
 
-def build_reward(m) -> RewardFn:
-    """The reward of a `grpo` / `ppo` method spec (`rewards`, `format_regex`, `reward_model`)."""
-    served = None
-    if getattr(m, "reward_model", None) is not None:
-        from ftray.rlhf.served import ServedReward
-
-        served = ServedReward(m.reward_model.app, m.reward_model.scorer, m.reward_model.timeout_s)
+def build_reward(m, served: Callable[[list[str], list[str]], list[float]] | None = None) -> RewardFn:
+    """The reward of a `grpo` / `ppo` method spec (`rewards`, `format_regex`) plus, weighted by its
+    `reward_model.weight`, the scores of `served` (the served reward model's scorer, which the training
+    loop builds: `ftray.rlhf.served.ServedReward`)."""
     return RewardFn(
         weights=dict(m.rewards),
         format_regex=getattr(m, "format_regex", None),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["RewardServiceError", "ServedReward", "deploy_reward_app"]
+__all__ = ["RewardServiceError", "ServedReward", "check_reward_app", "deploy_reward_app", "serve_reward_model"]
 
 
 class RewardServiceError(RuntimeError):
@@ -85,3 +85,13 @@ def check_reward_app(ref) -> None:
             f"method.reward_model.app: no Serve application {ref.app!r} is running (running: {sorted(apps) or 'none'}); "
             "deploy it or set `method.reward_model.path` to a reward run folder"
         )
+
+
+def serve_reward_model(ref) -> None:
+    """On the driver once Ray is up, before the workers start: deploy the reward run `ref.path` as `ref.app`
+    when it is set, then check that the application runs (RewardServiceError naming it otherwise)."""
+    if ref.path is not None:
+        from ftray.models.load import resolve
+
+        deploy_reward_app(ref, resolve(ref.path, None).base)
+    check_reward_app(ref)

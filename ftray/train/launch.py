@@ -180,7 +180,11 @@ def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = Non
     spec = plan.spec
     method = get_method(spec.method.kind)
     prepared, meta, t_prep = prepare_data(plan, method, log)
-    method.before_fit(spec)  # e.g. grpo deploys its reward model; a no-op for most methods
+    rm = method.reward_model(spec)  # the served reward model a feedback method's rollouts are scored by
+    if rm is not None:
+        from ftray.rlhf.served import serve_reward_model
+
+        serve_reward_model(rm)
     s = spec.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,

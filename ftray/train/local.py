@@ -53,7 +53,7 @@ def run_local(spec: JobSpec, log=print, resume_from: str | None = None) -> dict:
     t0 = time.time()
     spec = _one_worker(spec, log)
     method = get_method(spec.method.kind)
-    if getattr(spec.method, "reward_model", None) is not None:  # whichever method scores through Serve
+    if method.reward_model(spec) is not None:  # whichever method scores through Serve
         raise SpecError("method.reward_model: a served reward model needs Ray Serve; run `ftray train` instead")
     plan = check_job(spec)
     prepared, meta, t_prep = prepare_data(plan, method, log, use_ray=False)

@@ -306,7 +306,7 @@ def run_worker(config: dict, session) -> dict:
     model = method.load_base(resolved.base, dtype, spec)
     model = apply_adapter(
         model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
-        total_steps=steps, tokenizer_path=resolved.tokenizer,
+        total_steps=steps, tokenizer_path=resolved.tokenizer, heads=method.trainable_heads(spec),
     )
     if spec.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -417,8 +417,16 @@ def run_worker(config: dict, session) -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # Per-worker state a method needs beside the batch (e.g. grpo's sampler); a no-op for most methods.
-    method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device)))
+    # Per-worker state a method needs beside the batch (e.g. grpo's sampler); a no-op for most methods. The
+    # served reward model's scorer is built here, so that no method reaches Ray Serve itself.
+    rm = method.reward_model(spec)
+    scorer = None
+    if rm is not None:
+        from ftray.rlhf.served import ServedReward
+
+        scorer = ServedReward(rm.app, rm.scorer, rm.timeout_s)
+    method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device),
+                                        reward_model=scorer))
     if method_state is not None:
         method.load_state_dict(method_state)
         log(f"[ftray] {spec.method.kind} state restored: {json.dumps(method_state)}", flush=True)
