@@ -84,15 +84,12 @@ def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials go int
     import ray
 
     if not ray.is_initialized():
-        # Ray Train's default controller poll (2 s), not the 0.25 s `ftray train` sets for an embedded Ray:
-        # at 0.25 s a trial's steps outran the few seconds between the two PBT trials' starts (one ended
-        # before the other reported, and PBT compares live trials only).
         env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
-        # The jobs this process fits (and the `ftray train` drivers it spawns) poll at 0.25 s, as `ftray train`
-        # does on an embedded Ray (ftray/train/launch.py `ensure_ray`): Ray Train passes the variable from the
-        # driver to its controller. Set after `ray.init`, so Ray's own worker processes (a Tune trial, which
-        # drives its trial's trainer) keep the 2 s default above. ~4 s less per fit here.
+        # The jobs this process fits (and the `ftray train` / `ftray tune` drivers it spawns, and the Tune trials
+        # it starts) poll at 0.25 s, as `ftray train` does on an embedded Ray (ftray/train/launch.py
+        # `ensure_ray`): Ray Train passes the variable from the driver to its controller. ~4 s less per fit
+        # here. The PBT test takes it away for its trials (tests/test_tune.py says why).
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
     return ray
 

@@ -331,10 +331,15 @@ def test_too_many_concurrent_trials_refused_before_any_trial(tmp_path, tiny_mode
 
 
 @pytest.mark.integration
-def test_pbt_trial_continues_the_better_trials_checkpoint_with_a_perturbed_lr(tmp_path, tiny_model, arith, cache_dir, ray_local):
+def test_pbt_trial_continues_the_better_trials_checkpoint_with_a_perturbed_lr(tmp_path, tiny_model, arith, cache_dir, ray_local,
+                                                                             monkeypatch):
     """PBT, population 2 (both running: no time-sharing pauses), 2 workers per trial: the trial behind at
     a perturbation continues the other's checkpoint (its weights, optimizer, data position and LoRA
     rank) with the other's lr x 0.8 or x 1.2, and the loop trains on with that lr."""
+    # The trials' trainers poll their workers every 2 s (Ray Train's default), not the 0.25 s the session
+    # gives the jobs this process fits (it reaches the trials through Tune): at 0.25 s one trial's 16 steps
+    # ended before the other's first report (no exploit in 1 of 1 runs), and PBT compares live trials only.
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     from ftray.train.loop import lr_lambda
     from ftray.tune import run_sweep
 
