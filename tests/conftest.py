@@ -15,7 +15,7 @@ import pytest
 
 from tests._methods_tiny import build_tiny_bert
 from tests._runs import RunFarm
-from tests._s3 import s3, s3_inputs  # noqa: F401 - session fixtures: moto_server, the tiny model and data on it
+from tests._s3 import AWS_ENV, s3, s3_inputs  # noqa: F401 - session fixtures: moto_server, the tiny model and data on it
 from tests._specs import SHARED_DATA
 
 # Modules that start (or need) a Ray cluster of their own; they run last.
@@ -84,7 +84,7 @@ def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials go int
     import ray
 
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
+        env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
         # The jobs this process fits (and the `ftray train` / `ftray tune` drivers it spawns, and the Tune trials
         # it starts) poll at 0.25 s, as `ftray train` does on an embedded Ray (ftray/train/launch.py

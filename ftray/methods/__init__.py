@@ -111,13 +111,14 @@ def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False):
     """A run's model as its method builds it (head, label names) with its adapter, if it has one: what
     `ftray eval` judges (adapter kept) and what serving scores with (`merge`: a LoRA-family adapter folded
     into its base)."""
+    from ftray.config import MERGEABLE_KINDS
     from ftray.models.adapters import apply_adapter
 
     method = get_method(spec.method.kind)
     model = method.load_base(resolved.base, dtype, spec)
     if resolved.adapter:
         model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
-        if merge and spec.adapter.kind in ("lora", "adalora", "ia3"):
+        if merge and spec.adapter.kind in MERGEABLE_KINDS:
             model = model.merge_and_unload()
     return model
 

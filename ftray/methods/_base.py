@@ -30,8 +30,10 @@ class MethodBase:
         served reward model's scorer in `ctx.reward_model`)."""
 
     def extra_cpus(self, spec) -> float:
-        """CPUs the job takes beside its workers (grpo: the reward replica it deploys)."""
-        return 0.0
+        """CPUs the job takes beside its workers: the replica of the reward model the driver deploys for it
+        (`reward_model` with a `path`), counted when the driver checks that the job fits the cluster."""
+        rm = self.reward_model(spec)
+        return rm.num_cpus if rm is not None and rm.path is not None else 0.0
 
     def state_dict(self) -> dict | None:
         """State the method keeps across steps that a checkpoint must carry (ppo: its adaptive KL

@@ -114,10 +114,6 @@ class GRPO(MethodBase):
             if r.adapter:
                 raise SpecError(f"method.reward_model.path: {rm.path} is an adapter run; serve its merged/ model")
 
-    def extra_cpus(self, spec) -> float:
-        rm = spec.method.reward_model
-        return rm.num_cpus if rm is not None and rm.path is not None else 0.0
-
     def reward_model(self, spec):
         return spec.method.reward_model
 
