@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ftray.methods.grpo import completion_mask
+from ftray.methods._rollout import completion_mask
 from ftray.methods.losses import aggregate_token_loss, clipped_surrogate, group_advantages, k3_kl, masked_mean
 from ftray.rlhf.rewards import last_number, verifiable_rewards
 

@@ -65,10 +65,12 @@ def test_rollout_loss_on_one_process(tiny_model, arith, tmp_path):
     model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type)
     M.setup(spec, tok, EvalContext())
     model.eval()
-    nll, info = M.loss(model, batch)  # eval mode: the reference answers' NLL, no sampling
+    nll, info = M.loss(model, batch)  # no rollout in the batch (the held-out loss): the reference answers' NLL
     assert set(info) == {"target_tokens"} and nll.item() > 0
     model.train()
-    loss, info = M.loss(model, batch)
+    rolled = M.prepare(model, batch)  # the rollout, a step of its own before the loss
+    assert set(rolled) == set(batch) | {"rollout"} and rolled["rollout"].comp.shape[0] == 12
+    loss, info = M.loss(model, rolled)
     assert info["target_tokens"] == 12 and 0 <= info["reward_min"] <= info["reward_mean"] <= info["reward_max"] <= 1
     assert info["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is its reference before any update
     assert 1 <= info["completion_len"] <= 4 and info["generate_s"] > 0 and "reward_exact_match" in info

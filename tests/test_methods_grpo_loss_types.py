@@ -44,7 +44,7 @@ def test_loss_type_aggregates_the_same_rollout(tiny_model, arith, tmp_path):
         spec = spec_from_dict(method_spec("grpo", tiny_model, arith[0], None, tmp_path, method={**method, "loss_type": loss_type}))
         M.setup(spec, tok, EvalContext())
         torch.manual_seed(1)
-        loss, infos[loss_type] = M.loss(model, batch)
+        loss, infos[loss_type] = M.loss(model, M.prepare(model, batch))
         losses[loss_type] = loss.item()
     assert len({i["completion_len"] for i in infos.values()}) == 1, infos  # the same rollout each time
     info, n = infos["dapo"], spec.method.max_new_tokens

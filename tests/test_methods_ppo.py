@@ -48,7 +48,7 @@ def test_rollout_update_on_one_process(tiny_model, arith, tmp_path):
     assert any("ftray_value_head" in n for n in trainable) and all("lora_" in n or "ftray_value_head" in n for n in trainable)
     M.setup(spec, tok, EvalContext())
     model.train()
-    loss, info = M.loss(model, batch)
+    loss, info = M.loss(model, M.prepare(model, batch))
     assert info["target_tokens"] == 8 and info["kl"] == pytest.approx(0.0, abs=1e-5) and info["kl_coef"] == 0.05
     assert info["value_loss"] > 0 and torch.isfinite(loss)
     # KL 0 is below the target: the coefficient shrinks by the clipped error x batch / horizon = 0.2 x 8 / 10
@@ -85,7 +85,7 @@ def _two_rank_update(rank: int, model_dir: str, train: str, out: str, port: int)
                     p.normal_(0, 0.5)
     M.setup(spec, tok, EvalContext())
     model.train()
-    _, info = M.loss(model, batch)
+    _, info = M.loss(model, M.prepare(model, batch))
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"kl": info["kl"], "coef_used": info["kl_coef"], "coef_after": M.kl_coef, "n": info["target_tokens"],
                    "state": M.state_dict()}, f)

@@ -3,8 +3,6 @@ method's own metric, in one process, without Ray. The same method code the train
 
 from __future__ import annotations
 
-import math
-
 from ftray import storage
 
 __all__ = ["evaluate"]
@@ -47,6 +45,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     from ftray.data.rows import read_checked
     from ftray.methods import EvalContext, get_method, load_run_model
     from ftray.models.load import load_tokenizer, resolve
+    from ftray.train.held_out import evaluate_held_out
 
     spec = _spec_for(run, data, method, fmt)
     m = get_method(spec.method.kind)
@@ -54,20 +53,12 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows, columns=spec.data.columns).rows
     tok = load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     ensure_chat_template(tok)
-    model = load_run_model(spec, resolved, torch.float32).eval()
+    model = load_run_model(spec, resolved, torch.float32, method=m).eval()
     torch.manual_seed(0)
 
     examples = [e for r in rows for e in m.examples(r, tok, spec) if len(e["input_ids"])]
     for e in examples:
         e.setdefault("position_ids", None)
-    loss_sum, weight = 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), 16):
-            loss, info = m.loss(model, m.collate(examples[i : i + 16], tok.pad_token_id))
-            w = info.get("target_tokens", float(len(examples[i : i + 16])))
-            loss_sum, weight = loss_sum + float(loss) * w, weight + w
-    scores = m.score_rows(model, tok, rows, spec, EvalContext())
-    keys = sorted({k for s in scores for k in s})
-    agg = {k: sum(s[k] for s in scores) / len(scores) for k in keys}
-    metrics = m.summarize(loss_sum / weight if weight else math.nan, agg)
+    # The training loop's held-out evaluation, on one process.
+    metrics = evaluate_held_out(m, model, examples, rows, tok, spec, EvalContext(), micro_batch=16)
     return {"run": run, "data": data, "method": spec.method.kind, "rows": len(rows), **metrics}

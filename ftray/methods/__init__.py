@@ -76,6 +76,8 @@ class Method(Protocol):
     #                                   (grpo, ppo): the driver deploys or checks it, the loop hands its
     #                                   scorer to setup as `ctx.reward_model`
     #   setup(spec, tokenizer, ctx)     on each worker before the first evaluation (e.g. grpo's sampler)
+    #   prepare(model, batch) -> batch  a training micro-batch made ready for `loss` (grpo, ppo: the rollout);
+    #                                   the held-out loss skips it
     #   extra_cpus(spec) -> float       CPUs the job takes beside its workers (e.g. the reward replica that
     #                                   grpo deploys), counted when the driver checks the job fits the cluster
     #   state_dict() / load_state_dict(state)  what a checkpoint carries of the method (ppo's KL coefficient)
@@ -107,14 +109,15 @@ def get_method(kind: str) -> Method:
     return REGISTRY[kind]()
 
 
-def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False):
+def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False, method: Method | None = None):
     """A run's model as its method builds it (head, label names) with its adapter, if it has one: what
     `ftray eval` judges (adapter kept) and what serving scores with (`merge`: a LoRA-family adapter folded
-    into its base)."""
+    into its base). `method`: the instance that will compute on it (what `load_base` keeps, e.g. dpo's
+    frozen reference, stays with that instance); a new one by default."""
     from ftray.config import MERGEABLE_KINDS
     from ftray.models.adapters import apply_adapter
 
-    method = get_method(spec.method.kind)
+    method = method or get_method(spec.method.kind)
     model = method.load_base(resolved.base, dtype, spec)
     if resolved.adapter:
         model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)

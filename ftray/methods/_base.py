@@ -29,6 +29,12 @@ class MethodBase:
         """On each worker before the first evaluation (grpo: its sampler and reward function, with the
         served reward model's scorer in `ctx.reward_model`)."""
 
+    def prepare(self, model, batch: dict) -> dict:
+        """A training micro-batch made ready for `loss`, a step of its own before it (grpo, ppo: the rollout,
+        completions sampled from the current policy and rewarded, as TRL's `_generate_and_score_completions`
+        before `compute_loss`). The held-out loss is computed on the collated batch without it."""
+        return batch
+
     def extra_cpus(self, spec) -> float:
         """CPUs the job takes beside its workers: the replica of the reward model the driver deploys for it
         (`reward_model` with a `path`), counted when the driver checks that the job fits the cluster."""

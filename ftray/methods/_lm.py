@@ -1,9 +1,13 @@
-"""What the language-modelling methods (sft, causal_lm) share: the model class, examples, batches, loss."""
+"""What the language-modelling methods share: the model class, batches, the loss (sft, causal_lm), and the
+frozen reference policy the feedback methods compare against (dpo, grpo, ppo)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE
 from ftray.methods.losses import token_cross_entropy
 
@@ -51,3 +55,34 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
     logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
     loss, n = token_cross_entropy(logits, batch["labels"])
     return loss, {"target_tokens": float(n)}
+
+
+class Reference:
+    """The frozen reference policy of dpo, grpo and ppo, held by the method's instance (one per run), not
+    hung on the model. Under a peft adapter it is the same model with its adapter disabled
+    (`PeftModel.disable_adapter()`, no second copy in memory). Under `full` / `freeze` it is a frozen copy
+    of the base taken when the base is loaded (`keep`): not a submodule, so never trained, partitioned by
+    ZeRO-3 or saved."""
+
+    def __init__(self) -> None:
+        self.copy: torch.nn.Module | None = None
+
+    def keep(self, model, spec) -> None:
+        """Called by the method's `load_base` on the freshly loaded base, before any head is added."""
+        self.copy = None
+        if spec.adapter.kind not in PEFT_KINDS:
+            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, model, ids, mask, position_ids=None) -> torch.Tensor:
+        from peft import PeftModel
+
+        net = getattr(model, "module", model)  # the DeepSpeed engine's module (maybe a PeftModel)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        if isinstance(net, PeftModel):
+            with net.disable_adapter():
+                return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        if self.copy is None:
+            raise RuntimeError("no reference model: the base was not loaded by this method instance's load_base")
+        self.copy.to(ids.device)
+        return self.copy(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits

@@ -13,22 +13,19 @@ length-balanced pairs (`ftray.metrics.length_summary`).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, ensure_chat_template
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import pad
-from ftray.methods._lm import load_causal_lm
+from ftray.methods._lm import Reference, load_causal_lm
 from ftray.methods.losses import dpo_loss, sequence_logps
 from ftray.metrics import length_keys, length_summary
 
-__all__ = ["DPO", "LOSS_TYPES", "reference_logits_of"]
+__all__ = ["DPO", "LOSS_TYPES"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-_REF = "_ftray_reference"  # a frozen copy kept in the model's __dict__: not a submodule, so never trained or saved
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -61,35 +58,14 @@ def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
     }
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)  # the DeepSpeed engine's module (maybe a PeftModel)
-
-
-@torch.no_grad()
-def reference_logits_of(model, ids, mask, position_ids=None) -> torch.Tensor:
-    """The reference policy's logits: the adapter disabled under PEFT, else the frozen copy."""
-    net = _unwrap(model)
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    if hasattr(net, "disable_adapter") and hasattr(net, "peft_config"):
-        with net.disable_adapter():
-            return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-    ref = net.__dict__.get(_REF)
-    if ref is None:
-        raise RuntimeError("no reference model (load the base with DPO.load_base)")
-    ref.to(ids.device)
-    return ref(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-
-
-@torch.no_grad()
-def reference_logps(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    return sequence_logps(reference_logits_of(model, ids, mask), labels)
-
-
 class DPO(MethodBase):
     name = "dpo"
     formats = ("preference",)
     task_type = "CAUSAL_LM"
     packable = False
+
+    def __init__(self):
+        self.reference = Reference()
 
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "reward_accuracy", "reward_margin", "length_heuristic_accuracy", "balanced_accuracy"}
@@ -112,10 +88,7 @@ class DPO(MethodBase):
 
     def load_base(self, path, dtype, spec):
         model = load_causal_lm(path, dtype, spec)
-        if spec.adapter.kind not in PEFT_KINDS:  # under peft the reference is the adapter disabled
-            ref = copy.deepcopy(model).eval()
-            ref.requires_grad_(False)
-            model.__dict__[_REF] = ref
+        self.reference.keep(model, spec)
         return model
 
     def examples(self, row, tokenizer, spec):
@@ -144,7 +117,7 @@ class DPO(MethodBase):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         policy, n = sequence_logps(logits, labels)
-        ref, _ = reference_logps(model, ids, mask, labels)
+        ref, _ = sequence_logps(self.reference.logits(model, ids, mask), labels)
         pc, pr = policy.chunk(2)
         rc, rr = ref.chunk(2)
         nc, nr = n.chunk(2)

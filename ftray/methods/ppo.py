@@ -5,7 +5,8 @@ state estimates the return; GAE gives advantages (whitened); the loss is the cli
 vf_coef x the clipped value loss. `kl_target` turns on adaptive KL control (the coefficient follows the
 KL measured over all ranks' sequences, and is kept in checkpoints); otherwise it stays fixed. One update per rollout (PPO epochs = 1; the ratios start at 1).
 
-Rows, reference, rollouts and evaluation as `grpo` (this class reuses its machinery). The value head is
+Rows, reference, rollouts and evaluation as `grpo`: both use `_rollout.py`'s functions and `Sampler` (no
+class derives from the other). The rollout is a step of its own before the loss (`prepare`). The value head is
 trained beside the adapter (or the full model) and is not part of the saved policy's adapter; a full
 fine-tune saves it as an extra weight (`ftray_value_head`) that `from_pretrained` ignores.
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ftray.methods.dpo import reference_logits_of
-from ftray.methods.grpo import GRPO
+from ftray.methods import _rollout
+from ftray.methods._base import MethodBase
+from ftray.methods._lm import Reference, load_causal_lm
 from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, token_logps, whiten
 
 __all__ = ["PPO"]
@@ -31,15 +33,30 @@ def value_head(model) -> torch.nn.Module:
     raise RuntimeError("ppo: the model has no value head (load it with PPO.load_base)")
 
 
-class PPO(GRPO):
+class PPO(MethodBase):
     name = "ppo"
+    formats = _rollout.FORMATS
+    task_type = "CAUSAL_LM"
+    packable = False
 
     def __init__(self):
-        super().__init__()
+        self.reference = Reference()
+        self.sampler: _rollout.Sampler | None = None
         self.kl_coef = 0.0
 
+    def metrics(self, spec) -> set[str]:
+        return _rollout.rollout_metrics(spec)
+
+    def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
+        _rollout.check_rollout_job(spec, spec.method.samples_per_prompt, spec.method.kl_coef)
+
+    def reward_model(self, spec):
+        return spec.method.reward_model
+
     def setup(self, spec, tokenizer, ctx) -> None:
-        super().setup(spec, tokenizer, ctx)
+        from ftray.rlhf import build_reward
+
+        self.sampler = _rollout.Sampler(spec, tokenizer, ctx.synced_gpus, build_reward(spec.method, ctx.reward_model))
         self.kl_coef = spec.method.kl_coef
 
     # State the loop keeps in checkpoints: a resumed job goes on with the adapted coefficient.
@@ -50,7 +67,8 @@ class PPO(GRPO):
         self.kl_coef = float(state["kl_coef"])
 
     def load_base(self, path, dtype, spec):
-        model = super().load_base(path, dtype, spec)  # the policy (+ a frozen reference copy unless LoRA)
+        model = load_causal_lm(path, dtype, spec)
+        self.reference.keep(model, spec)  # before the value head is added: the reference is the policy alone
         head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
         torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(head.bias)
@@ -60,19 +78,27 @@ class PPO(GRPO):
     def trainable_heads(self, spec) -> tuple[str, ...]:
         return (HEAD,)
 
+    def examples(self, row, tokenizer, spec):
+        return _rollout.prompt_examples(row, tokenizer, spec)
+
+    def collate(self, examples, pad_id):
+        return _rollout.collate_prompts(examples, pad_id)
+
+    def prepare(self, model, batch):
+        return {**batch, "rollout": self.sampler.rollout(model, batch, self.sampler.spec.method.samples_per_prompt)}
+
     def loss(self, model, batch):
-        net = getattr(model, "module", model)
-        if not net.training:
-            return super().loss(model, batch)  # held-out NLL of the reference answers
-        m = self.spec.method
-        device = batch["input_ids"].device
-        r = self._rollout(net, batch, m.samples_per_prompt)
+        r = batch.get("rollout")
+        if r is None:  # the held-out loss: the reference answers' NLL
+            return _rollout.reference_answer_nll(model, batch)
+        m = self.sampler.spec.method
+        device = r.full.device
         full, attn, pos, comp, c_mask, P, scores_t = r.full, r.attn, r.pos, r.comp, r.c_mask, r.prompt_len, r.rewards
         out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
         logp = token_logps(out.logits[:, P - 1 : -1], comp)
         values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
         with torch.no_grad():
-            ref_logp = token_logps(reference_logits_of(model, full, attn, pos)[:, P - 1 : -1], comp)
+            ref_logp = token_logps(self.reference.logits(model, full, attn, pos)[:, P - 1 : -1], comp)
             kl_tok = (logp - ref_logp) * c_mask
             rewards = -self.kl_coef * kl_tok
             last = (c_mask.sum(-1) - 1).clamp(min=0)
@@ -95,15 +121,16 @@ class PPO(GRPO):
             err = max(-0.2, min(0.2, seq_kl / m.kl_target - 1.0))
             self.kl_coef *= 1.0 + err * n_seq / m.kl_horizon
         return loss, {
-            "target_tokens": float(len(comp)),
-            "reward_mean": float(scores_t.mean()),
-            "reward_min": float(scores_t.min()),
-            "reward_max": float(scores_t.max()),
-            "kl": seq_kl,
+            **_rollout.rollout_info(r, scores_t, clipped, seq_kl),
             "kl_coef": coef,
             "policy_loss": float(policy_loss.detach()),
             "value_loss": float(value_loss.detach()),
-            "completion_len": float(c_mask.sum(-1).float().mean()),
-            "clipped": float(masked_mean(clipped, c_mask)),
-            **r.info,
         }
+
+    def score_rows(self, model, tokenizer, rows, spec, ctx):
+        if not spec.method.exact_match and spec.method.reward_model is None:
+            return []
+        return (self.sampler or _rollout.Sampler(spec, tokenizer, ctx.synced_gpus)).score_rows(model, rows, ctx.device)
+
+    def summarize(self, eval_loss, scores):
+        return {"eval_loss": eval_loss, **scores}

@@ -8,6 +8,7 @@ ranks, restarts after a lost worker) needs `ftray train`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ from ftray.methods import get_method
 from ftray.train.launch import check_job, prepare_data, write_run_json
 from ftray.train.loop import LocalSession, run_worker
 
-__all__ = ["run_local"]
+__all__ = ["one_rank_environment", "run_local"]
 
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
 
@@ -44,12 +45,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def one_rank_environment():
+    """The variables DeepSpeed reads for a process group of one (this process), set for the block only: a
+    Ray cluster started later by this process passes its environment to its workers. The group itself is
+    kept for the process's later runs (DeepSpeed caches its groups: a destroyed and re-created default
+    group breaks the next `deepspeed.initialize`)."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+    if not dist.is_initialized():
+        os.environ["MASTER_PORT"] = str(_free_port())
+    elif dist.get_world_size() != 1:
+        raise SpecError("in-process training runs one worker: this process is in a larger process group")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_local(spec: JobSpec, log=print, resume_from: str | None = None) -> dict:
     """Check, prepare, train and write the run folder in this process; returns run.json's record.
 
     `resume_from`: a checkpoint folder to start from when `output.dir` has no checkpoint of its own."""
-    import torch.distributed as dist
-
     t0 = time.time()
     spec = _one_worker(spec, log)
     method = get_method(spec.method.kind)
@@ -59,26 +82,10 @@ def run_local(spec: JobSpec, log=print, resume_from: str | None = None) -> dict:
     prepared, meta, t_prep = prepare_data(plan, method, log, use_ray=False)
     config = {"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared,
               "resume_from": resume_from}
-    # A process group of one, kept for the process's later runs (DeepSpeed caches its groups: a
-    # destroyed and re-created default group breaks the next `deepspeed.initialize`). The variables
-    # DeepSpeed reads are set for the run only: a Ray cluster started later by this process passes
-    # its environment to its workers.
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(_free_port())
-    elif dist.get_world_size() != 1:
-        raise SpecError("in-process training runs one worker: this process is in a larger process group")
     session = LocalSession(spec.output.dir, spec.output.keep_checkpoints, resume_from)
     t1 = time.time()
-    try:
+    with one_rank_environment():
         final = run_worker(config, session)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     timings = {"prepare_s": t_prep, "fit_s": time.time() - t1, "total_s": time.time() - t0}
     record = write_run_json(plan, SimpleNamespace(metrics=final), meta, timings)
     b, a = record["eval"]["before"], record["eval"]["after"]

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +30,20 @@ from ftray.methods import EvalContext, get_method
 from ftray.models.adapters import (
     adapter_loss,
     adapter_report,
-    adapter_state,
     after_optimizer_step,
     apply_adapter,
     before_optimizer_step,
     enable_gradient_checkpointing,
-    load_adapter_state,
     trainable_summary,
 )
 from ftray.models.load import Resolved, load_tokenizer
-from ftray.train import outputs
+from ftray.train import checkpoint, outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
+from ftray.train.held_out import evaluate_held_out
 from ftray.train.live import LiveTensorBoard
 
-__all__ = ["LocalSession", "RayTrainSession", "run_worker", "train_fn_per_worker", "lr_lambda", "total_steps", "sample_index"]
+__all__ = ["LocalSession", "RayTrainSession", "combine_step_info", "lr_lambda", "run_worker", "sample_index", "step_line",
+           "step_record", "total_steps", "train_fn_per_worker", "build_engine", "train_step"]
 
 
 def total_steps(spec: JobSpec, n_train: int) -> int:
@@ -88,24 +89,118 @@ def sample_index(step: int, micro: int, rank: int, j: int, world: int, micro_bs:
     return step * global_bs + (micro * world + rank) * micro_bs + j
 
 
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
-        "torch": torch.get_rng_state().tolist(),
-    }
-
-
-def _set_rng_state(s: dict) -> None:
-    py = s["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def combine_step_info(parts: list[dict[str, float]], world: int = 1,
+                      all_reduce: Callable[[torch.Tensor, str], None] | None = None) -> dict[str, float]:
+    """A step's extra loss info (beyond `target_tokens`) over its micro-batches, then over the ranks:
+    `*_min` the least, `*_max` the most, `*_s` (seconds) summed over micro-batches, the rest the mean.
+    `all_reduce(tensor, op)`: in place over the ranks, op "min" / "max" / "sum"; None on one rank."""
+    keys = sorted({k for p in parts for k in p if k != "target_tokens"})
+    out = {}
+    for k in keys:
+        vals = [float(p[k]) for p in parts if k in p]
+        out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else (
+            sum(vals) if k.endswith("_s") else sum(vals) / len(vals))
+    if all_reduce is None or not keys:
+        return out
+    lo = torch.tensor([out[k] if k.endswith("_min") else 0.0 for k in keys], dtype=torch.float64)
+    hi = torch.tensor([out[k] if k.endswith("_max") else 0.0 for k in keys], dtype=torch.float64)
+    mean = torch.tensor([0.0 if k.endswith(("_min", "_max")) else out[k] / world for k in keys], dtype=torch.float64)
+    all_reduce(lo, "min")
+    all_reduce(hi, "max")
+    all_reduce(mean, "sum")
+    return {
+        k: (lo[j] if k.endswith("_min") else hi[j] if k.endswith("_max") else mean[j]).item()
+        for j, k in enumerate(keys)
+    }
+
+
+def step_record(step: int, loss: float, lr: float, tokens: float, step_time: float, info: dict[str, float]) -> dict:
+    """One line of metrics.jsonl: the step's loss, lr, trained tokens and time, each `info` key as
+    `train/<key>`, and a seconds key (`*_s`) also as its share of the step (`train/<name>_share`)."""
+    rec = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "step_time": step_time}
+    for k, v in info.items():
+        rec[f"train/{k}"] = v
+        if k.endswith("_s"):
+            rec[f"train/{k[:-2]}_share"] = v / max(step_time, 1e-9)
+    return rec
+
+
+def step_line(rec: dict, steps: int, tokens_per_s: float, eta_s: float) -> str:
+    """The console line of a logged step (rank 0; what `ray job logs` shows)."""
+    extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k.startswith(("eval/", "train/")))
+    return (f"[ftray] step {rec['step']}/{steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+            f"tok/s {tokens_per_s:,.0f} eta {_fmt_eta(eta_s)}{extra}")
+
+
+def build_engine(method, spec: JobSpec, resolved: Resolved, dtype, steps: int, world: int, precision: str, schedule):
+    """The method's base with its adapter (and trainable heads), wrapped by `deepspeed.initialize` with
+    AdamW (no weight decay on biases and norms) and the LR schedule. Returns (engine, scheduler, the
+    parameter groups, the trainable-parameter summary)."""
+    import deepspeed
+
+    model = method.load_base(resolved.base, dtype, spec)
+    model = apply_adapter(
+        model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
+        total_steps=steps, tokenizer_path=resolved.tokenizer, heads=method.trainable_heads(spec),
+    )
+    if spec.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    summary = trainable_summary(model)
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n.lower())]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim < 2 or "norm" in n.lower())]
+    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=deepspeed_config(spec, world, precision),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine, scheduler, groups, summary
+
+
+def train_step(engine, method, step: int, micro_batches: list[list[dict]], pad_id: int, device) -> tuple[float, int, list[dict]]:
+    """One optimizer step over its micro-batches (the engine accumulates them): `prepare` (e.g. grpo's
+    rollout) → `loss` → backward → step. Returns this rank's mean loss, its trained tokens (every token of
+    a real example, prompt included, padding excluded) and each micro-batch's loss info."""
+    loss_acc, n_real, infos = 0.0, 0, []
+    for examples in micro_batches:
+        batch = {k: v.to(device) for k, v in method.collate(examples, pad_id).items()}
+        loss, info = method.loss(engine, method.prepare(engine, batch))
+        reg = adapter_loss(engine.module)  # e.g. AdaLoRA's orthogonal regulariser; not in the logged loss
+        if reg is not None:
+            info = {**info, "adapter_reg": float(reg.detach())}
+        engine.backward(loss if reg is None else loss + reg)
+        # DeepSpeed steps the optimizer only at the accumulation boundary; adapters that act per
+        # optimizer step (AdaLoRA's rank allocator) act there, between backward and step.
+        boundary = engine.is_gradient_accumulation_boundary()
+        if boundary:
+            before_optimizer_step(engine.module, step)
+        engine.step()
+        if boundary:
+            after_optimizer_step(engine.module, step)
+        loss_acc += float(loss.detach()) / len(micro_batches)
+        infos.append(info)
+        n_real += sum(e["tokens"] for e in examples)
+    return loss_acc, n_real, infos
+
+
+def _row(split: dict, i: int) -> dict:
+    return {k: (v[i] if v is not None else None) for k, v in split.items()}
+
+
+def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict) -> None:
+    """A checkpoint written on every rank into a temporary folder, handed to the session with `metrics`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
+    try:
+        checkpoint.save(engine, tmp, rank, step, history, method.state_dict())
+        session.report(metrics, str(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RayTrainSession:
@@ -230,32 +325,9 @@ def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
             pass
 
 
-def _take_hyperparams(scheduler, groups: list[dict], spec: JobSpec, schedule) -> None:
-    """A checkpoint restores the optimizer's and scheduler's hyperparameters; the job's win. Same job:
-    the same values (exact resume is unchanged). A PBT trial continuing another trial's checkpoint with a
-    perturbed `train.lr` / `train.weight_decay`: the new values, on the restored step's schedule."""
-    scheduler.base_lrs = [spec.train.lr] * len(scheduler.base_lrs)
-    factor = schedule(scheduler.last_epoch)
-    for g, mine in zip(scheduler.optimizer.param_groups, groups, strict=True):
-        g["initial_lr"] = spec.train.lr
-        g["lr"] = spec.train.lr * factor
-        g["weight_decay"] = mine.get("weight_decay", spec.train.weight_decay)
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-
-
 def train_fn_per_worker(config: dict) -> None:
     """What each Ray Train worker runs (TorchTrainer has set up torch.distributed)."""
     run_worker(config, RayTrainSession(config.get("resume_from")))
-
-
-def _optimizer_steps(engine) -> int | None:
-    """Optimizer steps the (restored) optimizer state has taken: shows that a resume restored it."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
-    for st in inner.state.values():
-        if "step" in st:
-            return int(st["step"])
-    return None
 
 
 def run_worker(config: dict, session) -> dict:
@@ -303,32 +375,13 @@ def run_worker(config: dict, session) -> dict:
     torch.manual_seed(spec.train.seed)
     random.seed(spec.train.seed)
     np.random.seed(spec.train.seed % 2**32)
-    model = method.load_base(resolved.base, dtype, spec)
-    model = apply_adapter(
-        model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
-        total_steps=steps, tokenizer_path=resolved.tokenizer, heads=method.trainable_heads(spec),
-    )
-    if spec.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    summary = trainable_summary(model)
+    schedule = lr_lambda(spec, steps)
+    engine, scheduler, groups, summary = build_engine(method, spec, resolved, dtype, steps, world, precision, schedule)
     log(
         f"[ftray] {spec.method.kind} + {spec.adapter.kind}: {summary['trainable_params']:,} trainable of "
         f"{summary['total_params']:,} parameters ({summary['trainable_pct']:.3f}%), {world} workers, "
         f"ZeRO-{spec.deepspeed.zero_stage}, {precision}, grad accum {spec.grad_accum}",
         flush=True,
-    )
-
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n.lower())]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim < 2 or "norm" in n.lower())]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    ds_cfg = deepspeed_config(spec, world, precision)
-    schedule = lr_lambda(spec, steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     accum = engine.gradient_accumulation_steps()
     mb = spec.train.micro_batch_size
@@ -337,85 +390,30 @@ def run_worker(config: dict, session) -> dict:
     start_step, history, method_state, resumed_opt_steps = 0, [], None, None
     with session.latest_checkpoint() as d:
         if d is not None:
-            engine.load_checkpoint(d, tag="ds", load_module_strict=False)
-            state = json.loads(Path(d, "state.json").read_text())
-            start_step, history = state["step"], state["history"]
-            rng_file = Path(d, f"rng_rank{rank}.json")
-            if rng_file.exists():
-                _set_rng_state(json.loads(rng_file.read_text()))
-            adapter_file = Path(d, f"adapter_state_rank{rank}.safetensors")
-            if adapter_file.exists():  # e.g. AdaLoRA's allocator: importance averages, rank pattern
-                from safetensors.torch import load_file
-
-                load_adapter_state(engine.module, load_file(str(adapter_file)))
-            method_file = Path(d, "method_state.json")  # e.g. ppo's adaptive KL coefficient
-            if method_file.exists():
-                method_state = json.loads(method_file.read_text())
-            _take_hyperparams(scheduler, groups, spec, schedule)
-            resumed_opt_steps = _optimizer_steps(engine)
+            restored = checkpoint.restore(engine, d, rank)
+            start_step, history, method_state = restored.step, restored.history, restored.method_state
+            checkpoint.take_hyperparams(scheduler, groups, spec, schedule)
+            resumed_opt_steps = restored.optimizer_steps
             log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
-
-    def row(split: dict, i: int) -> dict:
-        return {k: (v[i] if v is not None else None) for k, v in split.items()}
-
-    def to_dev(batch):
-        return {k: v.to(device) for k, v in batch.items()}
 
     def all_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
 
-    @torch.no_grad()
+    def all_reduce(t: torch.Tensor, op: str) -> None:
+        moved = t.to(device)
+        dist.all_reduce(moved, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+        t.copy_(moved.cpu())
+
+    ectx = EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device))
+    eval_examples = [_row(eval_split, i) for i in range(len(eval_split["input_ids"]))] if eval_split else []
+
     def evaluate() -> dict[str, float]:
         if eval_split is None:
             return {}
-        engine.eval()
-        n = len(eval_split["input_ids"])
-        per_rank = math.ceil(n / world)
-        mine = [i for i in (rank + k * world for k in range(per_rank)) if i < n]
-        # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
-        # collectively); a rank out of rows runs a copy of row 0 and counts it with weight 0.
-        loss_sum, tokens = 0.0, 0.0
-        for s in range(0, math.ceil(per_rank / mb) * mb, mb):
-            chunk = mine[s : s + mb]
-            weight = 1.0 if chunk else 0.0
-            batch = method.collate([row(eval_split, i) for i in (chunk or [0])], pad_id)
-            loss, info = method.loss(engine, to_dev(batch))
-            count = info.get("target_tokens", float(len(chunk)))
-            loss_sum += weight * float(loss) * count
-            tokens += weight * count
-        loss_sum, tokens = all_sum([loss_sum, tokens])
-        n_rows = len(eval_rows)
-        mine_rows = [rank + k * world for k in range(math.ceil(n_rows / world))]
-        shard = [eval_rows[i] if i < n_rows else eval_rows[0] for i in mine_rows]
-        ectx = EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device))
-        scores = method.score_rows(engine.module, tok, shard, spec, ectx) if shard else []
-        keys = sorted({k for sc in scores for k in sc})
-        real = [sc for sc, i in zip(scores, mine_rows, strict=False) if i < n_rows]
-        totals = all_sum([sum(sc[k] for sc in real) for k in keys] + [float(len(real))]) if keys else []
-        agg = {k: totals[j] / max(totals[-1], 1.0) for j, k in enumerate(keys)}
-        engine.train()
-        return method.summarize(loss_sum / max(tokens, 1.0), agg)
-
-    def save_checkpoint(step: int, metrics: dict) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
-        try:
-            engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
-            Path(tmp, f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
-            extra = adapter_state(engine.module)
-            if extra is not None:
-                from safetensors.torch import save_file
-
-                save_file(extra, str(Path(tmp, f"adapter_state_rank{rank}.safetensors")))
-            if rank == 0:
-                Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
-                state = method.state_dict()  # the same on every rank (the method keeps it so)
-                if state is not None:
-                    Path(tmp, "method_state.json").write_text(json.dumps(state))
-            session.report(metrics, str(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return evaluate_held_out(method, engine, eval_examples, eval_rows, tok, spec, ectx, micro_batch=mb,
+                                 rank=rank, world=world, all_sum=all_sum)
 
     # Per-worker state a method needs beside the batch (e.g. grpo's sampler); a no-op for most methods. The
     # served reward model's scorer is built here, so that no method reaches Ray Serve itself.
@@ -425,32 +423,10 @@ def run_worker(config: dict, session) -> dict:
         from ftray.rlhf.served import ServedReward
 
         scorer = ServedReward(rm.app, rm.scorer, rm.timeout_s)
-    method.setup(spec, tok, EvalContext(synced_gpus=spec.deepspeed.zero_stage == 3 and world > 1, device=str(device),
-                                        reward_model=scorer))
+    method.setup(spec, tok, EvalContext(synced_gpus=ectx.synced_gpus, device=ectx.device, reward_model=scorer))
     if method_state is not None:
         method.load_state_dict(method_state)
         log(f"[ftray] {spec.method.kind} state restored: {json.dumps(method_state)}", flush=True)
-
-    def step_info(parts: list[dict[str, float]]) -> dict[str, float]:
-        """A step's extra loss info (beyond target_tokens) over micro-batches, then over ranks."""
-        keys = sorted({k for p in parts for k in p if k != "target_tokens"})
-        if not keys:
-            return {}
-        out = {}
-        for k in keys:
-            vals = [float(p[k]) for p in parts if k in p]
-            out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else (
-                sum(vals) if k.endswith("_s") else sum(vals) / len(vals))
-        lo = torch.tensor([out[k] if k.endswith("_min") else 0.0 for k in keys], dtype=torch.float64, device=device)
-        hi = torch.tensor([out[k] if k.endswith("_max") else 0.0 for k in keys], dtype=torch.float64, device=device)
-        mean = torch.tensor([0.0 if k.endswith(("_min", "_max")) else out[k] / world for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        dist.all_reduce(mean)
-        return {
-            k: (lo[j] if k.endswith("_min") else hi[j] if k.endswith("_max") else mean[j]).item()
-            for j, k in enumerate(keys)
-        }
 
     # ---------------------------------------------------------------- train
     tb = LiveTensorBoard(spec.output.dir, start_step) if rank == 0 else None
@@ -471,37 +447,14 @@ def run_worker(config: dict, session) -> dict:
     last_eval: dict = {}
     for step in range(start_step, steps):
         t0 = time.time()
-        loss_acc, n_tok, n_real, infos = 0.0, 0.0, 0, []
-        for m in range(accum):
-            idx = [order(sample_index(step, m, rank, j, world, mb, spec.train.global_batch_size)) for j in range(mb)]
-            examples = [row(train_split, i) for i in idx]
-            batch = to_dev(method.collate(examples, pad_id))
-            loss, info = method.loss(engine, batch)
-            reg = adapter_loss(engine.module)  # e.g. AdaLoRA's orthogonal regulariser; not in the logged loss
-            if reg is not None:
-                info = {**info, "adapter_reg": float(reg.detach())}
-            engine.backward(loss if reg is None else loss + reg)
-            # DeepSpeed steps the optimizer only at the accumulation boundary; adapters that act per
-            # optimizer step (AdaLoRA's rank allocator) act there, between backward and step.
-            boundary = engine.is_gradient_accumulation_boundary()
-            if boundary:
-                before_optimizer_step(engine.module, step)
-            engine.step()
-            if boundary:
-                after_optimizer_step(engine.module, step)
-            loss_acc += float(loss.detach()) / accum
-            n_tok += info.get("target_tokens", 0.0)
-            infos.append(info)
-            # Trained tokens: every token of a real example (prompt included), padding excluded.
-            n_real += sum(e["tokens"] for e in examples)
+        micro = [[_row(train_split, order(sample_index(step, m, rank, j, world, mb, spec.train.global_batch_size)))
+                  for j in range(mb)] for m in range(accum)]
+        loss_acc, n_real, infos = train_step(engine, method, step, micro, pad_id, device)
         loss_mean, n_real_all = all_sum([loss_acc / world, float(n_real)])
         tokens_done += n_real_all
         dt = time.time() - t0
-        rec = {"step": step + 1, "loss": loss_mean, "lr": scheduler.get_last_lr()[0], "tokens": n_real_all, "step_time": dt}
-        for k, v in step_info(infos).items():
-            rec[f"train/{k}"] = v
-            if k.endswith("_s"):
-                rec[f"train/{k[:-2]}_share"] = v / max(dt, 1e-9)
+        rec = step_record(step + 1, loss_mean, scheduler.get_last_lr()[0], n_real_all, dt,
+                          combine_step_info(infos, world, all_reduce))
         done = step + 1
         is_last = done == steps
         if spec.train.eval_every and done % spec.train.eval_every == 0 and not is_last:
@@ -512,18 +465,12 @@ def run_worker(config: dict, session) -> dict:
             tb.add(rec, flush=done % spec.train.log_every == 0 or is_last)
         if done % spec.train.log_every == 0 or is_last:
             elapsed = time.time() - t_start
-            rate = tokens_done / max(elapsed, 1e-9)
             eta = elapsed / max(done - start_step, 1) * (steps - done)
-            extra = "".join(f" {k} {v:.4g}" for k, v in rec.items() if k.startswith(("eval/", "train/")))
-            log(
-                f"[ftray] step {done}/{steps} loss {loss_mean:.4f} lr {rec['lr']:.2e} "
-                f"tok/s {rate:,.0f} eta {_fmt_eta(eta)}{extra}",
-                flush=True,
-            )
+            log(step_line(rec, steps, tokens_done / max(elapsed, 1e-9), eta), flush=True)
         metrics = {"step": done, "loss": loss_mean, **{k: v for k, v in rec.items() if k.startswith(("eval/", "train/"))}}
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
-            save_checkpoint(done, metrics)
+            _checkpoint_and_report(session, engine, rank, done, history, method, metrics)
             if tb:
                 tb.publish()
         elif any(k.startswith("eval/") for k in rec) and not is_last:
@@ -562,7 +509,7 @@ def run_worker(config: dict, session) -> dict:
         "resumed_from_step": start_step or None,
         "resumed_optimizer_steps": resumed_opt_steps,
     }
-    save_checkpoint(steps, final)
+    _checkpoint_and_report(session, engine, rank, steps, history, method, final)
     outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
     dist.barrier()
     # Free the engine's hooks and buffers (ZeRO-3 reserves ~2 GB of bucket buffers): a process that runs

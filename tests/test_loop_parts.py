@@ -1,0 +1,118 @@
+"""The loop's parts, each without Ray (issue 19 item 7): the held-out evaluation (its shares on two ranks
+add up to the one-process figure, which is what `ftray eval` reports), one checkpoint written and read back
+into a DeepSpeed engine (weights, optimizer, RNG, step, history, the method's state), and the step record
+and console line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ftray.config import spec_from_dict
+from ftray.data.encode import ensure_chat_template
+from ftray.methods import EvalContext, get_method
+from tests._specs import job_dict
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_model, arith, tmp_path_factory):
+    from ftray.models.load import load_tokenizer
+
+    out = tmp_path_factory.mktemp("loop-parts")
+    spec = spec_from_dict(job_dict(tiny_model, arith[0], arith[1], out, out / "cache", scaling__num_workers=1,
+                                   train__max_steps=4, train__global_batch_size=4, train__micro_batch_size=2,
+                                   method__exact_match=True))
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in arith[1].read_text().splitlines()[:10]]
+    m = get_method("sft")
+    examples = [{**e, "position_ids": None} for r in rows for e in m.examples(r, tok, spec)]
+    return spec, tok, rows, examples
+
+
+def test_held_out_shares_of_two_ranks_add_up_to_one_process(sft, tiny_model):
+    from ftray.train.held_out import evaluate_held_out
+
+    spec, tok, rows, examples = sft
+    m = get_method("sft")
+    torch.manual_seed(0)
+    model = m.load_base(str(tiny_model), torch.float32, spec).train()
+    whole = evaluate_held_out(m, model, examples, rows, tok, spec, EvalContext(), micro_batch=3)
+    assert model.training  # the mode it came in with
+    assert set(whole) >= {"eval_loss", "exact_match"} and whole["eval_loss"] > 0
+
+    sent: dict[int, list[list[float]]] = {0: [], 1: []}
+    for rank in (0, 1):  # each rank's numbers, as it hands them to the all-reduce
+        def keep(values, rank=rank):
+            sent[rank].append(list(values))
+            return values
+
+        evaluate_held_out(m, model, examples, rows, tok, spec, EvalContext(), micro_batch=3, rank=rank, world=2,
+                          all_sum=keep)
+    (loss0, tok0), (loss1, tok1) = sent[0][0], sent[1][0]
+    assert tok0 > 0 and tok1 > 0  # 10 examples dealt 5 and 5
+    assert (loss0 + loss1) / (tok0 + tok1) == pytest.approx(whole["eval_loss"], rel=1e-6)
+    # The rows' scores: the two ranks' sums and counts (rows dealt 5 and 5) give the one-process mean.
+    *s0, n0 = sent[0][1]
+    *s1, n1 = sent[1][1]
+    assert n0 + n1 == len(rows)
+    assert (s0[0] + s1[0]) / len(rows) == pytest.approx(whole["exact_match"])  # score_rows' one key
+
+
+def test_checkpoint_restores_weights_optimizer_rng_and_state(sft, tiny_model, tmp_path):
+    import deepspeed
+
+    from ftray.models.load import resolve
+    from ftray.train import checkpoint
+    from ftray.train.local import one_rank_environment
+    from ftray.train.loop import build_engine, lr_lambda, train_step
+
+    spec, tok, _, examples = sft
+    for e in examples:
+        e["tokens"] = len(e["input_ids"])
+    m = get_method("sft")
+    with one_rank_environment():
+        deepspeed.init_distributed(dist_backend="gloo")
+        torch.manual_seed(0)
+        engine, scheduler, groups, summary = build_engine(m, spec, resolve(str(tiny_model)), torch.float32, 4, 1, "fp32",
+                                                          lr_lambda(spec, 4))
+        try:
+            assert 0 < summary["trainable_params"] < summary["total_params"]
+            loss1, n1, _ = train_step(engine, m, 0, [examples[:2], examples[2:4]], tok.pad_token_id, "cpu")
+            assert n1 == sum(len(e["input_ids"]) for e in examples[:4]) and math.isfinite(loss1)
+            saved = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+            checkpoint.save(engine, tmp_path, 0, 1, [{"step": 1, "loss": loss1}], {"kl_coef": 0.25})
+            draw = torch.rand(3)
+            train_step(engine, m, 1, [examples[4:6], examples[6:8]], tok.pad_token_id, "cpu")
+            moved = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+            assert any(not torch.equal(saved[n], moved[n]) for n in saved)
+
+            back = checkpoint.restore(engine, tmp_path, 0)
+            assert (back.step, back.history, back.method_state, back.optimizer_steps) == (
+                1, [{"step": 1, "loss": loss1}], {"kl_coef": 0.25}, 1)
+            assert all(torch.equal(saved[n], p.detach()) for n, p in engine.module.named_parameters() if p.requires_grad)
+            assert torch.equal(torch.rand(3), draw)  # the RNG is where it was when the checkpoint was taken
+            # The same step again from the restored state: the same weights as the first time.
+            train_step(engine, m, 1, [examples[4:6], examples[6:8]], tok.pad_token_id, "cpu")
+            again = {n: p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}
+            assert all(torch.allclose(moved[n], again[n], atol=1e-7) for n in moved)
+        finally:
+            engine.destroy()
+
+
+def test_step_record_info_and_console_line():
+    from ftray.train.loop import combine_step_info, step_line, step_record
+
+    parts = [{"target_tokens": 4, "reward_min": 0.1, "reward_max": 0.5, "generate_s": 0.2, "kl": 0.1},
+             {"target_tokens": 4, "reward_min": 0.0, "reward_max": 0.9, "generate_s": 0.3, "kl": 0.3}]
+    info = combine_step_info(parts)
+    assert info == pytest.approx({"reward_min": 0.0, "reward_max": 0.9, "generate_s": 0.5, "kl": 0.2})
+    rec = step_record(3, 1.5, 1e-3, 64.0, 2.0, info)
+    assert rec["step"] == 3 and rec["train/generate_s"] == pytest.approx(0.5)
+    assert rec["train/generate_share"] == pytest.approx(0.25) and "train/target_tokens" not in rec
+    line = step_line({**rec, "eval/eval_loss": 1.25}, 10, 1234.4, 3725)
+    assert line.startswith("[ftray] step 3/10 loss 1.5000 lr 1.00e-03 tok/s 1,234 eta 1:02:05")
+    assert "train/kl 0.2" in line and "eval/eval_loss 1.25" in line
