@@ -14,7 +14,7 @@ import yaml
 from ftray.runs import RunFolder
 from tests._specs import ROOT
 
-__all__ = ["make_adapter_run", "make_scorer_run"]
+__all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_scorer_run", "run_model"]
 
 
 def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
@@ -96,3 +96,39 @@ def serve_config(base: Path, runs: Path, keys: Path) -> dict:
     args["auth"] = {"api_keys_env": None, "api_keys_file": str(keys)}
     args["ingress"] = {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_queued_requests": 256, "max_batch_size": 1}
     return args
+
+
+def run_model(run: Path):
+    """The run's own model as `ftray eval` loads it: the method's base (head, labels) + the adapter, not merged."""
+    from ftray.methods import load_run_model
+    from ftray.models.load import resolve
+
+    return load_run_model(RunFolder(str(run)).spec(), resolve(str(run))).eval()
+
+
+def engine_inputs(engine, items) -> dict:
+    """The scorer engine's own rendering and tokenization of `items`, as the run's model takes them."""
+    enc = engine.tokenizer([engine.text(t) for t in items], padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+
+def expected_outputs(run: Path, kind: str, items) -> list:
+    """What serving must return for `items` from a scorer run of `kind`: each label's probability (classifier),
+    scores (reward), mean-pooled L2-normalised embeddings (embedding), computed by the run's own model."""
+    import torch
+
+    from ftray.serve.config import ScorerModel
+    from ftray.serve.engine import ScorerEngine
+
+    engine = ScorerEngine(ScorerModel(name="x", path=str(run), kind=kind))  # only for its tokenization
+    enc = engine_inputs(engine, items)
+    own = run_model(run)
+    with torch.no_grad():
+        out = own(**enc)
+    if kind == "classifier":  # {label name: probability} per item
+        names = [own.config.id2label[i] for i in range(out.logits.shape[-1])]
+        return [dict(zip(names, p, strict=True)) for p in out.logits.softmax(-1).tolist()]
+    if kind == "reward":
+        return out.logits[:, 0].tolist()
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((out.last_hidden_state * m).sum(1) / m.sum(1), dim=-1).tolist()

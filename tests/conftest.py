@@ -77,6 +77,38 @@ def runs(work) -> RunFarm:
 
 
 @pytest.fixture(scope="session")
+def method_runs(work, tiny_model, tiny_bert, cache_dir, runs) -> dict[str, Path]:
+    """A trained run of every method that is served as a scorer, LoRA and full (in this process, 2 steps
+    each): what serving must serve as the run's own model (tests/test_serve_by_method.py in process,
+    tests/test_serve.py over HTTP)."""
+    from tests._methods_tiny import pairs_task, sign_task
+    from tests._preference import preference_task
+    from tests._specs import method_spec
+
+    signs, prefs, pairs = sign_task(work / "sbm-signs"), preference_task(work / "sbm-prefs"), pairs_task(work / "sbm-pairs")
+    bert_lora = {"kind": "lora", "r": 4, "target_modules": ["query", "value"]}
+    llama_lora = {"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    full = {"kind": "full"}
+    jobs = {
+        "classify-lora": method_spec("classify", tiny_bert, signs[0], signs[1], None, bert_lora, train__max_steps=2),
+        "classify-full": method_spec("classify", tiny_bert, signs[0], signs[1], None, full, train__max_steps=2),
+        # a reward adapter is served merged (check_job says so)
+        "reward-lora": method_spec("reward", tiny_model, prefs[0], prefs[1], None, llama_lora, train__max_steps=2,
+                                   output__merge=True),
+        "reward-full": method_spec("reward", tiny_model, prefs[0], prefs[1], None, full, train__max_steps=2),
+        "contrastive-full": method_spec("contrastive", tiny_bert, pairs[0], pairs[1], None, full, train__max_steps=2),
+        "contrastive-lora": method_spec("contrastive", tiny_bert, pairs[0], pairs[1], None, bert_lora, train__max_steps=2),
+        # no held-out split: its topic terms need words (the sign task has none), and serving reads only the model
+        "cluster-full": method_spec("cluster", tiny_bert, signs[0], None, None, full, train__max_steps=2),
+    }
+    out = {}
+    for name, d in jobs.items():
+        d["data"]["cache_dir"] = str(cache_dir)
+        out[name] = runs.get(d)[1]
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials go into every Ray worker's environment
     """One local Ray cluster on loopback for the session (4 logical CPUs on 2 cores: 2 train workers +
     data tasks), started by the first test that needs it. The dashboard is on: Tune needs it to free a

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._serve_models import make_adapter_run, make_scorer_run, serve_config
+from tests._serve_models import expected_outputs, make_adapter_run, make_scorer_run, serve_config
 from tests._specs import ROOT, free_port
 
 KEY = "sk-test-123"
@@ -21,7 +21,7 @@ APP = "ftray"
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_model, work):
+def served(ray_local, tiny_model, work, method_runs):
     from ray import serve
 
     from ftray.serve import build_app
@@ -30,12 +30,16 @@ def served(ray_local, tiny_model, work):
     for i, name in enumerate(["sft-a", "sft-b"]):
         make_adapter_run(tiny_model, runs / name, seed=10 + i)
     make_adapter_run(tiny_model, runs / "registry" / "sft-c", seed=12)
-    make_scorer_run(tiny_model, runs / "cls", ["negative", "positive"])
-    make_scorer_run(tiny_model, runs / "rm", ["reward"])
     keys = work / "api_keys.txt"
     keys.write_text(f"# test keys\n{KEY}\n")
     port = free_port()
     cfg = serve_config(tiny_model, runs, keys)
+    # The scorers are trained runs (conftest's `method_runs`), one per endpoint: a LoRA classifier, a full
+    # reward model, a LoRA contrastive encoder (the base's own embeddings are "emb"). Every other method x
+    # adapter row is served in process by tests/test_serve_by_method.py (a replica each costs ~15 s here).
+    cfg["scorers"][1]["path"] = str(method_runs["classify-lora"])
+    cfg["scorers"][2]["path"] = str(method_runs["reward-full"])
+    cfg["scorers"].append({**cfg["scorers"][0], "name": "emb-lora", "path": str(method_runs["contrastive-lora"])})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "runs": runs, "base": tiny_model, "cfg": cfg}
@@ -68,7 +72,7 @@ def _ids(base: Path, prompt: str) -> list[int]:
 @pytest.mark.integration
 def test_openai_client_chat_stream_completions_embeddings_models(served, client):
     ids = {m.id for m in client.models.list().data}
-    assert {"tiny", "tiny:sft-a", "tiny:sft-b", "tiny:sft-c", "emb", "cls", "rm"} <= ids
+    assert {"tiny", "tiny:sft-a", "tiny:sft-b", "tiny:sft-c", "emb", "emb-lora", "cls", "rm"} <= ids
 
     msgs = [{"role": "user", "content": "2+3="}]
     chat = client.chat.completions.create(model="tiny:sft-a", messages=msgs, max_tokens=8, temperature=0)
@@ -159,7 +163,7 @@ def test_rewards_and_classify_over_http(served):
     r = httpx.post(served["url"] + "/v1/classify", headers=h, json={"model": "cls", "input": ["good", "bad"]}, timeout=60)
     assert r.status_code == 200, r.text
     d = r.json()["data"]
-    assert len(d) == 2 and d[0]["label"] in ("negative", "positive") and set(d[0]["scores"]) == {"negative", "positive"}
+    assert len(d) == 2 and d[0]["label"] in ("big", "small") and set(d[0]["scores"]) == {"big", "small"}
     assert sum(d[0]["scores"].values()) == pytest.approx(1.0, abs=1e-5)
     body = {"model": "rm", "input": [{"prompt": "2+3=", "response": "5"}, {"prompt": "2+3=", "response": "6"},
                                      {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]}
@@ -173,6 +177,41 @@ def test_rewards_and_classify_over_http(served):
     rm = serve.get_deployment_handle("score-rm", app_name=APP)
     via_handle = rm.score.remote([{"prompt": "2+3=", "response": "5"}]).result()
     assert via_handle[0]["score"] == pytest.approx(scores[0], abs=1e-5)
+
+
+@pytest.mark.integration
+def test_trained_runs_serve_their_own_models_outputs_over_http(served, client, method_runs):
+    """Each endpoint over a trained run: /v1/classify (a LoRA classifier: its label names and
+    probabilities), /v1/rewards (a full reward model: its scores), /v1/embeddings through the openai client
+    (a LoRA contrastive encoder); each equals what the run's own model (loaded as `ftray eval` loads it)
+    gives for the same inputs."""
+    httpx = _httpx()
+    h = {"Authorization": f"Bearer {KEY}"}
+    texts = ["big big big", "small", "a b c d e f"]
+    pairs = [{"prompt": "2+2=", "response": "4"}, {"prompt": "2+2=", "response": "five"}]
+    trained = {str(p) for p in method_runs.values()}
+    kinds = set()
+    for sc in served["cfg"]["scorers"]:
+        if sc["path"] not in trained:
+            continue
+        name, kind = sc["name"], sc["kind"]
+        items = pairs if kind == "reward" else texts
+        want = expected_outputs(Path(sc["path"]), kind, items)
+        if kind == "embedding":
+            got = [e.embedding for e in client.embeddings.create(model=name, input=texts).data]
+            assert max(abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-5, name
+        else:
+            route = "/v1/rewards" if kind == "reward" else "/v1/classify"
+            r = httpx.post(served["url"] + route, headers=h, json={"model": name, "input": items}, timeout=60)
+            assert r.status_code == 200, (name, r.text)
+            data = r.json()["data"]
+            if kind == "reward":
+                assert max(abs(d["score"] - w) for d, w in zip(data, want, strict=True)) < 1e-5, name
+            else:  # the run's label names (not LABEL_0 / LABEL_1) and its probabilities
+                for d, w in zip(data, want, strict=True):
+                    assert d["scores"] == pytest.approx(w, abs=1e-5), name
+        kinds.add(kind)
+    assert kinds == {"classifier", "reward", "embedding"}
 
 
 @pytest.mark.integration
