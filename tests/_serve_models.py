@@ -14,7 +14,7 @@ import yaml
 from ftray.runs import RunFolder
 from tests._specs import ROOT
 
-__all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_scorer_run", "run_model"]
+__all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_full_run", "make_scorer_run", "run_model"]
 
 
 def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
@@ -34,8 +34,8 @@ def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
     RunFolder(str(run)).write_record(rec)
 
 
-def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4) -> Path:
-    """A LoRA run whose random (non-zero) adapter makes the model answer unlike the base."""
+def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4, kind: str = "sft") -> Path:
+    """A LoRA run (of method `kind`) whose random (non-zero) adapter makes the model answer unlike the base."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,7 +52,17 @@ def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     peft.save_pretrained(run / "adapter", safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
-    _run_json(run, base, "sft", "lora")
+    _run_json(run, base, kind, "lora")
+    return run
+
+
+def make_full_run(base: Path, run: Path, kind: str) -> Path:
+    """A full fine-tune of method `kind`: the base's weights as the run's model/."""
+    import shutil
+
+    shutil.copytree(base, run / "model")
+    shutil.copytree(base, run / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    _run_json(run, base, kind, "full")
     return run
 
 

@@ -25,17 +25,20 @@ TEXTS = ["big big big", "small", "a b c d e f"]
 
 
 def test_config_dispatches_on_the_runs_method(method_runs, tiny_model, work):
-    from tests._serve_models import make_adapter_run
+    from tests._serve_models import make_adapter_run, make_full_run
 
-    sft = make_adapter_run(tiny_model, work / "sbm-sft", seed=3)
-    cfg = config_from_runs([str(sft), *(str(p) for p in method_runs.values())])
+    gen = [make_adapter_run(tiny_model, work / f"sbm-{k}", seed=3, kind=k) for k in ("sft", "causal_lm", "dpo", "grpo", "ppo")]
+    full = make_full_run(tiny_model, work / "sbm-dpo-full", "dpo")
+    cfg = config_from_runs([*(str(p) for p in gen), str(full), *(str(p) for p in method_runs.values())])
     kinds = {s["name"]: s["kind"] for s in cfg["scorers"]}
     names = {n: Path(p).name for n, p in method_runs.items()}
     want = {"classify": "classifier", "reward": "reward", "contrastive": "embedding", "cluster": "embedding"}
     assert kinds == {names[n]: want[n.split("-")[0]] for n in method_runs}  # full and LoRA alike
-    # The LoRA classifier and reward model are not taken for generation adapters of their bases.
-    assert [g["base"] for g in cfg["generation"]] == [str(tiny_model)]
-    assert list(cfg["generation"][0]["adapters"]) == ["sbm-sft"]
+    # The feedback and LM methods' adapters are generation adapters of their base (the LoRA classifier and
+    # reward model are not); a full run is a generation model of its own.
+    assert [g["base"] for g in cfg["generation"]] == [str(tiny_model), str(full)]
+    assert list(cfg["generation"][0]["adapters"]) == ["sbm-sft", "sbm-causal_lm", "sbm-dpo", "sbm-grpo", "sbm-ppo"]
+    assert cfg["generation"][1]["adapters"] == {}
 
 
 @pytest.mark.parametrize("kind, says", [
