@@ -20,8 +20,8 @@ from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
 from ftray.methods.losses import masked_mean, token_cross_entropy
 
-__all__ = ["FORMATS", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_mask",
-           "prompt_examples", "reference_answer_nll", "rollout_info", "rollout_metrics"]
+__all__ = ["FORMATS", "PromptRows", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_mask",
+           "prompt_examples", "reference_answer_nll", "rollout_info", "rollout_metrics", "served_reward_model"]
 
 FORMATS = ("prompt_completion", "instruction", "chat")
 
@@ -108,6 +108,11 @@ def check_rollout_job(spec, samples: int, kl: float) -> None:
             raise SpecError(f"method.reward_model.path: {rm.path} is an adapter run; serve its merged/ model")
 
 
+def served_reward_model(spec):
+    """`Method.reward_model`: the job's `method.reward_model` (None: verifiable rewards only)."""
+    return spec.method.reward_model
+
+
 def rollout_metrics(spec) -> set[str]:
     out = {"eval_loss"}
     if spec.method.exact_match or spec.method.reward_model is not None:  # held-out prompts are generated
@@ -115,6 +120,23 @@ def rollout_metrics(spec) -> set[str]:
         if spec.method.reward_model is not None:
             out.add("reward_model_score")
     return out
+
+
+class PromptRows:
+    """What a rollout method reads and reports, the same for grpo and ppo: prompt rows and their batches,
+    the metrics, the served reward model. Pure declarations (no hook, no state, nothing that knows which
+    method it is part of); the rollout itself is the `Sampler` each method holds."""
+
+    formats = FORMATS
+    task_type = "CAUSAL_LM"
+    packable = False
+    examples = staticmethod(prompt_examples)
+    collate = staticmethod(collate_prompts)
+    metrics = staticmethod(rollout_metrics)
+    reward_model = staticmethod(served_reward_model)
+
+    def summarize(self, eval_loss, scores):
+        return {"eval_loss": eval_loss, **scores}
 
 
 # ------------------------------------------------------------------ losses' shared parts

@@ -36,24 +36,15 @@ from ftray.methods.losses import (
 __all__ = ["GRPO"]
 
 
-class GRPO(MethodBase):
+class GRPO(_rollout.PromptRows, MethodBase):
     name = "grpo"
-    formats = _rollout.FORMATS
-    task_type = "CAUSAL_LM"
-    packable = False
 
     def __init__(self):
         self.reference = Reference()
         self.sampler: _rollout.Sampler | None = None
 
-    def metrics(self, spec) -> set[str]:
-        return _rollout.rollout_metrics(spec)
-
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         _rollout.check_rollout_job(spec, spec.method.group_size, spec.method.beta)
-
-    def reward_model(self, spec):
-        return spec.method.reward_model
 
     def setup(self, spec, tokenizer, ctx) -> None:
         from ftray.rlhf import build_reward
@@ -65,12 +56,6 @@ class GRPO(MethodBase):
         if spec.method.beta > 0:  # without a KL term nothing reads the reference
             self.reference.keep(model, spec)
         return model
-
-    def examples(self, row, tokenizer, spec):
-        return _rollout.prompt_examples(row, tokenizer, spec)
-
-    def collate(self, examples, pad_id):
-        return _rollout.collate_prompts(examples, pad_id)
 
     def prepare(self, model, batch):
         return {**batch, "rollout": self.sampler.rollout(model, batch, self.sampler.spec.method.group_size)}
@@ -106,5 +91,3 @@ class GRPO(MethodBase):
         # `ftray eval` runs no setup: a sampler without a reward (exact and numeric match only)
         return (self.sampler or _rollout.Sampler(spec, tokenizer, ctx.synced_gpus)).score_rows(model, rows, ctx.device)
 
-    def summarize(self, eval_loss, scores):
-        return {"eval_loss": eval_loss, **scores}

@@ -33,25 +33,16 @@ def value_head(model) -> torch.nn.Module:
     raise RuntimeError("ppo: the model has no value head (load it with PPO.load_base)")
 
 
-class PPO(MethodBase):
+class PPO(_rollout.PromptRows, MethodBase):
     name = "ppo"
-    formats = _rollout.FORMATS
-    task_type = "CAUSAL_LM"
-    packable = False
 
     def __init__(self):
         self.reference = Reference()
         self.sampler: _rollout.Sampler | None = None
         self.kl_coef = 0.0
 
-    def metrics(self, spec) -> set[str]:
-        return _rollout.rollout_metrics(spec)
-
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         _rollout.check_rollout_job(spec, spec.method.samples_per_prompt, spec.method.kl_coef)
-
-    def reward_model(self, spec):
-        return spec.method.reward_model
 
     def setup(self, spec, tokenizer, ctx) -> None:
         from ftray.rlhf import build_reward
@@ -77,12 +68,6 @@ class PPO(MethodBase):
 
     def trainable_heads(self, spec) -> tuple[str, ...]:
         return (HEAD,)
-
-    def examples(self, row, tokenizer, spec):
-        return _rollout.prompt_examples(row, tokenizer, spec)
-
-    def collate(self, examples, pad_id):
-        return _rollout.collate_prompts(examples, pad_id)
 
     def prepare(self, model, batch):
         return {**batch, "rollout": self.sampler.rollout(model, batch, self.sampler.spec.method.samples_per_prompt)}
@@ -132,5 +117,3 @@ class PPO(MethodBase):
             return []
         return (self.sampler or _rollout.Sampler(spec, tokenizer, ctx.synced_gpus)).score_rows(model, rows, ctx.device)
 
-    def summarize(self, eval_loss, scores):
-        return {"eval_loss": eval_loss, **scores}
