@@ -131,6 +131,21 @@ def test_in_process_zero2_lora_implicit_reward_accuracy_rises(tiny_model, prefs,
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_ftray_eval_of_a_full_run_reproduces_its_final_evaluation(tiny_model, prefs, cache_dir, tmp_path):
+    """A full fine-tune judged later by `ftray eval` is compared with the model it started from (as during
+    training), not with a copy of itself: the same figures as the run's own final evaluation."""
+    from ftray.eval.evaluate import evaluate
+
+    out = tmp_path / "dpo-full"
+    d = spec_for(tiny_model, prefs[0], prefs[1], out, {"kind": "full"}, method={"beta": 0.5}, train__max_steps=4,
+                 train__lr=1e-3, data__cache_dir=str(cache_dir))
+    after = run_here(d)["eval"]["after"]
+    assert after["reward_margin"] != 0.0, after  # the policy has moved off its reference
+    got = evaluate(str(out), str(prefs[1]))
+    for k in ("eval_loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"):
+        assert got[k] == pytest.approx(after[k], rel=1e-4, abs=1e-5), (k, got, after)
+
+
 def test_shipped_job_validates(tiny_model):
     from ftray.config import load_spec
     from ftray.methods import check_method

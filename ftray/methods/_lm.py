@@ -67,11 +67,19 @@ class Reference:
     def __init__(self) -> None:
         self.copy: torch.nn.Module | None = None
 
-    def keep(self, model, spec) -> None:
-        """Called by the method's `load_base` on the freshly loaded base, before any head is added."""
+    def keep(self, model, spec, path, dtype) -> None:
+        """Called by the method's `load_base` with the base it just loaded from `path`, before any head is
+        added. Training loads the job's starting model, so the copy is of it. A finished full run loaded
+        later (`ftray eval`, whose `path` is the run's own model/) is judged against the model it started
+        from (`spec.model.path`), which is then loaded: a copy of itself would tie every comparison."""
         self.copy = None
-        if spec.adapter.kind not in PEFT_KINDS:
-            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+        if spec.adapter.kind in PEFT_KINDS:
+            return
+        from ftray.models.load import resolve
+
+        start = resolve(spec.model.path, spec.model.tokenizer).base
+        ref = copy.deepcopy(model) if start == str(path) else load_causal_lm(start, dtype, spec)
+        self.copy = ref.eval().requires_grad_(False)
 
     @torch.no_grad()
     def logits(self, model, ids, mask, position_ids=None) -> torch.Tensor:

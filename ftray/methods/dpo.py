@@ -88,7 +88,7 @@ class DPO(MethodBase):
 
     def load_base(self, path, dtype, spec):
         model = load_causal_lm(path, dtype, spec)
-        self.reference.keep(model, spec)
+        self.reference.keep(model, spec, path, dtype)
         return model
 
     def examples(self, row, tokenizer, spec):

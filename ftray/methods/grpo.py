@@ -54,7 +54,7 @@ class GRPO(_rollout.PromptRows, MethodBase):
     def load_base(self, path, dtype, spec):
         model = load_causal_lm(path, dtype, spec)
         if spec.method.beta > 0:  # without a KL term nothing reads the reference
-            self.reference.keep(model, spec)
+            self.reference.keep(model, spec, path, dtype)
         return model
 
     def prepare(self, model, batch):

@@ -59,7 +59,7 @@ class PPO(_rollout.PromptRows, MethodBase):
 
     def load_base(self, path, dtype, spec):
         model = load_causal_lm(path, dtype, spec)
-        self.reference.keep(model, spec)  # before the value head is added: the reference is the policy alone
+        self.reference.keep(model, spec, path, dtype)  # before the value head is added: the reference is the policy alone
         head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
         torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(head.bias)
