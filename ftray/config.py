@@ -425,6 +425,15 @@ class OutputSpec(_Strict):
     dir: str = Field(description="The run folder (local or s3://). Running again with the same folder resumes.")
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
+    trackers: list[Literal["mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the run's parameters, every step's metrics while it trains, and "
+        "the run folder as artifacts (mlflow: the `mlflow-skinny` client).",
+    )
+    tracking_uri: str | None = Field(None, description="The MLflow tracking server (default: $MLFLOW_TRACKING_URI).")
+    experiment: str | None = Field(
+        None, description="The MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else `ftray`)."
+    )
 
 
 class StorageSpec(_Strict):

@@ -77,6 +77,40 @@ def runs(work) -> RunFarm:
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(work):
+    """A real `mlflow server` on loopback for the session (SQLite store, artifacts served from a folder),
+    started by the first test that needs it; its tracking URI."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests._specs import free_port
+
+    root = work / "mlflow"
+    root.mkdir()
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/db.sqlite", "--artifacts-destination", str(root / "art")]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}") from None
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
 def method_runs(work, tiny_model, tiny_bert, cache_dir, runs) -> dict[str, Path]:
     """A trained run of every method that is served as a scorer, LoRA and full (in this process, 2 steps
     each): what serving must serve as the run's own model (tests/test_serve_by_method.py in process,

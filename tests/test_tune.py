@@ -256,13 +256,16 @@ ASHA_TRIALS = 5  # two waves of 3: enough for the rung-2 cut (lr spans 1e-4..3e-
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
+def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local, mlflow_server):
     from ftray.tune import run_sweep
 
     out = tmp_path_factory.mktemp("sweep") / "asha"
     # What this checks is Tune's scheduling (trials stopped early, results, best.yaml): 1-worker trials,
-    # 3 at once (3 x (0.9 + 0.1) of the 4 logical CPUs). Multi-worker trials: the PBT test below.
-    sweep, jobs = sweep_from_dict(sweep_dict(real_base(tiny_model, arith, cache_dir), out, max_concurrent_trials=3,
+    # 3 at once (3 x (0.9 + 0.1) of the 4 logical CPUs). Multi-worker trials: the PBT test below. Every
+    # trial reports to MLflow as a child of the sweep's run.
+    base = real_base(tiny_model, arith, cache_dir)
+    base["output"].update(trackers=["mlflow"], tracking_uri=mlflow_server, experiment="ftray-tests-sweep")
+    sweep, jobs = sweep_from_dict(sweep_dict(base, out, max_concurrent_trials=3,
                                              num_samples=ASHA_TRIALS, resources={"workers": 1, "cpus_per_worker": 0.9}))
     t0 = time.time()
     summary = run_sweep(sweep, jobs)
@@ -290,6 +293,30 @@ def test_asha_sweep_stops_losing_trials_early(asha_sweep):
         assert r["steps"] < 8 or r["status"] == "completed"
     md = (out / "results.md").read_text()
     assert "stopped early by asha at step" in md and s["best_trial"] in md
+
+
+@pytest.mark.integration
+def test_each_trial_is_a_child_of_the_sweeps_mlflow_run(asha_sweep, mlflow_server):
+    from mlflow import MlflowClient
+
+    _, s, out = asha_sweep
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("ftray-tests-sweep").experiment_id
+    (parent,) = client.search_runs([exp], filter_string=f"tags.`ftray.output_dir` = '{out}'")
+    assert parent.data.tags["ftray.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["metric"] == "eval/eval_loss" and parent.data.params["scheduler.kind"] == "asha"
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_dir = {c.data.tags["ftray.output_dir"]: c for c in children}
+    assert set(by_dir) == {r["run"] for r in s["rows"]}  # one child per trial, in the trial's run folder
+    for r in s["rows"]:
+        child = by_dir[r["run"]]
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
+        # Every step it reported (a trial stopped early may have trained a step more before it was stopped).
+        assert steps[: r["steps"]] == list(range(1, r["steps"] + 1)), (r["trial"], steps)
+        assert r["status"] != "completed" or len(steps) == r["steps"]
+        # Completed: closed with its run folder; stopped early by ASHA: closed by the sweep as KILLED.
+        assert child.info.status == ("FINISHED" if r["status"] == "completed" else "KILLED"), r
+        assert child.data.params["train.lr"] == str(r["params"]["train.lr"])
 
 
 @pytest.mark.integration

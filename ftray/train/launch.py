@@ -16,6 +16,7 @@ from ftray.methods import check_method, get_method
 from ftray.models.adapters import check_gradient_checkpointing, check_targets
 from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model, resolve
 from ftray.runs import RunFolder
+from ftray.train.tracking import check_trackers, finish_run, start_run
 
 __all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "prepare_data", "train", "write_run_json"]
 
@@ -27,6 +28,8 @@ class Plan:
     resolved: Resolved
     train_rows: Checked
     eval_rows: Checked | None
+    tracking: dict | None = None  # the job's tracker run (train/tracking.py), made when it starts fitting
+    tracking_parent: str | None = None  # a sweep's tracker run, the parent of its trials' runs
 
 
 def submitted_job_id() -> str | None:
@@ -77,6 +80,7 @@ def check_job(spec: JobSpec) -> Plan:
     load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     train_rows, eval_rows = check_data(spec)
     check_method(spec, resolved, train_rows, eval_rows)
+    check_trackers(spec.output)
     prev = RunFolder(spec.output.dir).method()
     if prev not in (None, spec.method.kind):
         from ftray.config import SpecError
@@ -185,11 +189,12 @@ def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = Non
         from ftray.rlhf.served import serve_reward_model
 
         serve_reward_model(rm)
+    plan.tracking = start_run(spec, plan.tracking_parent)
     s = spec.scaling
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared,
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "tracking": plan.tracking},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -245,6 +250,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
         "outputs": sorted(n for n in storage.listdir(spec.output.dir) if not n.startswith(".")),
     }
     RunFolder(spec.output.dir).write_record(record)
+    finish_run(plan.tracking, spec.output.dir)
     return record
 
 
@@ -255,6 +261,7 @@ def train(spec: JobSpec, log=print) -> dict:
     check_fits(spec, ensure_ray(spec), log=log)
     result, meta, timings = fit_job(plan, log=log)
     if result.error:
+        finish_run(plan.tracking, None, "FAILED")
         raise result.error
     timings["total_s"] = time.time() - t0
     record = write_run_json(plan, result, meta, timings)

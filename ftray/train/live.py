@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ftray import storage
 
-__all__ = ["LiveTensorBoard"]
+__all__ = ["Live", "LiveTensorBoard"]
 
 
 class LiveTensorBoard:
@@ -47,3 +47,28 @@ class LiveTensorBoard:
             shutil.rmtree(self.local, ignore_errors=True)
         else:
             (self.local / ".complete").write_text("ok\n")
+
+
+class Live:
+    """Rank 0's live sinks as one: TensorBoard events always, and the tracker of `output.trackers` (its
+    `MlflowSink`) when the job has one. `add` each step's record (`flush` at log steps), `publish` at
+    checkpoints, `close` at the end."""
+
+    def __init__(self, out_dir: str, resumed_at: int = 0, tracking: dict | None = None):
+        self.sinks: list = [LiveTensorBoard(out_dir, resumed_at)]
+        if tracking is not None:
+            from ftray.train.tracking import MlflowSink
+
+            self.sinks.append(MlflowSink(tracking))
+
+    def add(self, rec: dict, flush: bool = False) -> None:
+        for s in self.sinks:
+            s.add(rec, flush)
+
+    def publish(self) -> None:
+        for s in self.sinks:
+            s.publish()
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()

@@ -40,7 +40,7 @@ from ftray.models.load import Resolved, load_tokenizer
 from ftray.train import checkpoint, outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
 from ftray.train.held_out import evaluate_held_out
-from ftray.train.live import LiveTensorBoard
+from ftray.train.live import Live
 
 __all__ = ["LocalSession", "RayTrainSession", "combine_step_info", "lr_lambda", "run_worker", "sample_index", "step_line",
            "step_record", "total_steps", "train_fn_per_worker", "build_engine", "train_step"]
@@ -331,7 +331,7 @@ def train_fn_per_worker(config: dict) -> None:
 
 
 def run_worker(config: dict, session) -> dict:
-    """The loop on one rank. `config`: {"spec", "resolved", "prepared", "resume_from"}; `session`: where
+    """The loop on one rank. `config`: {"spec", "resolved", "prepared", "resume_from", "tracking"}; `session`: where
     it runs (`RayTrainSession` or `LocalSession`). Returns the final metrics (also reported)."""
     rank, world = session.rank, session.world
     spec = JobSpec.model_validate(config["spec"])
@@ -429,7 +429,7 @@ def run_worker(config: dict, session) -> dict:
         log(f"[ftray] {spec.method.kind} state restored: {json.dumps(method_state)}", flush=True)
 
     # ---------------------------------------------------------------- train
-    tb = LiveTensorBoard(spec.output.dir, start_step) if rank == 0 else None
+    tb = Live(spec.output.dir, start_step, config.get("tracking")) if rank == 0 else None
     if start_step == 0:
         before = evaluate()
         if before:

@@ -226,7 +226,13 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
 
     fs, path = storage.pyarrow_filesystem(sweep.output.dir)
     exp = storage.join(sweep.output.dir, "tune")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump()), {"CPU": TRIAL_CPU})
+    from ftray.train.tracking import finish_sweep_run, start_sweep_run
+
+    # The trials' tracker runs are children of the sweep's (MLflow: `output.trackers` of the base job).
+    parent = start_sweep_run(jobs[0].output, sweep.output.dir, sweep.output.dir.rstrip("/").rsplit("/", 1)[-1],
+                             sweep.model_dump(mode="json", exclude={"base"}))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(), tracking_parent=parent),
+                                    {"CPU": TRIAL_CPU})
     if tune.Tuner.can_restore(exp, storage_filesystem=fs if "://" in exp else None):
         log(f"[sweep] resuming {exp}", flush=True)
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
@@ -256,6 +262,8 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
         )
     grid = tuner.fit()
     summary = write_results(sweep, grid, wall_s=time.time() - t0)
+    if not summary["unfinished"]:  # an interrupted sweep's run stays open for its resume
+        finish_sweep_run(jobs[0].output, parent)
     log(
         f"[sweep] {'interrupted' if summary['unfinished'] else 'done'}: {summary['trials']} trials, "
         f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} failed, "
