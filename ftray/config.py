@@ -57,7 +57,11 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    train: str = Field(description="Training rows: .jsonl/.json/.parquet/.csv (or .txt for `text`), local or s3://.")
+    train: str = Field(
+        description="Training rows: .jsonl/.json/.parquet/.csv (or .txt for `text`), local or s3:// (or any fsspec URL, "
+        "e.g. hf://datasets/ORG/NAME/FILE); or a Hugging Face dataset: hf:ORG/NAME, hf:FOLDER (a dataset repository "
+        "or a save_to_disk folder), optionally ?name=CONFIG&split=SPLIT."
+    )
     eval: str | None = Field(None, description="Held-out rows in the same format; evaluated before and after training.")
     format: Literal["instruction", "chat", "prompt_completion", "text", "pairs", "labels", "translation", "preference"] = Field(
         "instruction",
@@ -558,6 +562,10 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
 def _absolute(p, hub_ok: bool = False):
     if not isinstance(p, str) or "://" in p:
         return p
+    if p.startswith("hf:"):  # a Hugging Face dataset: its local folder (if it is one) made absolute
+        source, _, query = p[3:].partition("?")
+        q = Path(source).expanduser()
+        return "hf:" + (str(q.resolve()) if q.exists() else source) + (f"?{query}" if query else "")
     q = Path(p).expanduser()
     # A bare hub id (org/name) that is not a local path stays as is.
     if hub_ok and not q.is_absolute() and not q.exists() and p.count("/") == 1 and not p.startswith("."):

@@ -15,6 +15,7 @@ import hashlib
 import json
 
 from ftray import storage
+from ftray.data import hub
 from ftray.data.encode import ensure_chat_template, pack_examples
 from ftray.data.rows import Checked, data_files, read_checked
 
@@ -40,6 +41,8 @@ def _file_hash(path: str, h) -> None:
 def cache_key(spec, tokenizer_dir: str) -> str:
     h = hashlib.sha256()
     for p in (spec.data.train, spec.data.eval):
+        if hub.is_dataset(p):
+            h.update(hub.fingerprint(p).encode())
         for f in data_files(p) if p else []:
             _file_hash(f, h)
     for name in sorted(storage.listdir(tokenizer_dir)):

@@ -45,7 +45,11 @@ def _suffix(path: str) -> str:
 
 def data_files(path: str) -> list[str]:
     """The file itself, or the .jsonl files of a folder / s3:// prefix in name order (served feedback
-    writes one object per row there: S3 has no append)."""
+    writes one object per row there: S3 has no append). None for a Hugging Face dataset (`hf:`)."""
+    from ftray.data import hub
+
+    if hub.is_dataset(path):
+        return []
     if storage.isdir(path):
         names = [n for n in storage.listdir(path) if n.endswith(".jsonl") and not n.startswith(".")]
         if not names:
@@ -56,7 +60,13 @@ def data_files(path: str) -> list[str]:
 
 def iter_rows(path: str) -> Iterator[tuple[int | str, object]]:
     """Yield (line or row number, raw row). A JSONL line that is not JSON yields a RowError as the row.
-    For a folder, the place is `name.jsonl:line`."""
+    For a folder, the place is `name.jsonl:line`; for a Hugging Face dataset (`hf:`), the row number."""
+    from ftray.data import hub
+
+    if hub.is_dataset(path):
+        for i, row in enumerate(hub.load(path), start=1):
+            yield i, row
+        return
     if storage.isdir(path):
         for f in data_files(path):
             for line, row in iter_rows(f):
