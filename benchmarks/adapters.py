@@ -6,7 +6,7 @@ to benchmarks/results/adapters.md (the README quotes it).
 
 A run folder that already holds run.json is read, not run again.
 
-Every run is `ftray train jobs/quickstart.yaml --set ...` as a user types it.
+Every run is `ftray train jobs/quickstart_tiny.yaml --set ...` as a user types it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"adapter.kind={kind}", f"train.max_steps={a.steps}", "train.eval_every=null", "train.checkpoint_every=null",
                 "method.exact_match=false", f"output.dir={run}", *KINDS[name]]
         if not (run / "run.json").exists():  # a finished run is kept: rerun with a fresh --work to redo it
-            ftray("train", "jobs/quickstart.yaml", *[x for o in over for x in ("--set", o)])
+            ftray("train", "jobs/quickstart_tiny.yaml", *[x for o in over for x in ("--set", o)])
         rec = json.loads((run / "run.json").read_text())
         wall = rec["timings"].get("total_s", float("nan"))
         t = rec["trainable"]
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"# Adapters on one SFT job ({a.steps} steps)",
         "",
-        "`jobs/quickstart.yaml` (arithmetic, micro Llama, 2 CPU workers, ZeRO-2, global batch 16) with each "
+        "`jobs/quickstart_tiny.yaml` (arithmetic, micro Llama, 2 CPU workers, ZeRO-2, global batch 16) with each "
         "`adapter.kind`; prompt-family kinds unpacked (they refuse packing). The LoRA-family rows keep the quickstart's `modules_to_save` (embeddings and output layer of the random-init base trained in full); the others train only their own parameters. Peak memory: the larger of the two "
         "workers' peak resident set. tokens/s: trained (non-padding) tokens over training time.",
         "",

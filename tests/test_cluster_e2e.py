@@ -45,7 +45,7 @@ EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_ca
 
 
 def _submit_quickstart(tiny_model, arith, cache_dir, out, *submit_args: str, **sets) -> list:
-    """`ray job submit [submit_args] --working-dir . -- ftray train jobs/quickstart.yaml --set ...` on the test's
+    """`ray job submit [submit_args] --working-dir . -- ftray train jobs/quickstart_tiny.yaml --set ...` on the test's
     tiny model and data, spread one rank per worker node; `sets` (dotted keys as `a__b`) add or override."""
     over = {
         "model.path": tiny_model.resolve(),
@@ -59,7 +59,7 @@ def _submit_quickstart(tiny_model, arith, cache_dir, out, *submit_args: str, **s
         **{k.replace("__", "."): v for k, v in sets.items()},
     }
     cmd = ["ray", "job", "submit", *submit_args, "--working-dir", ROOT, "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
-    return cmd + ["--", "ftray", "train", "jobs/quickstart.yaml"] + [f"--set={k}={v}" for k, v in over.items()]
+    return cmd + ["--", "ftray", "train", "jobs/quickstart_tiny.yaml"] + [f"--set={k}={v}" for k, v in over.items()]
 
 
 @dataclass

