@@ -7,7 +7,9 @@ server of `output.tracking_uri` or `$MLFLOW_TRACKING_URI`. No Ray here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 
 from ftray import storage
@@ -54,7 +56,7 @@ def check_trackers(output) -> None:
             import urllib.request
 
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        _experiment_id(_client(uri), _experiment(output))
+        _client(uri).get_experiment_by_name(_experiment(output))  # a read: `ftray validate` writes nothing
     except Exception as e:  # noqa: BLE001 - any failure to reach it is the same refusal
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise SpecError(f"output.tracking_uri: the MLflow server at {uri} did not answer: {first}") from None
@@ -136,16 +138,30 @@ def finish_run(ref: dict | None, run_dir: str | None, status: str = "FINISHED") 
         return
     client = _client(ref["tracking_uri"])
     if run_dir is not None:
-        with storage.local_copy(run_dir) as local:
-            for name in sorted(os.listdir(local)):
-                if name in ("checkpoints",) or name.startswith("."):
-                    continue
-                path = os.path.join(local, name)
-                if os.path.isdir(path):
-                    client.log_artifacts(ref["run_id"], path, artifact_path=name)
+        for name in storage.listdir(run_dir):
+            if name == "checkpoints" or name.startswith("."):
+                continue
+            src = storage.join(run_dir, name)
+            folder = storage.isdir(src)
+            with storage.local_copy(src) if folder else _local_file(src) as local:
+                if folder:
+                    client.log_artifacts(ref["run_id"], str(local), artifact_path=name)
                 else:
-                    client.log_artifact(ref["run_id"], path)
+                    client.log_artifact(ref["run_id"], str(local))
     client.set_terminated(ref["run_id"], status=status)
+
+
+@contextlib.contextmanager
+def _local_file(path: str):
+    """A local path to the file `path` (a temporary copy, same name, when it is remote)."""
+    if not storage.is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ftray-art-") as d:
+        fs, p = storage.filesystem(path)
+        local = os.path.join(d, path.rstrip("/").rsplit("/", 1)[-1])
+        fs.get_file(p, local)
+        yield local
 
 
 class MlflowSink:
