@@ -4,7 +4,7 @@
 #
 #   cluster/local.sh up 2                 # head + 2 workers; prints what a client needs
 #   source /tmp/ftray-cluster-$UID/env    # addresses for ray/serve CLIs and ray.init, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
-#   ray job submit --working-dir . -- ftray train jobs/quickstart.yaml \
+#   ray job submit --working-dir . -- ftray train jobs/quickstart_tiny.yaml \
 #     --set scaling.placement_strategy=STRICT_SPREAD --set output.dir=$PWD/runs/q
 #   cluster/local.sh status
 #   cluster/local.sh down
