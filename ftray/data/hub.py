@@ -7,16 +7,13 @@ README with configs: `load_dataset` reads it as the Hub copy), or a folder writt
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from urllib.parse import parse_qs
 
 __all__ = ["PREFIX", "fingerprint", "is_dataset", "load", "parse"]
 
 PREFIX = "hf:"
-
-
-class _Err(ValueError):
-    pass
 
 
 def is_dataset(path: str | None) -> bool:
@@ -50,8 +47,10 @@ def _pick_split(path: str, d, split: str | None):
     return d[split]
 
 
+@functools.lru_cache(maxsize=8)
 def load(path: str):
-    """The `datasets.Dataset` a `hf:` source names (DataError, one line, when it cannot be had)."""
+    """The `datasets.Dataset` a `hf:` source names (DataError, one line, when it cannot be had). Kept per
+    process: the job's checks read its rows and the cache key its fingerprint from the same load."""
     import datasets
 
     from ftray.data.rows import DataError
