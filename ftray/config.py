@@ -429,6 +429,13 @@ class OutputSpec(_Strict):
     dir: str = Field(description="The run folder (local or s3://). Running again with the same folder resumes.")
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async",
+        description="How a Ray Train job stores a checkpoint taken while it trains: `async` uploads it in the "
+        "background while the next steps train (it becomes the one a restart resumes from once uploaded; a "
+        "failure before that resumes from the one before), `sync` before the next step. The final checkpoint is "
+        "always stored before the job ends; a job without Ray (`--local`) stores each one before going on.",
+    )
     trackers: list[Literal["mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers that get the run's parameters, every step's metrics while it trains, and "

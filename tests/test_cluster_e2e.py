@@ -346,9 +346,10 @@ def _kill_node(cluster_dir: Path, node: str) -> int:
 def test_worker_node_lost_mid_run_restarts_from_checkpoint(cluster, tiny_model, arith, cache_dir, tmp_path):
     """3 worker nodes, a 2-worker STRICT_SPREAD job; a node running a worker is lost (SIGKILL) after the
     first checkpoint: Ray Train restarts the worker group on the 2 nodes left and the job finishes from it."""
-    # ~0.3 s a step here: the first checkpoint (step 5) is on disk ~2 s into training and the kill lands ~3 s
-    # later (the controller registers a checkpoint at its next 2 s poll), near step 15 of 48.
-    steps, every = 48, 5
+    # ~0.3 s a step here: the kill lands once Ray Train has registered the first checkpoint (the driver's
+    # "stored" line, after its background upload and the controller's next 2 s poll; the job driver's log
+    # lags a second or more), near step 15-25 of 64.
+    steps, every = 64, 5
     authed, cluster_dir = cluster.authed, cluster.dir
     out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
     sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
@@ -369,19 +370,18 @@ def test_worker_node_lost_mid_run_restarts_from_checkpoint(cluster, tiny_model, 
         found = list((cluster_dir / "ray").glob(f"session_*/logs/job-driver-{sid}.log"))
         return found[0].read_text(errors="replace") if found else ""
 
-    # Wait for the first checkpoint on disk (the job driver's log lags the workers by a second or more, and the
-    # whole job trains in ~15 s), then for the controller's next poll to register it.
+    # Wait until Ray Train has registered the first checkpoint: files on disk are not enough (an upload in
+    # flight, `output.checkpoint_upload: async`, is not resumed from).
     deadline, polls = time.time() + 600, 0
     while time.time() < deadline:
-        if list((out / "checkpoints").glob("checkpoint_*/state.json")):
+        if re.search(r"\[ftray\] checkpoint at step \d+ stored: ", logs()):
             break
         polls += 1
         if polls % 100 == 0:
             assert not re.search(ENDED, status()), logs()[-4000:]
         time.sleep(0.1)
     else:
-        pytest.fail(f"no checkpoint within 600 s:\n{logs()[-4000:]}")
-    time.sleep(2.5)
+        pytest.fail(f"no checkpoint stored within 600 s:\n{logs()[-4000:]}")
     nodes = _train_worker_nodes(cluster_dir)
     assert len(nodes) == 2 and len(set(nodes)) == 2 and "head" not in nodes, nodes
     victim = nodes[-1]

@@ -133,6 +133,20 @@ def check_fits(spec: JobSpec, embedded: bool, log=print) -> None:
             log(f"[ftray] warning: {msg}; the job waits until the cluster grows", flush=True)
 
 
+def _stored_checkpoint_line():
+    """A line on the driver each time Ray Train has registered a checkpoint (every rank's part uploaded,
+    the checkpoint manager's snapshot saved): from then on a restart or a rerun resumes from it. With
+    `output.checkpoint_upload: async` that is some steps after the step that took it."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class StoredCheckpointLine(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                print(f"[ftray] checkpoint at step {metrics[0].get('step')} stored: {checkpoint.path}", flush=True)
+
+    return StoredCheckpointLine()
+
+
 def _run_config(spec: JobSpec, callbacks=None, name: str = "checkpoints"):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -143,7 +157,7 @@ def _run_config(spec: JobSpec, callbacks=None, name: str = "checkpoints"):
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.output.keep_checkpoints),
-        callbacks=callbacks or [],
+        callbacks=[_stored_checkpoint_line(), *(callbacks or [])],
     )
 
 
@@ -240,6 +254,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "trained_tokens": m.get("trained_tokens"),
             "precision": m.get("precision"),
             "train_seconds": m.get("train_seconds"),
+            "checkpoint_seconds": m.get("checkpoint_seconds"),
             "resumed_from_step": m.get("resumed_from_step"),
             "resumed_optimizer_steps": m.get("resumed_optimizer_steps"),
         },

@@ -193,14 +193,17 @@ def _row(split: dict, i: int) -> dict:
     return {k: (v[i] if v is not None else None) for k, v in split.items()}
 
 
-def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict) -> None:
-    """A checkpoint written on every rank into a temporary folder, handed to the session with `metrics`."""
+def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict,
+                           background: bool = False) -> None:
+    """A checkpoint written on every rank into a temporary folder, handed to the session with `metrics`; the
+    session removes the folder once it is stored (`background`: stored while the next steps train)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
     try:
         checkpoint.save(engine, tmp, rank, step, history, method.state_dict())
-        session.report(metrics, str(tmp))
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    session.report(metrics, str(tmp), background=background)
 
 
 class RayTrainSession:
@@ -230,11 +233,21 @@ class RayTrainSession:
         with ckpt.as_directory() as d:
             yield d
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, background: bool = False) -> None:
+        """`background`: Ray Train's asynchronous upload (one thread per worker, reports kept in order; the
+        training thread goes on at once); else the upload and the report finish before this returns. Ray
+        deletes `checkpoint_dir` once it is uploaded."""
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+        try:
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=ckpt is not None)
+        except BaseException:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise
 
     def where(self) -> dict:
         """This rank's node, for run.json: with SPREAD placement the ranks should name different nodes."""
@@ -287,11 +300,15 @@ class LocalSession:
         with storage.local_copy(src) as d:
             yield str(d)
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, background: bool = False) -> None:
+        """Stores the checkpoint before returning (`background` is Ray Train's; here is one process)."""
         self.last_metrics = metrics
         if checkpoint_dir is None:
             return
-        storage.publish_dir(checkpoint_dir, storage.join(self.root, f"checkpoint_local_{int(metrics['step']):06d}"))
+        try:
+            storage.publish_dir(checkpoint_dir, storage.join(self.root, f"checkpoint_local_{int(metrics['step']):06d}"))
+        finally:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         done = self._complete()
         for _, path in done[: max(0, len(done) - self.keep)] if self.keep else []:
             fs, p = storage.filesystem(path)
@@ -442,7 +459,10 @@ def run_worker(config: dict, session) -> dict:
         before = {k.removeprefix("eval/"): v for k, v in before.items() if k.startswith("eval/")}
 
     engine.train()
-    t_start, tokens_done = time.time(), 0
+    # Reports during training (a checkpoint's, an eval step's) go through Ray Train's upload thread: the
+    # step path waits neither for the upload nor for the controller's poll. The final report is synchronous.
+    background = spec.output.checkpoint_upload == "async"
+    t_start, tokens_done, stored_s = time.time(), 0, 0.0
     step = start_step
     last_eval: dict = {}
     for step in range(start_step, steps):
@@ -470,15 +490,17 @@ def run_worker(config: dict, session) -> dict:
         metrics = {"step": done, "loss": loss_mean, **{k: v for k, v in rec.items() if k.startswith(("eval/", "train/"))}}
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
-            _checkpoint_and_report(session, engine, rank, done, history, method, metrics)
+            t_ckpt = time.time()
+            _checkpoint_and_report(session, engine, rank, done, history, method, metrics, background)
+            stored_s += time.time() - t_ckpt
             if tb:
                 tb.publish()
         elif any(k.startswith("eval/") for k in rec) and not is_last:
             # Only eval steps are reported without a checkpoint (Tune's schedulers act on eval metrics): a
-            # Ray Train report waits for the controller's next poll of the workers (every 2 s by default),
+            # synchronous Ray Train report waits for the controller's next poll of the workers (every 2 s by default),
             # so a report per log step stalled a job with log_every 1 up to 2 s a step. The step lines
             # above and metrics.jsonl carry the per-step record.
-            session.report(metrics)
+            session.report(metrics, background=background)
 
     # ---------------------------------------------------------------- finish
     after = evaluate()
@@ -501,6 +523,9 @@ def run_worker(config: dict, session) -> dict:
         "trainable": summary,
         "adapter": adapter_report(engine.module),
         "train_seconds": time.time() - t_start,
+        # What saving and storing the checkpoints taken while training cost the step path (rank 0's
+        # seconds); with `output.checkpoint_upload: async` the upload itself is not in it.
+        "checkpoint_seconds": stored_s,
         "trained_tokens": tokens_done,
         "precision": precision,
         "placement": placement,
