@@ -62,7 +62,7 @@ def _job(tmp_path, name, tiny_model, arith):
     # A fresh cache per run, so that both runs tokenize; exact match, so that both generate.
     return job_dict(tiny_model, arith[0], arith[1], tmp_path / name, tmp_path / f"cache-{name}",
                     method__exact_match=True, method__max_new_tokens=2, scaling__num_workers=1,
-                    train__max_steps=1, train__global_batch_size=4, data__eval_max_rows=32)
+                    train__max_steps=1, train__global_batch_size=4, data__eval_max_rows=16)
 
 
 @pytest.mark.skipif(bool(os.environ.get("TQDM_DISABLE")), reason="TQDM_DISABLE is set: tqdm draws no bars")
