@@ -18,6 +18,7 @@ from ftray import storage
 from ftray.data import hub
 from ftray.data.encode import ensure_chat_template, pack_examples
 from ftray.data.rows import Checked, data_files, read_checked
+from ftray.progress import bar
 
 __all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
 
@@ -136,13 +137,16 @@ def _encode_here(items: list[dict], encode: _Encode, out_path: str, fs) -> None:
     import pyarrow.parquet as pq
 
     parts: dict[str, list] = {}
+    progress = bar(desc="tokenize", total=len(items), unit="row")
     for b in range(0, len(items), _BATCH):
         table = encode(pa.Table.from_pylist(items[b : b + _BATCH]))
+        progress.update(min(_BATCH, len(items) - b))
         for split in ("train", "eval"):
             mask = pa.compute.equal(table.column("split"), split)
             part = table.filter(mask).drop_columns(["split"])
             if part.num_rows:
                 parts.setdefault(split, []).append(part)
+    progress.close()
     for split, tables in parts.items():
         fs.create_dir(f"{out_path}/split={split}", recursive=True)
         table = pa.concat_tables(tables, promote_options="permissive")

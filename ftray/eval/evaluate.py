@@ -45,6 +45,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     from ftray.data.rows import read_checked
     from ftray.methods import EvalContext, get_method, load_run_model
     from ftray.models.load import load_tokenizer, resolve
+    from ftray.progress import bar
     from ftray.train.held_out import evaluate_held_out
 
     spec = _spec_for(run, data, method, fmt)
@@ -56,7 +57,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     model = load_run_model(spec, resolved, torch.float32, method=m).eval()
     torch.manual_seed(0)
 
-    examples = [e for r in rows for e in m.examples(r, tok, spec) if len(e["input_ids"])]
+    examples = [e for r in bar(rows, "tokenize", unit="row") for e in m.examples(r, tok, spec) if len(e["input_ids"])]
     for e in examples:
         e.setdefault("position_ids", None)
     # The training loop's held-out evaluation, on one process.

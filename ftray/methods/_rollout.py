@@ -19,6 +19,7 @@ from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
 from ftray.methods.losses import masked_mean, token_cross_entropy
+from ftray.progress import bar
 
 __all__ = ["FORMATS", "PromptRows", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_mask",
            "prompt_examples", "reference_answer_nll", "rollout_info", "rollout_metrics", "served_reward_model"]
@@ -233,7 +234,7 @@ class Sampler:
 
         tok, spec = self.tokenizer, self.spec
         out = []
-        for i in range(0, len(rows), 16):
+        for i in bar(range(0, len(rows), 16), "generate", unit="batch"):
             chunk = rows[i : i + 16]
             ex = [prompt_examples(r, tok, spec)[0] for r in chunk]
             prompts = [list(e["input_ids"][: e["prompt_len"]]) or [tok.eos_token_id] for e in ex]

@@ -16,6 +16,7 @@ from ftray.data.encode import IGNORE
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import gather_objects, load_auto, pad
 from ftray.methods.losses import masked_token_cross_entropy
+from ftray.progress import bar
 
 __all__ = ["Seq2Seq"]
 
@@ -67,7 +68,7 @@ class Seq2Seq(MethodBase):
         import sacrebleu
 
         hyps = []
-        for i in range(0, len(rows), 16):
+        for i in bar(range(0, len(rows), 16), "generate", unit="batch"):
             chunk = rows[i : i + 16]
             ids, mask = pad(
                 [tokenizer(spec.method.source_prefix + r["source"])["input_ids"][: spec.data.max_length] for r in chunk],

@@ -13,6 +13,7 @@ import torch
 from ftray.data.encode import encode_row, render_prompt
 from ftray.methods._base import MethodBase
 from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
+from ftray.progress import bar
 
 
 class SFT(MethodBase):
@@ -43,7 +44,7 @@ class SFT(MethodBase):
             return []
         scores = []
         tokenizer.padding_side = "left"
-        for i in range(0, len(rows), 16):
+        for i in bar(range(0, len(rows), 16), "generate", unit="batch"):
             chunk = rows[i : i + 16]
             prompts, refs = zip(*(render_prompt(tokenizer, r) for r in chunk), strict=True)
             enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from ftray.progress import bar
+
 __all__ = ["evaluate_held_out"]
 
 
@@ -33,7 +35,7 @@ def evaluate_held_out(method, model, examples: list[dict], rows: list[dict], tok
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively); a rank
     # out of examples runs a copy of example 0 and counts it with weight 0.
     loss_sum, tokens = 0.0, 0.0
-    for s in range(0, math.ceil(per_rank / micro_batch) * micro_batch, micro_batch):
+    for s in bar(range(0, math.ceil(per_rank / micro_batch) * micro_batch, micro_batch), "eval loss", unit="batch"):
         chunk = mine[s : s + micro_batch]
         weight = 1.0 if chunk else 0.0
         batch = method.collate([examples[i] for i in (chunk or [0])], tokenizer.pad_token_id)
