@@ -429,14 +429,17 @@ class OutputSpec(_Strict):
     dir: str = Field(description="The run folder (local or s3://). Running again with the same folder resumes.")
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
-    trackers: list[Literal["mlflow"]] = Field(
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Experiment trackers that get the run's parameters, every step's metrics while it trains, and "
-        "the run folder as artifacts (mlflow: the `mlflow-skinny` client).",
+        "the run folder as artifacts (mlflow: the `mlflow-skinny` client; wandb: the `wandb` client, configured "
+        "by its own $WANDB_MODE, $WANDB_DIR, $WANDB_API_KEY, ...).",
     )
     tracking_uri: str | None = Field(None, description="The MLflow tracking server (default: $MLFLOW_TRACKING_URI).")
     experiment: str | None = Field(
-        None, description="The MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else `ftray`)."
+        None,
+        description="The MLflow experiment and the W&B project (default: $MLFLOW_EXPERIMENT_NAME, "
+        "$WANDB_PROJECT, else `ftray`).",
     )
 
 
