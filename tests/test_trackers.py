@@ -40,8 +40,12 @@ def _wandb_records(wandb_dir: Path) -> dict[str, list[list]]:
     (a part per `wandb.init`). A `.wandb` file is a LevelDB-style log (wandb-core writes it; the Python
     package has no reader): a 7-byte header, then 32 KiB blocks of chunks (crc32, length, kind: 1 whole,
     2 first, 3 middle, 4 last), each record a `Record` protobuf."""
+    import wandb
     from wandb.proto.wandb_internal_pb2 import Record
 
+    # wandb-core writes the files behind `finish()` (a read right after found one without its run record
+    # once): its teardown waits for them.
+    wandb.teardown()
     runs: dict[str, list[list]] = {}
     for f in (wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         data, pos, buf, recs = f.read_bytes(), 7, b"", []
