@@ -434,16 +434,19 @@ class OutputSpec(_Strict):
         description="How a Ray Train job stores a checkpoint taken while it trains: `async` uploads it in the "
         "background while the next steps train (it becomes the one a restart resumes from once uploaded; a "
         "failure before that resumes from the one before), `sync` before the next step. The final checkpoint is "
-        "always stored before the job ends; a job without Ray (`--local`) stores each one before going on.",
+        "always stored before the job ends; a job without Ray (`--in-process`) stores each one before going on.",
     )
-    trackers: list[Literal["mlflow"]] = Field(
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Experiment trackers that get the run's parameters, every step's metrics while it trains, and "
-        "the run folder as artifacts (mlflow: the `mlflow-skinny` client).",
+        "the run folder as artifacts (mlflow: the `mlflow-skinny` client; wandb: the `wandb` client, configured "
+        "by its own $WANDB_MODE, $WANDB_DIR, $WANDB_API_KEY, ...).",
     )
     tracking_uri: str | None = Field(None, description="The MLflow tracking server (default: $MLFLOW_TRACKING_URI).")
     experiment: str | None = Field(
-        None, description="The MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else `ftray`)."
+        None,
+        description="The MLflow experiment and the W&B project (default: $MLFLOW_EXPERIMENT_NAME, "
+        "$WANDB_PROJECT, else `ftray`).",
     )
 
 

@@ -1,11 +1,15 @@
-"""`output.trackers: [mlflow]` against a real `mlflow server` on loopback (conftest's `mlflow_server`): a
-job's run carries the resolved spec as parameters, every step's metrics and the run folder as artifacts,
-read back through `mlflow.search_runs` and the client; bad tracker settings are refused before anything
-starts. A sweep's trials as children of the sweep's run: tests/test_tune.py."""
+"""`output.trackers`: mlflow against a real `mlflow server` on loopback (conftest's `mlflow_server`), read
+back through `mlflow.search_runs` and the client; wandb in offline mode ($WANDB_MODE=offline, $WANDB_DIR a
+temporary folder), read back from the records of its `.wandb` files. One job reports to both: its run
+carries the resolved spec as parameters / config, every step's metrics and the run folder as artifacts.
+Bad tracker settings are refused before anything starts. A sweep's trials as children of the sweep's
+MLflow run: tests/test_tune.py; their W&B group: here, at the level of the tracker runs."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,63 @@ from tests._specs import free_port, job_dict, run_here
 def _job(tiny_model, arith, out, cache_dir, **output) -> dict:
     return job_dict(tiny_model, arith[0], arith[1], out, cache_dir, scaling__num_workers=1, train__max_steps=5,
                     train__global_batch_size=4, train__eval_every=2, **{f"output__{k}": v for k, v in output.items()})
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny_model, arith, cache_dir, mlflow_server):
+    """One job (5 steps, in this process) reporting to MLflow and to W&B offline: (run folder, its run.json
+    record, the W&B folder)."""
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(root))
+        record = run_here(_job(tiny_model, arith, root / "tracked", cache_dir, trackers=["mlflow", "wandb"],
+                               tracking_uri=mlflow_server, experiment="ftray-tests-job"))
+    return root / "tracked", record, root
+
+
+def _wandb_records(wandb_dir: Path) -> dict[str, list[list]]:
+    """Per W&B run id under `wandb_dir`: the records of each of its offline parts, in the order they started
+    (a part per `wandb.init`). A `.wandb` file is a LevelDB-style log (wandb-core writes it; the Python
+    package has no reader): a 7-byte header, then 32 KiB blocks of chunks (crc32, length, kind: 1 whole,
+    2 first, 3 middle, 4 last), each record a `Record` protobuf."""
+    import wandb
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    # wandb-core writes the files behind `finish()` (a read right after found one without its run record
+    # once): its teardown waits for them.
+    wandb.teardown()
+    runs: dict[str, list[list]] = {}
+    for f in (wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"):
+        data, pos, buf, recs = f.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B", f
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7 or data[pos + 6] == 0:  # a block's padding
+                pos += 32768 - pos % 32768
+                continue
+            n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            buf += data[pos + 7 : pos + 7 + n]
+            pos += 7 + n
+            if kind in (1, 4):
+                recs.append(Record.FromString(buf))
+                buf = b""
+        (run,) = _of(recs, "run")
+        runs.setdefault(run.run_id, []).append(recs)
+    # Two parts started in the same second are `...-ID` and `...-ID-1`: order them by their start time.
+    return {k: sorted(v, key=lambda recs: _of(recs, "run")[0].start_time.ToNanoseconds()) for k, v in runs.items()}
+
+
+def _of(recs: list, kind: str) -> list:
+    return [getattr(r, kind) for r in recs if r.WhichOneof("record_type") == kind]
+
+
+def _rows(recs: list) -> dict[int, dict]:
+    """The logged history rows by step."""
+    rows = {}
+    for h in _of(recs, "history"):
+        row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in h.item}
+        rows[row["_step"]] = row
+    return rows
 
 
 def test_tracker_settings_are_refused_before_anything_starts(tiny_model, arith, cache_dir, tmp_path, monkeypatch):
@@ -33,13 +94,11 @@ def test_tracker_settings_are_refused_before_anything_starts(tiny_model, arith, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_job_reports_params_every_step_and_its_run_folder(tiny_model, arith, cache_dir, tmp_path, mlflow_server):
+def test_job_reports_params_every_step_and_its_run_folder(tracked, tiny_model, mlflow_server):
     import mlflow
     from mlflow import MlflowClient
 
-    out = tmp_path / "tracked"
-    record = run_here(_job(tiny_model, arith, out, cache_dir, trackers=["mlflow"], tracking_uri=mlflow_server,
-                           experiment="ftray-tests-job"))
+    out, record, _ = tracked
     mlflow.set_tracking_uri(mlflow_server)
     runs = mlflow.search_runs(experiment_names=["ftray-tests-job"], output_format="list")
     (run,) = [r for r in runs if r.data.tags.get("ftray.output_dir") == str(out)]
@@ -61,3 +120,82 @@ def test_job_reports_params_every_step_and_its_run_folder(tiny_model, arith, cac
     assert {"run.json", "metrics.jsonl", "adapter", "tokenizer"} <= arts and "checkpoints" not in arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_config.json",
                                                                                    "adapter/adapter_model.safetensors"}
+
+
+def test_wandb_run_has_config_every_step_and_its_run_folder(tracked):
+    out, record, wandb_dir = tracked
+    ((run_id, parts),) = _wandb_records(wandb_dir).items()
+    # Rank 0's part (config, every step), then the driver's (the run folder, the exit code).
+    train, final = parts
+    (run,) = _of(train, "run")
+    assert (run.run_id, run.project, run.display_name, run.job_type) == (run_id, "ftray-tests-job", "tracked", "sft")
+    assert list(run.tags) == ["sft", "lora"]
+    config = {c.key: json.loads(c.value_json) for r in _of(train, "config") + [run] for c in r.config.update}
+    assert config["method.kind"] == "sft" and config["train.max_steps"] == 5 and config["output.dir"] == str(out)
+    rows = _rows(train)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = {h["step"]: h["loss"] for h in lines if "loss" in h}
+    assert sorted(want) == [1, 2, 3, 4, 5]
+    assert {s: r["loss"] for s, r in rows.items() if "loss" in r} == pytest.approx(want)
+    assert sorted(s for s, r in rows.items() if "eval/eval_loss" in r) == [0, 2, 4, 5]
+    assert rows[5]["eval/eval_loss"] == pytest.approx(record["eval"]["after"]["eval_loss"])
+    assert [e.exit_code for e in _of(train, "exit")] == [0]
+    (art,) = _of(final, "artifact")
+    files = {m.path for m in art.manifest.contents}
+    assert {"run.json", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
+    assert not any(f.startswith("checkpoints/") for f in files) and art.type == "ftray-run"
+    assert [r.run_id for r in _of(final, "run")] == [run_id] and [e.exit_code for e in _of(final, "exit")] == [0]
+
+
+def test_wandb_trial_is_grouped_under_its_sweep_and_a_failure_ends_it_failed(tiny_model, arith, cache_dir, tmp_path,
+                                                                           monkeypatch):
+    """The sweep's group reaches a trial's W&B run as `run_trial` passes it (`Plan.tracking_parent` into
+    `start_run`); rank 0 logs two steps and fails (its run left open, in this process): the driver ends the
+    run with exit code 1 and no run folder."""
+    from ftray.train.live import Live
+    from ftray.train.tracking import finish_run, start_run, start_sweep_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    spec = resolve_paths(spec_from_dict(_job(tiny_model, arith, tmp_path / "sweep" / "trials" / "t1", cache_dir,
+                                             trackers=["wandb"])))
+    parent = start_sweep_run(spec.output, str(tmp_path / "sweep"), "sweep", {"metric": "eval/eval_loss"})
+    assert parent == {"wandb": "sweep"}
+    ref = start_run(spec, parent)
+    live = Live(str(tmp_path / "sweep" / "trials" / "t1"), 0, ref)
+    live.add({"step": 1, "loss": 2.5}, flush=True)
+    live.add({"step": 2, "loss": 2.25, "eval/eval_loss": 2.0}, flush=True)
+    finish_run(ref, None, "FAILED")
+    train, final = _wandb_records(tmp_path)[ref["wandb"]["id"]]
+    for part in (train, final):
+        (run,) = _of(part, "run")
+        assert (run.run_group, run.job_type) == ("sweep", "trial")
+        assert [e.exit_code for e in _of(part, "exit")] == [1]
+    assert {s: r["loss"] for s, r in _rows(train).items()} == {1: 2.5, 2: 2.25}
+    assert _of(final, "artifact") == []
+
+
+def test_wandb_settings_are_refused_before_anything_starts(tiny_model, arith, cache_dir, tmp_path, monkeypatch):
+    from ftray.train.launch import check_job
+
+    def check(out: str):
+        return check_job(resolve_paths(spec_from_dict(_job(tiny_model, arith, tmp_path / out, cache_dir,
+                                                           trackers=["wandb"]))))
+
+    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no `wandb login` entry
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(SpecError, match=r"^output.trackers: wandb logs online to \S+ and has no credentials: set "
+                                        r"WANDB_API_KEY .*or WANDB_MODE=offline"):
+        check("a")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key is enough to pass: nothing is sent before the job
+    check("b")
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check("c")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python spells "not installed" to an import
+    with pytest.raises(SpecError, match=r"^output.trackers: wandb: the wandb client is not installed"):
+        check("d")
+    assert list(tmp_path.iterdir()) == []  # no run folder, no W&B folder: `ftray validate` writes nothing

@@ -29,7 +29,7 @@ class Plan:
     train_rows: Checked
     eval_rows: Checked | None
     tracking: dict | None = None  # the job's tracker run (train/tracking.py), made when it starts fitting
-    tracking_parent: str | None = None  # a sweep's tracker run, the parent of its trials' runs
+    tracking_parent: dict | None = None  # a sweep's tracker refs (its MLflow run, its W&B group)
 
 
 def submitted_job_id() -> str | None:

@@ -50,16 +50,21 @@ class LiveTensorBoard:
 
 
 class Live:
-    """Rank 0's live sinks as one: TensorBoard events always, and the tracker of `output.trackers` (its
-    `MlflowSink`) when the job has one. `add` each step's record (`flush` at log steps), `publish` at
+    """Rank 0's live sinks as one: TensorBoard events always, and a sink per tracker of `output.trackers`
+    (`tracking`: `start_run`'s refs). `add` each step's record (`flush` at log steps), `publish` at
     checkpoints, `close` at the end."""
 
     def __init__(self, out_dir: str, resumed_at: int = 0, tracking: dict | None = None):
         self.sinks: list = [LiveTensorBoard(out_dir, resumed_at)]
-        if tracking is not None:
+        tracking = tracking or {}
+        if "mlflow" in tracking:
             from ftray.train.tracking import MlflowSink
 
-            self.sinks.append(MlflowSink(tracking))
+            self.sinks.append(MlflowSink(tracking["mlflow"]))
+        if "wandb" in tracking:
+            from ftray.train.tracking import WandbSink
+
+            self.sinks.append(WandbSink(tracking["wandb"]))
 
     def add(self, rec: dict, flush: bool = False) -> None:
         for s in self.sinks:

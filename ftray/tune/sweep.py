@@ -228,7 +228,8 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
     exp = storage.join(sweep.output.dir, "tune")
     from ftray.train.tracking import finish_sweep_run, start_sweep_run
 
-    # The trials' tracker runs are children of the sweep's (MLflow: `output.trackers` of the base job).
+    # The trials' tracker runs hang from the sweep (`output.trackers` of the base job): MLflow children of
+    # the sweep's run, a W&B group named after the sweep.
     parent = start_sweep_run(jobs[0].output, sweep.output.dir, sweep.output.dir.rstrip("/").rsplit("/", 1)[-1],
                              sweep.model_dump(mode="json", exclude={"base"}))
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(), tracking_parent=parent),

@@ -71,7 +71,7 @@ def _segment_start(spec, config: dict, checkpoint: str | None) -> str:
     return f"checkpoints-{len(segments) - 1}"
 
 
-def run_trial(config: dict, sweep: dict, tracking_parent: str | None = None) -> None:
+def run_trial(config: dict, sweep: dict, tracking_parent: dict | None = None) -> None:
     """A Tune function trainable: build the trial's job from the sweep and the sampled `config`, check
     it, fit it (from Tune's checkpoint when there is one), write its run folder, report its metrics."""
     from ray import tune
@@ -84,7 +84,7 @@ def run_trial(config: dict, sweep: dict, tracking_parent: str | None = None) -> 
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(sw, config, trial_dir(sw.output.dir, trial_id), source=f"trial {trial_id}")
     plan = check_job(spec)
-    plan.tracking_parent = tracking_parent  # the sweep's tracker run: this trial's is its child
+    plan.tracking_parent = tracking_parent  # the sweep's tracker refs: this trial's run hangs from them
     with_checkpoints = sw.scheduler.kind == "pbt"
     start = tune.get_checkpoint()  # after a PBT exploit: the other trial's; after a sweep resume: its own
     start_url = storage.url_like(start.path, sw.output.dir) if start is not None else None
