@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from ftray.config import SpecError, resolve_paths, spec_from_dict
 from tests._specs import free_port, job_dict, run_here
+from tests._wandb import history_rows, records_of, wandb_records
 
 
 def _job(tiny_model, arith, out, cache_dir, **output) -> dict:
@@ -33,50 +33,6 @@ def tracked(tmp_path_factory, tiny_model, arith, cache_dir, mlflow_server):
         record = run_here(_job(tiny_model, arith, root / "tracked", cache_dir, trackers=["mlflow", "wandb"],
                                tracking_uri=mlflow_server, experiment="ftray-tests-job"))
     return root / "tracked", record, root
-
-
-def _wandb_records(wandb_dir: Path) -> dict[str, list[list]]:
-    """Per W&B run id under `wandb_dir`: the records of each of its offline parts, in the order they started
-    (a part per `wandb.init`). A `.wandb` file is a LevelDB-style log (wandb-core writes it; the Python
-    package has no reader): a 7-byte header, then 32 KiB blocks of chunks (crc32, length, kind: 1 whole,
-    2 first, 3 middle, 4 last), each record a `Record` protobuf."""
-    import wandb
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    # wandb-core writes the files behind `finish()` (a read right after found one without its run record
-    # once): its teardown waits for them.
-    wandb.teardown()
-    runs: dict[str, list[list]] = {}
-    for f in (wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        data, pos, buf, recs = f.read_bytes(), 7, b"", []
-        assert data[:4] == b":W&B", f
-        while pos + 7 <= len(data):
-            if 32768 - pos % 32768 < 7 or data[pos + 6] == 0:  # a block's padding
-                pos += 32768 - pos % 32768
-                continue
-            n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-            buf += data[pos + 7 : pos + 7 + n]
-            pos += 7 + n
-            if kind in (1, 4):
-                recs.append(Record.FromString(buf))
-                buf = b""
-        (run,) = _of(recs, "run")
-        runs.setdefault(run.run_id, []).append(recs)
-    # Two parts started in the same second are `...-ID` and `...-ID-1`: order them by their start time.
-    return {k: sorted(v, key=lambda recs: _of(recs, "run")[0].start_time.ToNanoseconds()) for k, v in runs.items()}
-
-
-def _of(recs: list, kind: str) -> list:
-    return [getattr(r, kind) for r in recs if r.WhichOneof("record_type") == kind]
-
-
-def _rows(recs: list) -> dict[int, dict]:
-    """The logged history rows by step."""
-    rows = {}
-    for h in _of(recs, "history"):
-        row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in h.item}
-        rows[row["_step"]] = row
-    return rows
 
 
 def test_tracker_settings_are_refused_before_anything_starts(tiny_model, arith, cache_dir, tmp_path, monkeypatch):
@@ -124,27 +80,27 @@ def test_job_reports_params_every_step_and_its_run_folder(tracked, tiny_model, m
 
 def test_wandb_run_has_config_every_step_and_its_run_folder(tracked):
     out, record, wandb_dir = tracked
-    ((run_id, parts),) = _wandb_records(wandb_dir).items()
+    ((run_id, parts),) = wandb_records(wandb_dir).items()
     # Rank 0's part (config, every step), then the driver's (the run folder, the exit code).
     train, final = parts
-    (run,) = _of(train, "run")
+    (run,) = records_of(train, "run")
     assert (run.run_id, run.project, run.display_name, run.job_type) == (run_id, "ftray-tests-job", "tracked", "sft")
     assert list(run.tags) == ["sft", "lora"]
-    config = {c.key: json.loads(c.value_json) for r in _of(train, "config") + [run] for c in r.config.update}
+    config = {c.key: json.loads(c.value_json) for r in records_of(train, "config") + [run] for c in r.config.update}
     assert config["method.kind"] == "sft" and config["train.max_steps"] == 5 and config["output.dir"] == str(out)
-    rows = _rows(train)
+    rows = history_rows(train)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     want = {h["step"]: h["loss"] for h in lines if "loss" in h}
     assert sorted(want) == [1, 2, 3, 4, 5]
     assert {s: r["loss"] for s, r in rows.items() if "loss" in r} == pytest.approx(want)
     assert sorted(s for s, r in rows.items() if "eval/eval_loss" in r) == [0, 2, 4, 5]
     assert rows[5]["eval/eval_loss"] == pytest.approx(record["eval"]["after"]["eval_loss"])
-    assert [e.exit_code for e in _of(train, "exit")] == [0]
-    (art,) = _of(final, "artifact")
+    assert [e.exit_code for e in records_of(train, "exit")] == [0]
+    (art,) = records_of(final, "artifact")
     files = {m.path for m in art.manifest.contents}
     assert {"run.json", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
     assert not any(f.startswith("checkpoints/") for f in files) and art.type == "ftray-run"
-    assert [r.run_id for r in _of(final, "run")] == [run_id] and [e.exit_code for e in _of(final, "exit")] == [0]
+    assert [r.run_id for r in records_of(final, "run")] == [run_id] and [e.exit_code for e in records_of(final, "exit")] == [0]
 
 
 def test_wandb_trial_is_grouped_under_its_sweep_and_a_failure_ends_it_failed(tiny_model, arith, cache_dir, tmp_path,
@@ -160,19 +116,19 @@ def test_wandb_trial_is_grouped_under_its_sweep_and_a_failure_ends_it_failed(tin
     spec = resolve_paths(spec_from_dict(_job(tiny_model, arith, tmp_path / "sweep" / "trials" / "t1", cache_dir,
                                              trackers=["wandb"])))
     parent = start_sweep_run(spec.output, str(tmp_path / "sweep"), "sweep", {"metric": "eval/eval_loss"})
-    assert parent == {"wandb": "sweep"}
+    assert parent == {"wandb": {"group": "sweep", "mode": "offline", "dir": str(tmp_path)}}
     ref = start_run(spec, parent)
     live = Live(str(tmp_path / "sweep" / "trials" / "t1"), 0, ref)
     live.add({"step": 1, "loss": 2.5}, flush=True)
     live.add({"step": 2, "loss": 2.25, "eval/eval_loss": 2.0}, flush=True)
     finish_run(ref, None, "FAILED")
-    train, final = _wandb_records(tmp_path)[ref["wandb"]["id"]]
+    train, final = wandb_records(tmp_path)[ref["wandb"]["id"]]
     for part in (train, final):
-        (run,) = _of(part, "run")
+        (run,) = records_of(part, "run")
         assert (run.run_group, run.job_type) == ("sweep", "trial")
-        assert [e.exit_code for e in _of(part, "exit")] == [1]
-    assert {s: r["loss"] for s, r in _rows(train).items()} == {1: 2.5, 2: 2.25}
-    assert _of(final, "artifact") == []
+        assert [e.exit_code for e in records_of(part, "exit")] == [1]
+    assert {s: r["loss"] for s, r in history_rows(train).items()} == {1: 2.5, 2: 2.25}
+    assert records_of(final, "artifact") == []
 
 
 def test_wandb_settings_are_refused_before_anything_starts(tiny_model, arith, cache_dir, tmp_path, monkeypatch):

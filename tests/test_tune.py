@@ -262,13 +262,17 @@ def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local, mlflow
     out = tmp_path_factory.mktemp("sweep") / "asha"
     # What this checks is Tune's scheduling (trials stopped early, results, best.yaml): 1-worker trials,
     # 3 at once (3 x (0.9 + 0.1) of the 4 logical CPUs). Multi-worker trials: the PBT test below. Every
-    # trial reports to MLflow as a child of the sweep's run.
+    # trial reports to MLflow as a child of the sweep's run, and to W&B (offline, into out/../wandb) in the
+    # sweep's group: from Tune's trial actors and Ray Train workers, whose environment is not this process's.
     base = real_base(tiny_model, arith, cache_dir)
-    base["output"].update(trackers=["mlflow"], tracking_uri=mlflow_server, experiment="ftray-tests-sweep")
+    base["output"].update(trackers=["mlflow", "wandb"], tracking_uri=mlflow_server, experiment="ftray-tests-sweep")
     sweep, jobs = sweep_from_dict(sweep_dict(base, out, max_concurrent_trials=3,
                                              num_samples=ASHA_TRIALS, resources={"workers": 1, "cpus_per_worker": 0.9}))
     t0 = time.time()
-    summary = run_sweep(sweep, jobs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(out.parent))
+        summary = run_sweep(sweep, jobs)
     summary["elapsed"] = time.time() - t0
     return sweep, summary, out
 
@@ -320,10 +324,39 @@ def test_each_trial_is_a_child_of_the_sweeps_mlflow_run(asha_sweep, mlflow_serve
 
 
 @pytest.mark.integration
-def test_best_yaml_reproduces_the_trial(asha_sweep, ray_local):
+def test_each_trial_is_a_wandb_run_in_the_sweeps_group(asha_sweep):
+    """W&B offline: one run per trial (its id from the trial's folder), grouped under the sweep, with every
+    step it trained; a completed trial's run ends with its run folder as an artifact and exit code 0. A
+    trial stopped by ASHA loses its process mid-run: what wandb had written of it, if anything, is kept."""
+    from tests._wandb import history_rows, records_of, wandb_records
+
+    _, s, out = asha_sweep
+    runs = wandb_records(out.parent)
+    by_dir = {}
+    for parts in runs.values():
+        (run,) = records_of(parts[0], "run")
+        assert (run.run_group, run.job_type, run.project) == ("asha", "trial", "ftray-tests-sweep")
+        config = {c.key: json.loads(c.value_json) for r in [run, *records_of(parts[0], "config")] for c in r.config.update}
+        by_dir[config["output.dir"]] = parts
+    done = {r["run"] for r in s["rows"] if r["status"] == "completed"}
+    assert done and done <= set(by_dir) <= {r["run"] for r in s["rows"]}
+    for run_dir in done:
+        r = next(r for r in s["rows"] if r["run"] == run_dir)
+        parts = by_dir[run_dir]
+        steps = sorted(k for k, row in history_rows(parts[0]).items() if "loss" in row)
+        assert steps == list(range(1, r["steps"] + 1)), (r["trial"], steps)
+        assert len(parts) == 2 and [e.exit_code for p in parts for e in records_of(p, "exit")] == [0, 0]
+        (art,) = records_of(parts[1], "artifact")
+        assert "run.json" in {m.path for m in art.manifest.contents}
+
+
+@pytest.mark.integration
+def test_best_yaml_reproduces_the_trial(asha_sweep, ray_local, tmp_path, monkeypatch):
     from ftray.train.local import run_local
 
     sweep, s, out = asha_sweep
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the sweep's trackers come with the job
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     spec = load_spec(out / "best.yaml")
     assert spec.output.dir == str(out / "best")
     assert spec.train.lr == s["best_params"]["train.lr"] and spec.adapter.r == s["best_params"]["adapter.r"]

@@ -62,8 +62,9 @@ def check_output_survives(path: str, field: str = "output.dir") -> None:
         )
 
 
-def check_job(spec: JobSpec) -> Plan:
-    """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row."""
+def check_job(spec: JobSpec, tracking_parent: dict | None = None) -> Plan:
+    """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row.
+    `tracking_parent`: a sweep's tracker refs (`tracking.start_sweep_run`), for a trial."""
     check_output_survives(spec.output.dir)
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     from transformers import AutoModelForSeq2SeqLM
@@ -80,13 +81,13 @@ def check_job(spec: JobSpec) -> Plan:
     load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     train_rows, eval_rows = check_data(spec)
     check_method(spec, resolved, train_rows, eval_rows)
-    check_trackers(spec.output)
+    check_trackers(spec.output, tracking_parent)
     prev = RunFolder(spec.output.dir).method()
     if prev not in (None, spec.method.kind):
         from ftray.config import SpecError
 
         raise SpecError(f"output.dir: {spec.output.dir} holds a finished `{prev}` run; choose another folder")
-    return Plan(spec, resolved, train_rows, eval_rows)
+    return Plan(spec, resolved, train_rows, eval_rows, tracking_parent=tracking_parent)
 
 
 def ensure_ray(spec: JobSpec | None = None) -> bool:
@@ -101,7 +102,10 @@ def ensure_ray(spec: JobSpec | None = None) -> bool:
         # every 2 s by default, and a step that reports waits for it: a 4-step job with a report each step
         # trained 3.5 s at 2 s, 0.7 s at 0.25 s (2 CPU workers, tiny model). A cluster keeps its own setting.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
+    # What the workers need to reach storage and the trackers (rank 0 logs to MLflow and W&B itself).
+    env = {k: v for k, v in os.environ.items()
+           if k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           or k.startswith(("WANDB_", "MLFLOW_TRACKING_"))}
     ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
     node = getattr(ray._private.worker, "_global_node", None)  # head=True: ray.init started this cluster
     return bool(node is not None and node.head)

@@ -58,13 +58,14 @@ def _experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def check_trackers(output) -> None:
+def check_trackers(output, sweep: dict | None = None) -> None:
     """Before any Ray resource: each tracker's package is there and it can log (SpecError). Reads only:
-    `ftray validate` writes nothing."""
+    `ftray validate` writes nothing. `sweep`: a trial's, checked in its Tune actor: W&B logs as the sweep's
+    launching process set it (`start_sweep_run`)."""
     if "mlflow" in output.trackers:
         _check_mlflow(output)
     if "wandb" in output.trackers:
-        _check_wandb()
+        _check_wandb((sweep or {}).get("wandb", {}).get("mode") or _wandb_mode())
 
 
 def _check_mlflow(output) -> None:
@@ -102,14 +103,14 @@ def _wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or _wandb_settings().mode
 
 
-def _check_wandb() -> None:
+def _check_wandb(mode: str) -> None:
     from ftray.config import SpecError
 
     try:
         import wandb  # noqa: F401
     except ImportError:
         raise SpecError("output.trackers: wandb: the wandb client is not installed (pip install wandb)") from None
-    if _wandb_mode() in ("offline", "dryrun", "disabled"):
+    if mode in ("offline", "dryrun", "disabled"):
         return
     from wandb.sdk.lib import wbauth
 
@@ -171,10 +172,19 @@ def _start_mlflow(spec, parent_run_id: str | None) -> dict:
     return {"tracking_uri": uri, "run_id": run.info.run_id}
 
 
-def _wandb_ref(spec, group: str | None) -> dict:
+def _wandb_where() -> dict:
+    """How and where W&B logs, as the launching process sees it ($WANDB_MODE, $WANDB_DIR, else its working
+    folder, as wandb's default): rank 0 and a sweep's trials run in Ray workers, whose environment and
+    working folder are Ray's, and log the same way."""
+    return {"mode": _wandb_mode(), "dir": os.environ.get("WANDB_DIR") or os.getcwd()}
+
+
+def _wandb_ref(spec, sweep: dict | None) -> dict:
     """Everything `wandb.init` gets, on rank 0 and again in the driver (a plain dict: it travels to rank 0
-    in the train loop's config). The mode is the one `check_trackers` checked, so rank 0 logs the same way."""
+    in the train loop's config). The mode is the one `check_trackers` checked, so rank 0 logs the same way;
+    `sweep`: the sweep's group, mode and folder (`start_sweep_run`)."""
     out = spec.output
+    group = sweep["group"] if sweep else None
     return {
         "project": out.experiment or os.environ.get("WANDB_PROJECT") or "ftray",
         # 16 hex digits of the folder's hash: the same folder, the same W&B run (ids are unique per project).
@@ -184,7 +194,7 @@ def _wandb_ref(spec, group: str | None) -> dict:
         "job_type": "trial" if group else spec.method.kind,
         "tags": [spec.method.kind, spec.adapter.kind],
         "config": _flat(spec.model_dump(mode="json"), text=False),
-        "mode": _wandb_mode(),
+        **({k: sweep[k] for k in ("mode", "dir")} if sweep else _wandb_where()),
     }
 
 
@@ -199,7 +209,7 @@ def _wandb_init(ref: dict):
     settings = wandb.Settings(console="off", silent=True, reinit="create_new")
     run = wandb.init(project=ref["project"], id=ref["id"], name=ref["name"], group=ref["group"],
                      job_type=ref["job_type"], tags=ref["tags"], config=ref["config"], mode=ref["mode"],
-                     dir=os.environ.get("WANDB_DIR"), resume="allow", settings=settings)  # $WANDB_DIR: as the mode
+                     dir=ref["dir"], resume="allow", settings=settings)
     _WANDB_OPEN[ref["id"]] = run
     return run
 
@@ -211,13 +221,13 @@ def _wandb_finish(run, exit_code: int) -> None:
 
 def start_sweep_run(output, sweep_dir: str, name: str, params: dict) -> dict | None:
     """What the sweep's trials' runs hang from (None: no tracker): {"mlflow": the sweep's parent run id
-    (its trials' runs are its children), "wandb": the group of its trials' runs (the sweep's name)};
+    (its trials' runs are its children), "wandb": the group of its trials' runs (the sweep's name) and where they log};
     `output`: the base job's output spec. A resumed sweep keeps its parent run."""
     ref = {}
     if "mlflow" in output.trackers:
         ref["mlflow"] = _start_mlflow_sweep(output, sweep_dir, name, params)
     if "wandb" in output.trackers:
-        ref["wandb"] = name
+        ref["wandb"] = {"group": name, **_wandb_where()}
     return ref or None
 
 
