@@ -21,6 +21,7 @@ LAYERS = {
     "ftray.config": 0,
     "ftray.runs": 0,  # the run-folder contract: models.load resolves run folders through it
     "ftray.metrics": 0,
+    "ftray.progress": 0,  # the one "is this a terminal" decision behind every phase's progress bar
     # models below data: data tokenizes with the tokenizer models/ loads (and its chat template).
     "ftray.models": 1,
     "ftray.data": 2,
