@@ -81,7 +81,8 @@ def check_job(spec: JobSpec, tracking_parent: dict | None = None) -> Plan:
     load_tokenizer(resolved.tokenizer, spec.model.trust_remote_code)
     train_rows, eval_rows = check_data(spec)
     check_method(spec, resolved, train_rows, eval_rows)
-    check_trackers(spec.output, tracking_parent)
+    if tracking_parent is None:  # a sweep's trial: checked with the sweep's jobs, where its settings apply
+        check_trackers(spec.output)
     prev = RunFolder(spec.output.dir).method()
     if prev not in (None, spec.method.kind):
         from ftray.config import SpecError

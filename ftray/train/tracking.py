@@ -58,14 +58,13 @@ def _experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def check_trackers(output, sweep: dict | None = None) -> None:
+def check_trackers(output) -> None:
     """Before any Ray resource: each tracker's package is there and it can log (SpecError). Reads only:
-    `ftray validate` writes nothing. `sweep`: a trial's, checked in its Tune actor: W&B logs as the sweep's
-    launching process set it (`start_sweep_run`)."""
+    `ftray validate` writes nothing."""
     if "mlflow" in output.trackers:
         _check_mlflow(output)
     if "wandb" in output.trackers:
-        _check_wandb((sweep or {}).get("wandb", {}).get("mode") or _wandb_mode())
+        _check_wandb()
 
 
 def _check_mlflow(output) -> None:
@@ -103,14 +102,14 @@ def _wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or _wandb_settings().mode
 
 
-def _check_wandb(mode: str) -> None:
+def _check_wandb() -> None:
     from ftray.config import SpecError
 
     try:
         import wandb  # noqa: F401
     except ImportError:
         raise SpecError("output.trackers: wandb: the wandb client is not installed (pip install wandb)") from None
-    if mode in ("offline", "dryrun", "disabled"):
+    if _wandb_mode() in ("offline", "dryrun", "disabled"):
         return
     from wandb.sdk.lib import wbauth
 
