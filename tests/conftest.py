@@ -15,7 +15,7 @@ import pytest
 
 from tests._methods_tiny import build_tiny_bert
 from tests._runs import RunFarm
-from tests._s3 import AWS_ENV, s3, s3_inputs  # noqa: F401 - session fixtures: moto_server, the tiny model and data on it
+from tests._s3 import s3, s3_inputs  # noqa: F401 - session fixtures: moto_server, the tiny model and data on it
 from tests._specs import SHARED_DATA
 
 # Modules that start (or need) a Ray cluster of their own; they run last.
@@ -143,14 +143,16 @@ def method_runs(work, tiny_model, tiny_bert, cache_dir, runs) -> dict[str, Path]
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials go into every Ray worker's environment
+def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials are in the environment the workers inherit
     """One local Ray cluster on loopback for the session (4 logical CPUs on 2 cores: 2 train workers +
     data tasks), started by the first test that needs it. The dashboard is on: Tune needs it to free a
     finished trial's placement group. The own-cluster modules, ordered last, shut it down."""
     import ray
 
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+        from ftray.train.launch import worker_env
+
+        env, _ = worker_env(os.environ)  # as `ensure_ray`: the endpoint, not the keys (the workers inherit those)
         ray.init(num_cpus=4, include_dashboard=True, runtime_env={"env_vars": env} if env else None, configure_logging=False)
         # The jobs this process fits (and the `ftray train` / `ftray tune` drivers it spawns, and the Tune trials
         # it starts) poll at 0.25 s, as `ftray train` does on an embedded Ray (ftray/train/launch.py

@@ -215,6 +215,14 @@ def test_killed_worker_then_killed_driver_resume_to_the_same_weights(tmp_path, t
     got = adapter_weights(run)
     diff = max((got[k] - uninterrupted[k]).abs().max().item() for k in got)
     assert diff <= 1e-6, diff
+    # The drivers joined a cluster holding static S3 keys in their environment: the keys stayed out of every
+    # actor's runtime_env (what `ray list actors --detail` and the dashboard show), the endpoint went in.
+    from ray.util.state import list_actors
+
+    envs = [a.serialized_runtime_env or "" for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)]
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") and any("AWS_ENDPOINT_URL" in e for e in envs), envs[:3]
+    assert not [e for e in envs if "AWS_SECRET_ACCESS_KEY" in e or "AWS_ACCESS_KEY_ID" in e], "static keys in a runtime_env"
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY not passed to the cluster's workers" in text
 
 
 # ----------------------------------------------------------------------------- real data

@@ -91,6 +91,23 @@ def check_job(spec: JobSpec, tracking_parent: dict | None = None) -> Plan:
     return Plan(spec, resolved, train_rows, eval_rows, tracking_parent=tracking_parent)
 
 
+# Credentials: never put into a runtime_env (the dashboard, `ray list actors --detail` and the job table show
+# it to anyone who can read the cluster). An embedded Ray's processes inherit this process's environment; a
+# cluster's nodes have their own (an instance role, a mounted secret, the node's environment).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")
+
+
+def worker_env(environ) -> tuple[dict, list[str]]:
+    """(what the workers need to reach storage and the trackers: rank 0 logs to MLflow and W&B itself, the
+    credentials it holds back (names))."""
+    wanted = {k: v for k, v in environ.items()
+              if k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", *SECRET_ENV)
+              or k.startswith(("WANDB_", "MLFLOW_TRACKING_"))}
+    held = sorted(k for k in wanted if k in SECRET_ENV)
+    return {k: v for k, v in wanted.items() if k not in SECRET_ENV}, held
+
+
 def ensure_ray(spec: JobSpec | None = None) -> bool:
     """Join the running cluster (ray job submit sets RAY_ADDRESS) or start an embedded one; True when
     this process started it (then nothing can be added to it: no autoscaler)."""
@@ -103,10 +120,10 @@ def ensure_ray(spec: JobSpec | None = None) -> bool:
         # every 2 s by default, and a step that reports waits for it: a 4-step job with a report each step
         # trained 3.5 s at 2 s, 0.7 s at 0.25 s (2 CPU workers, tiny model). A cluster keeps its own setting.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    # What the workers need to reach storage and the trackers (rank 0 logs to MLflow and W&B itself).
-    env = {k: v for k, v in os.environ.items()
-           if k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-           or k.startswith(("WANDB_", "MLFLOW_TRACKING_"))}
+    env, held = worker_env(os.environ)
+    if held and os.environ.get("RAY_ADDRESS", "local") != "local":
+        print(f"[ftray] {', '.join(held)} not passed to the cluster's workers (a job's runtime_env shows in the "
+              "dashboard and the state API): its nodes use their own role or environment", flush=True)
     ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
     node = getattr(ray._private.worker, "_global_node", None)  # head=True: ray.init started this cluster
     return bool(node is not None and node.head)
