@@ -21,6 +21,7 @@ __all__ = [
     "download_dir",
     "exists",
     "filesystem",
+    "is_outage",
     "is_remote",
     "join",
     "listdir",
@@ -101,6 +102,20 @@ def pyarrow_filesystem(path: str):
         fs, p = filesystem(path)
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def is_outage(e: BaseException) -> bool:
+    """An error that says the store could not be reached or did not answer (refused connection, timeout,
+    5xx, throttling), as opposed to a path that is not there."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, (OSError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return False
+    return isinstance(e, (BotoCoreError, ClientError))
 
 
 def exists(path: str) -> bool:

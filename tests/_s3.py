@@ -51,6 +51,22 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.
     pytest.fail(f"moto_server did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """A `moto_server` on a free loopback port, answering: (its process, its URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            _moto_command(port), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    try:
+        _wait_http(url + "/", proc, log)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with bucket `bucket`; AWS_* set in os.environ for the session (the
@@ -59,21 +75,10 @@ def s3(tmp_path_factory):
     boto3 = pytest.importorskip("boto3", reason="boto3 is needed to create the bucket")
     from ftray import storage
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            _moto_command(port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc, url = start_moto(tmp_path_factory.mktemp("moto") / "moto_server.log")
     saved_env = {k: os.environ.get(k) for k in AWS_ENV}
     saved_opts = dict(storage._options)
     try:
-        _wait_http(url + "/", proc, log)
         os.environ.update(
             AWS_ENDPOINT_URL=url,
             AWS_ACCESS_KEY_ID="testing",

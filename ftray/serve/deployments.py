@@ -112,7 +112,8 @@ class Generator:
         try:
             self.engine.registry.lookup(adapter)
         except AdapterError as e:
-            return {"error": {"message": str(e), "type": "invalid_request_error", "code": e.code, "status": e.status}}
+            kind = "invalid_request_error" if e.status < 500 else "server_error"
+            return {"error": {"message": str(e), "type": kind, "code": e.code, "status": e.status}}
         return None
 
 

@@ -31,6 +31,10 @@ def error(message: str, status: int = 400, type_: str = "invalid_request_error",
     return {"error": {"message": message, "type": type_, "code": code, "status": status}}
 
 
+def _adapter_error(e: AdapterError) -> dict:
+    return error(str(e), e.status, "invalid_request_error" if e.status < 500 else "server_error", e.code)
+
+
 def _dtype(name: str):
     import torch
 
@@ -55,10 +59,13 @@ class LoraEngine:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
 
     # adapters -------------------------------------------------------------------------------------
-    def ensure_loaded(self, names: set[str]) -> None:
-        """Load what is missing; evict the least recently used adapters not needed now."""
+    def ensure_loaded(self, names: set[str]) -> dict[str, AdapterError]:
+        """Load what is missing; evict the least recently used adapters not needed now. Returns the names
+        that could not be loaded, each with its error: one adapter's failure (its store unreachable, its
+        files half-copied) fails its own requests only."""
         from peft import PeftModel
 
+        failed: dict[str, AdapterError] = {}
         for name in sorted(names):
             if name in self.loaded:
                 if not self.registry.changed(name):
@@ -66,13 +73,23 @@ class LoraEngine:
                     continue
                 self.peft.delete_adapter(name)  # rewritten under the same name: load the new version
                 del self.loaded[name]
-            folder = self.registry.lookup(name)
-            local = str(storage.cached_copy(folder))
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, local, adapter_name=name, is_trainable=False)
-                self.peft.eval()
-            else:
-                self.peft.load_adapter(local, adapter_name=name, is_trainable=False)
+            try:
+                folder = self.registry.lookup(name)
+                with self.registry.guard():
+                    local = str(storage.cached_copy(folder))
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.model, local, adapter_name=name, is_trainable=False)
+                    self.peft.eval()
+                else:
+                    self.peft.load_adapter(local, adapter_name=name, is_trainable=False)
+            except AdapterError as e:
+                failed[name] = e
+                continue
+            except Exception as e:  # unreadable weights (a truncated safetensors file, a wrong shape)
+                if self.peft is not None and name in self.peft.peft_config:
+                    self.peft.delete_adapter(name)
+                failed[name] = AdapterError(f"adapter {name} failed to load: {type(e).__name__}: {e}"[:500], 500, "adapter_load_failed")
+                continue
             self.loaded[name] = folder
         for old in list(self.loaded):
             if len(self.loaded) <= self.cfg.max_loaded_adapters:
@@ -80,6 +97,7 @@ class LoraEngine:
             if old not in names:
                 self.peft.delete_adapter(old)
                 del self.loaded[old]
+        return failed
 
     # generation -----------------------------------------------------------------------------------
     def _check(self, r: dict) -> dict | None:
@@ -103,9 +121,9 @@ class LoraEngine:
             try:
                 self.registry.lookup(name)
             except AdapterError as e:
-                bad[name] = error(str(e), e.status, "invalid_request_error", e.code)
+                bad[name] = _adapter_error(e)
         if wanted - set(bad):
-            self.ensure_loaded(wanted - set(bad))
+            bad.update({name: _adapter_error(e) for name, e in self.ensure_loaded(wanted - set(bad)).items()})
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             if out[i] is None and r.get("adapter") in bad:
@@ -180,10 +198,9 @@ class LoraEngine:
         if bad:
             return bad
         if req.get("adapter"):
-            try:
-                self.ensure_loaded({req["adapter"]})
-            except AdapterError as e:
-                return error(str(e), e.status, code=e.code)
+            failed = self.ensure_loaded({req["adapter"]})
+            if failed:
+                return _adapter_error(failed[req["adapter"]])
         eos_ids, count = self.eos_ids, [0]
         finish = ["length"]
 

@@ -5,20 +5,28 @@ folder. A name is checked against `ADAPTER_NAME` before it touches a path, so ".
 reaches the filesystem. Registry folders are listed on each miss, so an adapter written there after
 start-up (by a finished training run) is found without a restart; an adapter rewritten under the same
 name (a run trained again into its folder) is noticed by `changed` and reloaded once it is complete.
+
+Storage outages (S3 unreachable, timing out, answering 5xx): adapters already found keep being served,
+unknown names answer 503 `storage_unavailable`, and for `outage_backoff_s` after a failure no request
+waits on the store again (a refused connection costs botocore's retries, ~8 s, once).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 from ftray import storage
 from ftray.serve.config import ADAPTER_NAME, GenerationModel
 
 __all__ = ["AdapterError", "AdapterRegistry", "adapter_folder", "check_safetensors"]
+
+log = logging.getLogger("ftray.serve")
 
 
 class AdapterError(ValueError):
@@ -50,6 +58,7 @@ class AdapterRegistry:
     # Unknown names are remembered for miss_ttl_s, and at most this many: a client sending endless new
     # names (64 characters each) must not grow a replica's memory.
     max_misses = 4096
+    outage_backoff_s = 30.0
 
     def __init__(self, model: GenerationModel, base_path: str, miss_ttl_s: float = 1.0):
         self.model = model
@@ -62,6 +71,7 @@ class AdapterRegistry:
         self._stamps: dict[str, str | None] = {}  # name -> version of its adapter_model.safetensors
         self._checked: dict[str, float] = {}
         self._recheck = model.reload_check_s
+        self._down_until, self._down_why = 0.0, ""  # the store failed: don't ask it again before this
 
     def validate(self, name: str) -> None:
         if not ADAPTER_NAME.match(name) or ".." in name:
@@ -76,19 +86,50 @@ class AdapterRegistry:
         if name in self._found:
             return self._found[name]
         if name in self._static:
-            folder = adapter_folder(self._static[name])
-            if folder is None:
-                raise AdapterError(f"adapter {name}: {self._static[name]} holds no adapter_config.json", 500, "server_error")
-            return self._remember(name, folder)
+            with self.guard():
+                folder = adapter_folder(self._static[name])
+                if folder is None:
+                    raise AdapterError(f"adapter {name}: {self._static[name]} holds no adapter_config.json", 500, "server_error")
+                return self._remember(name, folder)
         if time.monotonic() - self._misses.get(name, -1e9) < self._miss_ttl:
             raise self._unknown(name)
-        for reg in self.model.registry:
-            if name in storage.listdir(reg):
-                folder = adapter_folder(storage.join(reg, name))
-                if folder is not None:
-                    return self._remember(name, folder)
+        with self.guard():
+            for reg in self.model.registry:
+                if name in storage.listdir(reg):
+                    folder = adapter_folder(storage.join(reg, name))
+                    if folder is not None:
+                        return self._remember(name, folder)
         self._missed(name)
         raise self._unknown(name)
+
+    @contextmanager
+    def guard(self):
+        """Storage reads for a request: a 503 AdapterError while the store is down (at once within
+        `outage_backoff_s` of the last failure, without waiting on it again)."""
+        if time.monotonic() < self._down_until:
+            raise self._down()
+        try:
+            yield
+        except AdapterError:
+            raise
+        except Exception as e:
+            if not storage.is_outage(e):
+                raise
+            if not self._down_why:
+                log.warning("adapter storage unreachable (%s: %s): serving the adapters already loaded", type(e).__name__, e)
+            self._down_until, self._down_why = time.monotonic() + self.outage_backoff_s, f"{type(e).__name__}: {e}"[:300]
+            raise self._down() from e
+        if self._down_why:
+            log.warning("adapter storage reachable again")
+            self._down_why = ""
+
+    def _down(self) -> AdapterError:
+        return AdapterError(
+            f"adapter storage is unreachable ({self._down_why}); adapters already loaded keep answering, "
+            f"retried within {self.outage_backoff_s:.0f} s",
+            503,
+            "storage_unavailable",
+        )
 
     def _missed(self, name: str) -> None:
         now = time.monotonic()
@@ -146,18 +187,23 @@ class AdapterRegistry:
             return False
         self._checked[name] = now
         folder = self._found[name]
-        if storage.stamp(storage.join(folder, "adapter_model.safetensors")) == self._stamps.get(name):
-            return False
         try:
-            self._remember(name, folder)
-        except AdapterError:
+            with self.guard():
+                if storage.stamp(storage.join(folder, "adapter_model.safetensors")) == self._stamps.get(name):
+                    return False
+                self._remember(name, folder)
+        except AdapterError:  # not complete yet, or the store is down: the loaded version keeps answering
             return False
         return True
 
     def names(self) -> list[str]:
-        out = set(self._static)
-        for reg in self.model.registry:
-            for n in storage.listdir(reg):
-                if ADAPTER_NAME.match(n) and adapter_folder(storage.join(reg, n)) is not None:
-                    out.add(n)
+        out = set(self._static) | set(self._found)
+        try:
+            with self.guard():
+                for reg in self.model.registry:
+                    for n in storage.listdir(reg):
+                        if ADAPTER_NAME.match(n) and adapter_folder(storage.join(reg, n)) is not None:
+                            out.add(n)
+        except AdapterError:  # the store is down: what is known
+            pass
         return sorted(out)
