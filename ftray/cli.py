@@ -169,9 +169,9 @@ def cmd_export(args) -> int:
 
     run = args.run
     adapter = storage.join(run, "adapter")
-    if not storage.exists(storage.join(adapter, "adapter_config.json")):
+    if not storage.exists(storage.file_in(adapter, "adapter_config.json")):
         raise ModelError(f"{run}: no adapter/ to export (full fine-tuning runs already hold model/)")
-    cfg = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
+    cfg = json.loads(storage.read_text(storage.file_in(adapter, "adapter_config.json")))
     if not args.merge:
         raise ModelError("export: pass --merge (the adapter itself is already in PEFT format)")
     # Weight-delta adapters fold into the base; prompt-family ones (virtual tokens, a key-value prefix,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +19,10 @@ import fsspec
 
 __all__ = [
     "configure",
+    "current",
     "download_dir",
     "exists",
+    "file_in",
     "filesystem",
     "is_outage",
     "is_remote",
@@ -31,6 +34,7 @@ __all__ = [
     "pyarrow_filesystem",
     "read_text",
     "remove",
+    "sync_dir",
     "write_text_atomic",
 ]
 
@@ -200,11 +204,48 @@ def write_text_atomic(path: str, text: str) -> None:
         pass
 
 
+VERSIONS = ".v"  # an S3 folder published again keeps each version under VERSIONS/<id>/ (see publish_dir)
+
+
+def current(folder: str) -> str:
+    """Where the files of a published folder's current version are: the folder itself, or (an S3 folder
+    published more than once) the version its `.complete` marker points at."""
+    if not is_remote(folder):
+        return folder
+    try:
+        marker = read_text(join(folder, ".complete")).strip()
+    except FileNotFoundError:
+        return folder
+    return join(folder, marker[3:]) if marker.startswith("at ") else folder
+
+
+def file_in(folder: str, name: str) -> str:
+    """The path of `name` in the current version of a published folder."""
+    return join(current(folder), name)
+
+
+def _files(fs, p: str) -> dict[str, dict]:
+    """Relative name -> info of every file under `p`, without the kept versions of a republished folder."""
+    base = p.rstrip("/") + "/"
+    out = {}
+    for name, info in fs.find(p, detail=True).items():
+        rel = name[len(base):] if name.startswith(base) else Path(name).name
+        if rel and not rel.startswith(VERSIONS + "/"):
+            out[rel] = info
+    return out
+
+
 def download_dir(src: str, dst: str | os.PathLike) -> Path:
-    fs, p = filesystem(src)
+    """A local copy of a folder (of its current version, when published: `current`)."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    fs.get(p.rstrip("/") + "/", str(dst), recursive=True)
+    if not is_remote(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return dst
+    fs, p = filesystem(current(src))
+    for rel in sorted(_files(fs, p)):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(p.rstrip("/") + "/" + rel, str(dst / rel))
     return dst
 
 
@@ -231,8 +272,9 @@ def cached_copy(path: str) -> Path:
         return Path(path)
     import hashlib
 
-    fs, p = filesystem(path)
-    listing = sorted((e["name"], e.get("size"), str(e.get("ETag", e.get("etag", "")))) for e in fs.find(p, detail=True).values())
+    fs, p = filesystem(current(path))
+    listing = sorted((n, e.get("size"), str(e.get("ETag", e.get("etag", "")))) for n, e in _files(fs, p).items())
+    listing.append(p)  # which version
     key = hashlib.sha256(repr((_endpoint(), path, listing)).encode()).hexdigest()[:20]
     dst = Path(os.path.expanduser("~/.cache/ftray/remote")) / key
     if (dst / ".complete").exists():
@@ -251,6 +293,28 @@ def cached_copy(path: str) -> Path:
     return dst
 
 
+def sync_dir(local_src: str | os.PathLike, dst: str, complete: bool = False) -> None:
+    """Copy a local folder's files over `dst`'s, file by file, deleting nothing: for folders whose files
+    only grow (TensorBoard events), where a reader that sees an older copy of one file is fine and a
+    versioned publish would show each version as a run. `complete` writes the `.complete` marker."""
+    local_src = Path(local_src)
+    if not is_remote(dst):
+        shutil.copytree(local_src, dst, dirs_exist_ok=True)
+        if complete:
+            Path(dst, ".complete").write_text("ok\n")
+        return
+    fs, p = filesystem(dst)
+    _upload(fs, local_src, p.rstrip("/"))
+    if complete:
+        fs.pipe_file(p.rstrip("/") + "/.complete", b"ok\n")
+
+
+def _upload(fs, local_src: Path, p: str) -> None:
+    for f in sorted(local_src.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), p + "/" + f.relative_to(local_src).as_posix())
+
+
 def is_complete(folder: str) -> bool:
     """A folder written by `publish_dir` is whole once its `.complete` marker exists."""
     return exists(join(folder, ".complete"))
@@ -259,20 +323,36 @@ def is_complete(folder: str) -> bool:
 def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     """Put a finished local folder at `dst` so that `dst` is either absent/old or complete.
 
-    Local: copied aside, then renamed over the target. S3: uploaded file by file, with `.complete`
-    written last as the commit marker (S3 has no rename of a prefix); readers of an S3 folder
-    check `.complete` (`is_complete`).
+    Local: copied aside, then renamed over the target. S3 (no rename of a prefix): uploaded file by file
+    with `.complete` written last as the commit marker (`is_complete`). Over a complete S3 folder the
+    new version is uploaded beside the current one, to `.v/<id>/`, and the marker is then rewritten to
+    point at it (`at .v/<id>`, one PUT: the switch); readers go through `current` / `file_in`. A publish
+    interrupted at any point leaves the previous version whole and current. The version before the new
+    one is kept (a reader may still be downloading it); older ones are deleted.
     """
     local_src = Path(local_src)
     if is_remote(dst):
         fs, p = filesystem(dst)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-        for f in sorted(local_src.rglob("*")):
-            if f.is_file():
-                fs.put_file(str(f), p.rstrip("/") + "/" + f.relative_to(local_src).as_posix())
-        with fs.open(p.rstrip("/") + "/.complete", "wb") as fh:
-            fh.write(b"ok\n")
+        p = p.rstrip("/")
+        if not is_complete(dst):  # nothing published here (or an interrupted first publish): write in place
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+            _upload(fs, local_src, p)
+            fs.pipe_file(p + "/.complete", b"ok\n")
+            return
+        previous = current(dst)
+        vid = f"{VERSIONS}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        _upload(fs, local_src, f"{p}/{vid}")
+        fs.pipe_file(f"{p}/{vid}/.complete", b"ok\n")
+        fs.pipe_file(p + "/.complete", f"at {vid}\n".encode())  # the switch
+        keep = {vid, previous[len(dst.rstrip("/")) + 1 :] if previous != dst else ""}
+        for e in fs.ls(p, detail=False):  # the in-place version, unless it is the previous one
+            rel = e.rstrip("/")[len(p) + 1 :]
+            if rel not in (".complete", VERSIONS) and "" not in keep:
+                fs.rm(e, recursive=True)
+        for e in fs.ls(f"{p}/{VERSIONS}", detail=False):
+            if e.rstrip("/")[len(p) + 1 :] not in keep:
+                fs.rm(e, recursive=True)
         return
     target = Path(dst)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import yaml
 from ftray.runs import RunFolder
 from tests._specs import ROOT
 
-__all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_full_run", "make_scorer_run", "run_model"]
+__all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_full_run", "make_scorer_run", "peft_greedy", "run_model"]
 
 
 def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
@@ -142,3 +142,16 @@ def expected_outputs(run: Path, kind: str, items) -> list:
         return out.logits[:, 0].tolist()
     m = enc["attention_mask"].unsqueeze(-1).float()
     return torch.nn.functional.normalize((out.last_hidden_state * m).sum(1) / m.sum(1), dim=-1).tolist()
+
+
+def peft_greedy(base: Path, adapter: Path, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens of `base` + `adapter` with peft alone (up to EOS): what a served adapter must answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    with torch.no_grad():
+        ref = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+    eos = AutoTokenizer.from_pretrained(base).eos_token_id
+    return ref[: ref.index(eos)] if eos in ref else ref

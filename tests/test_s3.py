@@ -73,6 +73,10 @@ class _Recording:
         self._log.append(rpath)
         return self._fs.put_file(lpath, rpath, *a, **kw)
 
+    def pipe_file(self, path, value, *a, **kw):
+        self._log.append(path)
+        return self._fs.pipe_file(path, value, *a, **kw)
+
     def open(self, path, mode="rb", *a, **kw):
         if "w" in mode or "a" in mode:
             self._log.append(path)
@@ -107,11 +111,28 @@ def test_publish_dir_writes_complete_last(s3, tmp_path, monkeypatch):
     with storage.open_file(storage.join(dst, "sub", "b.bin")) as fh:
         assert fh.read() == b"\x00\x01"
 
-    # Publishing again replaces the folder: nothing of the old one is left behind.
+    # Publishing again uploads the new version beside the old one, then switches the marker to it (one PUT,
+    # the last write before clean-up); readers see the new files only.
     (src / "a.txt").unlink()
     (src / "c.txt").write_text("C")
+    written.clear()
+    monkeypatch.setattr(storage, "filesystem", lambda path: (_Recording(real(path)[0], written), real(path)[1]))
     storage.publish_dir(src, dst)
-    assert storage.listdir(dst) == [".complete", "c.txt", "sub"]
+    monkeypatch.setattr(storage, "filesystem", real)
+    names = [w.rsplit("/out/", 1)[1] for w in written]
+    vid = names[0].split("/")[1]
+    assert names == [f".v/{vid}/c.txt", f".v/{vid}/sub/b.bin", f".v/{vid}/.complete", ".complete"], names
+    assert storage.current(dst) == f"{dst}/.v/{vid}" and storage.is_complete(dst)
+    assert storage.read_text(storage.file_in(dst, "c.txt")) == "C"
+    assert not storage.exists(storage.file_in(dst, "a.txt"))
+    got = storage.download_dir(dst, tmp_path / "got")
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == [".complete", "c.txt", "sub/b.bin"]
+    # The previous version stays (a reader may be downloading it); the one before it goes.
+    assert storage.listdir(dst) == [".complete", ".v", "a.txt", "sub"]
+    (src / "c.txt").write_text("C2")
+    storage.publish_dir(src, dst)
+    assert storage.listdir(dst) == [".complete", ".v"] and len(storage.listdir(f"{dst}/.v")) == 2
+    assert storage.read_text(storage.file_in(dst, "c.txt")) == "C2"
 
     # An upload that dies half way leaves a folder without `.complete`: incomplete, not committed.
     broken = f"s3://{BUCKET}/publish-{uuid.uuid4().hex[:8]}/out"
@@ -125,6 +146,50 @@ def test_publish_dir_writes_complete_last(s3, tmp_path, monkeypatch):
     assert len(written) == 1  # one file made it
     assert storage.listdir(broken)  # ... so the folder exists
     assert not storage.exists(storage.join(broken, ".complete"))  # ... but is not marked complete
+
+
+def test_publish_killed_midway_leaves_the_previous_version_whole(s3, tmp_path):
+    """A process SIGKILLed while it publishes a new version over a complete S3 folder: the folder is still
+    complete, and reads and downloads give the previous version, file for file; the next publish goes on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ftray import storage
+    from tests._specs import ROOT
+
+    dst = f"s3://{BUCKET}/publish-kill-{uuid.uuid4().hex[:8]}/adapter"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "weights.bin").write_bytes(b"old" * 1000)
+    storage.publish_dir(old, dst)
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(200):  # many objects: the upload takes seconds
+        (new / f"part-{i:03d}.bin").write_bytes(bytes([i % 256]) * 20_000)
+    code = f"from ftray import storage; storage.publish_dir({str(new)!r}, {dst!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
+    client, (bucket, key) = boto_client(storage._endpoint()), dst.removeprefix("s3://").split("/", 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/.v/").get("KeyCount", 0) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the publish finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    uploaded = client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/.v/")["KeyCount"]
+    assert 3 <= uploaded < 200, uploaded  # killed half way through the new version
+    assert storage.is_complete(dst) and storage.current(dst) == dst
+    got = storage.download_dir(dst, tmp_path / "got")
+    assert sorted(p.name for p in got.iterdir()) == [".complete", "weights.bin"]
+    assert (got / "weights.bin").read_bytes() == b"old" * 1000
+    # The next publish completes and clears the half-written version away.
+    (old / "weights.bin").write_bytes(b"newer")
+    storage.publish_dir(old, dst)
+    assert storage.read_text(storage.file_in(dst, "weights.bin")) == "newer"
+    assert len(storage.listdir(f"{dst}/.v")) == 1
 
 
 def test_load_spec_from_s3(s3):
@@ -179,3 +244,25 @@ def test_missing_s3_data_fails_before_ray(s3, s3_inputs, monkeypatch, which):
     from ftray import storage
 
     assert not storage.exists(f"{s3_inputs['prefix']}/runs/never")
+
+
+def test_live_tensorboard_on_s3_is_copied_in_place(s3, tmp_path):
+    """The TensorBoard events of a run on S3, copied at each checkpoint: one folder (no published versions,
+    which `tensorboard --logdir` would show as runs of their own) holding every step so far."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ftray import storage
+    from ftray.train.live import LiveTensorBoard
+
+    out = f"s3://{BUCKET}/tb-{uuid.uuid4().hex[:8]}/run"
+    tb = LiveTensorBoard(out)
+    for step in (1, 2, 3):
+        tb.add({"step": step, "loss": 1.0 / step}, flush=True)
+        tb.publish()
+    names = storage.listdir(f"{out}/tb")
+    assert len(names) == 1 and names[0].startswith("events.out.tfevents"), names
+    tb.close()
+    assert storage.is_complete(f"{out}/tb")
+    ea = EventAccumulator(str(storage.download_dir(f"{out}/tb", tmp_path / "tb")))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._serve_models import expected_outputs, make_adapter_run, make_scorer_run, serve_config
+from tests._serve_models import expected_outputs, make_adapter_run, make_scorer_run, peft_greedy, serve_config
 from tests._specs import ROOT, free_port
 
 KEY = "sk-test-123"
@@ -364,18 +364,6 @@ def test_timeouts_and_backpressure_map_to_408_429():
     assert e.value.status == 429 and e.value.headers == {"Retry-After": "2"}
 
 
-def _peft_greedy(base: Path, adapter: Path, ids: list[int], n: int) -> list[int]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
-    with torch.no_grad():
-        ref = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
-    eos = AutoTokenizer.from_pretrained(base).eos_token_id
-    return ref[: ref.index(eos)] if eos in ref else ref
-
-
 def test_adapter_rewritten_under_same_name_is_reloaded(tiny_model, work):
     """A run trained again into the folder of a served adapter: the replica loads the new weights on the next
     request once the new version is complete, and keeps serving the old one while the rewrite is going on."""
@@ -389,7 +377,7 @@ def test_adapter_rewritten_under_same_name_is_reloaded(tiny_model, work):
     ids = _ids(tiny_model, "12+7=")
     req = {"adapter": "same", "input_ids": ids, "max_tokens": 10, "temperature": 0}
     first = engine.generate([req])[0]["token_ids"]
-    assert first == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
+    assert first == peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
 
     def retrain(seed: int) -> None:  # a new version written aside, then put in place as the trainer does
         new = make_adapter_run(tiny_model, work / f"rewrite-{seed}", seed=seed)
@@ -397,7 +385,7 @@ def test_adapter_rewritten_under_same_name_is_reloaded(tiny_model, work):
 
     retrain(22)
     second = engine.generate([req])[0]["token_ids"]
-    assert second == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10) and second != first
+    assert second == peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10) and second != first
 
     # A rewrite in progress (run.json is written last): the old version keeps answering.
     run_json = (reg / "same" / "run.json").read_text()
@@ -406,5 +394,5 @@ def test_adapter_rewritten_under_same_name_is_reloaded(tiny_model, work):
     assert engine.generate([req])[0]["token_ids"] == second
     (reg / "same" / "run.json").write_text(run_json)
     third = engine.generate([req])[0]["token_ids"]
-    assert third == _peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
+    assert third == peft_greedy(tiny_model, reg / "same" / "adapter", ids, 10)
     assert list(engine.loaded) == ["same"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests._s3 import _upload, boto_client, start_moto
-from tests._serve_models import make_adapter_run
+from tests._serve_models import make_adapter_run, peft_greedy
 
 
 def _ids(base: Path, prompt: str) -> list[int]:
@@ -65,12 +65,21 @@ def test_storage_outage_keeps_loaded_adapters_and_base_answering(tiny_model, tmp
         return engine.generate([{"adapter": a, "input_ids": ids, "max_tokens": 8, "temperature": 0} for a in adapters])
 
     base, a = ask(None, "a")
-    assert "error" not in base and "error" not in a and base["token_ids"] != a["token_ids"], (base, a)
+    assert a["token_ids"] == peft_greedy(tiny_model, tmp_path / "runs" / "a" / "adapter", ids, 8) != base["token_ids"], (base, a)
 
     # A half-copied folder fails its own request; the rest of the batch is answered as before.
     out = ask(None, "a", "half")
     assert out[2]["error"]["status"] == 409 and out[2]["error"]["code"] == "adapter_not_ready", out[2]
     assert [o["token_ids"] for o in out[:2]] == [base["token_ids"], a["token_ids"]]
+
+    # "a" trained again and published over its S3 folder (beside the old version, then switched): the
+    # replica notices and answers with the new weights.
+    from ftray import storage
+
+    again = make_adapter_run(tiny_model, tmp_path / "runs" / "a-again", seed=34)
+    storage.publish_dir(again / "adapter", "s3://outage/reg/a/adapter")
+    a = ask("a")[0]
+    assert a["token_ids"] == peft_greedy(tiny_model, again / "adapter", ids, 8) != base["token_ids"], a
 
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)

@@ -74,16 +74,16 @@ def resolve(path: str, tokenizer: str | None = None, field: str = "model.path") 
             if storage.exists(inner) and not storage.is_complete(inner):
                 raise ModelError(f"{field}: {inner} is incomplete (no .complete marker: an interrupted write)")
         for sub in ("merged", "model"):
-            if storage.exists(storage.join(path, sub, "config.json")):
+            if storage.exists(storage.file_in(storage.join(path, sub), "config.json")):
                 inner = storage.join(path, sub)
                 return Resolved(inner, tokenizer or inner, None, path)
         adapter = storage.join(path, "adapter")
-        if storage.exists(storage.join(adapter, "adapter_config.json")):
-            cfg = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json")))
+        if storage.exists(storage.file_in(adapter, "adapter_config.json")):
+            cfg = json.loads(storage.read_text(storage.file_in(adapter, "adapter_config.json")))
             base = resolve(cfg["base_model_name_or_path"], None, f"{field} (the base of run {path})")
             return Resolved(base.base, tokenizer or storage.join(path, "tokenizer"), adapter, path)
         raise ModelError(f"{field}: {path} is a run folder without `model/` or `adapter/`")
-    if storage.exists(storage.join(path, "config.json")):
+    if storage.exists(storage.file_in(path, "config.json")):
         return Resolved(path, tokenizer or path)
     if storage.is_remote(path) or _looks_local(path) or Path(path).exists():
         raise ModelError(f"{field}: {path}: no model there (no config.json)")

@@ -40,13 +40,13 @@ class AdapterError(ValueError):
 def adapter_folder(path: str) -> str | None:
     """The folder holding adapter_config.json: `path` itself or `path/adapter` (an ftray run)."""
     for cand in (storage.join(path, "adapter"), path):
-        if storage.exists(storage.join(cand, "adapter_config.json")):
+        if storage.exists(storage.file_in(cand, "adapter_config.json")):
             return cand
     return None
 
 
 def check_safetensors(folder: str) -> None:
-    if not storage.exists(storage.join(folder, "adapter_model.safetensors")):
+    if not storage.exists(storage.file_in(folder, "adapter_model.safetensors")):
         raise AdapterError(f"{Path(folder).name}: no adapter_model.safetensors (only safetensors are loaded)")
 
 
@@ -155,7 +155,7 @@ class AdapterRegistry:
             status = json.loads(storage.read_text(rj)).get("status") if storage.exists(rj) else "running"
             if status != "completed" or not storage.is_complete(folder):
                 raise AdapterError(f"adapter {name}: its run is {status!r}, not completed", 409, "adapter_not_ready")
-        cfg = json.loads(storage.read_text(storage.join(folder, "adapter_config.json")))
+        cfg = json.loads(storage.read_text(storage.file_in(folder, "adapter_config.json")))
         kind = cfg.get("peft_type", "LORA")
         if kind != "LORA":  # peft selects adapters per request (mixed batches) for LoRA layers only
             raise AdapterError(
@@ -172,7 +172,7 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {name} was trained on {trained_on}, not on {self.model.name}", 400)
         check_safetensors(folder)
         self._found[name] = folder
-        self._stamps[name] = storage.stamp(storage.join(folder, "adapter_model.safetensors"))
+        self._stamps[name] = storage.stamp(storage.file_in(folder, "adapter_model.safetensors"))
         self._checked[name] = time.monotonic()
         return folder
 
@@ -189,7 +189,7 @@ class AdapterRegistry:
         folder = self._found[name]
         try:
             with self.guard():
-                if storage.stamp(storage.join(folder, "adapter_model.safetensors")) == self._stamps.get(name):
+                if storage.stamp(storage.file_in(folder, "adapter_model.safetensors")) == self._stamps.get(name):
                     return False
                 self._remember(name, folder)
         except AdapterError:  # not complete yet, or the store is down: the loaded version keeps answering

@@ -57,7 +57,7 @@ def config_from_runs(
             g = bases.setdefault(r.base, {"name": name or _name(r.base), "base": r.base, "adapters": {}, "registry": []})
             g["adapters"][_name(run)] = run
             continue
-        cfg = json.loads(storage.read_text(storage.join(r.base, "config.json")))
+        cfg = json.loads(storage.read_text(storage.file_in(r.base, "config.json")))
         arch = (cfg.get("architectures") or [""])[0]
         if kind is None and arch.endswith("ForSequenceClassification"):
             n = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)

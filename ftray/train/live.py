@@ -38,12 +38,12 @@ class LiveTensorBoard:
         """Flush; a remote run folder gets the events so far (a local one has them already)."""
         self.writer.flush()
         if self.remote:
-            storage.publish_dir(self.local, self.dst)
+            storage.sync_dir(self.local, self.dst)
 
     def close(self) -> None:
         self.writer.close()
         if self.remote:
-            storage.publish_dir(self.local, self.dst)
+            storage.sync_dir(self.local, self.dst, complete=True)
             shutil.rmtree(self.local, ignore_errors=True)
         else:
             (self.local / ".complete").write_text("ok\n")
