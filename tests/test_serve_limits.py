@@ -24,7 +24,7 @@ from starlette.requests import Request
 from ftray.serve.api import APIError, Ingress
 from ftray.serve.auth import AuthConfigError, require_keys
 from ftray.serve.config import Auth, GenerationModel, Limits, ServeConfig
-from ftray.serve.feedback import FeedbackStorageError, FeedbackStore, append_line
+from ftray.serve.feedback import FeedbackStorageError, FeedbackStore
 from tests._specs import ROOT
 
 KEY = "sk-unit"
@@ -111,8 +111,8 @@ def test_unknown_adapter_names_are_bounded(tmp_path):
     from ftray.serve.registry import AdapterError, AdapterRegistry
 
     (tmp_path / "reg").mkdir()
-    r = AdapterRegistry(GenerationModel(name="tiny", base=str(tmp_path), registry=[str(tmp_path / "reg")]), str(tmp_path), miss_ttl_s=60)
-    r.max_misses = 50
+    model = GenerationModel(name="tiny", base=str(tmp_path), registry=[str(tmp_path / "reg")], max_unknown_names=50)
+    r = AdapterRegistry(model, str(tmp_path), miss_ttl_s=60)
     for i in range(300):
         with pytest.raises(AdapterError):
             r.lookup(f"nope-{i}")
@@ -213,24 +213,55 @@ def test_full_disk_leaves_no_partial_line_and_loses_nothing(tmp_path):
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5"), ("four", "5")]
 
 
-def test_file_size_limit_in_the_kernel_leaves_no_partial_line(tmp_path):
-    path = tmp_path / "fb.jsonl"
-    append_line(str(path), json.dumps({"i": 0}))
-    before = path.read_bytes()
-    child = f"""
-import json, resource, sys
-from ftray.serve.feedback import append_line
-resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 30}, resource.RLIM_INFINITY))
+_FSIZE_CHILD = """
+import json, os, resource, signal, sys
+from ftray.serve.feedback import FeedbackStorageError, FeedbackStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: a short write, then EFBIG (not death by signal)
+where = sys.argv[1]
+s = FeedbackStore(where, remember=100)
+s.remember_completion("c1", "tiny", [{"role": "user", "content": "2+2="}], None, ["4", "5", "four"])
+s.handle({"chosen": "c1:0", "rejected": "c1:1"})  # stored before the disk fills
+s.handle({"id": "c1:1", "rating": 1})  # nothing to pair with yet: no row
+room = os.path.getsize(where) + 30 if where.endswith(".jsonl") else 30  # every row is longer than 30 bytes
+resource.setrlimit(resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
 try:
-    append_line({str(path)!r}, json.dumps({{"i": 1, "pad": "x" * 500}}))
-except OSError as e:
-    print("refused", e.errno)
-    sys.exit(0)
-sys.exit("the write was not refused")
+    s.handle({"id": "c1:2", "rating": 5})  # beats c1:1: one row, cut short by the kernel
+    sys.exit("the write was not refused")
+except FeedbackStorageError as e:
+    print("refused:", e, flush=True)
+sys.stdin.read()  # the parent looks at the disk now
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("retried:", s.handle({"id": "c1:2", "rating": 5})["rows_written"], flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.startswith("refused"), out.stderr
-    assert path.read_bytes() == before
+
+
+def _on_disk(where: Path) -> dict[str, bytes]:
+    files = sorted(where.iterdir()) if where.is_dir() else [where]
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("mode", ["fb.jsonl", "folder"])
+def test_kernel_file_size_limit_leaves_no_partial_row_and_loses_nothing(tmp_path, mode):
+    """A real short write (RLIMIT_FSIZE, in a child process): refused with nothing of it on disk, the row
+    stored before intact, and the same feedback stored once there is room again."""
+    where = tmp_path / mode
+    child = subprocess.Popen([sys.executable, "-c", _FSIZE_CHILD, str(where)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("refused:") and "File too large" in line and "nothing of this feedback was stored" in line, (
+            line + child.stderr.read() if child.poll() is not None else line
+        )
+        full = _on_disk(where)
+        out, err = child.communicate("", timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.strip() == "retried: 1", err
+    rows = [json.loads(x) for body in full.values() for x in body.decode().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5")]  # no half row, the earlier one intact
+    assert all(b.endswith(b"\n") for b in full.values()) and not [n for n in full if n.endswith(".tmp")]
+    rows = [json.loads(x) for body in _on_disk(where).values() for x in body.decode().splitlines()]
+    assert sorted((r["chosen"], r["rejected"]) for r in rows) == [("4", "5"), ("four", "5")]
 
 
 def test_feedback_storage_error_answers_503(tmp_path):
