@@ -147,6 +147,8 @@ def _ingress(**kw) -> SimpleNamespace:
     me._auth = lambda r: cls._auth(me, r)
     me._body = lambda r, m: cls._body(me, r, m)
     me._retry = lambda: cls._retry(me)
+    me._call = lambda resp, deadline, cancel=None: cls._call(me, resp, deadline, cancel)
+    me._deadline = lambda: cls._deadline(me)
     return me
 
 
@@ -277,7 +279,33 @@ def test_feedback_storage_error_answers_503(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ error shapes
-def _guarded(ongoing: int, queued: int):
+class _Upstream:
+    """Stands in for a generator replica's token stream (a Serve streaming response): it answers `first`
+    (raises it, if an exception), then a token every 10 ms, `tokens` of them (None: forever), then a finish."""
+
+    def __init__(self, first, tokens: int | None = None):
+        self.first, self.tokens, self.sent, self.cancelled = first, tokens, 0, False
+
+    async def __anext__(self):
+        self.sent += 1
+        if self.sent == 1:
+            if isinstance(self.first, BaseException):
+                raise self.first
+            return self.first
+        await asyncio.sleep(0.01)
+        if self.tokens is not None and self.sent > self.tokens + 2:
+            raise StopAsyncIteration
+        if self.tokens is not None and self.sent == self.tokens + 2:
+            return {"finish_reason": "length"}
+        return {"token_ids": [self.sent]}
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _guarded(ongoing: int, queued: int, upstream: _Upstream | None = None):
+    """A FastAPI app behind the ingress' guard and admission; `/stream` is the ingress' own stream (with
+    `upstream` for the generator replica), `/wait` waits for the gate, `/boom` fails."""
     from fastapi import FastAPI
 
     from ftray.serve.api import _Admission, _Guard
@@ -295,6 +323,13 @@ def _guarded(ongoing: int, queued: int):
     @app.get("/boom")
     async def boom():
         raise RuntimeError("a bug")
+
+    @app.get("/stream")
+    async def stream():
+        handle = SimpleNamespace(options=lambda stream: SimpleNamespace(stream=SimpleNamespace(remote=lambda req: upstream)))
+        tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(chr(96 + i % 26) for i in ids))
+        me = _ingress(limits=Limits(retry_after_s=7), generators={"tiny": handle}, tok={"tiny": tok})
+        return await Ingress.func_or_class._stream(me, "tiny", {}, lambda text, finish, first=False, usage=None: {"text": text or ""})
 
     return app, gate
 
@@ -338,3 +373,82 @@ def test_full_ingress_queue_answers_openai_503_with_retry_after():
     assert err["type"] == "server_error" and err["code"] == "overloaded" and "2 requests in progress" in err["message"]
     assert other.status_code == 503
     assert [r.status_code for r in done] == [200, 200, 200] and after.status_code == 200  # slots freed
+
+
+def test_stream_is_admitted_or_refused_before_its_200():
+    from ray.serve.exceptions import BackPressureError
+
+    full = _Upstream(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    gone = _Upstream({"error": {"message": "The model `tiny:x` does not exist", "code": "model_not_found", "status": 404}})
+    taken = _Upstream({"admitted": True}, tokens=3)
+
+    async def go(upstream):
+        app, _ = _guarded(4, 4, upstream)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.get("/stream")
+
+    r = asyncio.run(go(full))
+    assert r.status_code == 429 and r.headers["retry-after"] == "7" and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "rate_limit_error"
+    r = asyncio.run(go(gone))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = asyncio.run(go(taken))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert [json.loads(x[6:])["text"] for x in r.text.split("\n\n")[:-2]] == ["", "b", "c", "d", ""]
+    assert r.text.endswith("data: [DONE]\n\n") and not taken.cancelled  # finished: nothing to cancel
+
+
+async def _asgi(app, path: str, spec: str, gone: asyncio.Event, events: list):
+    """One request straight through ASGI, from a client that leaves when `gone` is set. Under ASGI spec 2.4
+    the server's send fails once the client is gone; before 2.4 the app hears an http.disconnect."""
+    asked = False
+
+    async def receive():
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if gone.is_set() and spec == "2.4":
+            raise OSError("the client is gone")
+        events.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 5000), "server": ("t", 80)}
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_client_gone_mid_stream_frees_its_slot(spec):
+    upstream = _Upstream({"admitted": True})  # tokens forever
+
+    async def go():
+        app, gate = _guarded(ongoing=1, queued=0, upstream=upstream)
+        gone, events = asyncio.Event(), []
+
+        async def stream():
+            await _asgi(app, "/stream", spec, gone, events)
+            return upstream.cancelled  # when the response is over, not whenever its generator is collected
+
+        streaming = asyncio.create_task(stream())
+        for _ in range(500):  # until the second token's event is out
+            if sum(1 for m in events if m["type"] == "http.response.body" and b'"b' in m.get("body", b"")):
+                break
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            gate.set()
+            held = await c.get("/wait")  # the stream holds the only slot
+            gone.set()
+            cancelled = await asyncio.wait_for(streaming, 5)
+            after = await c.get("/wait")
+        return events, held, cancelled, after
+
+    events, held, cancelled, after = asyncio.run(go())
+    assert events[0]["type"] == "http.response.start" and events[0]["status"] == 200
+    assert held.status_code == 503 and held.json()["error"]["code"] == "overloaded"
+    assert cancelled, "the generator replica was not told that its client left"
+    assert after.status_code == 200  # the slot was freed
