@@ -189,11 +189,15 @@ def write_text_atomic(path: str, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(text.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them (a crash keeps old or new)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them (a crash keeps old or new)
+        os.replace(tmp, target)
+    except BaseException:  # a full disk: leave no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # and the rename itself is durable
         fd = os.open(target.parent, os.O_RDONLY)
         try:

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from ftray.serve.api import APIError, Ingress
 from ftray.serve.auth import AuthConfigError, require_keys
 from ftray.serve.config import Auth, GenerationModel, Limits, ServeConfig
-from ftray.serve.feedback import FeedbackStorageError, FeedbackStore, append_line
+from ftray.serve.feedback import FeedbackStorageError, FeedbackStore
 from tests._specs import ROOT
 
 KEY = "sk-unit"
@@ -111,8 +111,8 @@ def test_unknown_adapter_names_are_bounded(tmp_path):
     from ftray.serve.registry import AdapterError, AdapterRegistry
 
     (tmp_path / "reg").mkdir()
-    r = AdapterRegistry(GenerationModel(name="tiny", base=str(tmp_path), registry=[str(tmp_path / "reg")]), str(tmp_path), miss_ttl_s=60)
-    r.max_misses = 50
+    model = GenerationModel(name="tiny", base=str(tmp_path), registry=[str(tmp_path / "reg")], max_unknown_names=50)
+    r = AdapterRegistry(model, str(tmp_path), miss_ttl_s=60)
     for i in range(300):
         with pytest.raises(AdapterError):
             r.lookup(f"nope-{i}")
@@ -147,6 +147,8 @@ def _ingress(**kw) -> SimpleNamespace:
     me._auth = lambda r: cls._auth(me, r)
     me._body = lambda r, m: cls._body(me, r, m)
     me._retry = lambda: cls._retry(me)
+    me._call = lambda resp, deadline, cancel=None: cls._call(me, resp, deadline, cancel)
+    me._deadline = lambda: cls._deadline(me)
     return me
 
 
@@ -213,24 +215,55 @@ def test_full_disk_leaves_no_partial_line_and_loses_nothing(tmp_path):
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5"), ("four", "5")]
 
 
-def test_file_size_limit_in_the_kernel_leaves_no_partial_line(tmp_path):
-    path = tmp_path / "fb.jsonl"
-    append_line(str(path), json.dumps({"i": 0}))
-    before = path.read_bytes()
-    child = f"""
-import json, resource, sys
-from ftray.serve.feedback import append_line
-resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 30}, resource.RLIM_INFINITY))
+_FSIZE_CHILD = """
+import json, os, resource, signal, sys
+from ftray.serve.feedback import FeedbackStorageError, FeedbackStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: a short write, then EFBIG (not death by signal)
+where = sys.argv[1]
+s = FeedbackStore(where, remember=100)
+s.remember_completion("c1", "tiny", [{"role": "user", "content": "2+2="}], None, ["4", "5", "four"])
+s.handle({"chosen": "c1:0", "rejected": "c1:1"})  # stored before the disk fills
+s.handle({"id": "c1:1", "rating": 1})  # nothing to pair with yet: no row
+room = os.path.getsize(where) + 30 if where.endswith(".jsonl") else 30  # every row is longer than 30 bytes
+resource.setrlimit(resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
 try:
-    append_line({str(path)!r}, json.dumps({{"i": 1, "pad": "x" * 500}}))
-except OSError as e:
-    print("refused", e.errno)
-    sys.exit(0)
-sys.exit("the write was not refused")
+    s.handle({"id": "c1:2", "rating": 5})  # beats c1:1: one row, cut short by the kernel
+    sys.exit("the write was not refused")
+except FeedbackStorageError as e:
+    print("refused:", e, flush=True)
+sys.stdin.read()  # the parent looks at the disk now
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print("retried:", s.handle({"id": "c1:2", "rating": 5})["rows_written"], flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.startswith("refused"), out.stderr
-    assert path.read_bytes() == before
+
+
+def _on_disk(where: Path) -> dict[str, bytes]:
+    files = sorted(where.iterdir()) if where.is_dir() else [where]
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("mode", ["fb.jsonl", "folder"])
+def test_kernel_file_size_limit_leaves_no_partial_row_and_loses_nothing(tmp_path, mode):
+    """A real short write (RLIMIT_FSIZE, in a child process): refused with nothing of it on disk, the row
+    stored before intact, and the same feedback stored once there is room again."""
+    where = tmp_path / mode
+    child = subprocess.Popen([sys.executable, "-c", _FSIZE_CHILD, str(where)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("refused:") and "File too large" in line and "nothing of this feedback was stored" in line, (
+            line + child.stderr.read() if child.poll() is not None else line
+        )
+        full = _on_disk(where)
+        out, err = child.communicate("", timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.strip() == "retried: 1", err
+    rows = [json.loads(x) for body in full.values() for x in body.decode().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "5")]  # no half row, the earlier one intact
+    assert all(b.endswith(b"\n") for b in full.values()) and not [n for n in full if n.endswith(".tmp")]
+    rows = [json.loads(x) for body in _on_disk(where).values() for x in body.decode().splitlines()]
+    assert sorted((r["chosen"], r["rejected"]) for r in rows) == [("4", "5"), ("four", "5")]
 
 
 def test_feedback_storage_error_answers_503(tmp_path):
@@ -246,7 +279,33 @@ def test_feedback_storage_error_answers_503(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ error shapes
-def _guarded(ongoing: int, queued: int):
+class _Upstream:
+    """Stands in for a generator replica's token stream (a Serve streaming response): it answers `first`
+    (raises it, if an exception), then a token every 10 ms, `tokens` of them (None: forever), then a finish."""
+
+    def __init__(self, first, tokens: int | None = None):
+        self.first, self.tokens, self.sent, self.cancelled = first, tokens, 0, False
+
+    async def __anext__(self):
+        self.sent += 1
+        if self.sent == 1:
+            if isinstance(self.first, BaseException):
+                raise self.first
+            return self.first
+        await asyncio.sleep(0.01)
+        if self.tokens is not None and self.sent > self.tokens + 2:
+            raise StopAsyncIteration
+        if self.tokens is not None and self.sent == self.tokens + 2:
+            return {"finish_reason": "length"}
+        return {"token_ids": [self.sent]}
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _guarded(ongoing: int, queued: int, upstream: _Upstream | None = None):
+    """A FastAPI app behind the ingress' guard and admission; `/stream` is the ingress' own stream (with
+    `upstream` for the generator replica), `/wait` waits for the gate, `/boom` fails."""
     from fastapi import FastAPI
 
     from ftray.serve.api import _Admission, _Guard
@@ -264,6 +323,13 @@ def _guarded(ongoing: int, queued: int):
     @app.get("/boom")
     async def boom():
         raise RuntimeError("a bug")
+
+    @app.get("/stream")
+    async def stream():
+        handle = SimpleNamespace(options=lambda stream: SimpleNamespace(stream=SimpleNamespace(remote=lambda req: upstream)))
+        tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(chr(96 + i % 26) for i in ids))
+        me = _ingress(limits=Limits(retry_after_s=7), generators={"tiny": handle}, tok={"tiny": tok})
+        return await Ingress.func_or_class._stream(me, "tiny", {}, lambda text, finish, first=False, usage=None: {"text": text or ""})
 
     return app, gate
 
@@ -307,3 +373,82 @@ def test_full_ingress_queue_answers_openai_503_with_retry_after():
     assert err["type"] == "server_error" and err["code"] == "overloaded" and "2 requests in progress" in err["message"]
     assert other.status_code == 503
     assert [r.status_code for r in done] == [200, 200, 200] and after.status_code == 200  # slots freed
+
+
+def test_stream_is_admitted_or_refused_before_its_200():
+    from ray.serve.exceptions import BackPressureError
+
+    full = _Upstream(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    gone = _Upstream({"error": {"message": "The model `tiny:x` does not exist", "code": "model_not_found", "status": 404}})
+    taken = _Upstream({"admitted": True}, tokens=3)
+
+    async def go(upstream):
+        app, _ = _guarded(4, 4, upstream)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.get("/stream")
+
+    r = asyncio.run(go(full))
+    assert r.status_code == 429 and r.headers["retry-after"] == "7" and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "rate_limit_error"
+    r = asyncio.run(go(gone))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = asyncio.run(go(taken))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert [json.loads(x[6:])["text"] for x in r.text.split("\n\n")[:-2]] == ["", "b", "c", "d", ""]
+    assert r.text.endswith("data: [DONE]\n\n") and not taken.cancelled  # finished: nothing to cancel
+
+
+async def _asgi(app, path: str, spec: str, gone: asyncio.Event, events: list):
+    """One request straight through ASGI, from a client that leaves when `gone` is set. Under ASGI spec 2.4
+    the server's send fails once the client is gone; before 2.4 the app hears an http.disconnect."""
+    asked = False
+
+    async def receive():
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if gone.is_set() and spec == "2.4":
+            raise OSError("the client is gone")
+        events.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 5000), "server": ("t", 80)}
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_client_gone_mid_stream_frees_its_slot(spec):
+    upstream = _Upstream({"admitted": True})  # tokens forever
+
+    async def go():
+        app, gate = _guarded(ongoing=1, queued=0, upstream=upstream)
+        gone, events = asyncio.Event(), []
+
+        async def stream():
+            await _asgi(app, "/stream", spec, gone, events)
+            return upstream.cancelled  # when the response is over, not whenever its generator is collected
+
+        streaming = asyncio.create_task(stream())
+        for _ in range(500):  # until the second token's event is out
+            if sum(1 for m in events if m["type"] == "http.response.body" and b'"b' in m.get("body", b"")):
+                break
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            gate.set()
+            held = await c.get("/wait")  # the stream holds the only slot
+            gone.set()
+            cancelled = await asyncio.wait_for(streaming, 5)
+            after = await c.get("/wait")
+        return events, held, cancelled, after
+
+    events, held, cancelled, after = asyncio.run(go())
+    assert events[0]["type"] == "http.response.start" and events[0]["status"] == 200
+    assert held.status_code == 503 and held.json()["error"]["code"] == "overloaded"
+    assert cancelled, "the generator replica was not told that its client left"
+    assert after.status_code == 200  # the slot was freed

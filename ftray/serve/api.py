@@ -237,6 +237,23 @@ class _Detok:
         return new
 
 
+def _cancel(resp) -> None:
+    """Best effort: Serve's `cancel()` re-raises a call's own failure (e.g. BackPressureError) when it has one."""
+    with contextlib.suppress(Exception):
+        resp.cancel()
+
+
+class _SSE(StreamingResponse):
+    """Closes its event generator however the response ends, a client gone mid-stream included, so that the
+    generator's cleanup (cancelling the model's work) runs now rather than when it is garbage collected."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
@@ -308,15 +325,16 @@ class Ingress:
     def _retry(self) -> dict:
         return {"Retry-After": str(self.limits.retry_after_s)}
 
-    async def _call(self, resp, deadline: float):
-        """Await a deployment response within the request's deadline; map Serve failures to 408/429/503."""
+    async def _call(self, resp, deadline: float, cancel=None):
+        """Await a deployment response within the request's deadline; map Serve failures to 408/429/503.
+        `cancel` stops the call on timeout (default: `resp.cancel`)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         try:
             out = await asyncio.wait_for(resp, max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            resp.cancel()
+            (cancel or resp.cancel)()
             raise APIError(408, f"request timed out after {self.limits.request_timeout_s:g} s", "request_timeout") from None
         except BackPressureError:
             raise APIError(429, "the model's queue is full; retry later", "overloaded", headers=self._retry()) from None
@@ -401,22 +419,33 @@ class Ingress:
         h = self.generators[base]
         return await asyncio.gather(*[self._call(h.generate.remote(r), deadline) for r in reqs])
 
-    def _stream(self, base: str, req: dict, chunk, on_done=None) -> StreamingResponse:
+    async def _stream(self, base: str, req: dict, chunk, on_done=None) -> StreamingResponse:
         """SSE: chunk(text=..., finish=...) builds each event; the stream ends with [DONE]. `on_done(text)`
-        gets the whole answer of a stream that finished."""
+        gets the whole answer of a stream that finished. The 200 goes out only once a generator replica has
+        taken the request: a full queue (429), no replica (503), no slot by the deadline (408) or an adapter
+        it cannot serve answer as such, not as an error inside a 200 stream."""
         h = self.generators[base].options(stream=True)
         deadline = self._deadline()
         detok = _Detok(self.tok[base])
+        gen = h.stream.remote(req)
+        try:
+            await self._call(gen.__anext__(), deadline, gen.cancel)  # {"admitted": True}
+        except APIError:  # refused, or timed out (and cancelled): nothing runs upstream
+            raise
+        except BaseException:  # the client went away meanwhile
+            _cancel(gen)
+            raise
 
         async def events():
             parts: list[str] = []
-            gen = h.stream.remote(req)
+            finished = False
             yield _sse(chunk(None, None, first=True))
             try:
                 while True:
                     try:
                         item = await asyncio.wait_for(gen.__anext__(), max(0.001, deadline - time.monotonic()))
                     except StopAsyncIteration:
+                        finished = True
                         break
                     if "token_ids" in item:
                         text = detok.push(item["token_ids"])
@@ -424,6 +453,7 @@ class Ingress:
                         if text:
                             yield _sse(chunk(text, None))
                     elif "error" in item:
+                        finished = True
                         yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
                         break
                     else:
@@ -431,17 +461,15 @@ class Ingress:
                             on_done("".join(parts))
                         yield _sse(chunk(None, item["finish_reason"], usage=item))
             except asyncio.TimeoutError:
-                gen.cancel()
                 yield _sse({"error": {"message": "request timed out", "type": "timeout_error", "code": "request_timeout"}})
             except Exception as e:  # noqa: BLE001 - the status line is sent; say it in the stream
                 yield _sse({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "code": None}})
+            finally:
+                if not finished:  # timed out, failed, or the client went away: free the generator's slot now
+                    _cancel(gen)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _check_first(self, base: str, adapter: str | None) -> None:
-        if adapter:  # the replica's own registry must agree (and loads nothing for this)
-            await self._call(self.generators[base].check.remote(adapter), self._deadline())
+        return _SSE(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _remember(self, rid: str, model: str, messages: list[dict] | None, prompt: str | None):
         """A callback that keeps answers (a text, or a list of choice texts) for `/v1/feedback`."""
@@ -488,8 +516,6 @@ class Ingress:
         reqs = self._gen_reqs(body, base, adapter, [self._encode(base, p, bos=True) for p in prompts], body.max_tokens)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            await self._check_first(base, adapter)
-
             def chunk(text, finish, first=False, usage=None):
                 if first:
                     text = ""
@@ -497,7 +523,7 @@ class Ingress:
                         "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
             done = self._remember(rid, body.model, None, prompts[0])
-            return self._stream(base, reqs[0], chunk, done)
+            return await self._stream(base, reqs[0], chunk, done)
         outs = await self._generate_all(base, reqs)
         tok = self.tok[base]
         choices = [
@@ -520,14 +546,12 @@ class Ingress:
         reqs = self._gen_reqs(body, base, adapter, [self._encode(base, text, bos=False)], body.max_completion_tokens or body.max_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            await self._check_first(base, adapter)
-
             def chunk(text, finish, first=False, usage=None):
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-            return self._stream(base, reqs[0], chunk, self._remember(rid, body.model, msgs, None))
+            return await self._stream(base, reqs[0], chunk, self._remember(rid, body.model, msgs, None))
         outs = await self._generate_all(base, reqs)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": tok.decode(o["token_ids"], skip_special_tokens=True)},

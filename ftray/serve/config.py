@@ -73,6 +73,12 @@ class GenerationModel(_Strict):
         " request: an adapter written there later is servable without a restart",
     )
     max_loaded_adapters: int = Field(16, ge=1, description="adapters kept in memory per replica (LRU)")
+    max_unknown_names: int = Field(
+        4096,
+        ge=1,
+        description="unknown adapter names remembered per replica (for a second each, so a name asked again and "
+        "again costs one registry listing); the oldest are forgotten first, so endless new names cannot grow memory",
+    )
     reload_check_s: float | None = Field(
         5.0,
         ge=0,

@@ -69,7 +69,14 @@ class Generator:
             return self.engine.generate(reqs)
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
-        """Yields {"token_ids": [...]} as tokens come, then a final {finish_reason, prompt_tokens, ...}."""
+        """Yields {"admitted": True} at once (this replica has taken the request: the ingress answers 200 only
+        then), or an error dict for an adapter it cannot serve and nothing more; then {"token_ids": [...]} as
+        tokens come, then a final {finish_reason, prompt_tokens, ...}."""
+        err = await asyncio.to_thread(self.check, req.get("adapter"))  # a miss may list an s3:// registry
+        if err is not None:
+            yield err
+            return
+        yield {"admitted": True}
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()

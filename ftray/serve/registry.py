@@ -55,9 +55,6 @@ def _norm(p: str) -> str:
 
 
 class AdapterRegistry:
-    # Unknown names are remembered for miss_ttl_s, and at most this many: a client sending endless new
-    # names (64 characters each) must not grow a replica's memory.
-    max_misses = 4096
     outage_backoff_s = 30.0
 
     def __init__(self, model: GenerationModel, base_path: str, miss_ttl_s: float = 1.0):
@@ -65,7 +62,9 @@ class AdapterRegistry:
         self.base_path = _norm(base_path)
         self._static = dict(model.adapters)
         self._found: dict[str, str] = {}
-        self._misses: OrderedDict[str, float] = OrderedDict()  # oldest first
+        # Unknown names, oldest first: kept for miss_ttl_s and at most `max_unknown_names` of them, so a
+        # client sending endless new names (64 characters each) cannot grow a replica's memory.
+        self._misses: OrderedDict[str, float] = OrderedDict()
         self._misses_lock = threading.Lock()  # the ingress looks names up from worker threads
         self._miss_ttl = miss_ttl_s  # the same unknown name asked again and again costs one listing a second
         self._stamps: dict[str, str | None] = {}  # name -> version of its adapter_model.safetensors
@@ -136,7 +135,7 @@ class AdapterRegistry:
         with self._misses_lock:
             self._misses.pop(name, None)
             self._misses[name] = now
-            while len(self._misses) > self.max_misses or now - next(iter(self._misses.values())) >= self._miss_ttl:
+            while len(self._misses) > self.model.max_unknown_names or now - next(iter(self._misses.values())) >= self._miss_ttl:
                 self._misses.popitem(last=False)
                 if not self._misses:
                     break
