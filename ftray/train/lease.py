@@ -55,9 +55,9 @@ def stale_reason(rec: dict, now: float | None = None) -> str | None:
     now = time.time() if now is None else now
     if rec.get("host") == socket.gethostname():
         start = _process_start(int(rec.get("pid", -1)))
-        if start is None or abs(start - float(rec.get("pid_start", 0))) > 1.0:
+        if start is None or abs(start - float(rec.get("pid_start") or 0)) > 1.0:
             return f"its process {rec.get('pid')} is gone"
-    age = now - float(rec.get("heartbeat", 0))
+    age = now - float(rec.get("heartbeat") or 0)
     if age > float(rec.get("ttl_s", TTL_S)):
         return f"no heartbeat for {age:.0f} s"
     return None
@@ -83,7 +83,10 @@ class Lease:
                 "heartbeat": now, "ttl_s": self.ttl_s}
 
     def _refuse(self, rec: dict) -> SpecError:
-        age = time.time() - float(rec.get("heartbeat", 0))
+        if not rec:
+            return SpecError(f"{self.field}: {self.folder} holds a lease that cannot be read ({self.path}); if no "
+                             "other run uses the folder, delete it")
+        age = time.time() - float(rec.get("heartbeat") or 0)
         return SpecError(
             f"{self.field}: {self.folder} is in use by another run (pid {rec.get('pid')} on {rec.get('host')}, "
             f"`{rec.get('command', '?')}`, heartbeat {age:.0f} s ago); wait for it to end, or if it is dead delete "
