@@ -33,10 +33,14 @@ __all__ = [
     "DeepSpeedSpec",
     "JobSpec",
     "SpecError",
+    "RESUME_ALLOWABLE",
+    "RESUME_FREE",
     "adapter_refusal",
     "load_spec",
     "parse_overrides",
+    "spec_changes",
     "spec_from_dict",
+    "training_fields",
 ]
 
 
@@ -425,8 +429,76 @@ class ScalingSpec(_Strict):
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
 
 
+# What a run may change when it resumes the checkpoints in its `output.dir` (train/launch.py `check_resume`).
+# Every other field of the spec is recorded in each checkpoint (`training_fields`) and a resume that changes it is
+# refused: it would continue weights, optimizer state and data position that another model, adapter, objective,
+# data, seed, batch or sharding produced. Free: how much longer it trains, what it logs, evaluates and where it
+# writes. A dotted prefix covers the fields under it.
+RESUME_FREE = (
+    "name", "model.trust_remote_code", "model.attn_implementation",
+    "data.eval", "data.eval_max_rows", "data.cache_dir", "data.prepare_with", "data.on_bad_rows",
+    "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.log_every",
+    "train.gradient_checkpointing",  # recomputes the same activations (and the same dropout draws)
+    "scaling.cpus_per_worker", "scaling.placement_strategy", "scaling.max_failures",
+    "output", "storage",
+    # Judging held-out rows only: generation for exact match, the k of k-means and the listed topic terms.
+    "method.exact_match", "method.n_clusters", "method.top_terms",
+    "method.reward_model.app", "method.reward_model.scorer", "method.reward_model.timeout_s",
+    "method.reward_model.num_cpus",
+)
+# Methods whose `method.max_new_tokens` only sizes held-out generation (grpo/ppo: it is the rollout length).
+_EVAL_ONLY_MAX_NEW_TOKENS = ("sft", "seq2seq")
+# Refused by default, allowed by naming them in `output.resume_changes`: the job re-applies each over the restored
+# state (the optimizer's hyperparameters and LR schedule, the micro-batch split of the same global batch, the
+# rows read from the restored step on), so the resume is sound but no longer the run the checkpoints began.
+RESUME_ALLOWABLE = (
+    "train.lr", "train.weight_decay", "train.max_grad_norm", "train.warmup_steps", "train.warmup_ratio",
+    "train.lr_schedule", "train.min_lr_ratio", "train.micro_batch_size", "data.train", "data.columns",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not (prefix == "data." and k == "columns"):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _covered(key: str, fields) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def training_fields(spec: JobSpec) -> dict[str, Any]:
+    """The spec's fields that make its checkpoints what they are, flat (`adapter.r`: 4), JSON values: kept in each
+    checkpoint, compared when a run resumes them. Everything but `RESUME_FREE`."""
+    flat = _flat(spec.model_dump(mode="json"))
+    free = RESUME_FREE + (("method.max_new_tokens",) if spec.method.kind in _EVAL_ONLY_MAX_NEW_TOKENS else ())
+    return {k: v for k, v in sorted(flat.items()) if not _covered(k, free)}
+
+
+def spec_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The training fields whose values differ between a checkpoint's record and this job (a field only one side
+    knows, e.g. one a later ftray version added, is not compared)."""
+    return [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+
+
 class OutputSpec(_Strict):
-    dir: str = Field(description="The run folder (local or s3://). Running again with the same folder resumes.")
+    dir: str = Field(
+        description="The run folder (local or s3://). Running again with the same folder resumes, when the spec's "
+        "training fields equal its checkpoints' (else refused, naming the fields; see `output.resume_changes`); a "
+        "folder another run is using (its lease file `.ftray-lease.json`) is refused."
+    )
+    resume_changes: list[str] = Field(
+        default_factory=list,
+        description="Training fields this job may change from the checkpoints it resumes in `output.dir`, one of: "
+        + ", ".join(f"`{k}`" for k in RESUME_ALLOWABLE) + ". The steps, evaluation, logging, checkpoint and "
+        "output fields may always change; the model, data format and length, method, adapter, seed, global batch, "
+        "ZeRO stage, precision, workers and GPU never (another `output.dir` starts afresh).",
+    )
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
     checkpoint_upload: Literal["async", "sync"] = Field(
@@ -448,6 +520,17 @@ class OutputSpec(_Strict):
         description="The MLflow experiment and the W&B project (default: $MLFLOW_EXPERIMENT_NAME, "
         "$WANDB_PROJECT, else `ftray`).",
     )
+
+    @model_validator(mode="after")
+    def _check_resume_changes(self) -> OutputSpec:
+        for k in self.resume_changes:
+            if k not in RESUME_ALLOWABLE:
+                raise ValueError(
+                    f"`output.resume_changes`: `{k}` is not a field a resumed run may change; one of "
+                    + ", ".join(RESUME_ALLOWABLE)
+                    + " (the steps, evaluation, logging and output fields need no listing)"
+                )
+        return self
 
 
 class StorageSpec(_Strict):

@@ -31,6 +31,7 @@ __all__ = [
     "local_copy",
     "open_file",
     "publish_dir",
+    "put_file_atomic",
     "pyarrow_filesystem",
     "read_text",
     "remove",
@@ -198,8 +199,12 @@ def write_text_atomic(path: str, text: str) -> None:
     except BaseException:  # a full disk: leave no half-written temporary behind
         tmp.unlink(missing_ok=True)
         raise
-    try:  # and the rename itself is durable
-        fd = os.open(target.parent, os.O_RDONLY)
+    _fsync_dir(target.parent)  # and the rename itself is durable
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -237,6 +242,33 @@ def _files(fs, p: str) -> dict[str, dict]:
         if rel and not rel.startswith(VERSIONS + "/"):
             out[rel] = info
     return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, and each folder's entries, on disk: what a rename then publishes is whole."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(d)
+    _fsync_dir(folder)
+
+
+def put_file_atomic(local_src: str | os.PathLike, dst: str) -> None:
+    """Copy one finished local file to `dst` so that readers see the old file or the new one, whole."""
+    if is_remote(dst):
+        fs, p = filesystem(dst)
+        fs.put_file(str(local_src), p)
+        return
+    target = Path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(local_src, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def download_dir(src: str, dst: str | os.PathLike) -> Path:
@@ -363,10 +395,12 @@ def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     shutil.copytree(local_src, tmp)
     (tmp / ".complete").write_text("ok\n")
+    _fsync_tree(tmp)  # the bytes are on disk before the name points at them
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
         os.replace(target, old)
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -137,6 +137,19 @@ def test_too_many_concurrent_trials_for_the_cluster(tmp_path):
         check_resources(sweep, jobs, {"CPU": 3.0})
 
 
+def test_a_sweep_on_a_folder_another_run_holds_is_refused_before_ray(tmp_path, ray_down):
+    """One sweep driver per folder (its lease: ftray/train/lease.py); a second `ftray tune` on it is refused
+    before Ray starts. A killed sweep's lease does not block its resume (the test at the end of this file)."""
+    from ftray.train.lease import Lease
+    from ftray.tune import run_sweep
+
+    out = tmp_path / "sweep"
+    sweep, jobs = sweep_from_dict(sweep_dict(fake_base(), out))
+    with Lease(str(out)), pytest.raises(SpecError, match=rf"^output.dir: {out} is in use by another run \(pid {os.getpid()} "):
+        run_sweep(sweep, jobs)
+    assert not ray_down.is_initialized()
+
+
 def test_schedulers_and_search_algorithms_build(tmp_path):
     from ray import tune
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler

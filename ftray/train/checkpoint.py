@@ -1,11 +1,14 @@
 """What a checkpoint of the loop holds, written and read on each rank: DeepSpeed's engine state (module,
-optimizer, scheduler; tag `ds`), each rank's RNG state, an adapter's own state (AdaLoRA's allocator), and
-on rank 0 the step, the metrics history and the method's state (ppo's KL coefficient). The data order is
+optimizer, scheduler; tag `ds`), each rank's RNG states (Python, NumPy, torch CPU and, where the rank has used
+CUDA, its device's), an adapter's own state (AdaLoRA's allocator), and on rank 0 `state.json` (the step, the
+metrics history and the spec's training fields with their hash, which a resume is checked against) and the
+method's state (ppo's KL coefficient). The data order is
 a function of (seed, sample index), so the step is the data position. No Ray: the session (Ray Train or
 this process) decides where the folder goes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -14,22 +17,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Restored", "restore", "save", "take_hyperparams"]
+from ftray import storage
+
+__all__ = ["Restored", "restore", "rng_state", "save", "saved_specs", "set_rng_state", "spec_hash", "take_hyperparams"]
+
+STATE = "state.json"
 
 
-def _rng_state() -> dict:
-    return {
+def rng_state() -> dict:
+    """This process's RNG states as JSON values. CUDA's (the current device's generator: dropout on a GPU draws
+    from it) only where this process has initialised CUDA: a CPU job on a GPU machine must not create a
+    context per worker to read a generator it never used."""
+    s = {
         "python": random.getstate(),
         "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state().tolist()
+    return s
 
 
-def _set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict) -> None:
+    """Restore what `rng_state` returned. A state without CUDA's (an older checkpoint, a CPU rank) leaves CUDA's
+    generator as seeded; CUDA's state on a process without CUDA is not restored (nothing draws from it)."""
     py = s["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+
+
+def spec_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def saved_specs(run_dir: str) -> list[tuple[str, int, dict]]:
+    """(checkpoint folder, step, training fields) of each checkpoint of the Train run `run_dir` (local or URL)
+    that recorded its spec; checkpoints from before the record, or with no readable state, are left out."""
+    out = []
+    for name in storage.listdir(run_dir):
+        path = storage.join(run_dir, name, STATE)
+        if not name.startswith("checkpoint_") or not storage.exists(path):
+            continue
+        try:
+            state = json.loads(storage.read_text(path))
+        except (OSError, ValueError):
+            continue
+        if isinstance(state.get("spec"), dict):
+            out.append((storage.join(run_dir, name), int(state.get("step", 0)), state["spec"]))
+    return out
 
 
 def _optimizer_steps(engine) -> int | None:
@@ -42,19 +80,24 @@ def _optimizer_steps(engine) -> int | None:
     return None
 
 
-def save(engine, folder, rank: int, step: int, history: list[dict], method_state: dict | None) -> None:
-    """This rank's part of the checkpoint at `step` into `folder` (every rank calls it: ZeRO saves shards)."""
+def save(engine, folder, rank: int, step: int, history: list[dict], method_state: dict | None,
+         spec_fields: dict | None = None) -> None:
+    """This rank's part of the checkpoint at `step` into `folder` (every rank calls it: ZeRO saves shards).
+    `spec_fields`: the job's `config.training_fields`, recorded with their hash in state.json."""
     from ftray.models.adapters import adapter_state
 
     engine.save_checkpoint(str(folder), tag="ds", exclude_frozen_parameters=True)
-    Path(folder, f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
+    Path(folder, f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
     extra = adapter_state(engine.module)
     if extra is not None:
         from safetensors.torch import save_file
 
         save_file(extra, str(Path(folder, f"adapter_state_rank{rank}.safetensors")))
     if rank == 0:
-        Path(folder, "state.json").write_text(json.dumps({"step": step, "history": history}))
+        state = {"step": step, "history": history}
+        if spec_fields is not None:
+            state.update(spec=spec_fields, spec_hash=spec_hash(spec_fields))
+        Path(folder, STATE).write_text(json.dumps(state))
         if method_state is not None:  # the same on every rank (the method keeps it so)
             Path(folder, "method_state.json").write_text(json.dumps(method_state))
 
@@ -72,10 +115,10 @@ def restore(engine, folder, rank: int) -> Restored:
     from ftray.models.adapters import load_adapter_state
 
     engine.load_checkpoint(str(folder), tag="ds", load_module_strict=False)
-    state = json.loads(Path(folder, "state.json").read_text())
+    state = json.loads(Path(folder, STATE).read_text())
     rng_file = Path(folder, f"rng_rank{rank}.json")
     if rng_file.exists():
-        _set_rng_state(json.loads(rng_file.read_text()))
+        set_rng_state(json.loads(rng_file.read_text()))
     adapter_file = Path(folder, f"adapter_state_rank{rank}.safetensors")
     if adapter_file.exists():  # e.g. AdaLoRA's allocator: importance averages, rank pattern
         from safetensors.torch import load_file

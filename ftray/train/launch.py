@@ -18,7 +18,8 @@ from ftray.models.load import Resolved, load_config, load_tokenizer, meta_model,
 from ftray.runs import RunFolder
 from ftray.train.tracking import check_trackers, finish_run, start_run
 
-__all__ = ["Plan", "check_fits", "check_job", "ensure_ray", "fit_job", "prepare_data", "train", "write_run_json"]
+__all__ = ["Plan", "check_fits", "check_job", "check_resume", "ensure_ray", "fit_job", "prepare_data", "train",
+           "write_run_json"]
 
 
 
@@ -62,11 +63,40 @@ def check_output_survives(path: str, field: str = "output.dir") -> None:
         )
 
 
-def check_job(spec: JobSpec, tracking_parent: dict | None = None) -> Plan:
-    """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row.
+def _shown(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(spec: JobSpec, run_name: str = "checkpoints", allow: tuple[str, ...] = ()) -> None:
+    """The checkpoints of `<output.dir>/<run_name>` were taken by a job with the same training fields
+    (`config.training_fields`), or this job does not resume them: refused, naming every field that differs.
+    `output.resume_changes` (and `allow`: a PBT trial's searched keys, which PBT changes by design) may differ."""
+    from ftray.config import RESUME_ALLOWABLE, SpecError, spec_changes, training_fields
+    from ftray.train.checkpoint import saved_specs
+
+    now = training_fields(spec)
+    allowed = set(spec.output.resume_changes) | set(allow)
+    for folder, step, saved in saved_specs(storage.join(spec.output.dir, run_name)):
+        changed = [k for k in spec_changes(saved, now) if k not in allowed]
+        if not changed:
+            continue
+        diffs = ", ".join(f"`{k}` {_shown(saved[k])} -> {_shown(now[k])}" for k in changed)
+        allowable = [k for k in changed if k in RESUME_ALLOWABLE]
+        raise SpecError(
+            f"output.dir: {spec.output.dir} holds checkpoints of another spec (step {step}, {folder}): {diffs}; "
+            "resuming would continue that run with these changed: use another `output.dir`"
+            + (f", or list {', '.join(allowable)} in `output.resume_changes`" if allowable else "")
+        )
+
+
+def check_job(spec: JobSpec, tracking_parent: dict | None = None, allow_changes: tuple[str, ...] = ()) -> Plan:
+    """Everything that can be checked without a cluster: model, tokenizer, adapter fit, every data row, the
+    folder's checkpoints against the spec (`check_resume`; `allow_changes` passed on).
     `tracking_parent`: a sweep's tracker refs (`tracking.start_sweep_run`), for a trial."""
     check_output_survives(spec.output.dir)
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    check_resume(spec, allow=allow_changes)
     from transformers import AutoModelForSeq2SeqLM
 
     resolved = resolve(spec.model.path, spec.model.tokenizer)
@@ -291,17 +321,28 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
     return record
 
 
+def hold_output(spec: JobSpec, log=print):
+    """The lease on `output.dir` for this job's driver (`train/lease.py`): a second run on the folder is refused
+    while it runs. Taken once the job is checked (a refused job leaves no folder behind), before Ray."""
+    from ftray.train.lease import Lease
+
+    check_output_survives(spec.output.dir)
+    storage.configure(spec.storage.endpoint_url, spec.storage.region)
+    return Lease(spec.output.dir, log=log)
+
+
 def train(spec: JobSpec, log=print) -> dict:
     """`ftray train`: the whole job. Returns run.json's record."""
     t0 = time.time()
     plan = check_job(spec)
-    check_fits(spec, ensure_ray(spec), log=log)
-    result, meta, timings = fit_job(plan, log=log)
-    if result.error:
-        finish_run(plan.tracking, None, "FAILED")
-        raise result.error
-    timings["total_s"] = time.time() - t0
-    record = write_run_json(plan, result, meta, timings)
+    with hold_output(spec, log):
+        check_fits(spec, ensure_ray(spec), log=log)
+        result, meta, timings = fit_job(plan, log=log)
+        if result.error:
+            finish_run(plan.tracking, None, "FAILED")
+            raise result.error
+        timings["total_s"] = time.time() - t0
+        record = write_run_json(plan, result, meta, timings)
     nodes = [f"rank {r['rank']} on {r['hostname']} ({r['node_ip']}, node {r['node_id'][:8]})" for r in record["placement"]["ranks"]]
     log(f"[ftray] placement {spec.scaling.placement_strategy}: {'; '.join(nodes)}", flush=True)
     b, a = record["eval"]["before"], record["eval"]["after"]

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from ftray.config import JobSpec, SpecError
 from ftray.methods import get_method
-from ftray.train.launch import check_job, prepare_data, write_run_json
+from ftray.train.launch import check_job, hold_output, prepare_data, write_run_json
 from ftray.train.loop import LocalSession, run_worker
 from ftray.train.tracking import finish_run, start_run
 
@@ -80,20 +80,21 @@ def run_local(spec: JobSpec, log=print, resume_from: str | None = None) -> dict:
     if method.reward_model(spec) is not None:  # whichever method scores through Serve
         raise SpecError("method.reward_model: a served reward model needs Ray Serve; run `ftray train` instead")
     plan = check_job(spec)
-    prepared, meta, t_prep = prepare_data(plan, method, log, use_ray=False)
-    plan.tracking = start_run(spec)
-    config = {"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared,
-              "resume_from": resume_from, "tracking": plan.tracking}
-    session = LocalSession(spec.output.dir, spec.output.keep_checkpoints, resume_from)
-    t1 = time.time()
-    try:
-        with one_rank_environment():
-            final = run_worker(config, session)
-    except BaseException:
-        finish_run(plan.tracking, None, "FAILED")
-        raise
-    timings = {"prepare_s": t_prep, "fit_s": time.time() - t1, "total_s": time.time() - t0}
-    record = write_run_json(plan, SimpleNamespace(metrics=final), meta, timings)
+    with hold_output(spec, log):
+        prepared, meta, t_prep = prepare_data(plan, method, log, use_ray=False)
+        plan.tracking = start_run(spec)
+        config = {"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared,
+                  "resume_from": resume_from, "tracking": plan.tracking}
+        session = LocalSession(spec.output.dir, spec.output.keep_checkpoints, resume_from)
+        t1 = time.time()
+        try:
+            with one_rank_environment():
+                final = run_worker(config, session)
+        except BaseException:
+            finish_run(plan.tracking, None, "FAILED")
+            raise
+        timings = {"prepare_s": t_prep, "fit_s": time.time() - t1, "total_s": time.time() - t0}
+        record = write_run_json(plan, SimpleNamespace(metrics=final), meta, timings)
     b, a = record["eval"]["before"], record["eval"]["after"]
     for k in a:
         if k in b:

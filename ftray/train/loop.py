@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ftray import storage
-from ftray.config import JobSpec
+from ftray.config import JobSpec, training_fields
 from ftray.data.encode import ensure_chat_template
 from ftray.data.prepare import load_split
 from ftray.methods import EvalContext, get_method
@@ -194,12 +194,12 @@ def _row(split: dict, i: int) -> dict:
 
 
 def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict,
-                           background: bool = False) -> None:
+                           spec_fields: dict, background: bool = False) -> None:
     """A checkpoint written on every rank into a temporary folder, handed to the session with `metrics`; the
     session removes the folder once it is stored (`background`: stored while the next steps train)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
     try:
-        checkpoint.save(engine, tmp, rank, step, history, method.state_dict())
+        checkpoint.save(engine, tmp, rank, step, history, method.state_dict(), spec_fields)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -387,6 +387,7 @@ def run_worker(config: dict, session) -> dict:
     )
     steps = total_steps(spec, n_train)
     order = _Order(n_train, spec.train.seed)
+    fields = training_fields(spec)  # recorded in every checkpoint: a later run on the folder is checked against it
 
     # Same seed on every rank: identical init of new weights (heads, adapters) everywhere.
     torch.manual_seed(spec.train.seed)
@@ -491,7 +492,7 @@ def run_worker(config: dict, session) -> dict:
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
             t_ckpt = time.time()
-            _checkpoint_and_report(session, engine, rank, done, history, method, metrics, background)
+            _checkpoint_and_report(session, engine, rank, done, history, method, metrics, fields, background)
             stored_s += time.time() - t_ckpt
             if tb:
                 tb.publish()
@@ -534,7 +535,7 @@ def run_worker(config: dict, session) -> dict:
         "resumed_from_step": start_step or None,
         "resumed_optimizer_steps": resumed_opt_steps,
     }
-    _checkpoint_and_report(session, engine, rank, steps, history, method, final)
+    _checkpoint_and_report(session, engine, rank, steps, history, method, final, fields)
     outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
     dist.barrier()
     # Free the engine's hooks and buffers (ZeRO-3 reserves ~2 GB of bucket buffers): a process that runs

@@ -55,8 +55,7 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
                 storage.publish_dir(staging / sub, storage.join(out, sub))
         storage.write_text_atomic(storage.join(out, "metrics.jsonl"), (staging / "metrics.jsonl").read_text())
         if (staging / "curves.png").exists():
-            fs, p = storage.filesystem(storage.join(out, "curves.png"))
-            fs.put_file(str(staging / "curves.png"), p)
+            storage.put_file_atomic(staging / "curves.png", storage.join(out, "curves.png"))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

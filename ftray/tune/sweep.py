@@ -209,15 +209,25 @@ def _prepare_once(jobs: list[JobSpec], log) -> None:
 
 def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
     """Start or resume the sweep in `sweep.output.dir`; write its results. Returns the summary."""
-    import ray
-    from ray import tune
-
-    from ftray.train.launch import check_output_survives, ensure_ray
-    from ftray.tune.results import write_results
-    from ftray.tune.trial import run_trial
+    from ftray.train.launch import check_output_survives
+    from ftray.train.lease import Lease
 
     t0 = time.time()
     check_output_survives(sweep.output.dir)
+    storage.configure(jobs[0].storage.endpoint_url, jobs[0].storage.region)
+    # One sweep driver per folder (its trials, in their own folders under it, take no lease of their own).
+    with Lease(sweep.output.dir, log=log):
+        return _run_sweep(sweep, jobs, log, t0)
+
+
+def _run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log, t0: float) -> dict:
+    import ray
+    from ray import tune
+
+    from ftray.train.launch import ensure_ray
+    from ftray.tune.results import write_results
+    from ftray.tune.trial import run_trial
+
     ensure_ray(jobs[0])
     check_resources(sweep, jobs, ray.cluster_resources())
     _pin_ray_address()

@@ -83,8 +83,10 @@ def run_trial(config: dict, sweep: dict, tracking_parent: dict | None = None) ->
     sw = SweepSpec.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(sw, config, trial_dir(sw.output.dir, trial_id), source=f"trial {trial_id}")
-    plan = check_job(spec, tracking_parent)  # the sweep's tracker refs: this trial's runs hang from them
     with_checkpoints = sw.scheduler.kind == "pbt"
+    # The sweep's tracker refs: this trial's runs hang from them. PBT changes a trial's searched values between
+    # the stretches of its run: those may differ from its folder's checkpoints.
+    plan = check_job(spec, tracking_parent, allow_changes=tuple(sw.search) if with_checkpoints else ())
     start = tune.get_checkpoint()  # after a PBT exploit: the other trial's; after a sweep resume: its own
     start_url = storage.url_like(start.path, sw.output.dir) if start is not None else None
     run_name = _segment_start(spec, config, start_url) if with_checkpoints else "checkpoints"
