@@ -94,6 +94,11 @@ class Scheduler(_Strict):
         0.25, ge=0, le=1, description="`pbt`: chance a mutated value is drawn anew from its search "
         "distribution instead of perturbed (x0.8 / x1.2, or a neighbouring `choice`)."
     )
+    synch: bool = Field(
+        False, description="`pbt`: Ray's synchronous PBT: at each perturbation every trial waits (paused) until "
+        "all have reached it, so a trial that started late is still compared; each perturbation then restarts "
+        "every trial's Ray Train run. Off: asynchronous, a trial is compared with those running beside it.",
+    )
     mutate: list[str] | None = Field(
         None, description="`pbt`: the search keys PBT changes during a trial (default: every searched key "
         f"among {', '.join(f'`{k}`' for k in ('train.lr', 'train.weight_decay'))}). Other searched keys are "
@@ -245,8 +250,8 @@ def _check(sweep: SweepSpec, where: dict[str, str]) -> list[JobSpec]:
     sch = sweep.scheduler
     if sch.kind == "pbt":
         _check_pbt(sweep, job, at)
-    elif sch.mutate is not None or sch.perturbation_interval is not None:
-        raise SpecError(f"{at('scheduler')}: `scheduler.mutate` / `perturbation_interval` are for `kind: pbt`")
+    elif sch.mutate is not None or sch.perturbation_interval is not None or sch.synch:
+        raise SpecError(f"{at('scheduler')}: `scheduler.mutate` / `perturbation_interval` / `synch` are for `kind: pbt`")
     if sch.kind in ("asha", "hyperband"):
         searched_len = {"train.max_steps", "train.epochs"} & set(sweep.search)
         if sch.max_t is None and (job.train.max_steps is None or searched_len):

@@ -60,17 +60,18 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
         from ftray.tune.trial import COMPLETED
 
         class PBT(PopulationBasedTraining):
-            """Ray's asynchronous PBT, less two pauses. A trial's final report comes after its run folder is
-            written: nothing is left to exploit. And Ray pauses a trial at a perturbation whenever another
-            is pending or paused, to take turns; the whole population runs at once here (checked at
+            """Ray's PBT, less two pauses. A trial's final report comes after its run folder is written:
+            nothing is left to exploit. And asynchronous PBT pauses a trial at a perturbation whenever
+            another is pending or paused, to take turns; the whole population runs at once here (checked at
             validation), so the only other paused trial is one being restarted from an exploit, and a pause
-            would only cost this trial a restart of its Ray Train run."""
+            would only cost this trial a restart of its Ray Train run. (Synchronous PBT's pauses are its
+            point: they are kept.)"""
 
             def on_trial_result(self, tune_controller, trial, result):
                 if result.get(COMPLETED):
                     return self.CONTINUE
                 decision = super().on_trial_result(tune_controller, trial, result)
-                return self.CONTINUE if decision == self.PAUSE else decision
+                return self.CONTINUE if decision == self.PAUSE and not s.synch else decision
 
         return PBT(
             time_attr="step",
@@ -81,6 +82,7 @@ def _scheduler(sweep: SweepSpec, jobs: list[JobSpec]):
             quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability,
             log_config=True,
+            synch=s.synch,
         )
     return FIFOScheduler()
 
