@@ -177,3 +177,17 @@ def perturb_checkpoint(src: Path, dst: Path, scale: float = 0.05) -> Path:
     for f in files:
         torch.save(shake(torch.load(f, map_location="cpu", weights_only=False)), f)
     return Path(dst)
+
+
+def assert_no_credentials_in_runtime_envs() -> None:
+    """No actor of the session's Ray (dead ones included) carries a static AWS key in its runtime_env, the
+    part of an actor the dashboard and `ray list actors --detail` show; the S3 endpoint does (so the check
+    sees runtime envs at all)."""
+    import os
+
+    from ray.util.state import list_actors
+
+    envs = [a.serialized_runtime_env or "" for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)]
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") and any("AWS_ENDPOINT_URL" in e for e in envs), envs[:3]
+    leaked = [e for e in envs if "AWS_SECRET_ACCESS_KEY" in e or "AWS_ACCESS_KEY_ID" in e]
+    assert not leaked, f"static keys in {len(leaked)} runtime_env(s): {leaked[0][:300]}"

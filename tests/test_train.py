@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ftray.config import resolve_paths, spec_from_dict
-from tests._specs import ROOT, job_dict, needs_shared, run_here
+from tests._specs import ROOT, assert_no_credentials_in_runtime_envs, job_dict, needs_shared, run_here
 
 pytestmark = pytest.mark.integration
 
@@ -217,11 +217,7 @@ def test_killed_worker_then_killed_driver_resume_to_the_same_weights(tmp_path, t
     assert diff <= 1e-6, diff
     # The drivers joined a cluster holding static S3 keys in their environment: the keys stayed out of every
     # actor's runtime_env (what `ray list actors --detail` and the dashboard show), the endpoint went in.
-    from ray.util.state import list_actors
-
-    envs = [a.serialized_runtime_env or "" for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)]
-    assert os.environ.get("AWS_SECRET_ACCESS_KEY") and any("AWS_ENDPOINT_URL" in e for e in envs), envs[:3]
-    assert not [e for e in envs if "AWS_SECRET_ACCESS_KEY" in e or "AWS_ACCESS_KEY_ID" in e], "static keys in a runtime_env"
+    assert_no_credentials_in_runtime_envs()
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY not passed to the cluster's workers" in text
 
 

@@ -20,7 +20,7 @@ import yaml
 from ftray.config import SpecError, load_spec
 from ftray.tune.spec import sample_points, sweep_from_dict
 from ftray.tune.sweep import check_resources
-from tests._specs import ROOT, job_dict
+from tests._specs import ROOT, assert_no_credentials_in_runtime_envs, job_dict
 
 FAKE = Path("/nonexistent")
 
@@ -461,6 +461,8 @@ def test_pbt_trial_continues_the_better_trials_checkpoint_with_a_perturbed_lr(tm
         # The LoRA rank came with the weights: the saved adapter has the trial's final rank.
         assert json.loads((Path(r["run"]) / "adapter" / "adapter_config.json").read_text())["r"] == r["params"]["adapter.r"]
     assert exploits >= 1, "no PBT exploit happened"
+    # Tune would copy this process's static S3 keys into each trial actor's runtime_env; the sweep keeps them out.
+    assert_no_credentials_in_runtime_envs()
     md = (out / "results.md").read_text()
     assert "Exploits" in md and " of " in md
     assert "# PBT:" in (out / "best.yaml").read_text()

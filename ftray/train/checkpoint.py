@@ -2,7 +2,8 @@
 optimizer, scheduler; tag `ds`), each rank's RNG states (Python, NumPy, torch CPU and, where the rank has used
 CUDA, its device's), an adapter's own state (AdaLoRA's allocator), and on rank 0 `state.json` (the step, the
 metrics history and the spec's training fields with their hash, which a resume is checked against) and the
-method's state (ppo's KL coefficient). The data order is
+method's state (ppo's KL coefficient), and last each rank's manifest (its files and their sizes: a truncated
+or missing file makes the checkpoint unusable, `unusable`, and a resume takes the one before). The data order is
 a function of (seed, sample index), so the step is the data position. No Ray: the session (Ray Train or
 this process) decides where the folder goes."""
 
@@ -19,7 +20,8 @@ import torch
 
 from ftray import storage
 
-__all__ = ["Restored", "restore", "rng_state", "save", "saved_specs", "set_rng_state", "spec_hash", "take_hyperparams"]
+__all__ = ["Restored", "restore", "rng_state", "save", "saved_specs", "set_rng_state", "spec_hash", "take_hyperparams",
+           "unusable"]
 
 STATE = "state.json"
 
@@ -81,9 +83,10 @@ def _optimizer_steps(engine) -> int | None:
 
 
 def save(engine, folder, rank: int, step: int, history: list[dict], method_state: dict | None,
-         spec_fields: dict | None = None) -> None:
-    """This rank's part of the checkpoint at `step` into `folder` (every rank calls it: ZeRO saves shards).
-    `spec_fields`: the job's `config.training_fields`, recorded with their hash in state.json."""
+         spec_fields: dict | None = None, world: int = 1) -> None:
+    """This rank's part of the checkpoint at `step` into `folder` (every rank calls it: ZeRO saves shards; each
+    rank's folder holds its own files only). `spec_fields`: the job's `config.training_fields`, recorded with
+    their hash in state.json."""
     from ftray.models.adapters import adapter_state
 
     engine.save_checkpoint(str(folder), tag="ds", exclude_frozen_parameters=True)
@@ -94,12 +97,40 @@ def save(engine, folder, rank: int, step: int, history: list[dict], method_state
 
         save_file(extra, str(Path(folder, f"adapter_state_rank{rank}.safetensors")))
     if rank == 0:
-        state = {"step": step, "history": history}
+        state = {"step": step, "history": history, "world": world}
         if spec_fields is not None:
             state.update(spec=spec_fields, spec_hash=spec_hash(spec_fields))
         Path(folder, STATE).write_text(json.dumps(state))
         if method_state is not None:  # the same on every rank (the method keeps it so)
             Path(folder, "method_state.json").write_text(json.dumps(method_state))
+    files = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+    Path(folder, MANIFEST.format(rank=rank)).write_text(json.dumps(files))
+
+
+MANIFEST = "manifest_rank{rank}.json"
+
+
+def unusable(folder) -> str | None:
+    """Why the checkpoint in local `folder` cannot be resumed from (None: every rank's manifest is there and
+    every file it lists has its size). Checkpoints written before manifests are taken as they are."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE).read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE} unreadable ({type(e).__name__})"
+    for rank in range(int(state.get("world", 0))):
+        try:
+            files = json.loads((folder / MANIFEST.format(rank=rank)).read_text())
+        except (OSError, ValueError) as e:
+            return f"rank {rank}'s manifest unreadable ({type(e).__name__}): the step-{step} checkpoint is not whole"
+        for name, size in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, not {size} (truncated)"
+    return None
 
 
 @dataclass

@@ -199,7 +199,7 @@ def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[
     session removes the folder once it is stored (`background`: stored while the next steps train)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
     try:
-        checkpoint.save(engine, tmp, rank, step, history, method.state_dict(), spec_fields)
+        checkpoint.save(engine, tmp, rank, step, history, method.state_dict(), spec_fields, world=session.world)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,21 +217,30 @@ class RayTrainSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self._resume_from = resume_from
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        """This run's own latest checkpoint (after a worker-group restart or a rerun), else `resume_from`
-        (another run's: a PBT exploit, a sweep resumed); yields a local folder or None."""
+    def checkpoints(self):
+        """(where, a context manager yielding it as a local folder) for each checkpoint to resume from, best
+        first: this run's latest (after a worker-group restart or a rerun), then its earlier ones still kept
+        (for a latest that is unusable), else `resume_from` (another run's: a PBT exploit, a sweep resumed)."""
+        import pyarrow.fs as pafs
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None and self._resume_from:
-            fs, path = storage.pyarrow_filesystem(self._resume_from)
-            ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
         if ckpt is None:
-            yield None
+            if self._resume_from:
+                fs, path = storage.pyarrow_filesystem(self._resume_from)
+                yield self._resume_from, ray.train.Checkpoint(path=path, filesystem=fs).as_directory
             return
-        with ckpt.as_directory() as d:
-            yield d
+        yield ckpt.path, ckpt.as_directory
+        parent, latest = ckpt.path.rstrip("/").rsplit("/", 1)
+        try:
+            infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+        except OSError:
+            return
+        # Ray Train names them checkpoint_<date>_<time>: newest last in name order.
+        older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and
+                        i.base_name.startswith("checkpoint_") and i.base_name < latest), reverse=True)
+        for path in older:
+            yield path, ray.train.Checkpoint(path=path, filesystem=ckpt.filesystem).as_directory
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, background: bool = False) -> None:
         """`background`: Ray Train's asynchronous upload (one thread per worker, reports kept in order; the
@@ -267,6 +276,12 @@ class RayTrainSession:
         }
 
 
+@contextlib.contextmanager
+def _local_dir(src: str):
+    with storage.local_copy(src) as d:
+        yield str(d)
+
+
 class LocalSession:
     """The loop in this process alone (world size 1, no Ray). Checkpoints go where a Ray Train run puts
     them (`<output.dir>/checkpoints/checkpoint_<step>`, each published whole), the newest
@@ -290,15 +305,11 @@ class LocalSession:
                 out.append((int(step), path))
         return sorted(out)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        done = self._complete()
-        src = done[-1][1] if done else self._resume_from
-        if not src:
-            yield None
-            return
-        with storage.local_copy(src) as d:
-            yield str(d)
+    def checkpoints(self):
+        """As `RayTrainSession.checkpoints`: this folder's complete checkpoints newest first, else `resume_from`."""
+        done = [path for _, path in reversed(self._complete())] or ([self._resume_from] if self._resume_from else [])
+        for src in done:
+            yield src, lambda src=src: _local_dir(src)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, background: bool = False) -> None:
         """Stores the checkpoint before returning (`background` is Ray Train's; here is one process)."""
@@ -406,13 +417,32 @@ def run_worker(config: dict, session) -> dict:
 
     # ---------------------------------------------------------------- resume
     start_step, history, method_state, resumed_opt_steps = 0, [], None, None
-    with session.latest_checkpoint() as d:
-        if d is not None:
-            restored = checkpoint.restore(engine, d, rank)
+    refused: list[str] = []
+    for where, opened in session.checkpoints():
+        with opened() as d:
+            why = checkpoint.unusable(d)
+            if why is None:
+                try:
+                    restored = checkpoint.restore(engine, d, rank)
+                except Exception as e:  # a corrupt file of the right size: the next one back is loaded over it
+                    why = f"{type(e).__name__}: {str(e)[:200]}"
+        if world > 1:  # every rank resumes from the same one
+            ok = torch.tensor([0.0 if why else 1.0], device=device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            why = why or (None if ok.item() else "another rank could not load it")
+        if why is None:
             start_step, history, method_state = restored.step, restored.history, restored.method_state
             checkpoint.take_hyperparams(scheduler, groups, spec, schedule)
             resumed_opt_steps = restored.optimizer_steps
-            log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}", flush=True)
+            after = f" (not from {', '.join(refused)})" if refused else ""
+            log(f"[ftray] resumed from checkpoint at step {start_step}/{steps}{after}", flush=True)
+            break
+        refused.append(where)
+        log(f"[ftray] checkpoint {where} cannot be resumed from: {why}; trying the one before", flush=True)
+    else:
+        if refused:
+            raise RuntimeError(f"no usable checkpoint to resume from (tried {', '.join(refused)}): move them aside "
+                               "to train from the start")
 
     def all_sum(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)

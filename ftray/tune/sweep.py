@@ -222,6 +222,20 @@ def run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log=print) -> dict:
         return _run_sweep(sweep, jobs, log, t0)
 
 
+def _keep_credentials_out_of_trial_actors() -> None:
+    """Ray Tune copies the driver's static AWS keys into every trial actor's runtime_env
+    (`ray/tune/execution/class_cache.py`, ENV_VARS_TO_PROPAGATE), where the dashboard and the state API show
+    them; as `ensure_ray` does for a job, they stay out: an embedded Ray's actors inherit them from this
+    process, a cluster's nodes have their own."""
+    from ray.tune.execution import class_cache
+
+    from ftray.train.launch import SECRET_ENV
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, set):
+        names.difference_update({*SECRET_ENV, "AWS_SECURITY_TOKEN"})
+
+
 def _run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log, t0: float) -> dict:
     import ray
     from ray import tune
@@ -233,6 +247,7 @@ def _run_sweep(sweep: SweepSpec, jobs: list[JobSpec], log, t0: float) -> dict:
     ensure_ray(jobs[0])
     check_resources(sweep, jobs, ray.cluster_resources())
     _pin_ray_address()
+    _keep_credentials_out_of_trial_actors()
     # The sample points' jobs ran `spec_from_dict` with a placeholder run folder; check data and model.
     _prepare_once(jobs, log)
 
