@@ -4,6 +4,7 @@ Test modules import from here (and from the other `tests/_*.py` helpers), never 
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -176,6 +177,12 @@ def perturb_checkpoint(src: Path, dst: Path, scale: float = 0.05) -> Path:
     assert files, f"no optimizer state in {dst}"
     for f in files:
         torch.save(shake(torch.load(f, map_location="cpu", weights_only=False)), f)
+    # Saved as the loop would have saved these values: each rank's manifest lists the rewritten files' sizes
+    # (else the resume takes the copy for a truncated checkpoint and refuses it).
+    for m in Path(dst).glob("manifest_rank*.json"):
+        listed = json.loads(m.read_text())
+        m.write_text(json.dumps({name: (Path(dst, name).stat().st_size if Path(dst, name) in files else size)
+                                 for name, size in listed.items()}))
     return Path(dst)
 
 
