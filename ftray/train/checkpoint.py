@@ -1,7 +1,7 @@
 """What a checkpoint of the loop holds, written and read on each rank: DeepSpeed's engine state (module,
 optimizer, scheduler; tag `ds`), each rank's RNG states (Python, NumPy, torch CPU and, where the rank has used
 CUDA, its device's), an adapter's own state (AdaLoRA's allocator), and on rank 0 `state.json` (the step, the
-metrics history and the spec's training fields with their hash, which a resume is checked against) and the
+metrics history and the spec's training fields, which a resume is checked against) and the
 method's state (ppo's KL coefficient), and last each rank's manifest (its files and their sizes: a truncated
 or missing file makes the checkpoint unusable, `unusable`, and a resume takes the one before). The data order is
 a function of (seed, sample index), so the step is the data position. No Ray: the session (Ray Train or
@@ -9,7 +9,6 @@ this process) decides where the folder goes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -20,8 +19,7 @@ import torch
 
 from ftray import storage
 
-__all__ = ["Restored", "restore", "rng_state", "save", "saved_specs", "set_rng_state", "spec_hash", "take_hyperparams",
-           "unusable"]
+__all__ = ["Restored", "restore", "rng_state", "save", "saved_specs", "set_rng_state", "take_hyperparams", "unusable"]
 
 STATE = "state.json"
 
@@ -49,10 +47,6 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
-
-
-def spec_hash(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def saved_specs(run_dir: str) -> list[tuple[str, int, dict]]:
@@ -85,8 +79,8 @@ def _optimizer_steps(engine) -> int | None:
 def save(engine, folder, rank: int, step: int, history: list[dict], method_state: dict | None,
          spec_fields: dict | None = None, world: int = 1) -> None:
     """This rank's part of the checkpoint at `step` into `folder` (every rank calls it: ZeRO saves shards; each
-    rank's folder holds its own files only). `spec_fields`: the job's `config.training_fields`, recorded with
-    their hash in state.json."""
+    rank's folder holds its own files only). `spec_fields`: the job's `config.training_fields`, recorded in
+    state.json."""
     from ftray.models.adapters import adapter_state
 
     engine.save_checkpoint(str(folder), tag="ds", exclude_frozen_parameters=True)
@@ -99,7 +93,7 @@ def save(engine, folder, rank: int, step: int, history: list[dict], method_state
     if rank == 0:
         state = {"step": step, "history": history, "world": world}
         if spec_fields is not None:
-            state.update(spec=spec_fields, spec_hash=spec_hash(spec_fields))
+            state["spec"] = spec_fields
         Path(folder, STATE).write_text(json.dumps(state))
         if method_state is not None:  # the same on every rank (the method keeps it so)
             Path(folder, "method_state.json").write_text(json.dumps(method_state))
