@@ -112,6 +112,7 @@ class Generator:
 
     def check(self, adapter: str | None) -> dict | None:
         """None when `adapter` is servable, else an error dict (404 unknown, 400 invalid name)."""
+        from ftray.serve.engine import adapter_error
         from ftray.serve.registry import AdapterError
 
         if adapter is None:
@@ -119,8 +120,7 @@ class Generator:
         try:
             self.engine.registry.lookup(adapter)
         except AdapterError as e:
-            kind = "invalid_request_error" if e.status < 500 else "server_error"
-            return {"error": {"message": str(e), "type": kind, "code": e.code, "status": e.status}}
+            return adapter_error(e)
         return None
 
 

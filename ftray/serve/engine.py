@@ -31,7 +31,7 @@ def error(message: str, status: int = 400, type_: str = "invalid_request_error",
     return {"error": {"message": message, "type": type_, "code": code, "status": status}}
 
 
-def _adapter_error(e: AdapterError) -> dict:
+def adapter_error(e: AdapterError) -> dict:
     return error(str(e), e.status, "invalid_request_error" if e.status < 500 else "server_error", e.code)
 
 
@@ -121,9 +121,9 @@ class LoraEngine:
             try:
                 self.registry.lookup(name)
             except AdapterError as e:
-                bad[name] = _adapter_error(e)
+                bad[name] = adapter_error(e)
         if wanted - set(bad):
-            bad.update({name: _adapter_error(e) for name, e in self.ensure_loaded(wanted - set(bad)).items()})
+            bad.update({name: adapter_error(e) for name, e in self.ensure_loaded(wanted - set(bad)).items()})
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             if out[i] is None and r.get("adapter") in bad:
@@ -200,7 +200,7 @@ class LoraEngine:
         if req.get("adapter"):
             failed = self.ensure_loaded({req["adapter"]})
             if failed:
-                return _adapter_error(failed[req["adapter"]])
+                return adapter_error(failed[req["adapter"]])
         eos_ids, count = self.eos_ids, [0]
         finish = ["length"]
 
