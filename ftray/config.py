@@ -439,7 +439,9 @@ RESUME_FREE = (
     "data.eval", "data.eval_max_rows", "data.cache_dir", "data.prepare_with", "data.on_bad_rows",
     "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every", "train.log_every",
     "train.gradient_checkpointing",  # recomputes the same activations (and the same dropout draws)
-    "scaling.cpus_per_worker", "scaling.placement_strategy", "scaling.max_failures",
+    # Another number of workers: the step is the data position for any world size (the global batch is fixed)
+    # and a ZeRO checkpoint is resharded on load (`train/checkpoint.py`).
+    "scaling.num_workers", "scaling.cpus_per_worker", "scaling.placement_strategy", "scaling.max_failures",
     "output", "storage",
     # Judging held-out rows only: generation for exact match, the k of k-means and the listed topic terms.
     "method.exact_match", "method.n_clusters", "method.top_terms",
@@ -496,8 +498,8 @@ class OutputSpec(_Strict):
         default_factory=list,
         description="Training fields this job may change from the checkpoints it resumes in `output.dir`, one of: "
         + ", ".join(f"`{k}`" for k in RESUME_ALLOWABLE) + ". The steps, evaluation, logging, checkpoint and "
-        "output fields may always change; the model, data format and length, method, adapter, seed, global batch, "
-        "ZeRO stage, precision, workers and GPU never (another `output.dir` starts afresh).",
+        "output fields and the number of workers may always change; the model, data format and length, method, "
+        "adapter, seed, global batch, ZeRO stage, precision and GPU never (another `output.dir` starts afresh).",
     )
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")

@@ -30,13 +30,14 @@ def _spec(**over):
 def test_training_fields_leave_out_what_a_resume_may_change():
     f = training_fields(_spec())
     for k in ("model.path", "data.train", "data.max_length", "method.kind", "adapter.r", "adapter.target_modules",
-              "train.seed", "train.global_batch_size", "train.lr", "deepspeed.zero_stage", "scaling.num_workers"):
+              "train.seed", "train.global_batch_size", "train.lr", "deepspeed.zero_stage", "scaling.use_gpu"):
         assert k in f, k
     assert not [k for k in f if k.startswith(("output.", "storage.", "train.max_steps", "train.checkpoint_every",
                                                   "train.eval_every", "train.log_every", "data.eval", "name"))], f
     # Extending the run, checkpointing and logging differently, writing elsewhere: the same training fields.
+    # Resuming on another number of workers (the checkpoint is resharded: tests/test_train.py).
     assert f == training_fields(_spec(train__max_steps=60, train__checkpoint_every=5, train__log_every=7,
-                                      output__dir="/elsewhere", output__keep_checkpoints=9))
+                                      output__dir="/elsewhere", output__keep_checkpoints=9, scaling__num_workers=1))
     # max_new_tokens sizes sft's held-out generation only, but grpo's rollouts.
     assert "method.max_new_tokens" not in f
     grpo = spec_from_dict(method_spec("grpo", "/m", "/t", "/e", "/o"))

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ftray.config import resolve_paths, spec_from_dict
+from ftray.train.launch import check_job, fit_job
 from tests._specs import ROOT, assert_no_credentials_in_runtime_envs, job_dict, needs_shared, run_here
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,9 @@ def equivalence_runs(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
     """The same 10-step job under ZeRO 2 and 3 on 2 Ray workers, on 1 Ray worker x 2 accumulation steps,
     and under ZeRO-0 in this process (1 rank: no partitioning to compare, the plain optimizer step)."""
     base = tmp_path_factory.mktemp("equiv")
-    runs = {"_job": lambda out, **over: job_dict(tiny_model, arith[0], arith[1], out, cache_dir, train__max_steps=10, **over)}
+    # A checkpoint at step 5 of each: the resumes on another number of workers below start from it.
+    runs = {"_job": lambda out, **over: job_dict(tiny_model, arith[0], arith[1], out, cache_dir, train__max_steps=10,
+                                                 train__checkpoint_every=5, **over)}
     for name, over in {
         "zero2": {"deepspeed__zero_stage": 2},
         "zero3": {"deepspeed__zero_stage": 3},
@@ -105,6 +108,55 @@ def test_run_folder_contents(equivalence_runs):
     assert place["strategy"] == "PACK" and [r["rank"] for r in place["ranks"]] == [0, 1], place
     assert len({r["node_id"] for r in place["ranks"]}) == 1 and all(r["node_ip"] and r["hostname"] for r in place["ranks"])
     assert json.loads((run / "run.json").read_text())["placement"] == place
+
+
+# ----------------------------------------------------------------------------- resume on another number of workers
+
+
+def _checkpoint_at(run: Path, step: int) -> Path:
+    """The run's checkpoint folder at `step` (Ray Train's are named by time, the in-process loop's by step)."""
+    found = [c for c in (run / "checkpoints").glob("checkpoint_*")
+             if (c / "state.json").exists() and json.loads((c / "state.json").read_text())["step"] == step]
+    assert len(found) == 1, (run, step, found)
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def one_worker_zero3(equivalence_runs):
+    """The equivalence job on 1 worker under ZeRO-3, in this process (as `one_worker` is under ZeRO-2)."""
+    run = equivalence_runs["zero2"][1].parent / "one_worker_zero3"
+    run_here(equivalence_runs["_job"](run, deepspeed__zero_stage=3, scaling__num_workers=1))
+    return run
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("direction", ["2to1", "1to2"])
+def test_resume_on_another_number_of_workers(equivalence_runs, one_worker_zero3, tmp_path, ray_local, zero, direction):
+    """Issue 16 item 1: a checkpoint taken on 2 workers resumes on 1 and one taken on 1 resumes on 2, under ZeRO-2
+    and ZeRO-3 (the partitioned optimizer state is resharded through DeepSpeed's universal checkpoint). The
+    optimizer's state came along (its step count), each later step trained on the examples the uninterrupted
+    run at the new size trained on (a step's loss is a function of its examples: a skipped or repeated one
+    changes it), and the adapter at the end is that run's (1e-5). A resume that failed to load would stop
+    with "no usable checkpoint"; one that ignored it would start from step 0."""
+    runs = {(2, 2): equivalence_runs["zero2"][1], (3, 2): equivalence_runs["zero3"][1],
+            (2, 1): equivalence_runs["one_worker"][1], (3, 1): one_worker_zero3}
+    src_workers, new_workers = (2, 1) if direction == "2to1" else (1, 2)
+    source, reference = runs[(zero, src_workers)], runs[(zero, new_workers)]
+    d = equivalence_runs["_job"](tmp_path / "resumed", deepspeed__zero_stage=zero, scaling__num_workers=new_workers)
+    ckpt = str(_checkpoint_at(source, 5))
+    if new_workers == 1:
+        record = run_here(d, resume_from=ckpt)
+    else:
+        plan = check_job(resolve_paths(spec_from_dict(d)))
+        result, _, _ = fit_job(plan, resume_from=ckpt)
+        assert result.error is None, result.error
+        record = result.metrics
+    tr = record.get("train", record)
+    assert tr["resumed_from_step"] == 5 and tr["resumed_optimizer_steps"] == 5, tr
+    mine, ref = losses(tmp_path / "resumed"), losses(reference)  # the first 5: the source run's, restored
+    assert max(abs(a - b) for a, b in zip(mine[5:], ref[5:], strict=True)) < 1e-5, (mine, ref)
+    w, r = adapter_weights(tmp_path / "resumed"), adapter_weights(reference)
+    assert max((w[k] - r[k]).abs().max().item() for k in r) < 1e-5
 
 
 # ----------------------------------------------------------------------------- exact resume

@@ -135,16 +135,29 @@ class Restored:
     optimizer_steps: int | None  # what the restored optimizer state had taken
 
 
-def restore(engine, folder, rank: int) -> Restored:
-    """Load what `save` wrote into `engine` (and this process's RNGs); the step to go on from."""
+def restore(engine, folder, rank: int, world: int = 1) -> Restored:
+    """Load what `save` wrote into `engine` (and this process's RNGs); the step to go on from. A checkpoint
+    saved by another number of ranks under ZeRO 1-3 (its optimizer state partitioned `world` ways) is
+    converted to DeepSpeed's universal checkpoint first (`_load_resharded`); the data position holds (the
+    step is the data position for any world size: `loop.sample_index`)."""
     from ftray.models.adapters import load_adapter_state
 
-    engine.load_checkpoint(str(folder), tag="ds", load_module_strict=False)
     state = json.loads(Path(folder, STATE).read_text())
+    saved_world = int(state.get("world", world))
+    if saved_world != world and engine.zero_optimization_stage() > 0:
+        _load_resharded(engine, Path(folder, "ds"))
+    else:
+        engine.load_checkpoint(str(folder), tag="ds", load_module_strict=False)
+    # Another world size: a rank the saving run did not have starts from rank 0's generators and adapter
+    # state (dropout then draws differently from a run that had that rank all along: nothing else does).
     rng_file = Path(folder, f"rng_rank{rank}.json")
+    if not rng_file.exists():
+        rng_file = Path(folder, "rng_rank0.json")
     if rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
     adapter_file = Path(folder, f"adapter_state_rank{rank}.safetensors")
+    if not adapter_file.exists():
+        adapter_file = Path(folder, "adapter_state_rank0.safetensors")
     if adapter_file.exists():  # e.g. AdaLoRA's allocator: importance averages, rank pattern
         from safetensors.torch import load_file
 
@@ -152,6 +165,32 @@ def restore(engine, folder, rank: int) -> Restored:
     method_file = Path(folder, "method_state.json")
     method_state = json.loads(method_file.read_text()) if method_file.exists() else None
     return Restored(state["step"], state["history"], method_state, _optimizer_steps(engine))
+
+
+def _load_resharded(engine, ds_folder: Path) -> None:
+    """A ZeRO checkpoint partitioned for another number of ranks, into `engine`: DeepSpeed's own converter
+    (`ds_to_universal`) writes each parameter's fp32 value and Adam moments whole, and the engine loads them
+    with `checkpoint.load_universal` for its own partitioning. Each rank converts its own local copy (ranks on
+    other nodes have no shared folder), in this process (the converter's process pool is for large models;
+    here a pool would fork a Ray worker)."""
+    import tempfile
+    from argparse import Namespace
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    with tempfile.TemporaryDirectory(prefix="ftray-universal-") as tmp:
+        args = Namespace(input_folder=str(ds_folder), output_folder=str(Path(tmp, "ds")), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with redirect_stdout(StringIO()):  # its progress lines, one per parameter
+            to_universal(args)
+        # The engine reads the switch on each load: on for this one only (a later load is a plain one).
+        engine._config.load_universal_checkpoint = True
+        try:
+            engine.load_checkpoint(tmp, tag="ds", load_module_strict=False)
+        finally:
+            engine._config.load_universal_checkpoint = False
 
 
 def take_hyperparams(scheduler, groups: list[dict], spec, schedule) -> None:

@@ -423,7 +423,7 @@ def run_worker(config: dict, session) -> dict:
             why = checkpoint.unusable(d)
             if why is None:
                 try:
-                    restored = checkpoint.restore(engine, d, rank)
+                    restored = checkpoint.restore(engine, d, rank, world)
                 except Exception as e:  # a corrupt file of the right size: the next one back is loaded over it
                     why = f"{type(e).__name__}: {str(e)[:200]}"
         if world > 1:  # every rank resumes from the same one
