@@ -116,3 +116,21 @@ def test_step_record_info_and_console_line():
     line = step_line({**rec, "eval/eval_loss": 1.25}, 10, 1234.4, 3725)
     assert line.startswith("[ftray] step 3/10 loss 1.5000 lr 1.00e-03 tok/s 1,234 eta 1:02:05")
     assert "train/kl 0.2" in line and "eval/eval_loss 1.25" in line
+
+
+def test_each_step_reads_the_same_examples_on_any_number_of_workers():
+    """The data position a resume on another number of workers relies on (issue 16 item 1): the rows of a step
+    are those of the global batch at that step, each once, however ranks and micro-batches split it; so a run
+    resumed at step s on another world size skips and repeats nothing (tests/test_train.py resumes one)."""
+    from ftray.train.loop import _Order, sample_index
+
+    order, gbs = _Order(37, seed=3), 8
+    for step in range(12):  # past an epoch boundary (37 rows)
+        seen = {}
+        for world, mb in ((1, 8), (1, 2), (2, 4), (2, 2), (4, 1), (8, 1)):
+            accum = gbs // (world * mb)
+            rows = [order(sample_index(step, m, r, j, world, mb, gbs))
+                    for m in range(accum) for r in range(world) for j in range(mb)]
+            seen[(world, mb)] = sorted(rows)
+        assert len(set(map(tuple, seen.values()))) == 1, (step, seen)
+        assert len(seen[(1, 8)]) == gbs
