@@ -5,7 +5,8 @@ A finished run folder (local or `s3://`) holds:
 - `run.json`: written last, by the driver, as the commit marker (`status: completed`); its `spec` is the
   whole resolved job (so `spec.method.kind` says what the run is), `parent_run` its lineage;
 - `adapter/` (a peft adapter) or `model/` (a full model), optionally `merged/`, and `tokenizer/`, each
-  published whole (a `.complete` marker written last);
+  published whole (a `.complete` marker written last); beside the weights, `ftray_heads.safetensors` holds the
+  modules the method adds (ppo's value head; `models.adapters.save_heads` / `load_heads`);
 - `metrics.jsonl`, `curves.png`, `tb/`, `checkpoints/`.
 
 Training writes `run.json` through `RunFolder.write_record`; serve, eval and the tests read through

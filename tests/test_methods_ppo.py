@@ -142,3 +142,36 @@ def test_resume_restores_the_adaptive_kl_coefficient(tiny_model, arith, cache_di
     run_here({**d, "output": {**d["output"], "dir": str(tmp_path / "off")}}, resume_from=str(other))
     off = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert off[2]["train/kl_coef"] != coef[2] and abs(off[2]["train/kl_coef"] / coef[2] - 10) < 2, (off[2], coef[2])
+
+
+def test_value_head_is_saved_beside_the_lora_adapter_and_reloads(tiny_model, arith, cache_dir, tmp_path):
+    """Issue 15 item 6: a LoRA ppo run writes its value head beside the adapter (peft saves only the adapter's
+    weights). Reloading the run's adapter (`load_run_model`: `ftray eval`; `apply_adapter(resume_from=...)`, which a
+    run continued from this one also goes through) and its merged model give the head the run trained, as its
+    final checkpoint holds it, not a fresh one (the bias starts at 0)."""
+    from ftray.methods import load_run_model
+    from ftray.methods.ppo import HEAD, value_head
+    from ftray.models.load import Resolved, resolve
+    from ftray.runs import RunFolder
+
+    out = tmp_path / "ppo"
+    run_here(ppo_spec(tiny_model, arith[0], None, out, train__max_steps=1, data__cache_dir=str(cache_dir),
+                      output__merge=True))
+    ckpt = next((out / "checkpoints").glob("checkpoint_*")) / "ds" / "mp_rank_00_model_states.pt"
+    module = torch.load(ckpt, weights_only=True)["module"]
+    trained = {k.split(f"{HEAD}.", 1)[1]: v for k, v in module.items() if f".{HEAD}." in k}
+    # all-linear LoRA wraps the head too: its base layer trains whole, with a LoRA pair on top
+    assert set(trained) == {"base_layer.weight", "base_layer.bias", "lora_A.default.weight", "lora_B.default.weight"}
+    assert float(trained["base_layer.bias"].abs()) > 0
+
+    spec = RunFolder(str(out)).spec()
+    adapted = load_run_model(spec, Resolved(str(tiny_model), str(tiny_model), str(out / "adapter"), str(out)))
+    reloaded = value_head(adapted).state_dict()
+    assert set(reloaded) == set(trained) and all(torch.equal(reloaded[k], v) for k, v in trained.items())
+
+    assert resolve(str(out)).base == str(out / "merged")  # what `ftray eval` of this run loads
+    merged = value_head(load_run_model(spec, resolve(str(out))))
+    x = torch.randn(3, merged.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(x), value_head(adapted)(x), atol=1e-6)
+        assert torch.equal(merged.bias, trained["base_layer.bias"])

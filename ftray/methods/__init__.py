@@ -120,7 +120,8 @@ def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False, met
     method = method or get_method(spec.method.kind)
     model = method.load_base(resolved.base, dtype, spec)
     if resolved.adapter:
-        model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter)
+        model = apply_adapter(model, spec.adapter, task_type=method.task_type, resume_from=resolved.adapter,
+                              heads=method.trainable_heads(spec))
         if merge and spec.adapter.kind in MERGEABLE_KINDS:
             model = model.merge_and_unload()
     return model

@@ -7,8 +7,10 @@ KL measured over all ranks' sequences, and is kept in checkpoints); otherwise it
 
 Rows, reference, rollouts and evaluation as `grpo`: both use `_rollout.py`'s functions and `Sampler` (no
 class derives from the other). The rollout is a step of its own before the loss (`prepare`). The value head is
-trained beside the adapter (or the full model) and is not part of the saved policy's adapter; a full
-fine-tune saves it as an extra weight (`ftray_value_head`) that `from_pretrained` ignores.
+trained beside the adapter (or the full model) and is not part of the policy that peft or transformers load: it is
+saved beside the adapter, model or merged model (`ftray_heads.safetensors`), so a run continued from a ppo run,
+`ftray eval` and a merge start from the trained critic (`load_base` reads it from a full or merged model's
+folder, `apply_adapter` from an adapter's). Checkpoints hold it with the other trainable weights.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ftray.methods import _rollout
 from ftray.methods._base import MethodBase
 from ftray.methods._lm import Reference, load_causal_lm
 from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, token_logps, whiten
+from ftray.models.adapters import load_heads
 
 __all__ = ["PPO"]
 
@@ -64,6 +67,7 @@ class PPO(_rollout.PromptRows, MethodBase):
         torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(head.bias)
         model.add_module(HEAD, head)
+        load_heads(model, path, (HEAD,))  # a ppo run's own model/ or merged/: its trained head
         return model
 
     def trainable_heads(self, spec) -> tuple[str, ...]:

@@ -15,8 +15,11 @@ __all__ = [
     "apply_freeze",
     "before_optimizer_step",
     "check_targets",
+    "HEADS_FILE",
     "load_adapter_state",
+    "load_heads",
     "peft_config_for",
+    "save_heads",
     "trainable_summary",
 ]
 
@@ -126,7 +129,8 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
                   total_steps: int | None = None, tokenizer_path: str | None = None, heads: tuple[str, ...] = ()):
     """Wrap `model` as the spec says; `resume_from` continues an earlier run's adapter. `total_steps`: the
     job's optimizer steps (AdaLoRA's schedule); `tokenizer_path`: for prompt tuning initialised from text;
-    `heads`: modules a method added that train beside any adapter (`Method.trainable_heads`: ppo's value head)."""
+    `heads`: modules a method added that train beside any adapter (`Method.trainable_heads`: ppo's value head);
+    with `resume_from`, they take the weights saved beside that adapter (`save_heads`)."""
     if spec.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -140,7 +144,9 @@ def apply_adapter(model, spec: AdapterSpec, task_type: str = "CAUSAL_LM", resume
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if resume_from:
-        return _keep_trainable(PeftModel.from_pretrained(model, resume_from, is_trainable=True), heads)
+        model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        load_heads(model, resume_from, heads)
+        return _keep_trainable(model, heads)
     check_targets(model, spec)
     cfg = peft_config_for(model, spec, task_type, total_steps, tokenizer_path)
     return _keep_trainable(get_peft_model(model, cfg), heads)
@@ -268,6 +274,50 @@ def _keep_trainable(model, heads: tuple[str, ...]):
             if any(h in n.split(".") for h in heads):
                 p.requires_grad_(True)
     return model
+
+
+# The weights of a method's own modules (`Method.trainable_heads`: ppo's value head) beside an adapter, a full
+# model or a merged one: peft saves only the adapter's weights, and transformers' from_pretrained drops the
+# head's keys from a full model's safetensors. Keys start at the head's name ("ftray_value_head.weight").
+HEADS_FILE = "ftray_heads.safetensors"
+
+
+def _head_key(key: str, heads: tuple[str, ...]) -> str | None:
+    parts = key.split(".")
+    return next((".".join(parts[i:]) for i, p in enumerate(parts) if p in heads), None)
+
+
+def save_heads(state: dict, folder, heads: tuple[str, ...]) -> None:
+    """Write the entries of the state dict `state` that belong to a module named in `heads` to `folder`/HEADS_FILE
+    (a local folder about to be published); nothing when there are none."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    picked = {k: v.detach().cpu().contiguous() for key, v in state.items() if (k := _head_key(key, heads))}
+    if picked:
+        save_file(picked, str(Path(folder, HEADS_FILE)))
+
+
+def load_heads(model, folder: str, heads: tuple[str, ...]) -> None:
+    """Load the modules named in `heads` from `folder`/HEADS_FILE (local or s3://) where the folder has one;
+    a head the file lacks keeps its weights. A head of another shape than the saved one is an error."""
+    from safetensors.torch import load
+
+    from ftray import storage
+
+    if not heads:
+        return
+    path = storage.file_in(str(folder), HEADS_FILE)
+    if not storage.exists(path):
+        return
+    with storage.open_file(path) as f:
+        saved = load(f.read())
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        own = {k[len(leaf) + 1 :]: v for k, v in saved.items() if leaf in heads and k.startswith(leaf + ".")}
+        if own:
+            module.load_state_dict(own)
 
 
 def _blocks(model) -> list[tuple[str, object]]:

@@ -1,4 +1,5 @@
-"""What a finished run leaves in its folder: adapter/ or model/, tokenizer/, merged/, metrics.jsonl and
+"""What a finished run leaves in its folder: adapter/ or model/ (and merged/), each with the method's heads beside
+the weights where it adds any (`ftray_heads.safetensors`: ppo's value head), tokenizer/, metrics.jsonl and
 curves.png (run.json is written last, by the driver, as the commit marker); its TensorBoard events in tb/
 are written while it trains (train/live.py)."""
 
@@ -22,7 +23,10 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
     """Collective under ZeRO-3 (every rank must call it); only rank 0 writes."""
     import deepspeed
 
+    from ftray.models.adapters import save_heads
+
     model = engine.module
+    heads = method.trainable_heads(spec)
     staging = Path(tempfile.mkdtemp(prefix="ftray-out-")) if rank == 0 else None
     try:
         if _is_peft(model):
@@ -32,6 +36,7 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
             with deepspeed.zero.GatheredParameters(trainable, enabled=spec.deepspeed.zero_stage == 3):
                 if rank == 0:
                     model.save_pretrained(staging / "adapter", safe_serialization=True)
+                    save_heads(model.state_dict(), staging / "adapter", heads)
         else:
             if spec.deepspeed.zero_stage == 3:
                 # Collective: every rank sends its partition; rank 0 gets the full state dict.
@@ -40,6 +45,7 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
                 state = model.state_dict() if rank == 0 else None
             if rank == 0:
                 model.save_pretrained(staging / "model", state_dict=state, safe_serialization=True)
+                save_heads(state, staging / "model", heads)
                 tokenizer.save_pretrained(staging / "model")
                 method.save_extra(model, tokenizer, staging / "model", spec)
         if rank != 0:
@@ -63,16 +69,21 @@ def write_model_outputs(engine, tokenizer, spec, resolved, history: list[dict], 
 
 def merge_adapter(base: str, adapter_dir, out_dir, tokenizer=None, method=None, spec=None):
     """Merge a LoRA-family adapter into a fresh copy of its base (built as its method builds it:
-    causal LM, classifier, encoder, ...) and write a full model."""
+    causal LM, classifier, encoder, ...) and write a full model, with the method's heads (ppo's value head)
+    as they were saved beside the adapter."""
     import torch
     from peft import PeftModel
 
+    from ftray.models.adapters import load_heads, save_heads
     from ftray.models.load import load_model
 
     fresh = method.load_base(base, torch.float32, spec) if method is not None else load_model(base)
+    heads = method.trainable_heads(spec) if method is not None else ()
     model = PeftModel.from_pretrained(fresh, str(adapter_dir))
+    load_heads(model, str(adapter_dir), heads)
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
+    save_heads(merged.state_dict(), out_dir, heads)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return merged
