@@ -187,9 +187,15 @@ def cmd_export(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from ftray.methods import get_method
+    from ftray.runs import RunFolder
+
+    # Built as the run's method builds its model, with the heads it trained (ppo's value head) merged in too.
+    spec = RunFolder(run).spec()
+    method = get_method(spec.method.kind) if spec is not None else None
     with storage.local_copy(adapter) as local_adapter, tempfile.TemporaryDirectory() as tmp:
         tok = load_tokenizer(storage.join(run, "tokenizer"))
-        merge_adapter(cfg["base_model_name_or_path"], local_adapter, Path(tmp) / "merged", tok)
+        merge_adapter(cfg["base_model_name_or_path"], local_adapter, Path(tmp) / "merged", tok, method, spec)
         storage.publish_dir(Path(tmp) / "merged", out)
     print(f"merged: {out}")
     return 0

@@ -175,3 +175,12 @@ def test_value_head_is_saved_beside_the_lora_adapter_and_reloads(tiny_model, ari
     with torch.no_grad():
         assert torch.allclose(merged(x), value_head(adapted)(x), atol=1e-6)
         assert torch.equal(merged.bias, trained["base_layer.bias"])
+    # `ftray export --merge` merges as the run did: the same head beside the exported model.
+    from safetensors.torch import load_file
+
+    from ftray.cli import main
+    from ftray.models.adapters import HEADS_FILE
+
+    assert main(["export", str(out), "--merge", "--out", str(tmp_path / "exported")]) == 0
+    exported, merged_file = (load_file(str(p / HEADS_FILE)) for p in (tmp_path / "exported", out / "merged"))
+    assert exported.keys() == merged_file.keys() and all(torch.equal(exported[k], merged_file[k]) for k in exported)
