@@ -17,7 +17,7 @@ difference <= 1e-6). Reported, and written whole to benchmarks/results/chaos.md:
 difference, requests sent / answered / failed (failures split into those in flight at a kill, the only ones
 allowed to fail, and the others), and the time to recover after each kill.
 
-    python benchmarks/chaos.py                                     # about 8 min on 2 cores
+    python benchmarks/chaos.py                                     # about 7 min on 2 cores
     python benchmarks/chaos.py --seconds 900 --train-every 60 --serve-every 90 --steps 400   # longer
 """
 
