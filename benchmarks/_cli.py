@@ -31,3 +31,22 @@ def record(run: Path) -> dict:
 def done(run: Path) -> bool:
     """The run folder holds a completed run (so a rerun of the benchmark can skip it)."""
     return (run / "run.json").exists() and record(run).get("status") == "completed"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def stamp(t0: float, load0: tuple[float, float, float]) -> str:
+    """The line under a results file's title: the command as typed, the commit (and whether tracked files had
+    changes beyond it), the date, the CPUs, the load average before the run (`load0`: what else was running) and at its
+    end, the wall seconds since `t0`."""
+    commit = _git("rev-parse", "--short", "HEAD") + (
+        " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
+    )
+    cmd = " ".join(["python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
+    before, end = ("/".join(f"{x:.1f}" for x in la) for la in (load0, os.getloadavg()))
+    return (
+        f"`{cmd}` (commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {before} "
+        f"before, {end} at the end, total {time.time() - t0:.0f} s)"
+    )

@@ -58,11 +58,15 @@ def config(base: Path, reg: Path, max_batch_size: int, num_replicas: int = 1) ->
     }
 
 
-async def load(url: str, concurrency: int, seconds: float, adapters: list[str], max_tokens: int) -> dict:
+async def load(url: str, concurrency: int, seconds: float, adapters: list[str], max_tokens: int,
+               ok_times: list | None = None) -> dict:
+    """`concurrency` clients, each sending its next request when the last one ends, for `seconds`. `ok_times`
+    (sent, answered) per answered request, filled as they are answered (a caller in another thread watches it)."""
     httpx = _httpx()
 
     lat: list[float] = []
-    toks, fails, fail_times, ok_times = 0, 0, [], []
+    toks, fails, fail_times = 0, 0, []  # fail_times: (sent, failed, why) per failed request
+    ok_times = [] if ok_times is None else ok_times
     stop = time.monotonic() + seconds
     prompts = [f"{a}+{b}=" for a in range(20) for b in range(20)]
 
@@ -76,16 +80,16 @@ async def load(url: str, concurrency: int, seconds: float, adapters: list[str], 
             t = time.monotonic()
             try:
                 r = await c.post("/v1/completions", json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+                ok, why = r.status_code == 200, str(r.status_code)
+            except httpx.HTTPError as e:
+                ok, why = False, type(e).__name__
             if ok:
                 lat.append(time.monotonic() - t)
                 ok_times.append((t, time.monotonic()))
                 toks += r.json()["usage"]["completion_tokens"]
             else:
                 fails += 1
-                fail_times.append(time.monotonic())
+                fail_times.append((t, time.monotonic(), why))
                 await asyncio.sleep(0.05)
 
     t0 = time.monotonic()
@@ -96,7 +100,8 @@ async def load(url: str, concurrency: int, seconds: float, adapters: list[str], 
     q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000) if lat else (lambda p: float("nan"))
     return {"concurrency": concurrency, "requests": len(lat), "req_s": len(lat) / wall, "tok_s": toks / wall,
             "p50_ms": q(0.5), "p99_ms": q(0.99), "failed": fails,
-            "failed_window_s": (max(fail_times) - min(fail_times)) if fail_times else 0.0, "_ok": ok_times}
+            "failed_window_s": (max(f[1] for f in fail_times) - min(f[1] for f in fail_times)) if fail_times else 0.0,
+            "_ok": ok_times, "_failed": fail_times}
 
 
 def serve_app(cfg: dict, port: int, adapters: list[str] | None = None):
@@ -168,14 +173,12 @@ def main() -> None:
             url = serve_app(config(base, reg, mbs), port, adapters)
             for c in conc:
                 r = asyncio.run(load(url, c, a.seconds, adapters, a.max_tokens))
-                r.pop("_ok")
-                rows.append({"case": case, **r})
+                rows.append({"case": case, **{k: v for k, v in r.items() if not k.startswith("_")}})
                 print(json.dumps(rows[-1]), flush=True)
             serve.delete("bench")
     if a.kill_replica or not a.no_drill:
         r = kill_drill(config(base, reg, 16), port, max(a.seconds, 15.0), 8, a.max_tokens)
-        r.pop("_ok")
-        rows.append({"case": "kill replica", **r})
+        rows.append({"case": "kill replica", **{k: v for k, v in r.items() if not k.startswith("_")}})
         serve.delete("bench")
     serve.shutdown()
     print(f"\n{'case':30} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
