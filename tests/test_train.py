@@ -159,6 +159,24 @@ def test_resume_on_another_number_of_workers(equivalence_runs, one_worker_zero3,
     assert max((w[k] - r[k]).abs().max().item() for k in r) < 1e-5
 
 
+def test_a_checkpoint_ray_train_never_registered_is_removed_when_the_run_ends(equivalence_runs, tmp_path):
+    """A worker killed after writing its checkpoint but before Ray Train registered it leaves the folder behind
+    (benchmarks/chaos.py saw one): Ray deletes only the ones it knows. Once the run is over, `train` removes it
+    and keeps the registered ones (a copy of the real run's folder, with Ray Train's own snapshot)."""
+    import shutil
+
+    from ftray.train.launch import prune_unregistered
+
+    run = tmp_path / "checkpoints"
+    shutil.copytree(equivalence_runs["zero2"][1] / "checkpoints", run)
+    registered = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(registered) == 2  # steps 5 and 10
+    shutil.copytree(run / registered[0], run / "checkpoint_2026-01-01_00-00-00.000000")  # written, never reported
+    assert prune_unregistered(str(run), log=lambda *a, **k: None) == ["checkpoint_2026-01-01_00-00-00.000000"]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == registered
+    assert prune_unregistered(str(run), log=lambda *a, **k: None) == []
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 

@@ -331,6 +331,24 @@ def hold_output(spec: JobSpec, log=print):
     return Lease(spec.output.dir, log=log)
 
 
+def prune_unregistered(run_dir: str, log=print) -> list[str]:
+    """Remove the checkpoint folders of the Ray Train run `run_dir` that Ray Train never registered (an attempt
+    killed after writing one, before its report reached the controller): Ray deletes only the ones it knows, so
+    each such kill would leave a whole checkpoint behind, past `output.keep_checkpoints`. Called once the run
+    has finished (the folder's lease held): no attempt can still be writing one. Returns the names removed."""
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot):
+        return []
+    known = {c["checkpoint_dir_name"] for c in json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])}
+    gone = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_") and n != "checkpoint_manager_snapshot.json"
+            and n not in known]
+    for name in gone:
+        storage.remove(storage.join(run_dir, name))
+        log(f"[ftray] removed {storage.join(run_dir, name)}: a checkpoint Ray Train never registered "
+            "(its attempt was killed before reporting it)", flush=True)
+    return gone
+
+
 def train(spec: JobSpec, log=print) -> dict:
     """`ftray train`: the whole job. Returns run.json's record."""
     t0 = time.time()
@@ -342,6 +360,7 @@ def train(spec: JobSpec, log=print) -> dict:
             finish_run(plan.tracking, None, "FAILED")
             raise result.error
         timings["total_s"] = time.time() - t0
+        prune_unregistered(storage.join(spec.output.dir, "checkpoints"), log)
         record = write_run_json(plan, result, meta, timings)
     nodes = [f"rank {r['rank']} on {r['hostname']} ({r['node_ip']}, node {r['node_id'][:8]})" for r in record["placement"]["ranks"]]
     log(f"[ftray] placement {spec.scaling.placement_strategy}: {'; '.join(nodes)}", flush=True)
