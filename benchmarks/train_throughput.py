@@ -10,14 +10,19 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
 
   ftray-packed    ftray.train.launch.train: 2 Ray Train workers x 1 CPU, ZeRO-2, packing on
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
-  trl-packed      trl.SFTTrainer, packing on (bfd, which TRL runs padding-free), 1 process, 2 torch threads
+  trl-packed-mb1  trl.SFTTrainer, packing on (bfd, which TRL runs padding-free), 1 process, 2 torch threads,
+                  1 packed row of <= 256 tokens per forward x 16 accumulation: the equal-work TRL arm
+  trl-packed      the same with 8 packed rows per forward, which TRL flattens into one row of <= 2,048
+                  tokens (~8x the attention work on CPU): TRL's own default shape, not equal work
   plain-torch     a plain PyTorch loop, 1 process, 2 torch threads, over exactly ftray's packed batches
                   (same prepared shards, same order) with ftray's collate and loss
 
-The figure compared is trained tokens per second: tokens of real examples (prompt included), padding
-excluded, so arms that pad or pack differently are compared on the work that counts. Every arm skips
-its first WARMUP optimizer steps. ftray's figure comes from the per-step `step_time`/`tokens` its loop
-writes to metrics.jsonl (Ray start-up, data preparation, model load and DeepSpeed init excluded).
+The goals are ratios of trained tokens per second on the wall clock of the steps including the work
+between them (ftray: tokens over its loop's `train_seconds`), from one run. Tokens are those of real
+examples (prompt included), padding excluded, so arms that pad or pack differently are compared on the
+work that counts. Every arm skips its first WARMUP optimizer steps. ftray's in-step figure comes from the
+per-step `step_time`/`tokens` its loop writes to metrics.jsonl (Ray start-up, data preparation, model
+load and DeepSpeed init excluded in both).
 The table goes to stdout and to benchmarks/results/train_throughput.md.
 """
 
@@ -47,11 +52,15 @@ SEED = 0
 WARMUP = 2  # optimizer steps excluded from every arm's figure
 THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray workers get)
 
-ARMS = ("ftray-packed", "ftray-unpacked", "trl-packed", "plain-torch")
-# Not run by default: TRL packed with 1 packed row per forward pass (x16 accumulation), so its
-# padding-free flattening never builds one long row (see the note in run_trl).
-EXTRA_ARMS = ("trl-packed-mb1",)
-GOALS = "ftray packed >= TRL packed, >= 0.95 x the plain loop, padding <= 5 %"
+# trl-packed-mb1: TRL packed with 1 packed row per forward pass (x16 accumulation), so its padding-free
+# flattening never builds one long row: rows of 256 tokens as ftray's, the same attention work. trl-packed
+# (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
+# attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
+ARMS = ("ftray-packed", "ftray-unpacked", "trl-packed-mb1", "trl-packed", "plain-torch")
+EQUAL_WORK_TRL = "trl-packed-mb1"
+# Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
+GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
+GOALS = "ftray packed >= 1.2 x TRL packed at equal work (trl-packed-mb1), >= 0.95 x the plain loop, padding <= 5 %"
 
 
 def log(msg: str) -> None:
@@ -358,7 +367,7 @@ def table(results: dict[str, dict], errors: dict[str, str]) -> list[str]:
         "| median step tokens/s | s/step | steps measured | padding in batches | final loss |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for arm in ARMS + EXTRA_ARMS:
+    for arm in ARMS:
         if arm in errors:
             lines.append(f"| {arm} | failed: {errors[arm]} | | | | | | | | |")
             continue
@@ -374,6 +383,13 @@ def table(results: dict[str, dict], errors: dict[str, str]) -> list[str]:
             f"{100 * r['padding']:.1f} % | {r['final_loss']:.3f} |"
         )
     return lines
+
+
+def count_params(model: Path) -> int:
+    """Parameters of the model in `model` (the tiny models are named by size; the count is what they are)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model))).num_parameters()
 
 
 def versions() -> str:
@@ -401,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--arms",
         default=None,
-        help=f"comma-separated arms from {','.join(ARMS + EXTRA_ARMS)} (default: the first four)",
+        help=f"comma-separated arms from {','.join(ARMS)} (default: all)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (model, runs, caches)")
     ap.add_argument(
@@ -414,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.arms is None:
         a.arms = ",".join(x for x in ARMS if not (a.quick and x == "ftray-unpacked"))
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    bad = [x for x in arms if x not in ARMS + EXTRA_ARMS]
+    bad = [x for x in arms if x not in ARMS]
     if bad:
-        ap.error(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
+        ap.error(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ARMS)}")
     if steps <= WARMUP:
         ap.error(f"--steps must be more than the {WARMUP} warm-up steps")
     if not DATA.exists():
@@ -437,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     try:
         model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
+        n_params = count_params(model)
         log(f"tiny model (small) and tokenizer in {model}; {steps} steps per arm, first {WARMUP} skipped")
 
         def attempt(arm: str, fn) -> None:
@@ -498,13 +515,20 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * fp['padding_dataset']:.2f} % over the whole prepared split, {fp['sequences']} rows of {SEQ_LEN}); "
             f"goal <= 5 %: {'met' if pad <= 0.05 else 'MISSED'}"
         )
-        for other, factor in (("trl-packed", 1.0), ("trl-packed-mb1", 1.0), ("plain-torch", 0.95)):
+        for other, factor in GOAL_RATIOS:
             if other in results:
-                ratio = fp["tokens_per_s"] / results[other]["tokens_per_s"]
-                ok = ratio >= factor
+                o = results[other]
+                ratio = fp["loop_tokens_per_s"] / o.get("loop_tokens_per_s", o["tokens_per_s"])
                 checks.append(
-                    f"- ftray-packed / {other} = {ratio:.2f} (goal >= {factor:.2f}): {'met' if ok else 'MISSED'}"
+                    f"- ftray-packed / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
+                    f"{'met' if ratio >= factor else 'MISSED'}; inside the steps "
+                    f"{fp['tokens_per_s'] / o['tokens_per_s']:.2f}"
                 )
+        if "trl-packed" in results:
+            checks.append(
+                f"- ftray-packed / trl-packed (8 rows flattened into one: ~8x the attention work, not equal) = "
+                f"{fp['loop_tokens_per_s'] / results['trl-packed']['tokens_per_s']:.2f}"
+            )
     notes = [
         f"- {arm}: {r['note']}; 1-min load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} after"
         for arm, r in results.items()
@@ -531,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"total {total:.0f} s)",
         "",
-        f"Tiny Llama `small` (random init), full fine-tuning, fp32, AdamW lr {LR} constant, clip 1.0; "
+        f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters, random init), full fine-tuning, fp32, AdamW lr {LR} constant, clip 1.0; "
         f"gpteacher_code_train (chat template, loss on answers); max length {SEQ_LEN}; "
         f"{GLOBAL_BATCH} sequences per optimizer step, {MICRO_BATCH} per forward pass; {steps} steps per arm, "
         f"first {WARMUP} excluded. ftray: {WORKERS} Ray Train workers x 1 CPU, ZeRO-2; TRL and plain loop: "

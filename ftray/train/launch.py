@@ -306,6 +306,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "trained_tokens": m.get("trained_tokens"),
             "precision": m.get("precision"),
             "train_seconds": m.get("train_seconds"),
+            "finish_seconds": m.get("finish_seconds"),
             "checkpoint_seconds": m.get("checkpoint_seconds"),
             "resumed_from_step": m.get("resumed_from_step"),
             "resumed_optimizer_steps": m.get("resumed_optimizer_steps"),

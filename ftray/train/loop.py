@@ -534,6 +534,7 @@ def run_worker(config: dict, session) -> dict:
             session.report(metrics, background=background)
 
     # ---------------------------------------------------------------- finish
+    train_s, t_finish = time.time() - t_start, time.time()
     after = evaluate()
     placement: list = [None] * world
     dist.all_gather_object(placement, {"rank": rank, **session.where(), "peak_memory_mb": _peak_memory_mb(device)})
@@ -553,7 +554,10 @@ def run_worker(config: dict, session) -> dict:
         "after": after,
         "trainable": summary,
         "adapter": adapter_report(engine.module),
-        "train_seconds": time.time() - t_start,
+        # The steps (with what happens between them: logging, evaluations, checkpoints); then the held-out
+        # evaluation after training and collecting where each rank ran (once per run, not per step).
+        "train_seconds": train_s,
+        "finish_seconds": time.time() - t_finish,
         # What saving and storing the checkpoints taken while training cost the step path (rank 0's
         # seconds); with `output.checkpoint_upload: async` the upload itself is not in it.
         "checkpoint_seconds": stored_s,
