@@ -50,3 +50,10 @@ def stamp(t0: float, load0: tuple[float, float, float]) -> str:
         f"`{cmd}` (commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {before} "
         f"before, {end} at the end, total {time.time() - t0:.0f} s)"
     )
+
+
+def count_params(model: Path) -> int:
+    """Parameters of the model in `model` (the tiny models are named by size; the count is what they are)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model))).num_parameters()

@@ -3,7 +3,7 @@ no checkpoints at all (the floor), its run folder on S3 (a real `moto_server` on
 
     python benchmarks/checkpoint_upload.py [--steps 30] [--every 10]
 
-Every arm trains the same tiny Llama (`build_tiny(size="small")`, ~15M parameters, random init, tokenizer
+Every arm trains the same tiny Llama (`build_tiny(size="small")`, 9.8M parameters, random init, tokenizer
 trained on the data file) with full fine-tuning (so a checkpoint holds the module, the fp32 Adam moments and
 the master weights: DeepSpeed's whole engine state), fp32, ZeRO-2, on 2 Ray Train workers x 1 CPU, on the
 same SFT rows (../shared/data/sft/gpteacher_code_train.jsonl), max length 128, 8 sequences per optimizer
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
     import s3fs
 
-    from benchmarks._cli import ftray
+    from benchmarks._cli import count_params, ftray
     from ftray.models.tiny import build_tiny
     from tests._specs import free_port
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         boto3.client("s3").create_bucket(Bucket="bench")
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
         model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
+        n_params = count_params(model)
         for arm in ARMS:
             path = work / f"{arm}.json"
             path.write_text(json.dumps(job(model, work, arm, a.steps, a.every)))
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/checkpoint_upload.py --steps {a.steps} --every {a.every}` (commit {commit}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}, 2 CPUs, total {time.time() - t_all:.0f} s)",
         "",
-        f"Tiny Llama `small` (~15M parameters), full fine-tuning, fp32, ZeRO-2, 2 Ray Train workers x 1 CPU, "
+        f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters), full fine-tuning, fp32, ZeRO-2, 2 Ray Train workers x 1 CPU, "
         f"{a.steps} steps of 8 sequences (max length 128); run folder on S3 (`moto_server` on loopback). "
         f"Checkpointing arms: every {a.every} steps = {n_ckpt} checkpoints during training + the final one; "
         f"one stored checkpoint is {s['bytes'] / 2**20:.0f} MiB (both ranks' shards). Seconds from each run's run.json.",

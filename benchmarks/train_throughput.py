@@ -385,13 +385,6 @@ def table(results: dict[str, dict], errors: dict[str, str]) -> list[str]:
     return lines
 
 
-def count_params(model: Path) -> int:
-    """Parameters of the model in `model` (the tiny models are named by size; the count is what they are)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model))).num_parameters()
-
-
 def versions() -> str:
     import importlib.metadata as md
 
@@ -444,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     sys.path.insert(0, str(ROOT))
+    from benchmarks._cli import count_params
     from ftray.models.tiny import build_tiny
 
     work = Path(tempfile.mkdtemp(prefix="ftray-bench-"))
