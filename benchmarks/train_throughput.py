@@ -437,14 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks._cli import count_params
+    from benchmarks._cli import count_params, stamp
     from ftray.models.tiny import build_tiny
 
     work = Path(tempfile.mkdtemp(prefix="ftray-bench-"))
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     threads_note = ""
-    t_all = time.time()
+    t_all, load_all = time.time(), os.getloadavg()
     try:
         model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
         n_params = count_params(model)
@@ -536,18 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(checks + notes))
     print(f"\n(total {total:.0f} s)")
 
-    cmd = (
-        "python benchmarks/train_throughput.py"
-        + (" --quick" if a.quick else "")
-        + (f" --steps {a.steps}" if a.steps else "")
-    )
-    if a.arms != ",".join(x for x in ARMS if not (a.quick and x == "ftray-unpacked")):
-        cmd += f" --arms {a.arms}"
     md = [
         "# Training throughput: ftray vs TRL SFTTrainer vs a plain PyTorch loop",
         "",
-        f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-        f"total {total:.0f} s)",
+        stamp(t_all, load_all) + f", {platform.processor() or platform.machine()}",
         "",
         f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters, random init), full fine-tuning, fp32, AdamW lr {LR} constant, clip 1.0; "
         f"gpteacher_code_train (chat template, loss on answers); max length {SEQ_LEN}; "
