@@ -98,6 +98,59 @@ def test_openai_client_chat_stream_completions_embeddings_models(served, client)
 
 
 @pytest.mark.integration
+def test_openai_fields_as_the_openai_client_sends_them(served, client):
+    """stop, seed, logprobs / top_logprobs, presence / frequency penalties, stream_options.include_usage,
+    models.retrieve: each as OpenAI documents it, streamed and whole alike; a field not implemented is a 400
+    naming it (the engine-level checks of each field are in tests/test_serve_sampling.py)."""
+    import openai
+    from transformers import AutoTokenizer
+
+    m, prompt = "tiny:sft-a", "12+7="
+    whole = client.completions.create(model=m, prompt=prompt, max_tokens=12, temperature=0, logprobs=2).choices[0]
+    # a token that is part of a character is named `bytes:\\xNN` (the random adapter makes such bytes); special
+    # tokens are named too, and left out of the text
+    special = set(AutoTokenizer.from_pretrained(served["base"]).all_special_tokens)
+    raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                   for t in whole.logprobs.tokens if t not in special)
+    assert raw.decode(errors="replace") == whole.text and whole.logprobs.text_offset[0] == 0
+    assert all(2 <= len(t) <= 3 and t[tok] == lp for t, tok, lp in
+               zip(whole.logprobs.top_logprobs, whole.logprobs.tokens, whole.logprobs.token_logprobs, strict=True))
+    k = next(k for k in range(1, len(whole.text) - 2) if whole.text.find(whole.text[k : k + 2]) == k)
+    stop = whole.text[k : k + 2]
+    cut = client.completions.create(model=m, prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "never"])
+    assert cut.choices[0].text == whole.text[:k] and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=m, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text[:k]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == cut.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "stop"
+
+    msgs = [{"role": "user", "content": "2+3="}]
+    kw = dict(model=m, messages=msgs, max_tokens=10, temperature=1.0, seed=11, logprobs=True, top_logprobs=2,
+              presence_penalty=0.5, frequency_penalty=0.5)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    other = client.chat.completions.create(**{**kw, "seed": 12})
+    assert a.choices[0].message.content == b.choices[0].message.content != other.choices[0].message.content
+    lp = a.choices[0].logprobs.content
+    assert len(lp) == a.usage.completion_tokens and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp)
+    assert bytes(b for t in lp if t.token not in special for b in t.bytes).decode(errors="replace") == a.choices[0].message.content
+    streamed = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == a.choices[0].message.content
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == lp
+
+    assert client.models.retrieve(m).model_dump()["parent"] == "tiny" and client.models.retrieve("rm").id == "rm"
+    for missing in ("tiny:nope", "nope", "rm:x"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(missing)
+    refused = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+               "response_format": {"type": "json_object"}, "extra_body": {"best_of": 2}}
+    for name, value in refused.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=m, messages=msgs, max_tokens=2, **{name: value})
+        assert e.value.param == ("best_of" if name == "extra_body" else name) and e.value.code == "unsupported_parameter"
+
+
+@pytest.mark.integration
 def test_two_adapters_one_replica_match_peft(served, client):
     import torch
     from peft import PeftModel

@@ -166,6 +166,43 @@ def test_completions_prompt_list_is_capped():
     assert err["type"] == "invalid_request_error" and "4 entries" in err["message"] and "limit of 3" in err["message"]
 
 
+# ------------------------------------------------------------------------------------------ fields refused, never ignored
+_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages.0.name", "unsupported_parameter"),
+    ({"stream": True, "stream_options": {"include_usage": True, "include_obfuscation": True}}, "stream_options.include_obfuscation",
+     "unsupported_parameter"),
+    ({"store": True}, "store", "invalid_value"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+    ({"stop": ""}, "stop", "invalid_value"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "invalid_value"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
+])
+def test_fields_not_implemented_are_refused_by_name(extra, param, code):
+    from ftray.serve.api import ChatRequest, CompletionRequest
+
+    me = _ingress(limits=Limits())
+    with pytest.raises(APIError) as e:
+        asyncio.run(me._body(_request("/v1/chat/completions", {**_CHAT, **extra}), ChatRequest))
+    status, err, _ = _error(e.value)
+    assert status == 400 and err["param"] == param and err["code"] == code and err["type"] == "invalid_request_error", err
+    assert param.split(".")[0] in err["message"]
+    with pytest.raises(APIError) as e:  # completions: logprobs is a count up to 5, and `echo` is not implemented
+        asyncio.run(me._body(_request("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 6}), CompletionRequest))
+    assert e.value.param == "logprobs"
+    with pytest.raises(APIError) as e:
+        asyncio.run(me._body(_request("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}), CompletionRequest))
+    assert e.value.param == "echo" and e.value.code == "unsupported_parameter"
+    # accepted and unused, as they change nothing in an answer
+    ok = asyncio.run(me._body(_request("/v1/chat/completions", {**_CHAT, "user": "u-1", "metadata": {"k": "v"}, "store": False}), ChatRequest))
+    assert ok.user == "u-1"
+
+
 # ------------------------------------------------------------------------------------------ a full disk
 class _Disk:
     """Opens the feedback file for appending as a real file that takes `room` more bytes, then ENOSPC."""
@@ -329,7 +366,8 @@ def _guarded(ongoing: int, queued: int, upstream: _Upstream | None = None):
         handle = SimpleNamespace(options=lambda stream: SimpleNamespace(stream=SimpleNamespace(remote=lambda req: upstream)))
         tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(chr(96 + i % 26) for i in ids))
         me = _ingress(limits=Limits(retry_after_s=7), generators={"tiny": handle}, tok={"tiny": tok})
-        return await Ingress.func_or_class._stream(me, "tiny", {}, lambda text, finish, first=False, usage=None: {"text": text or ""})
+        body = SimpleNamespace(stream_options=None)
+        return await Ingress.func_or_class._stream(me, "tiny", {}, body, {}, lambda text, finish, logprobs, first=False: {"text": text or ""})
 
     return app, gate
 
@@ -394,7 +432,7 @@ def test_stream_is_admitted_or_refused_before_its_200():
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = asyncio.run(go(taken))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    assert [json.loads(x[6:])["text"] for x in r.text.split("\n\n")[:-2]] == ["", "b", "c", "d", ""]
+    assert [json.loads(x[6:])["choices"][0]["text"] for x in r.text.split("\n\n")[:-2]] == ["", "b", "c", "d", ""]
     assert r.text.endswith("data: [DONE]\n\n") and not taken.cancelled  # finished: nothing to cancel
 
 

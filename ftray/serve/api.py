@@ -16,7 +16,7 @@ import logging
 import struct
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -143,8 +143,23 @@ app.add_middleware(_Guard)
 
 # request bodies -------------------------------------------------------------------------------------
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    """Every field a request may carry is declared on these models. Any other is refused with a 400 that names
+    it (`param`), never ignored: a client that sends `tools` or `response_format` learns that it gets plain text.
+    Accepted and unused, because they change nothing in an answer, are only the three fields below."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=200)
+    user: str | None = Field(None, max_length=256, description="accepted, unused: an end-user id for the provider's abuse monitoring")
+    metadata: dict[str, str] | None = Field(None, description="accepted, unused: tags for a stored completion, and none is stored")
+    store: Literal[False] | None = Field(None, description="false only: answers are not kept for later retrieval (`true` is refused)")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="a last chunk before [DONE] with `usage` and no choices; the others carry `usage: null`")
+
+
+_Stop = Annotated[str, Field(min_length=1)]
 
 
 class _GenReq(_Req):
@@ -153,27 +168,51 @@ class _GenReq(_Req):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
-    seed: int | None = None
+    stream_options: StreamOptions | None = Field(None, description="with `stream: true` only")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**63,
+        description="the same seed and settings give the same sampled text, alone or batched with other requests (choice k of n uses seed + k)",
+    )
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings: the answer ends where the first of them begins (not included), finish_reason `stop`"
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from the logit of each token the answer already has")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="times the token's count in the answer so far, subtracted from its logit")
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300, description="{token id: bias} added to the logits before the penalties and sampling"
+    )
 
 
 class CompletionRequest(_GenReq):
     prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(
+        None, ge=0, le=5,
+        description="per token: the chosen token's log-probability and this many most likely alternatives (the model's own,"
+        " before logit_bias, penalties, temperature and top_p: see ftray/serve/sampling.py)",
+    )
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]]
 
-    def text(self) -> str:
+    def text(self, where: str) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        for k, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content.{k}: only text parts are supported", "invalid_value", f"{where}.content.{k}")
+        return "".join(p["text"] for p in self.content)
 
 
 class ChatRequest(_GenReq):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(
+        False, description="the chosen tokens' log-probabilities (the model's own, before logit_bias, penalties, temperature and top_p)"
+    )
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="this many most likely alternatives per token; needs `logprobs: true`")
 
 
 class EmbeddingRequest(_Req):
@@ -193,7 +232,7 @@ class RewardItem(BaseModel):
 
     def payload(self) -> dict:
         if self.messages is not None:
-            return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
+            return {"messages": [{"role": m.role, "content": m.text(f"input.messages.{i}")} for i, m in enumerate(self.messages)]}
         if self.prompt is None or self.response is None:
             raise APIError(400, "each rewards input needs `prompt` and `response`, or `messages`", "invalid_input", "input")
         return {"prompt": self.prompt, "response": self.response}
@@ -218,23 +257,24 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _union_member(loc_part) -> bool:
+    """pydantic names the member of a union it tried in an error's location (`stop.constrained-str`,
+    `stop.list[constrained-str]`): not a field."""
+    return isinstance(loc_part, str) and (
+        loc_part in ("str", "int", "float", "bool") or loc_part.startswith(("constrained-", "list[", "dict[", "function-"))
+    )
+
+
 def _b64(vec: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
 
 
-class _Detok:
-    """Incremental detokenization: emit only whole characters (a byte-level BPE token may be half of one)."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.sent = tok, [], ""
-
-    def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.sent = text[len(self.sent) :], text
-        return new
+def _token_text(b: bytes) -> str:
+    """A token as OpenAI names it in logprobs: its text, or `bytes:\\xNN...` when it is part of a character."""
+    try:
+        return b.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
 
 def _cancel(resp) -> None:
@@ -319,7 +359,10 @@ class Ingress:
             return model.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
+            where = ".".join(str(x) for x in err["loc"] if not _union_member(x))
+            if err["type"] == "extra_forbidden":
+                raise APIError(400, f"Unrecognized request argument supplied: {where} (this server does not implement it)",
+                               "unsupported_parameter", where) from None
             raise APIError(400, f"{where}: {err['msg']}", "invalid_value", where) from None
 
     def _retry(self) -> dict:
@@ -387,7 +430,8 @@ class Ingress:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return ([tok.bos_token_id] if bos and tok.bos_token_id is not None else []) + ids
 
-    def _gen_reqs(self, body: _GenReq, base: str, adapter: str | None, prompts: list[list[int]], max_tokens: int | None):
+    def _gen_reqs(self, body: _GenReq, base: str, adapter: str | None, prompts: list[list[int]], max_tokens: int | None,
+                  logprobs: int | None):
         lim = self.limits
         mt = max_tokens or lim.default_max_tokens
         if mt > lim.max_tokens:
@@ -407,9 +451,18 @@ class Ingress:
                 raise APIError(400, f"prompt ({len(ids)}) + max_tokens ({mt}) exceeds the context of {ctx} tokens", "context_length_exceeded")
         if body.stream and (body.n > 1 or len(prompts) > 1):
             raise APIError(400, "stream: true supports one prompt and n=1", "invalid_value", "stream")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
+        vocab = len(self.tok[base])
+        for t in body.logit_bias or {}:
+            if not 0 <= t < vocab:
+                raise APIError(400, f"logit_bias: token {t} is not in the vocabulary (0-{vocab - 1})", "invalid_value", "logit_bias")
+        settings = {
+            "max_tokens": mt, "temperature": body.temperature, "top_p": body.top_p, "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+            "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty, "logit_bias": body.logit_bias, "logprobs": logprobs,
+        }
         return [
-            {"adapter": adapter, "input_ids": ids, "max_tokens": mt, "temperature": body.temperature, "top_p": body.top_p,
-             "seed": None if body.seed is None else body.seed + k}
+            {"adapter": adapter, "input_ids": ids, **settings, "seed": None if body.seed is None else body.seed + k}
             for ids in prompts
             for k in range(body.n)
         ]
@@ -419,14 +472,59 @@ class Ingress:
         h = self.generators[base]
         return await asyncio.gather(*[self._call(h.generate.remote(r), deadline) for r in reqs])
 
-    async def _stream(self, base: str, req: dict, chunk, on_done=None) -> StreamingResponse:
-        """SSE: chunk(text=..., finish=...) builds each event; the stream ends with [DONE]. `on_done(text)`
-        gets the whole answer of a stream that finished. The 200 goes out only once a generator replica has
-        taken the request: a full queue (429), no replica (503), no slot by the deadline (408) or an adapter
-        it cannot serve answer as such, not as an error inside a 200 stream."""
+    def _answer(self, base: str, req: dict, out: dict, logprobs) -> tuple[str, str, dict | None]:
+        """A whole answer's text (cut at its first stop string), finish_reason, and its tokens' logprobs in the
+        shape `logprobs(base, entries, offsets)` gives (None when not asked): as a stream gives them."""
+        from ftray.serve.sampling import Decoded
+
+        text = Decoded(self.tok[base], req["stop"])
+        if "logprobs" in out:  # token by token: where each one's text begins
+            answer = "".join(text.push([t]) for t in out["token_ids"]) + text.flush()
+            n = text.ready(final=True)
+            lp = logprobs(base, out["logprobs"][:n], text.offsets[:n])
+        else:
+            answer, lp = text.push(out["token_ids"]) + text.flush(), None
+        return answer, "stop" if text.cut is not None else out["finish_reason"], lp
+
+    def _pieces(self, base: str, ids: list[int]) -> list[tuple[str, list[int]]]:
+        from ftray.serve.sampling import token_bytes
+
+        return [(_token_text(b), list(b)) for b in (token_bytes(self.tok[base], i) for i in ids)]
+
+    def _chat_logprobs(self, base: str, entries: list, offsets: list[int]) -> dict:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        content = []
+        for chosen, lp, alts in entries:
+            (tok, b), *others = self._pieces(base, [chosen, *(i for i, _ in alts)])
+            top = [{"token": t, "logprob": a[1], "bytes": ab} for (t, ab), a in zip(others, alts, strict=True)]
+            content.append({"token": tok, "logprob": lp, "bytes": b, "top_logprobs": top})
+        return {"content": content, "refusal": None}
+
+    def _text_logprobs(self, base: str, entries: list, offsets: list[int]) -> dict:
+        """OpenAI's completions shape: tokens, token_logprobs, top_logprobs (the alternatives and the chosen
+        token: up to logprobs + 1 entries), text_offset (where each token begins in the answer)."""
+        tokens, top = [], []
+        for chosen, lp, alts in entries:
+            (tok, _), *others = self._pieces(base, [chosen, *(i for i, _ in alts)])
+            tokens.append(tok)
+            top.append({**{t: a[1] for (t, _), a in zip(others, alts, strict=True)}, tok: lp})
+        return {"tokens": tokens, "token_logprobs": [e[1] for e in entries], "top_logprobs": top, "text_offset": list(offsets)}
+
+    async def _stream(self, base: str, req: dict, body: _GenReq, head: dict, choice, on_done=None, logprobs=None) -> StreamingResponse:
+        """SSE: each event is `head` (id, object, created, model) with one choice built by
+        choice(text, finish, logprobs, first=False); with `stream_options.include_usage` a last event has the usage
+        and no choices; the stream ends with [DONE]. Text is cut at the first stop string (a tail that may begin
+        one is held back until it is known not to); the tokens' logprobs (`logprobs(base, entries, offsets)`)
+        go with the first chunk that carries their text. `on_done(text)` gets the whole answer of a stream that
+        finished. The 200 goes out only once a generator replica has taken the request: a full queue (429), no
+        replica (503), no slot by the deadline (408) or an adapter it cannot serve answer as such, not as an
+        error inside a 200 stream."""
+        from ftray.serve.sampling import Decoded
+
+        usage = body.stream_options is not None and body.stream_options.include_usage
         h = self.generators[base].options(stream=True)
         deadline = self._deadline()
-        detok = _Detok(self.tok[base])
+        text = Decoded(self.tok[base], req.get("stop"))
         gen = h.stream.remote(req)
         try:
             await self._call(gen.__anext__(), deadline, gen.cancel)  # {"admitted": True}
@@ -436,10 +534,24 @@ class Ingress:
             _cancel(gen)
             raise
 
+        def event(c: dict) -> str:
+            return _sse({**head, "choices": [c], **({"usage": None} if usage else {})})
+
         async def events():
             parts: list[str] = []
+            entries: list = []
             finished = False
-            yield _sse(chunk(None, None, first=True))
+            sent = 0  # tokens whose logprobs are out
+
+            def chunk(new: str, final: bool = False) -> str | None:
+                nonlocal sent
+                parts.append(new)
+                ready = text.ready(final) if logprobs else 0
+                lp = logprobs(base, entries[sent:ready], text.offsets[sent:ready]) if ready > sent else None
+                sent = max(sent, ready)
+                return event(choice(new, None, lp)) if new or lp else None
+
+            yield event(choice(None, None, None, first=True))
             try:
                 while True:
                     try:
@@ -448,18 +560,23 @@ class Ingress:
                         finished = True
                         break
                     if "token_ids" in item:
-                        text = detok.push(item["token_ids"])
-                        parts.append(text)
-                        if text:
-                            yield _sse(chunk(text, None))
+                        entries += item.get("logprobs") or []
+                        out = chunk(text.push(item["token_ids"]))
+                        if out:
+                            yield out
                     elif "error" in item:
                         finished = True
                         yield _sse({"error": {k: v for k, v in item["error"].items() if k != "status"}})
                         break
                     else:
+                        out = chunk(text.flush(), final=True)
+                        if out:
+                            yield out
                         if on_done is not None:
                             on_done("".join(parts))
-                        yield _sse(chunk(None, item["finish_reason"], usage=item))
+                        yield event(choice(None, "stop" if text.cut is not None else item["finish_reason"], None))
+                        if usage:
+                            yield _sse({**head, "choices": [], "usage": self._usage(item["prompt_tokens"], item["completion_tokens"])})
             except asyncio.TimeoutError:
                 yield _sse({"error": {"message": "request timed out", "type": "timeout_error", "code": "request_timeout"}})
             except Exception as e:  # noqa: BLE001 - the status line is sent; say it in the stream
@@ -489,19 +606,31 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    def _model(self, name: str, kind: str, parent: str | None = None) -> dict:
+        obj = {"id": name, "object": "model", "created": self.created, "owned_by": "ftray", "kind": kind}
+        return {**obj, "parent": parent} if parent else obj
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._auth(request)
         data = []
         for g in self.cfg.generation:
-            data.append({"id": g.name, "object": "model", "created": self.created, "owned_by": "ftray", "kind": "generation"})
+            data.append(self._model(g.name, "generation"))
             names = await asyncio.to_thread(self.registry[g.name].names)
-            data += [
-                {"id": f"{g.name}:{a}", "object": "model", "created": self.created, "owned_by": "ftray", "kind": "generation", "parent": g.name}
-                for a in names
-            ]
-        data += [{"id": s.name, "object": "model", "created": self.created, "owned_by": "ftray", "kind": s.kind} for s in self.cfg.scorers]
+            data += [self._model(f"{g.name}:{a}", "generation", g.name) for a in names]
+        data += [self._model(s.name, s.kind) for s in self.cfg.scorers]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        """One served model or adapter (`base:adapter`), as listed by /v1/models; 404 for any other id."""
+        self._auth(request)
+        base, _, adapter = model_id.partition(":")
+        kind = "generation" if base in self.generators else self.kinds.get(base)
+        if kind is None or (adapter and kind != "generation"):
+            raise APIError(404, f"The model `{model_id}` does not exist", "model_not_found", "model")
+        await self._route(model_id, kind)  # an adapter: in the registry (404), a valid name (400)
+        return self._model(model_id, kind, base if adapter else None)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -513,50 +642,49 @@ class Ingress:
                 "too_many_prompts", "prompt",
             )
         base, adapter = await self._route(body.model, "generation")
-        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, p, bos=True) for p in prompts], body.max_tokens)
+        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, p, bos=True) for p in prompts], body.max_tokens, body.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        lp = self._text_logprobs if body.logprobs is not None else None
         if body.stream:
-            def chunk(text, finish, first=False, usage=None):
-                if first:
-                    text = ""
-                return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+            def choice(text, finish, logprobs, first=False):
+                return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
-            done = self._remember(rid, body.model, None, prompts[0])
-            return await self._stream(base, reqs[0], chunk, done)
+            return await self._stream(base, reqs[0], body, head, choice, self._remember(rid, body.model, None, prompts[0]), lp)
         outs = await self._generate_all(base, reqs)
-        tok = self.tok[base]
-        choices = [
-            {"index": i, "text": tok.decode(o["token_ids"], skip_special_tokens=True), "finish_reason": o["finish_reason"], "logprobs": None}
-            for i, o in enumerate(outs)
-        ]
+        answers = [self._answer(base, r, o, lp) for r, o in zip(reqs, outs, strict=True)]
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": p} for i, (t, f, p) in enumerate(answers)]
         for j, p in enumerate(prompts):
             self._remember(rid, body.model, None, p)([c["text"] for c in choices[j * body.n : (j + 1) * body.n]], j * body.n)
         prompt_tokens = sum(len(r["input_ids"]) for r in reqs[:: body.n])
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-                "usage": self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))}
+        return {**head, "choices": choices, "usage": self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))}
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
         body = await self._body(request, ChatRequest)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
         base, adapter = await self._route(body.model, "generation")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)]
         tok = self.tok[base]
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=self._template(base, adapter))
-        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, text, bos=False)], body.max_completion_tokens or body.max_tokens)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = self._gen_reqs(body, base, adapter, [self._encode(base, text, bos=False)], body.max_completion_tokens or body.max_tokens, top)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        lp = self._chat_logprobs if body.logprobs else None
         if body.stream:
-            def chunk(text, finish, first=False, usage=None):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
-            return await self._stream(base, reqs[0], chunk, self._remember(rid, body.model, msgs, None))
+            def choice(text, finish, logprobs, first=False):
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+
+            return await self._stream(base, reqs[0], body, head, choice, self._remember(rid, body.model, msgs, None), lp)
         outs = await self._generate_all(base, reqs)
+        answers = [self._answer(base, r, o, lp) for r, o in zip(reqs, outs, strict=True)]
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": tok.decode(o["token_ids"], skip_special_tokens=True)},
-             "finish_reason": o["finish_reason"], "logprobs": None}
-            for i, o in enumerate(outs)
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": p}
+            for i, (t, f, p) in enumerate(answers)
         ]
         self._remember(rid, body.model, msgs, None)([c["message"]["content"] for c in choices])
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,

@@ -55,7 +55,8 @@ class Generator:
         self._lock = asyncio.Lock()  # one forward pass at a time: peft's adapter hooks are per call
 
     async def generate(self, req: dict) -> dict:
-        """One request {adapter, input_ids, max_tokens, temperature, top_p, seed}; batched with others."""
+        """One request (the keys `LoraEngine.generate` reads: adapter, input_ids, max_tokens, temperature, top_p,
+        seed, stop, presence_penalty, frequency_penalty, logit_bias, logprobs); batched with others."""
         return await self._batched(req)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -70,8 +71,8 @@ class Generator:
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
         """Yields {"admitted": True} at once (this replica has taken the request: the ingress answers 200 only
-        then), or an error dict for an adapter it cannot serve and nothing more; then {"token_ids": [...]} as
-        tokens come, then a final {finish_reason, prompt_tokens, ...}."""
+        then), or an error dict for an adapter it cannot serve and nothing more; then {"token_ids": [...]} (with
+        "logprobs" when asked) as tokens come, then a final {finish_reason, prompt_tokens, completion_tokens}."""
         err = await asyncio.to_thread(self.check, req.get("adapter"))  # a miss may list an s3:// registry
         if err is not None:
             yield err
@@ -81,25 +82,24 @@ class Generator:
         q: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
-        def emit(ids: list[int]) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ids)
+        def emit(item: dict) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (False, item))
 
         def work() -> None:
             try:
                 res = self.engine.stream(req, emit, cancelled)
             except Exception as e:  # noqa: BLE001 - reported to the client as a 500 in the stream
                 res = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "code": None, "status": 500}}
-            loop.call_soon_threadsafe(q.put_nowait, res)
+            loop.call_soon_threadsafe(q.put_nowait, (True, res))
 
         async with self._lock:
             fut = loop.run_in_executor(None, work)
             try:
                 while True:
-                    item = await q.get()
-                    if isinstance(item, dict):
-                        yield item
+                    last, item = await q.get()
+                    yield item
+                    if last:
                         break
-                    yield {"token_ids": item}
             finally:
                 cancelled.set()  # the client went away: stop generating, then free the model
                 await fut

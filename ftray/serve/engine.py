@@ -2,8 +2,9 @@
 
 `LoraEngine` keeps one base model and many LoRA adapters in one `PeftModel` and runs a batch that
 mixes adapters in one `generate` call (peft's per-row `adapter_names`; "__base__" is the bare base).
-Batches are left-padded; greedy decoding gives each row the tokens it gets alone. Adapters load on
-first use and the least recently used one is deleted beyond `max_loaded_adapters`.
+Batches are left-padded; each row is decoded by its own request's settings (`ftray.serve.sampling`: seed,
+temperature, top_p, penalties, logit_bias, stop strings, max_tokens, logprobs), so it gets the tokens it
+gets alone. Adapters load on first use and the least recently used one is deleted beyond `max_loaded_adapters`.
 
 `ScorerEngine` runs an embedding model (mean or last-token pooling of the last hidden state, L2
 normalised), a classifier (softmax over `id2label`) or a reward model (the one logit).
@@ -21,6 +22,7 @@ from ftray.models.load import load_model, load_tokenizer, resolve
 from ftray.runs import RunFolder
 from ftray.serve.config import GenerationModel, ScorerModel
 from ftray.serve.registry import AdapterError, AdapterRegistry
+from ftray.serve.sampling import RowSampler, RowStops
 
 __all__ = ["LoraEngine", "ScorerEngine", "error"]
 
@@ -57,6 +59,7 @@ class LoraEngine:
         self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
 
     # adapters -------------------------------------------------------------------------------------
     def ensure_loaded(self, names: set[str]) -> dict[str, AdapterError]:
@@ -109,11 +112,17 @@ class LoraEngine:
                 f" context of {self.max_positions} tokens",
                 code="context_length_exceeded",
             )
+        bad = [t for t in r.get("logit_bias") or {} if not 0 <= int(t) < self.vocab]
+        if bad:
+            return error(f"logit_bias: token {bad[0]} is not in the model's vocabulary (0-{self.vocab - 1})", code="invalid_value")
         return None
 
     def generate(self, reqs: list[dict]) -> list[dict]:
-        """reqs: {adapter|None, input_ids, max_tokens, temperature, top_p, seed}. One result per request:
-        {token_ids, finish_reason, prompt_tokens, batch_size, adapters_in_batch} or {"error": ...}."""
+        """reqs: {adapter|None, input_ids, max_tokens, temperature, top_p, seed, stop, presence_penalty,
+        frequency_penalty, logit_bias, logprobs} (all but input_ids and max_tokens optional; see
+        `ftray.serve.sampling`). One result per request: {token_ids, finish_reason, prompt_tokens, batch_size,
+        adapters_in_batch, logprobs (when asked: (id, logprob, top alternatives) per token)} or {"error": ...}.
+        The whole batch runs in one `generate`; each row is decoded by its own settings."""
         out: list[dict | None] = [self._check(r) for r in reqs]
         wanted = {r["adapter"] for r, o in zip(reqs, out, strict=True) if o is None and r.get("adapter")}
         bad: dict[str, dict] = {}
@@ -124,17 +133,13 @@ class LoraEngine:
                 bad[name] = adapter_error(e)
         if wanted - set(bad):
             bad.update({name: adapter_error(e) for name, e in self.ensure_loaded(wanted - set(bad)).items()})
-        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             if out[i] is None and r.get("adapter") in bad:
                 out[i] = bad[r["adapter"]]
-            if out[i] is None:
-                t = float(r.get("temperature") or 0.0)
-                key = (0.0, 1.0, None) if t == 0 else (t, float(r.get("top_p") or 1.0), r.get("seed"))
-                groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            rows = self._run([reqs[i] for i in idx], *key)
-            for i, row in zip(idx, rows, strict=True):
+        live = [i for i in range(len(reqs)) if out[i] is None]
+        if live:
+            rows = self._run([reqs[i] for i in live])
+            for i, row in zip(live, rows, strict=True):
                 out[i] = {**row, "batch_size": len(reqs), "adapters_in_batch": len(wanted)}
         return out  # type: ignore[return-value]
 
@@ -149,49 +154,65 @@ class LoraEngine:
             mask[j, width - len(r["input_ids"]) :] = 1
         return ids.to(self.device), mask.to(self.device), width
 
-    def _gen_kwargs(self, reqs: list[dict], temperature: float, top_p: float, seed) -> dict:
-        import torch
+    def _setup(self, reqs: list[dict], *criteria) -> tuple[dict, RowStops, RowSampler | None]:
+        """generate's arguments for a batch: greedy over RowSampler's choices when any row samples, is
+        penalised, biased or wants logprobs (plain greedy otherwise); RowStops ends each row on its own."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        ids, mask, width = self._inputs(reqs)
+        stops = RowStops(reqs, width, self.tokenizer)
         kw: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
             "max_new_tokens": max(r["max_tokens"] for r in reqs),
             "pad_token_id": self.pad,
             "eos_token_id": sorted(self.eos_ids),
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "stopping_criteria": StoppingCriteriaList([stops, *criteria]),
         }
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            if seed is not None:
-                torch.manual_seed(int(seed))
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        sampler = None
+        if any(r.get("temperature") or r.get("presence_penalty") or r.get("frequency_penalty") or r.get("logit_bias")
+               or r.get("logprobs") is not None for r in reqs):
+            sampler = RowSampler(reqs, width, self.device)
+            kw["logits_processor"] = LogitsProcessorList([sampler])
         if self.peft is not None:
             kw["adapter_names"] = [r.get("adapter") or BASE for r in reqs]
-        return kw
+        return kw, stops, sampler
+
+    def _row(self, j: int, req: dict, toks: list[int], stops: RowStops, sampler: RowSampler | None) -> dict:
+        """Row j's answer from its generated tokens: up to its EOS, stop string or max_tokens."""
+        toks = toks[: stops.at[j] or req["max_tokens"]]
+        finish = stops.reason[j] or "length"
+        for k, t in enumerate(toks):
+            if t in self.eos_ids:
+                toks, finish = toks[:k], "stop"
+                break
+        row = {"token_ids": toks, "finish_reason": finish, "prompt_tokens": len(req["input_ids"])}
+        if req.get("logprobs") is not None:
+            row["logprobs"] = sampler.logprobs[j][: len(toks)]
+        return row
 
     @property
     def _lm(self):
         return self.peft if self.peft is not None else self.model
 
-    def _run(self, reqs: list[dict], temperature: float, top_p: float, seed) -> list[dict]:
+    def _run(self, reqs: list[dict]) -> list[dict]:
         import torch
 
-        ids, mask, width = self._inputs(reqs)
+        kw, stops, sampler = self._setup(reqs)
+        width = kw["input_ids"].shape[1]
         with torch.inference_mode():
-            gen = self._lm.generate(input_ids=ids, attention_mask=mask, **self._gen_kwargs(reqs, temperature, top_p, seed))
-        rows = []
-        for j, r in enumerate(reqs):
-            toks = gen[j, width:].tolist()[: r["max_tokens"]]
-            finish = "length"
-            for k, t in enumerate(toks):
-                if t in self.eos_ids:
-                    toks, finish = toks[:k], "stop"
-                    break
-            rows.append({"token_ids": toks, "finish_reason": finish, "prompt_tokens": len(r["input_ids"])})
-        return rows
+            gen = self._lm.generate(**kw)
+        return [self._row(j, r, gen[j, width:].tolist(), stops, sampler) for j, r in enumerate(reqs)]
 
-    def stream(self, req: dict, emit: Callable[[list[int]], None], cancelled: threading.Event) -> dict:
-        """Generate one request, calling `emit(new_ids)` as tokens come; stops early when `cancelled`."""
+    def stream(self, req: dict, emit: Callable[[dict], None], cancelled: threading.Event) -> dict:
+        """Generate one request, calling `emit({"token_ids", "logprobs"?})` as tokens come; stops early when
+        `cancelled`. Returns {finish_reason, prompt_tokens, completion_tokens} or {"error": ...}."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
 
         bad = self._check(req)
@@ -201,8 +222,13 @@ class LoraEngine:
             failed = self.ensure_loaded({req["adapter"]})
             if failed:
                 return adapter_error(failed[req["adapter"]])
-        eos_ids, count = self.eos_ids, [0]
-        finish = ["length"]
+        eos_ids, sent, eos = self.eos_ids, [0], [False]
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kw, stops, sampler = self._setup([req], _Cancel())
 
         class _Streamer(BaseStreamer):
             first = True
@@ -211,28 +237,23 @@ class LoraEngine:
                 if self.first:  # generate hands the prompt over first
                     self.first = False
                     return
-                toks = [t for t in value.reshape(-1).tolist()]
-                if any(t in eos_ids for t in toks) or count[0] >= req["max_tokens"]:
-                    finish[0] = "stop" if count[0] < req["max_tokens"] else "length"
+                toks = value.reshape(-1).tolist()
+                if eos[0] or any(t in eos_ids for t in toks):
+                    eos[0] = True
                     return
-                count[0] += len(toks)
-                emit(toks)
+                item = {"token_ids": toks}
+                if sampler is not None and req.get("logprobs") is not None:
+                    item["logprobs"] = sampler.logprobs[0][sent[0] : sent[0] + len(toks)]
+                sent[0] += len(toks)
+                emit(item)
 
             def end(self):
                 pass
 
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        ids, mask, _ = self._inputs([req])
-        t = float(req.get("temperature") or 0.0)
-        kw = self._gen_kwargs([req], t, float(req.get("top_p") or 1.0), req.get("seed"))
         with torch.inference_mode():
-            self._lm.generate(
-                input_ids=ids, attention_mask=mask, streamer=_Streamer(), stopping_criteria=StoppingCriteriaList([_Cancel()]), **kw
-            )
-        return {"finish_reason": finish[0], "prompt_tokens": len(req["input_ids"]), "completion_tokens": count[0]}
+            self._lm.generate(streamer=_Streamer(), **kw)
+        finish = "stop" if eos[0] or stops.reason[0] == "stop" else "length"
+        return {"finish_reason": finish, "prompt_tokens": len(req["input_ids"]), "completion_tokens": sent[0]}
 
 
 class ScorerEngine:
