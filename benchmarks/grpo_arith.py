@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     sft_over = [*paths, f"model.path={model}", f"train.max_steps={a.sft_steps}", "train.eval_every=null",
                 "train.checkpoint_every=null", f"output.dir={sft}"]
     if not done(sft):
-        ftray("train", "jobs/quickstart.yaml", *[x for o in sft_over for x in ("--set", o)])
+        ftray("train", "jobs/quickstart_tiny.yaml", *[x for o in sft_over for x in ("--set", o)])
     if not (sft / "merged" / ".complete").exists():
         ftray("export", str(sft), "--merge")
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ctrl = w / "sft-more"
     ctrl_over = [*paths, f"model.path={sft / 'merged'}", f"train.max_steps={a.steps}", "train.warmup_steps=0",
                  "train.eval_every=null", "train.checkpoint_every=null", f"output.dir={ctrl}"]
-    t_ctrl = ftray("train", "jobs/quickstart.yaml", *[x for o in ctrl_over for x in ("--set", o)])
+    t_ctrl = ftray("train", "jobs/quickstart_tiny.yaml", *[x for o in ctrl_over for x in ("--set", o)])
 
     g, c = record(grpo), record(ctrl)
     hist = steps(grpo)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, total {time.time() - t0:.0f} s)",
         "",
         f"Tiny Llama `micro` (random init, tokenizer trained on the task), SFT warm start of {a.sft_steps} steps "
-        "(`jobs/quickstart.yaml`), merged; then two arms from the merged model on 2 Ray Train workers, ZeRO-2, LoRA:",
+        "(`jobs/quickstart_tiny.yaml`), merged; then two arms from the merged model on 2 Ray Train workers, ZeRO-2, LoRA:",
         f"`jobs/grpo_arith.yaml` (G = {g['spec']['method']['group_size']}, beta {g['spec']['method']['beta']}, "
         f"{a.steps} steps of {g['spec']['train']['global_batch_size']} prompts) and the control, SFT continued for "
         f"the same {a.steps} steps. Held-out: {len(Path(data / 'arith_test.jsonl').read_text().splitlines())} unseen sums, greedy.",

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import ROOT, done, ftray, record  # noqa: E402
+from _cli import ROOT, done, ftray, record, stamp  # noqa: E402
 
 
 def steps(run: Path) -> list[dict]:
@@ -38,6 +38,32 @@ def sets(over: dict) -> list[str]:
     return [x for k, v in over.items() for x in ("--set", f"{k}={v}")]
 
 
+# Looser KL control than the shipped settings: (method, --set overrides).
+LOOSE = [
+    ("grpo", {"method.beta": 0.04, "train.lr": 2e-3}),
+    ("grpo", {"method.beta": 0.2, "train.lr": 2e-3}),
+    ("ppo", {"method.kl_coef": 0.05, "method.kl_target": 0.1, "method.kl_horizon": 10000, "train.lr": 1e-3}),
+    ("ppo", {"method.kl_coef": 0.2, "method.kl_target": 0.5, "method.kl_horizon": 1000, "train.lr": 5e-4}),
+]
+
+
+def row(name: str, run: Path, wall: float) -> str:
+    """One table row from a policy run's run.json and metrics: served score and exact match before/after, the
+    step KL at the start and the end and at most, the KL setting, the wall seconds."""
+    rec = record(run)
+    b, af = rec["eval"]["before"], rec["eval"]["after"]
+    hist = steps(run)
+    k = max(1, len(hist) // 10)
+    kl_first = sum(s["train/kl"] for s in hist[:k]) / k
+    kl_last = sum(s["train/kl"] for s in hist[-k:]) / k
+    kl_max = max(s["train/kl"] for s in hist)
+    m = rec["spec"]["method"]
+    bound = (f"kl_target {m['kl_target']} (adaptive; coef {m['kl_coef']} -> {hist[-1].get('train/kl_coef', float('nan')):.3f})"
+             if name == "ppo" else f"k3 penalty, beta {m['beta']} (no hard bound)")
+    return (f"| {name} | {b['reward_model_score']:.3f} | {af['reward_model_score']:.3f} | {b['exact_match']:.3f} | "
+            f"{af['exact_match']:.3f} | {kl_first:.4f} -> {kl_last:.4f} | {kl_max:.4f} | {bound} | {wall:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sft-steps", type=int, default=60)
@@ -45,18 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="grpo and ppo steps")
     ap.add_argument("--grpo-beta", type=float, default=1.0, help="grpo's KL weight against the learned reward")
     ap.add_argument("--grpo-lr", type=float, default=3e-4)
+    ap.add_argument("--no-loose", dest="loose", action="store_false",
+                    help="skip the runs with weaker KL control (LOOSE), whose table shows the learned reward gamed")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-grpo"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rlhf_served.md"))
     a = ap.parse_args(argv)
     w = Path(a.work)
     data, model, sft = w / "data", w / "tiny-micro", w / "sft"
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     if not (data / "arith_pref_train.jsonl").exists():
         ftray("data", "arithmetic", str(data), "--preferences")
     if not (model / "config.json").exists():
         ftray("models", "tiny", str(model), "--size", "micro", "--corpus", str(data / "arith_train.jsonl"))
     if not done(sft):
-        ftray("train", "jobs/quickstart.yaml", *sets({
+        ftray("train", "jobs/quickstart_tiny.yaml", *sets({
             "model.path": model, "data.train": data / "arith_train.jsonl", "data.eval": data / "arith_test.jsonl",
             "train.max_steps": a.sft_steps, "train.eval_every": "null", "train.checkpoint_every": "null",
             "output.dir": sft}))
@@ -85,14 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     t["ppo"] = ftray("train", "jobs/ppo_arith.yaml", *sets({**paths, "output.dir": runs["ppo"],
                                                              "method.reward_model.path": rm}))
 
+    loose = {}
+    for i, (name, over) in enumerate(LOOSE if a.loose else ()):
+        run = w / f"{name}-loose-{i}"
+        job = str(w / "grpo_served.yaml") if name == "grpo" else "jobs/ppo_arith.yaml"
+        extra = {} if name == "grpo" else {"method.reward_model.path": rm}
+        t[run.name] = ftray("train", job, *sets({**paths, **extra, **over, "output.dir": run}))
+        loose[run.name] = (name, run, over)
+
     r = record(rm)
     rb, ra = r["eval"]["before"], r["eval"]["after"]
     md = [
         "# RLHF against a served reward model (arithmetic)",
         "",
-        f"`python benchmarks/rlhf_served.py --sft-steps {a.sft_steps} --rm-steps {a.rm_steps} --steps {a.steps} "
-        f"--grpo-beta {a.grpo_beta} --grpo-lr {a.grpo_lr:g}` "
-        f"({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, total {time.time() - t0:.0f} s)",
+        stamp(t0, load0),
         "",
         f"Tiny Llama `micro`, SFT warm start of {a.sft_steps} steps, merged. Reward model: `jobs/reward_arith.yaml` "
         f"(full fine-tune from the SFT model, {a.rm_steps} steps, "
@@ -108,21 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         "max step KL | KL bound | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for name, run in runs.items():
-        rec = record(run)
-        b, af = rec["eval"]["before"], rec["eval"]["after"]
-        hist = steps(run)
-        k = max(1, len(hist) // 10)
-        kl_first = sum(s["train/kl"] for s in hist[:k]) / k
-        kl_last = sum(s["train/kl"] for s in hist[-k:]) / k
-        kl_max = max(s["train/kl"] for s in hist)
-        m = rec["spec"]["method"]
-        bound = (f"kl_target {m['kl_target']} (adaptive; coef {m['kl_coef']} -> {hist[-1].get('train/kl_coef', float('nan')):.3f})"
-                 if name == "ppo" else f"k3 penalty, beta {m['beta']} (no hard bound)")
-        md.append(
-            f"| {name} | {b['reward_model_score']:.3f} | {af['reward_model_score']:.3f} | {b['exact_match']:.3f} | "
-            f"{af['exact_match']:.3f} | {kl_first:.4f} -> {kl_last:.4f} | {kl_max:.4f} | {bound} | {t[name]:.0f} |"
-        )
+    md += [row(name, run, t[name]) for name, run in runs.items()]
+    if loose:
+        md += [
+            "",
+            "## Weaker KL control: the learned reward is gamed",
+            "",
+            "The same reward model and warm start, with looser settings (each row's changes from the table "
+            "above in its last column). Where the served score climbs higher while exact match falls and the KL "
+            "runs away, the policy has drifted to answers the reward model over-rates.",
+            "",
+            "| method | served score before | after | exact match before | after | mean KL first 10 % -> last 10 % | "
+            "max step KL | KL bound | wall s | changed |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
+        md += [row(name, run, t[key]) + f" {', '.join(f'`{k}` {v:g}' for k, v in over.items())} |"
+               for key, (name, run, over) in loose.items()]
     md.append("")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
