@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _cli import stamp  # noqa: E402
 
 _RT = ROOT.parent / "shared" / "data" / "classification"
-RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}"]
+RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}", "data.eval_max_rows=null"]
 _PREF = ROOT.parent / "shared" / "data" / "preference"
 LENGTH = ("length_heuristic_accuracy", "balanced_accuracy", "balanced_pairs", "beats_length_heuristic")
 HH = [f"data.train={_PREF / 'hh_rlhf_harmless_train.jsonl'}", f"data.eval={_PREF / 'hh_rlhf_harmless_test.jsonl'}"]
 # job -> (metrics to report, overrides beyond model.path / output.dir)
 RUNS = {
-    "classify_sst2_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60"]),
-    "classify_sst2_lora": (("accuracy", "macro_f1"), ["train.max_steps=60"]),
-    "classify_sst2_full": (("accuracy", "macro_f1"), ["train.max_steps=60"]),
+    "classify_sst2_freeze": (("accuracy", "macro_f1"), []),
+    "classify_sst2_lora": (("accuracy", "macro_f1"), []),
+    "classify_sst2_full": (("accuracy", "macro_f1"), []),
     "contrastive_stsb": (("spearman",), ["train.epochs=null", "train.max_steps=60"]),
     "masked_lm_wikitext": (("perplexity", "masked_accuracy"), ["train.max_steps=20"]),
     "cluster_ag_news": (("nmi", "ari"), ["train.max_steps=20"]),
@@ -36,11 +40,13 @@ RUNS = {
     "hh_reward": (("accuracy", "margin", *LENGTH), ["train.epochs=null", "train.max_steps=60", "data.max_length=256", *HH]),
     "hh_reward_minilm": (("accuracy", "margin", *LENGTH), ["train.epochs=null", "train.max_steps=40", "train.lr=5e-5",
                                                   "data.max_length=256", *HH]),
-    "classify_rt_freeze": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
-    "classify_rt_lora": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
-    "classify_rt_full": (("accuracy", "macro_f1"), ["train.max_steps=60", *RT]),
+    "classify_rt_freeze": (("accuracy", "macro_f1"), [*RT]),
+    "classify_rt_lora": (("accuracy", "macro_f1"), [*RT]),
+    "classify_rt_full": (("accuracy", "macro_f1"), [*RT]),
     "cpt_text": (("perplexity",), ["train.max_steps=60"]),
 }
+# Entries run once per seed (train.seed: model init, data order, dropout, k-means), reported as mean ± sd.
+SEEDS = {"cluster_ag_news": (0, 1, 2)}
 # Entries that run another entry's job file (with other overrides).
 JOB_FILE = {"reward_minilm": "reward", "hh_reward": "reward", "hh_reward_minilm": "reward", "classify_rt_freeze": "classify_sst2_freeze", "classify_rt_lora": "classify_sst2_lora",
             "classify_rt_full": "classify_sst2_full"}
@@ -85,12 +91,64 @@ def build_tiny_oasst(out: Path) -> Path:
     return build_tiny(out, size="micro", corpus=[str(data)], vocab_size=4096)
 
 
-def run(job: str, overrides: list[str], out: Path) -> dict:
+def frozen_probe(model_dir: str, train: str, test: str, max_length: int, seed: int = 0) -> dict:
+    """What a user tries first for classification: logistic regression on the frozen encoder's mean-pooled
+    embeddings. C is chosen on a seeded 10% validation split of the training file, then refitted on all of it;
+    accuracy and macro-F1 on the whole held-out file."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import AutoModel, AutoTokenizer
+
+    from ftray.methods.losses import mean_pool
+
+    t0 = time.time()
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+    def load(path: str):
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        vecs = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), 64):
+                enc = tok([r["text"] for r in rows[i : i + 64]], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+                vecs.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
+        return torch.cat(vecs).numpy(), np.array([r["label_id"] for r in rows])
+
+    (xtr, ytr), (xte, yte) = load(train), load(test)
+    order = np.random.default_rng(seed).permutation(len(ytr))
+    val, fit = order[: len(order) // 10], order[len(order) // 10 :]
+
+    def probe(c: float, idx) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=2000).fit(xtr[idx], ytr[idx])
+
+    best = max((0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 10.0), key=lambda c: accuracy_score(ytr[val], probe(c, fit).predict(xtr[val])))
+    pred = probe(best, order).predict(xte)
+    return {"accuracy": float(accuracy_score(yte, pred)), "macro_f1": float(f1_score(yte, pred, average="macro")),
+            "C": best, "seconds": round(time.time() - t0)}
+
+
+def load_spec_for(job: str, overrides: list[str]):
     from ftray.config import load_spec
+
+    return load_spec(ROOT / "jobs" / f"{JOB_FILE.get(job, job)}.yaml", overrides)
+
+
+def run(job: str, overrides: list[str], out: Path) -> dict:
     from ftray.train.launch import train
 
-    spec = load_spec(ROOT / "jobs" / f"{JOB_FILE.get(job, job)}.yaml", overrides)
-    return train(spec)
+    return train(load_spec_for(job, overrides))
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def _sd(rows: list[dict]) -> dict:
+    import statistics
+
+    return {k: statistics.stdev(r[k] for r in rows) for k in rows[0]}
 
 
 def main() -> None:
@@ -109,6 +167,7 @@ def main() -> None:
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     ray.init(num_cpus=4, configure_logging=False)
+    probes: dict[tuple, dict] = {}
     for job in args.only.split(","):
         metrics, extra = RUNS[job]
         out = Path(args.out) / job
@@ -120,19 +179,33 @@ def main() -> None:
             model, label = build_tiny_text(TINY_TEXT), "tiny Llama micro (random init, runs/tiny-rust)"
         if job in ON_TINY_OASST:
             model, label = build_tiny_oasst(TINY_OASST), "tiny Llama micro (random init, runs/tiny-oasst)"
-        overrides = [f"model.path={model}", f"output.dir={out}", *extra]
-        t0 = time.time()
-        record = run(job, overrides, out)
-        b, a = record["eval"]["before"], record["eval"]["after"]
+        t0, load0 = time.time(), os.getloadavg()
+        records = []
+        for seed in SEEDS.get(job, (None,)):
+            where = out if seed is None else out / f"seed{seed}"
+            seeded = [] if seed is None else [f"train.seed={seed}"]
+            records.append(run(job, [f"model.path={model}", f"output.dir={where}", *extra, *seeded], where))
+        befores = [{k: r["eval"]["before"][k] for k in metrics} for r in records]
+        afters = [{k: r["eval"]["after"][k] for k in metrics} for r in records]
         results[job] = {
-            "command": f"ftray train jobs/{JOB_FILE.get(job, job)}.yaml " + " ".join(f"--set {o}" for o in extra),
+            "command": f"ftray train jobs/{JOB_FILE.get(job, job)}.yaml " + " ".join(f"--set {o}" for o in extra)
+            + (f" (train.seed = {', '.join(map(str, SEEDS[job]))})" if job in SEEDS else ""),
             "model": label,
-            "before": {k: b[k] for k in metrics},
-            "after": {k: a[k] for k in metrics},
-            "trainable": record["trainable"],
-            "steps": record["train"]["steps"],
+            "before": _mean(befores),
+            "after": _mean(afters),
+            "trainable": records[0]["trainable"],
+            "steps": records[0]["train"]["steps"],
             "seconds": round(time.time() - t0),
+            "stamp": stamp(t0, load0),
         }
+        if len(records) > 1:
+            results[job]["sd"] = {"before": _sd(befores), "after": _sd(afters), "seeds": list(SEEDS[job])}
+        if job.startswith("classify"):
+            spec = load_spec_for(job, extra)
+            key = (spec.data.train, spec.data.eval, spec.data.max_length)
+            if key not in probes:
+                probes[key] = frozen_probe(str(model), *key)
+            results[job]["baseline"] = probes[key]
         results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({job: results[job]}), flush=True)
     write_markdown(results, results_path.with_suffix(".md"))
@@ -140,7 +213,7 @@ def main() -> None:
 
 SECTIONS = {
     "classify_sst2": "classify — SST-2 sentiment (train 7,969 / held-out 419), accuracy and macro-F1",
-    "classify_rt": "classify — rt_polarity sentiment (held-out 512 rows), accuracy and macro-F1",
+    "classify_rt": "classify — rt_polarity sentiment (train 8,863 / held-out 979), accuracy and macro-F1",
     "cpt": "causal_lm — continued pretraining on the Rust book, tiny random-init Llama, held-out perplexity",
     "contrastive": "contrastive — STS-B (train 3,091 scored pairs / held-out 500), Spearman of cosine vs score",
     "masked_lm": "masked_lm — WikiText-2 (fresh MLM head on the pre-trained encoder), held-out perplexity",
@@ -163,18 +236,29 @@ def write_markdown(results: dict, path: Path) -> None:
         "on the held-out file before and after training (run.json `eval.before` / `eval.after`).",
         "",
     ]
+
+    def fmt(r: dict, when: str) -> str:
+        sd = r.get("sd", {}).get(when, {})
+        return ", ".join(f"{k} {v:.4f}" + (f" ± {sd[k]:.4f}" if k in sd else "") for k, v in r[when].items())
+
     for prefix, title in SECTIONS.items():
         jobs = [j for j in results if j.startswith(prefix)]
         if not jobs:
             continue
-        lines += [f"## {title}", "", "| command | model | trainable params | steps | before | after |", "|---|---|---|---|---|---|"]
+        probe = any("baseline" in results[j] for j in jobs)
+        head = ["command", "model", "trainable params", "steps", "seconds"]
+        head += ["frozen-embedding logistic regression"] * probe + ["before (untouched model)", "after", "run"]
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for j in jobs:
             r = results[j]
-            fmt = lambda d: ", ".join(f"{k} {v:.4f}" for k, v in d.items())  # noqa: E731
-            lines.append(
-                f"| `{r['command'].replace(str(ROOT.parent) + '/', '../')}` | {r.get('model', 'all-MiniLM-L6-v2')} | {r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%) "
-                f"| {r['steps']} | {fmt(r['before'])} | {fmt(r['after'])} |"
-            )
+            cells = [f"`{r['command'].replace(str(ROOT.parent) + '/', '../')}`", r.get("model", "all-MiniLM-L6-v2"),
+                     f"{r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%)", str(r["steps"]),
+                     str(r["seconds"])]
+            if probe:
+                b = r.get("baseline")
+                cells.append(f"accuracy {b['accuracy']:.4f}, macro_f1 {b['macro_f1']:.4f} (C={b['C']})" if b else "")
+            cells += [fmt(r, "before"), fmt(r, "after"), r.get("stamp", "before stamps were kept")]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
 
