@@ -240,3 +240,24 @@ def test_each_version_is_replaced_whole_under_a_reading_registry(where, tiny_mod
     print(f"\n[publish {where}] {steps} versions, the reader saw {len(seen)} of them ({seen}); per publish "
           f"{summary['step_path_seconds']['mean'] * 1e3:.1f} ms on the step path, "
           f"{summary['background_seconds']['mean'] * 1e3:.1f} ms in the background")
+
+
+def test_in_process_zero3_job_publishes_each_checkpoint_and_the_last(tiny_model, arith, cache_dir, work):
+    """The loop's wiring without Ray (one rank, ZeRO-3: the adapter gathered to be written): a version after each
+    checkpoint and the final one, equal to the run's own adapter, and what each cost in run.json."""
+    from safetensors.torch import load_file
+
+    from tests._specs import run_here
+
+    pub, out = work / "publish-z3-registry", work / "publish-z3-run"
+    record = run_here(job_dict(tiny_model, arith[0], None, out, cache_dir, train__max_steps=4, train__checkpoint_every=2,
+                               deepspeed__zero_stage=3, scaling__num_workers=1, output__publish_to=str(pub)))
+    pubrec = record["train"]["publish"]
+    assert pubrec["steps"] == [2, 4] and not pubrec["failed_steps"] and pubrec["to"] == str(pub / out.name), pubrec
+    rec = _record(pub / out.name)
+    assert rec["step"] == 4 and rec["final"] and rec["name"] == out.name, rec
+    published = load_file(str(pub / out.name / "adapter_model.safetensors"))
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert published.keys() == trained.keys() and all((published[k] == trained[k]).all() for k in trained)
+    assert all(v.numel() for v in published.values())  # gathered, not ZeRO-3's empty partitions
+    assert sorted(p.name for p in pub.iterdir()) == [out.name]  # nothing left aside
