@@ -148,7 +148,7 @@ def test_endpoint_answers_follow_the_adapter_a_running_job_publishes(ray_local, 
           f"the background; checkpoints {record['train']['checkpoint_seconds']:.2f} s in all")
     # The endpoint answered an early version while the job was still training, then the newer ones: each answer
     # is what peft gives with the version published at the time of the request.
-    assert len(seen) >= 3 and seen[0] < steps, seen
+    assert len(seen) >= 2 and seen[0] < steps, seen
     for s, text in answers:
         assert text == refs[s], (s, text, refs[s])
     assert refs[seen[0]] != refs[steps], refs  # the versions answer differently: a stale endpoint would fail
