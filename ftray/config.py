@@ -8,6 +8,7 @@ JSON schema built from these descriptions.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,7 @@ __all__ = [
     "JobSpec",
     "SpecError",
     "RESUME_ALLOWABLE",
+    "SERVED_NAME",
     "RESUME_FREE",
     "adapter_refusal",
     "load_spec",
@@ -289,6 +291,10 @@ MethodSpec = Annotated[
 METHOD_KINDS = tuple(m.model_fields["kind"].default for m in MethodSpec.__origin__.__args__)
 
 
+# A served model or adapter name (`base:NAME` in a request, a folder in a registry): a path component, never a
+# path; "../x" fails here. The serve config and the registry check names with it.
+SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
 # Adapter families (peft types): what can be merged into the base, what adds virtual tokens.
 LORA_FAMILY = ("lora", "qlora", "adalora")
 PEFT_KINDS = (*LORA_FAMILY, "ia3", "prefix", "prompt", "p_tuning", "llama_adapter")
@@ -502,6 +508,22 @@ class OutputSpec(_Strict):
         "adapter, seed, global batch, ZeRO stage, precision and GPU never (another `output.dir` starts afresh).",
     )
     merge: bool = Field(False, description="Also write the adapter merged into the base as `merged/`.")
+    publish_to: str | None = Field(
+        None,
+        description="A registry folder (local or s3://, as `ftray serve --registry` / a serve config's `registry` "
+        "takes) into which rank 0 publishes the adapter while the job trains: after each checkpoint "
+        "(`train.checkpoint_every`) and at the end, as `<publish_to>/<publish_name>/` (adapter_config.json, "
+        "adapter_model.safetensors and `ftray_publish.json`: the step, whether it is the final one, the weights' "
+        "sha256). Each version replaces the last whole (local: written aside, then renamed into place; S3: "
+        "uploaded beside the current one, then switched to by its `.complete` marker), so an endpoint serving the "
+        "registry reloads the newest one on its next use (`reload_check_s`) without a restart. Written in the "
+        "background while the next steps train. Peft adapter kinds only (the generation server serves LoRA).",
+    )
+    publish_name: str | None = Field(
+        None,
+        description="The adapter's name under `output.publish_to`, as requests name it (`base:NAME`): letters, "
+        "digits, '.', '_', '-', at most 64 (default: the run's `name`, else `output.dir`'s last folder).",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
     checkpoint_upload: Literal["async", "sync"] = Field(
         "async",
@@ -584,6 +606,22 @@ class JobSpec(_Strict):
         refusal = adapter_refusal(self)
         if refusal:
             raise ValueError(refusal)
+        if self.output.publish_name is not None and self.output.publish_to is None:
+            raise ValueError("`output.publish_name` names the adapter under `output.publish_to`, which is not set")
+        if self.output.publish_to is not None:
+            if self.adapter.kind not in PEFT_KINDS:
+                raise ValueError(
+                    f"`output.publish_to` publishes the job's peft adapter while it trains; `adapter.kind: "
+                    f"{self.adapter.kind}` trains the model's own weights and has none to publish (serve the "
+                    "finished run instead, or train a peft adapter such as `adapter.kind: lora`)"
+                )
+            name = self.publish_name
+            if not SERVED_NAME.match(name) or ".." in name:
+                how = "" if self.output.publish_name else " (the default: the run's `name`, else `output.dir`'s last folder)"
+                raise ValueError(
+                    f"`output.publish_name`: {name[:80]!r}{how} is not a servable adapter name: use letters, digits, "
+                    "'.', '_', '-' (at most 64), starting with a letter or digit"
+                )
         if self.method.kind == "reward" and self.adapter.kind in MERGEABLE_KINDS and not self.output.merge:
             # /v1/rewards serves a full sequence-classification model; an adapter alone is served as a generator.
             raise ValueError(
@@ -599,6 +637,11 @@ class JobSpec(_Strict):
     @property
     def run_name(self) -> str:
         return self.name or self.output.dir.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def publish_name(self) -> str:
+        """The adapter's name under `output.publish_to`."""
+        return self.output.publish_name or self.run_name
 
 
 def adapter_refusal(spec: JobSpec) -> str | None:
@@ -669,7 +712,8 @@ def _absolute(p, hub_ok: bool = False):
 
 
 _PATHS = (("model", "path", True), ("model", "tokenizer", True), ("data", "train", False),
-          ("data", "eval", False), ("data", "cache_dir", False), ("output", "dir", False))
+          ("data", "eval", False), ("data", "cache_dir", False), ("output", "dir", False),
+          ("output", "publish_to", False))
 
 
 def absolute_paths(d: dict) -> dict:

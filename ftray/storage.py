@@ -166,8 +166,10 @@ def open_file(path: str, mode: str = "rb"):
 
 
 def read_text(path: str) -> str:
-    with open_file(path, "rb") as f:
-        return f.read().decode("utf-8")
+    # One GET: s3fs's open() pins the object's ETag and a read after a rewrite (a published folder's `.complete`
+    # marker switched to a new version) failed as FileExpired, which looks like an outage to its readers.
+    fs, p = filesystem(path)
+    return fs.cat_file(p).decode("utf-8")
 
 
 def size(path: str) -> int:
@@ -345,10 +347,10 @@ def sync_dir(local_src: str | os.PathLike, dst: str, complete: bool = False) -> 
         fs.pipe_file(p.rstrip("/") + "/.complete", b"ok\n")
 
 
-def _upload(fs, local_src: Path, p: str) -> None:
-    for f in sorted(local_src.rglob("*")):
-        if f.is_file():
-            fs.put_file(str(f), p + "/" + f.relative_to(local_src).as_posix())
+def _upload(fs, local_src: Path, p: str, last: tuple[str, ...] = ()) -> None:
+    files = sorted((f for f in local_src.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f)))
+    for f in files:
+        fs.put_file(str(f), p + "/" + f.relative_to(local_src).as_posix())
 
 
 def is_complete(folder: str) -> bool:
@@ -356,7 +358,7 @@ def is_complete(folder: str) -> bool:
     return exists(join(folder, ".complete"))
 
 
-def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
+def publish_dir(local_src: str | os.PathLike, dst: str, last: tuple[str, ...] = ()) -> None:
     """Put a finished local folder at `dst` so that `dst` is either absent/old or complete.
 
     Local: copied aside, then renamed over the target. S3 (no rename of a prefix): uploaded file by file
@@ -364,19 +366,23 @@ def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     new version is uploaded beside the current one, to `.v/<id>/`, and the marker is then rewritten to
     point at it (`at .v/<id>`, one PUT: the switch); readers go through `current` / `file_in`. A publish
     interrupted at any point leaves the previous version whole and current. The version before the new
-    one is kept (a reader may still be downloading it); older ones are deleted.
+    one is kept (a reader may still be downloading it); older ones are deleted. `last`: file names uploaded
+    after the others on an S3 folder's first publish, for readers that take one file as the sign of a folder
+    without reading the marker (the adapter registry: adapter_config.json).
     """
     local_src = Path(local_src)
     if is_remote(dst):
         fs, p = filesystem(dst)
         p = p.rstrip("/")
-        if not is_complete(dst):  # nothing published here (or an interrupted first publish): write in place
+        # One client for the whole publish (a new one costs a session and a connection before its first request).
+        marker = fs.cat_file(p + "/.complete").decode().strip() if fs.exists(p + "/.complete") else None
+        if marker is None:  # nothing published here (or an interrupted first publish): write in place
             if fs.exists(p):
                 fs.rm(p, recursive=True)
-            _upload(fs, local_src, p)
+            _upload(fs, local_src, p, last)
             fs.pipe_file(p + "/.complete", b"ok\n")
             return
-        previous = current(dst)
+        previous = join(dst, marker[3:]) if marker.startswith("at ") else dst  # as `current`
         vid = f"{VERSIONS}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         _upload(fs, local_src, f"{p}/{vid}")
         fs.pipe_file(f"{p}/{vid}/.complete", b"ok\n")
@@ -396,6 +402,10 @@ def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     shutil.copytree(local_src, tmp)
     (tmp / ".complete").write_text("ok\n")
     _fsync_tree(tmp)  # the bytes are on disk before the name points at them
+    if target.exists() and _exchange(tmp, target):  # tmp now holds the old version
+        _fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
@@ -404,3 +414,18 @@ def publish_dir(local_src: str | os.PathLike, dst: str) -> None:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`), so that `b` is never absent: a reader
+    polling a folder that is republished (a served adapter: `train/publish.py`) finds the old or the new one.
+    False where the system or filesystem has no such call; then the target is moved aside and replaced (two
+    renames: absent for an instant)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

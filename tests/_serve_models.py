@@ -144,14 +144,16 @@ def expected_outputs(run: Path, kind: str, items) -> list:
     return torch.nn.functional.normalize((out.last_hidden_state * m).sum(1) / m.sum(1), dim=-1).tolist()
 
 
-def peft_greedy(base: Path, adapter: Path, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens of `base` + `adapter` with peft alone (up to EOS): what a served adapter must answer."""
+def peft_greedy(base: Path, adapter: Path, ids: list[int], n: int, suppress: tuple[int, ...] = ()) -> list[int]:
+    """Greedy tokens of `base` + `adapter` with peft alone (up to EOS): what a served adapter must answer.
+    `suppress`: tokens never chosen (a request's `logit_bias` of -100 on them)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
     with torch.no_grad():
-        ref = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :].tolist()
+        ref = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                            suppress_tokens=list(suppress) or None)[0, len(ids) :].tolist()
     eos = AutoTokenizer.from_pretrained(base).eos_token_id
     return ref[: ref.index(eos)] if eos in ref else ref

@@ -57,6 +57,17 @@ CASES = {
         dict(mutate=lambda d: d["adapter"].update(target_modules=["q_proj", "attn_c"])),
         r"adapter.target_modules: `attn_c` is not a module of LlamaForCausalLM; linear modules are: .*q_proj",
     ),
+    # `output.publish_to` publishes a peft adapter while the job trains: a full run has none.
+    "publish a full run": (
+        dict(mutate=lambda d: d.update(adapter={"kind": "full"}), overrides=["output.publish_to=/tmp/ftray-no-registry"]),
+        r"`output.publish_to` publishes the job's peft adapter while it trains; `adapter.kind: full` trains the model's",
+    ),
+    "publish name not servable": (
+        dict(overrides=["output.publish_to=/tmp/ftray-no-registry", "output.publish_name=../up"]),
+        r"`output.publish_name`: '../up' is not a servable adapter name",
+    ),
+    "publish name without a folder": (dict(overrides=["output.publish_name=live"]),
+                                      r"`output.publish_name` names the adapter under `output.publish_to`, which is not set"),
 }
 
 

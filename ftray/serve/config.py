@@ -7,15 +7,17 @@ Unknown keys are errors, as in the job spec.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ftray.config import SERVED_NAME
+
 __all__ = ["ADAPTER_NAME", "Auth", "Deployment", "Feedback", "GenerationModel", "Limits", "ScorerModel", "ServeConfig"]
 
-# A model or adapter name: a path component, never a path. "../../etc/passwd" fails here.
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A model or adapter name: a path component, never a path. "../../etc/passwd" fails here. One pattern with
+# the job spec's `output.publish_name`: what a job publishes is servable by its name.
+ADAPTER_NAME = SERVED_NAME
 
 
 class _Strict(BaseModel):

@@ -188,10 +188,13 @@ class AdapterRegistry:
         folder = self._found[name]
         try:
             with self.guard():
-                if storage.stamp(storage.file_in(folder, "adapter_model.safetensors")) == self._stamps.get(name):
-                    return False
+                now_stamp = storage.stamp(storage.file_in(folder, "adapter_model.safetensors"))
+                if now_stamp is None or now_stamp == self._stamps.get(name):
+                    return False  # None: no weights this instant (a local folder renamed over by a new version)
                 self._remember(name, folder)
-        except AdapterError:  # not complete yet, or the store is down: the loaded version keeps answering
+        # Not complete yet, its files gone between two reads (replaced again), or the store down: the loaded
+        # version keeps answering.
+        except (AdapterError, FileNotFoundError):
             return False
         return True
 

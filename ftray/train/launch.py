@@ -95,6 +95,8 @@ def check_job(spec: JobSpec, tracking_parent: dict | None = None, allow_changes:
     folder's checkpoints against the spec (`check_resume`; `allow_changes` passed on).
     `tracking_parent`: a sweep's tracker refs (`tracking.start_sweep_run`), for a trial."""
     check_output_survives(spec.output.dir)
+    if spec.output.publish_to:
+        check_output_survives(spec.output.publish_to, "output.publish_to")
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     check_resume(spec, allow=allow_changes)
     from transformers import AutoModelForSeq2SeqLM
@@ -310,6 +312,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "checkpoint_seconds": m.get("checkpoint_seconds"),
             "resumed_from_step": m.get("resumed_from_step"),
             "resumed_optimizer_steps": m.get("resumed_optimizer_steps"),
+            "publish": m.get("publish"),
         },
         # Which node each rank ran on (node id, IP, hostname, node labels) under the spec's strategy.
         "placement": {"strategy": spec.scaling.placement_strategy, "ranks": m.get("placement", [])},

@@ -41,6 +41,7 @@ from ftray.train import checkpoint, outputs
 from ftray.train.ds_config import deepspeed_config, resolve_precision
 from ftray.train.held_out import evaluate_held_out
 from ftray.train.live import Live
+from ftray.train.publish import Publisher
 
 __all__ = ["LocalSession", "RayTrainSession", "combine_step_info", "lr_lambda", "run_worker", "sample_index", "step_line",
            "step_record", "total_steps", "train_fn_per_worker", "build_engine", "train_step"]
@@ -414,6 +415,8 @@ def run_worker(config: dict, session) -> dict:
     )
     accum = engine.gradient_accumulation_steps()
     mb = spec.train.micro_batch_size
+    # `output.publish_to`: the adapter after each checkpoint and at the end, for an endpoint serving that folder.
+    publisher = Publisher(spec, resolved.base, steps, rank, log) if spec.output.publish_to else None
 
     # ---------------------------------------------------------------- resume
     start_step, history, method_state, resumed_opt_steps = 0, [], None, None
@@ -524,6 +527,8 @@ def run_worker(config: dict, session) -> dict:
             t_ckpt = time.time()
             _checkpoint_and_report(session, engine, rank, done, history, method, metrics, fields, background)
             stored_s += time.time() - t_ckpt
+            if publisher:
+                publisher.publish(engine, done)
             if tb:
                 tb.publish()
         elif any(k.startswith("eval/") for k in rec) and not is_last:
@@ -535,6 +540,8 @@ def run_worker(config: dict, session) -> dict:
 
     # ---------------------------------------------------------------- finish
     train_s, t_finish = time.time() - t_start, time.time()
+    if publisher:  # before the final evaluation and outputs: the endpoint gets the last version first
+        publisher.publish(engine, steps, final=True)
     after = evaluate()
     placement: list = [None] * world
     dist.all_gather_object(placement, {"rank": rank, **session.where(), "peak_memory_mb": _peak_memory_mb(device)})
@@ -568,6 +575,8 @@ def run_worker(config: dict, session) -> dict:
         # optimizer steps its restored optimizer state had taken then.
         "resumed_from_step": start_step or None,
         "resumed_optimizer_steps": resumed_opt_steps,
+        # `output.publish_to`: where, which steps, and what each publish cost the step path and the background.
+        "publish": publisher.close() if publisher else None,
     }
     _checkpoint_and_report(session, engine, rank, steps, history, method, final, fields)
     outputs.write_model_outputs(engine, tok, spec, resolved, history, rank, method)
