@@ -72,3 +72,35 @@ def run_ranks(model_dir, cases: list[tuple[dict, list[list[dict]]]], world: int,
     mp.start_processes(rank_main, args=(world, port, str(model_dir), cases, str(out)), nprocs=world,
                        start_method="spawn", join=True)
     return load_file(str(out))
+
+
+def loop_rank_main(rank: int, world: int, port: int, config: dict, folder: str) -> None:
+    """One rank of the real training loop (`run_worker`: DeepSpeed over gloo), in a process group spawned
+    here instead of by Ray Train; each rank keeps its checkpoints in a folder of its own."""
+    import torch
+
+    from ftray.train.loop import LocalSession, run_worker
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    session = LocalSession(str(Path(folder) / f"rank{rank}"), None)
+    session.rank, session.world = rank, world
+    run_worker(config, session)
+
+
+def run_loop_ranks(spec, world: int, folder: Path, port: int) -> None:
+    """`spec` (num_workers = world) checked and prepared here, then trained by `world` spawned ranks."""
+    from dataclasses import asdict
+
+    import torch.multiprocessing as mp
+
+    from ftray.methods import get_method
+    from ftray.train.launch import check_job, prepare_data
+
+    plan = check_job(spec)
+    prepared, _, _ = prepare_data(plan, get_method(spec.method.kind), lambda *a, **k: None, use_ray=False)
+    config = {"spec": spec.model_dump(), "resolved": asdict(plan.resolved), "prepared": prepared, "resume_from": None,
+              "tracking": None}
+    mp.start_processes(loop_rank_main, args=(world, port, config, str(folder)), nprocs=world, start_method="spawn",
+                       join=True)
