@@ -134,6 +134,13 @@ class ContrastiveMethod(_Strict):
     score_max: float = Field(
         5.0, gt=0, description="Scored pairs: `score / score_max` is the target cosine (STS-B scores lie in 0-5)."
     )
+    gather_across_ranks: bool = Field(
+        True,
+        description="Anchor/positive rows: every rank's anchors score against the positives (and hard "
+        "negatives) of all data-parallel ranks, gathered with gradients, so the in-batch negatives are the "
+        "whole global micro-batch (world size x micro_batch_size), as with one worker holding it all; false: "
+        "each rank's own micro-batch only (sentence-transformers' `gather_across_devices`).",
+    )
 
 
 class MaskedLMMethod(_Strict):

@@ -33,6 +33,17 @@ def test_info_nce_hard_negatives_hand_computed():
     assert abs(info_nce(a, p, n, temperature=1.0).item() - expected) < 1e-6
 
 
+def test_info_nce_offset_points_at_this_ranks_positives():
+    # Positives gathered from 2 ranks (2 each); this rank's anchors are pairs 2 and 3.
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # anchor 1: logits [1, 0, 1, 0] -> -log(e / (2e + 2)); anchor 2 alike.
+    expected = -math.log(math.e / (2 * math.e + 2))
+    assert abs(info_nce(a, p, temperature=1.0, offset=2).item() - expected) < 1e-6
+    a = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # now each anchor's own positive (2, 3) is the wrong one
+    assert abs(info_nce(a, p, temperature=1.0, offset=2).item() + math.log(1 / (2 * math.e + 2))) < 1e-6
+
+
 def test_info_nce_perfect_separation_goes_to_zero():
     a = torch.eye(3)
     assert info_nce(a, a, temperature=0.01).item() < 1e-6

@@ -1,6 +1,7 @@
 """contrastive: trainable parameters move and frozen ones do not; pairs-row errors; the Spearman gather;
-2 Ray workers under ZeRO-2 (scored pairs) and ZeRO-3 (anchor/positive); SentenceTransformer loads the
-output; the shipped job; MiniLM on STS-B."""
+in-batch negatives gathered across ranks (2 ranks x 8 = 1 x 16: loss and gradients on gloo, loss and
+weights through the loop and DeepSpeed); SentenceTransformer loads the output; the shipped job; MiniLM
+on STS-B."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from ftray.config import load_spec, resolve_paths, spec_from_dict
 from ftray.methods import EvalContext, check_method, get_method
 from tests._methods_tiny import pairs_task, write_jsonl
-from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, run_here, step_and_compare
+from tests._specs import ONE_RANK, ROOT, fit, free_port, method_spec, needs_shared, run_here, step_and_compare
 
 M = get_method("contrastive")
 
@@ -125,10 +126,90 @@ def test_shipped_jobs_validate():
         check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
 
 
+def _gather_rows(n: int, seed: int = 2) -> list[dict]:
+    """Anchor/positive rows over digit strings; rows 0-2 carry a hard negative (so only the first rank of
+    a 2 x 8 split has any: the ranks gather unequal numbers of negatives)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def num():
+        return " ".join(str(rng.randint(0, 9)) for _ in range(4))
+
+    rows = []
+    for i in range(n):
+        s = num()
+        rows.append({"anchor": s, "positive": s + " .", **({"negative": num()} if i < 3 else {})})
+    return rows
+
+
+def test_two_ranks_of_8_give_the_loss_and_gradients_of_one_rank_of_16(tiny_bert, pairs, tmp_path):
+    """The method's loss on 2 gloo ranks in spawned processes (no Ray, no DeepSpeed: the ranks' gradients
+    are averaged by hand, as DeepSpeed averages them) against one process holding all the rows: the same
+    loss and the same gradients, hard negatives and unequal shards included. The loop test below
+    shows the same through DeepSpeed (loss and weights; Adam's update hides a gradient's scale)."""
+    from tests._contrastive_ranks import loss_and_grads, run_ranks
+
+    rows = _gather_rows(16)
+    d = spec_for(tiny_bert, pairs[0], None, tmp_path, {"kind": "full"})
+    off = spec_for(tiny_bert, pairs[0], None, tmp_path, {"kind": "full"}, method__gather_across_ranks=False)
+    cases = [
+        (d, [rows[:8], rows[8:]]),
+        # 8 + 5 rows, no hard negative anywhere: the held-out last batch (padded for the collective).
+        (d, [rows[3:11], rows[11:]]),
+        (off, [rows[:8], rows[8:]]),
+    ]
+    two = run_ranks(tiny_bert, cases, 2, tmp_path / "ranks.safetensors", free_port())
+    one_loss, _, one_grads = loss_and_grads(str(tiny_bert), d, rows)
+    assert abs(float(two["0.step_loss"]) - float(one_loss)) < 1e-5, (two["0.step_loss"], one_loss)
+    assert one_grads and all(g.abs().sum() > 0 for g in one_grads.values())
+    for k, g in one_grads.items():
+        assert torch.allclose(two[f"0.grad.{k}"], g, rtol=1e-4, atol=1e-7), (k, (two[f"0.grad.{k}"] - g).abs().max())
+    # Unequal shards: the anchor-weighted mean (the held-out loss) is one process's loss on the 13 rows.
+    assert abs(float(two["1.weighted_loss"]) - float(loss_and_grads(str(tiny_bert), d, rows[3:])[0])) < 1e-5
+    # Without the gather each rank ranks its anchors among its own 8 positives: another loss.
+    assert abs(float(two["2.step_loss"]) - float(one_loss)) > 1e-2, (two["2.step_loss"], one_loss)
+
+
+def test_two_ranks_of_8_train_as_one_of_16_through_the_loop(tiny_bert, cache_dir, tmp_path):
+    """The real loop (`run_worker`: DeepSpeed ZeRO-3 over gloo, data order, gradient averaging, clipping,
+    AdamW) on 2 ranks x 8 rows, spawned here rather than by Ray Train (which only sets up the same gloo
+    group), against `run_local` on 1 rank x 16: the same loss at each of 2 steps and the same weights
+    after them (measured: losses equal to 1e-7, weights to 1e-7). The encoder is the tiny one without
+    dropout, so both set-ups compute the same function."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests._contrastive_ranks import run_loop_ranks
+
+    bert = tmp_path / "bert-no-dropout"
+    shutil.copytree(tiny_bert, bert)
+    cfg = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**cfg, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    train = write_jsonl(tmp_path / "train.jsonl", _gather_rows(32))
+
+    def job(out, mb, workers):
+        return spec_for(bert, train, None, out, {"kind": "full"}, train__max_steps=2, train__global_batch_size=16,
+                        train__micro_batch_size=mb, train__log_every=1, data__cache_dir=str(cache_dir),
+                        deepspeed__zero_stage=3, scaling__num_workers=workers)
+
+    run_loop_ranks(resolve_paths(spec_from_dict(job(tmp_path / "two", 8, 2))), 2, tmp_path / "ranks", free_port())
+    run_here(job(tmp_path / "one", 16, 1))
+    curves = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+              for run in ("two", "one")]
+    assert len(curves[0]) == 2 and max(abs(a - b) for a, b in zip(*curves, strict=True)) < 1e-5, curves
+    two, one = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("two", "one"))
+    base = load_file(str(bert / "model.safetensors"))
+    assert set(two) == set(one) and max((one[k] - base[k]).abs().max().item() for k in one if k in base) > 1e-4
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------ Ray
 
 
-# One rank at both stages: no collective of its own (in-batch negatives are per rank); ZeRO-3 across 2 Ray workers: classify's, cluster's and sentence_order's tests.
+# One rank at both stages; its own collective (the negatives' gather) runs on 2 spawned ranks through the loop
+# under ZeRO-3 in test_two_ranks_of_8_train_as_one_of_16_through_the_loop.
 @pytest.mark.parametrize("place", ONE_RANK)
 def test_runs(place, tiny_bert, pairs, cache_dir, tmp_path, request):
     """ZeRO-2: scored pairs (cosine loss); ZeRO-3: anchor/positive rows (in-batch negatives)."""

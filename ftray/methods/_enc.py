@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-__all__ = ["gather_objects", "gather_rows", "load_auto", "max_over_ranks", "pad", "row_hash", "strip_padding", "tokenize", "write_sentence_transformers"]
+__all__ = ["all_gather_with_grad", "gather_objects", "gather_rows", "load_auto", "max_over_ranks", "pad", "row_hash", "strip_padding", "tokenize", "write_sentence_transformers"]
 
 
 def load_auto(auto_class, path: str, dtype, spec, **kw):
@@ -59,6 +59,30 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's (n_r, d) rows concatenated in rank order, and where this rank's rows start in it.
+    Differentiable (torch.distributed.nn's all_gather): in backward each rank's rows receive the sum of
+    the gradients every rank's loss sends them. n_r may differ between ranks (the held-out last batch):
+    each rank pads to the largest n_r for the collective and the padding is cut off again. (x, 0)
+    outside torch.distributed or on one rank."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+    import torch.nn.functional as F
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    offset = sum(sizes[: dist.get_rank()])
+    if max(sizes) == 0:  # e.g. no rank has a hard negative in this batch
+        return x, offset
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]), offset
 
 
 def strip_padding(x: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """contrastive: a sentence-embedding encoder (mean pooling) trained on related pairs.
 
 Rows (`pairs`): anchor/positive[/negative] -> InfoNCE with in-batch negatives (every other positive in
-the micro-batch is a negative; `negative` adds hard negatives), or sentence1/sentence2/score ->
+the micro-batch is a negative, on every data-parallel rank with `method.gather_across_ranks`; `negative`
+adds hard negatives), or sentence1/sentence2/score ->
 cosine-similarity loss towards `score / method.score_max`. Judged by the Spearman correlation of
 cosine vs score on held-out scored pairs (recall@1 among held-out positives for anchor rows).
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import (
+    all_gather_with_grad,
     gather_rows,
     load_auto,
     pad,
@@ -74,6 +76,7 @@ class Contrastive(MethodBase):
                 # NaN marks an anchor/positive row (a column must have one type in every shard).
                 "score": row["score"] / spec.method.score_max if scored else math.nan,
                 "temperature": spec.method.temperature,  # loss() sees only the batch
+                "gather_across_ranks": spec.method.gather_across_ranks,
                 "truncated": cut_a or cut_b or cut_n,
             }
         ]
@@ -87,14 +90,23 @@ class Contrastive(MethodBase):
             raise ValueError("a batch mixes scored and anchor/positive pairs")
         # Every text of the batch in one forward pass (the same number of passes on every rank, as ZeRO-3 needs).
         temperature = torch.tensor(float(examples[0].get("temperature") or 0.05))
-        return {"input_ids": ids, "attention_mask": mask, "score": score, "temperature": temperature}
+        gather = torch.tensor(bool(examples[0].get("gather_across_ranks", True)))
+        return {"input_ids": ids, "attention_mask": mask, "score": score, "temperature": temperature,
+                "gather_across_ranks": gather}
 
     def loss(self, model, batch):
         emb = embed(model, batch["input_ids"], batch["attention_mask"])
         b = len(batch["score"])
         a, p, n = emb[:b], emb[b : 2 * b], emb[2 * b :]
         if batch["score"].isnan().all():
-            return info_nce(a, p, n, float(batch["temperature"])), {"target_tokens": float(b)}
+            offset = 0
+            if bool(batch["gather_across_ranks"]):
+                # Anchor i of rank r is global pair offset + i. DeepSpeed averages the ranks' gradients and
+                # the gather's backward sums what every rank's loss sends each positive, so the update is
+                # the gradient of the mean over all world x B anchors: one worker holding the whole batch.
+                p, offset = all_gather_with_grad(p)
+                n, _ = all_gather_with_grad(n)
+            return info_nce(a, p, n, float(batch["temperature"]), offset), {"target_tokens": float(b)}
         return cosine_similarity_loss(a, p, batch["score"]), {"target_tokens": float(b)}
 
     @torch.no_grad()

@@ -53,18 +53,23 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(
-    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None, temperature: float = 0.05
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    temperature: float = 0.05,
+    offset: int = 0,
 ) -> torch.Tensor:
     """In-batch-negatives InfoNCE (sentence-transformers' MultipleNegativesRankingLoss).
 
-    anchors, positives: (B, d); negatives: (M, d) extra candidates (hard negatives) or None.
-    Anchor i must pick positive i among all B positives (and the M negatives) by cosine / temperature;
-    mean cross-entropy over the B anchors.
+    anchors: (B, d); positives: (P, d) with P >= offset + B; negatives: (M, d) extra candidates (hard
+    negatives) or None. Anchor i must pick positive offset + i among all P positives (and the M negatives)
+    by cosine / temperature; mean cross-entropy over the B anchors. `offset`: where this rank's pairs sit
+    among positives gathered from every rank (0 on one rank, P = B).
     """
     a = F.normalize(anchors.float(), dim=-1)
     cands = positives if negatives is None or negatives.numel() == 0 else torch.cat([positives, negatives])
     logits = a @ F.normalize(cands.float(), dim=-1).T / temperature
-    return F.cross_entropy(logits, torch.arange(a.size(0), device=a.device))
+    return F.cross_entropy(logits, torch.arange(offset, offset + a.size(0), device=a.device))
 
 
 def cosine_similarity_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
