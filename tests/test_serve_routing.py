@@ -5,6 +5,7 @@ half on its own: Serve's multiplex LRU dropping an adapter drops it from the eng
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +61,7 @@ def mux(ray_local, tiny_model, work):
         make_adapter_run(tiny_model, reg / name, seed=70 + i)
     keys = work / "mux_keys.txt"
     keys.write_text(f"{KEY}\n")
-    dep = {"num_replicas": 2, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
+    dep = {"num_replicas": 2, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
            "max_ongoing_requests": 32, "max_queued_requests": 64}  # 32: no replica is full, so none spills over
     cfg = {"generation": [{"name": "tiny", "base": str(tiny_model), "registry": [str(reg)], "max_loaded_adapters": 4,
                            "deployment": dep}],
@@ -117,6 +118,21 @@ def test_two_replicas_four_adapters_each_adapter_on_one_replica(mux):
         held = gen.options(multiplexed_model_id=a).loaded_adapters.remote().result()
         (mine,) = by_adapter[f"tiny:{a}"]
         assert sorted(held) == sorted(b for b in ADAPTERS if by_adapter[f"tiny:{b}"] == {mine}), (a, held, by_adapter)
+
+    # Routed requests for different adapters of one replica still share a batch and one generate (Serve would
+    # split a batch by multiplexed model id).
+    mine = max(replicas, key=lambda r: sum(by_adapter[f"tiny:{a}"] == {r} for a in ADAPTERS))
+    theirs = [a for a in ADAPTERS if by_adapter[f"tiny:{a}"] == {mine}]
+
+    async def together():
+        return await asyncio.gather(*[
+            gen.options(multiplexed_model_id=a).generate.remote(
+                {"adapter": a, "input_ids": _ids(mux["base"], p), "max_tokens": 4, "temperature": 0})
+            for p in PROMPTS for a in theirs])
+
+    outs = asyncio.run(together())
+    assert len(theirs) >= 2 and {o["replica"] for o in outs} == {mine}, (theirs, outs)
+    assert max(o["adapters_in_batch"] for o in outs) >= 2, outs
 
     # The answers of one replica (the engine a replica runs, in this process) for the same requests.
     engine = LoraEngine(GenerationModel.model_validate(mux["cfg"]["generation"][0]))
