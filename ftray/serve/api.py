@@ -4,6 +4,9 @@ It tokenizes and checks requests itself (so a prompt over the limit costs no mod
 then calls the model deployments through their handles. Every error is OpenAI-shaped:
 {"error": {"message", "type", "param", "code"}}, the unexpected ones (500) and the ingress' own full queue
 (503 with Retry-After) included: `_Guard` wraps the whole app.
+
+A request for an adapter is routed to a generator replica that holds it (Serve model multiplexing, see
+`ftray.serve.deployments`); the `x-ftray-replica` header of a generation answer names the replica(s) that made it.
 """
 
 
@@ -277,6 +280,12 @@ def _token_text(b: bytes) -> str:
         return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
 
+def _replicas(outs: list[dict]) -> dict:
+    """The `x-ftray-replica` header: the generator replicas that made these answers (n > 1 may use several)."""
+    tags = sorted({o["replica"] for o in outs if "replica" in o})
+    return {"x-ftray-replica": ",".join(tags)} if tags else {}
+
+
 def _cancel(resp) -> None:
     """Best effort: Serve's `cancel()` re-raises a call's own failure (e.g. BackPressureError) when it has one."""
     with contextlib.suppress(Exception):
@@ -308,6 +317,7 @@ class Ingress:
         app.state.admission = _Admission(ing.max_ongoing_requests, ing.max_queued_requests, self.limits.retry_after_s)
         self.generators, self.scorers = generators, scorers
         self.kinds = {s.name: s.kind for s in self.cfg.scorers}
+        self.route = {g.name: g.route_by_adapter for g in self.cfg.generation}
         self.tok, self.registry, self.ctx, self._templates = {}, {}, {}, {}
         for g in self.cfg.generation:
             r = resolve(g.base, field=f"generation[{g.name}].base")
@@ -468,8 +478,14 @@ class Ingress:
         ]
 
     async def _generate_all(self, base: str, reqs: list[dict]) -> list[dict]:
+        """reqs (one adapter) on the generator: routed by the adapter's name to a replica that holds it. A base
+        request carries no id, so that any replica answers it: each holds the base, and with an id all base
+        traffic would go to the one replica that first served it."""
         deadline = self._deadline()
+        adapter = reqs[0]["adapter"]
         h = self.generators[base]
+        if adapter and self.route[base]:
+            h = h.options(multiplexed_model_id=adapter)
         return await asyncio.gather(*[self._call(h.generate.remote(r), deadline) for r in reqs])
 
     def _answer(self, base: str, req: dict, out: dict, logprobs) -> tuple[str, str, dict | None]:
@@ -522,12 +538,14 @@ class Ingress:
         from ftray.serve.sampling import Decoded
 
         usage = body.stream_options is not None and body.stream_options.include_usage
-        h = self.generators[base].options(stream=True)
+        adapter = req.get("adapter")
+        routed = {"multiplexed_model_id": adapter} if adapter and self.route[base] else {}  # see _generate_all
+        h = self.generators[base].options(stream=True, **routed)
         deadline = self._deadline()
         text = Decoded(self.tok[base], req.get("stop"))
         gen = h.stream.remote(req)
         try:
-            await self._call(gen.__anext__(), deadline, gen.cancel)  # {"admitted": True}
+            admitted = await self._call(gen.__anext__(), deadline, gen.cancel)  # {"admitted": True, "replica"}
         except APIError:  # refused, or timed out (and cancelled): nothing runs upstream
             raise
         except BaseException:  # the client went away meanwhile
@@ -586,7 +604,7 @@ class Ingress:
                     _cancel(gen)
             yield "data: [DONE]\n\n"
 
-        return _SSE(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _SSE(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **_replicas([admitted])})
 
     def _remember(self, rid: str, model: str, messages: list[dict] | None, prompt: str | None):
         """A callback that keeps answers (a text, or a list of choice texts) for `/v1/feedback`."""
@@ -657,7 +675,8 @@ class Ingress:
         for j, p in enumerate(prompts):
             self._remember(rid, body.model, None, p)([c["text"] for c in choices[j * body.n : (j + 1) * body.n]], j * body.n)
         prompt_tokens = sum(len(r["input_ids"]) for r in reqs[:: body.n])
-        return {**head, "choices": choices, "usage": self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))}
+        usage = self._usage(prompt_tokens, sum(len(o["token_ids"]) for o in outs))
+        return JSONResponse({**head, "choices": choices, "usage": usage}, headers=_replicas(outs))
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -687,8 +706,9 @@ class Ingress:
             for i, (t, f, p) in enumerate(answers)
         ]
         self._remember(rid, body.model, msgs, None)([c["message"]["content"] for c in choices])
-        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
-                "usage": self._usage(len(reqs[0]["input_ids"]), sum(len(o["token_ids"]) for o in outs))}
+        usage = self._usage(len(reqs[0]["input_ids"]), sum(len(o["token_ids"]) for o in outs))
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+                             "usage": usage}, headers=_replicas(outs))
 
     def _inputs(self, items: list) -> list:
         if len(items) > self.limits.max_inputs:

@@ -74,7 +74,15 @@ class GenerationModel(_Strict):
         description="folders (local or s3://) whose sub-folders are run or adapter folders, looked up on each"
         " request: an adapter written there later is servable without a restart",
     )
-    max_loaded_adapters: int = Field(16, ge=1, description="adapters kept in memory per replica (LRU)")
+    max_loaded_adapters: int = Field(
+        16, ge=1, description="adapters kept in memory per replica (LRU; also Serve's `max_num_models_per_replica`)"
+    )
+    route_by_adapter: bool = Field(
+        True,
+        description="send an adapter's requests to a replica that holds it (Serve model multiplexing): with N replicas "
+        "each adapter is loaded about once, not N times; one hot adapter's traffic then stays on its replica until that "
+        "replica is at `max_ongoing_requests`. false: any replica (base-model requests always go to any replica)",
+    )
     max_unknown_names: int = Field(
         4096,
         ge=1,

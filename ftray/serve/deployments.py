@@ -19,11 +19,23 @@ named `gen-<name>` and `score-<name>` inside the application (`ftray` for `ftray
 `embed(texts)` and `classify(texts)` work the same way on embedding and classifier deployments.
 Every request in a handle call is batched with the HTTP traffic, and errors come back as
 {"error": {...}} dicts rather than exceptions, so one bad rollout does not fail a batch.
+
+Adapter-aware routing (Serve model multiplexing). The ingress calls the generator with
+`.options(multiplexed_model_id=<adapter>)` (config `route_by_adapter`, on by default): Serve's router
+sends the request to a replica that holds the adapter (one that holds the fewest when none does), and
+each replica keeps the adapters it was asked for in Serve's multiplex LRU of `max_loaded_adapters`,
+whose eviction deletes the adapter from the engine too. With 2 replicas and 4 adapters each adapter
+is loaded on one replica, not on both (tests/test_serve_routing.py). Base-model requests carry no id:
+every replica holds the base, and an id would pin all of them to one replica. A handle caller may
+route the same way, `gen.options(multiplexed_model_id="sft-a").generate.remote({"adapter": "sft-a", ...})`;
+without the id its request goes to any replica, which loads the adapter on first use as before.
+A result names the replica that made it (`"replica"`; over HTTP the `x-ftray-replica` header).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,6 +54,19 @@ def _threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
+class _Held:
+    """What Serve's multiplex LRU keeps per adapter. Serve calls `__del__` when it evicts one (on a worker
+    thread), and Python calls it again when the object is collected: the engine is told once."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name, self.held = engine, name, True
+
+    def __del__(self):
+        if self.held:
+            self.held = False
+            self.engine.release(self.name)
+
+
 @serve.deployment(name="generator")
 class Generator:
     def __init__(self, model: dict):
@@ -53,11 +78,47 @@ class Generator:
         self._batched.set_max_batch_size(self.cfg.deployment.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.deployment.batch_wait_timeout_s)
         self._lock = asyncio.Lock()  # one forward pass at a time: peft's adapter hooks are per call
+        self.replica = serve.get_replica_context().replica_tag
+
+        async def load(name: str) -> _Held:
+            async with self._lock:  # no batch or stream runs while peft's adapters change
+                failed = await asyncio.to_thread(self.engine.ensure_loaded, {name})
+            if failed:  # raised, so that Serve neither keeps nor advertises it
+                raise failed[name]
+            return _Held(self.engine, name)
+
+        # Made here, not as a decorated method: its size is the config's (Serve 2.60 finds it on the instance).
+        self._hold = serve.multiplexed(max_num_models_per_replica=self.cfg.max_loaded_adapters)(load)
+
+    async def _route(self, req: dict) -> dict | None:
+        """Holds the adapter of a request routed by it (`multiplexed_model_id`) in Serve's multiplex LRU, which
+        is what Serve's router reads; None, or an error dict when it cannot be loaded."""
+        from ftray.serve.engine import adapter_error, error
+        from ftray.serve.registry import AdapterError
+
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:
+            return None
+        if model_id != req.get("adapter"):
+            return error(f"multiplexed_model_id {model_id!r} is not the request's adapter {req.get('adapter')!r}",
+                         code="invalid_value")
+        try:
+            await self._hold(model_id)
+        except AdapterError as e:
+            return adapter_error(e)
+        return None
 
     async def generate(self, req: dict) -> dict:
         """One request (the keys `LoraEngine.generate` reads: adapter, input_ids, max_tokens, temperature, top_p,
         seed, stop, presence_penalty, frequency_penalty, logit_bias, logprobs); batched with others."""
-        return await self._batched(req)
+        err = await self._route(req)
+        if err is not None:
+            return err
+        # Serve splits a batch by multiplexed model id (ray 2.60 `_split_batch_by_model_id`), and the lock would
+        # run the parts one after another; queued from an empty context, requests for different adapters share
+        # one batch and one `generate` (peft's per-row adapter_names).
+        out = await asyncio.create_task(self._batched(req), context=contextvars.Context())
+        return out if "error" in out else {**out, "replica": self.replica}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, reqs: list[dict]) -> list[dict]:
@@ -70,14 +131,16 @@ class Generator:
             return self.engine.generate(reqs)
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
-        """Yields {"admitted": True} at once (this replica has taken the request: the ingress answers 200 only
+        """Yields {"admitted": True, "replica": tag} at once (this replica has taken the request: the ingress answers 200 only
         then), or an error dict for an adapter it cannot serve and nothing more; then {"token_ids": [...]} (with
         "logprobs" when asked) as tokens come, then a final {finish_reason, prompt_tokens, completion_tokens}."""
         err = await asyncio.to_thread(self.check, req.get("adapter"))  # a miss may list an s3:// registry
+        if err is None:
+            err = await self._route(req)
         if err is not None:
             yield err
             return
-        yield {"admitted": True}
+        yield {"admitted": True, "replica": self.replica}
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()

@@ -4,7 +4,8 @@
 mixes adapters in one `generate` call (peft's per-row `adapter_names`; "__base__" is the bare base).
 Batches are left-padded; each row is decoded by its own request's settings (`ftray.serve.sampling`: seed,
 temperature, top_p, penalties, logit_bias, stop strings, max_tokens, logprobs), so it gets the tokens it
-gets alone. Adapters load on first use and the least recently used one is deleted beyond `max_loaded_adapters`.
+gets alone. Adapters load on first use and the least recently used one is deleted beyond `max_loaded_adapters`;
+`release(name)` deletes one sooner (Serve's multiplex LRU evicted it: `ftray.serve.deployments`).
 
 `ScorerEngine` runs an embedding model (mean or last-token pooling of the last hidden state, L2
 normalised), a classifier (softmax over `id2label`) or a reward model (the one logit).
@@ -55,6 +56,7 @@ class LoraEngine:
         self.registry = AdapterRegistry(cfg, resolved.base)
         self.peft = None  # the PeftModel, made when the first adapter loads
         self.loaded: OrderedDict[str, str] = OrderedDict()
+        self._released: set[str] = set()
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -62,6 +64,11 @@ class LoraEngine:
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
 
     # adapters -------------------------------------------------------------------------------------
+    def release(self, name: str) -> None:
+        """Delete `name` at the next `ensure_loaded` that does not need it. Safe from any thread (set.add is
+        atomic): Serve evicts on a worker thread, possibly while a stream is decoding with peft's adapters."""
+        self._released.add(name)
+
     def ensure_loaded(self, names: set[str]) -> dict[str, AdapterError]:
         """Load what is missing; evict the least recently used adapters not needed now. Returns the names
         that could not be loaded, each with its error: one adapter's failure (its store unreachable, its
@@ -69,6 +76,11 @@ class LoraEngine:
         from peft import PeftModel
 
         failed: dict[str, AdapterError] = {}
+        while self._released:
+            gone = self._released.pop()
+            if gone in self.loaded and gone not in names:
+                self.peft.delete_adapter(gone)
+                del self.loaded[gone]
         for name in sorted(names):
             if name in self.loaded:
                 if not self.registry.changed(name):
