@@ -79,7 +79,7 @@ def test_mixed_batch_equals_each_request_alone(engine):
 
 def test_stacked_logits_equal_peft_mixed_batch_and_a_wrong_gather_fails(engine):
     engine.ensure_loaded({"qv2", "all8", "od4rs"})
-    names = ["all8", BASE, "qv2", "od4rs", "qv2", "all8", BASE, "od4rs"]
+    names = ["all8", BASE, "qv2", "od4rs", "all8", "all8", BASE, "od4rs"]  # groups of 3, 1 and 2 rows
     ref = _logits(engine, names, stacked=False)
     ours = _logits(engine, names, stacked=True)
     assert ref.shape == ours.shape and (ours - ref).abs().max().item() < 1e-5
