@@ -3,7 +3,7 @@ per LoRA layer (the idea of S-LoRA / Punica), where peft's `adapter_names` runs 
 every layer (measured on 2 CPU cores: a batch mixing 8 adapters at 0.68x the speed of one adapter).
 
 For each peft `lora.Linear` the loaded adapters' A and B are stacked once per change of the loaded set: slot 0
-is zeros (peft's "__base__"), slot k+1 adapter k, ranks zero-padded to the layer's largest, each adapter's
+is peft's "__base__" (zeros; its rows join no group below), slot k+1 adapter k, ranks zero-padded to the layer's largest, each adapter's
 `scaling` folded into its B. A batch groups its rows by adapter (Punica's SGMV: groups padded to the largest
 with repeated rows), gathers the used adapters' A and B once per `generate` call, and every forward adds
 `bmm(bmm(x_grouped, A), B)`, scattered back to the rows, to the base layer's output. (Gathering A and B per row
@@ -15,9 +15,10 @@ layer adds the delta; they are removed when the call ends, so `generate` with it
 
 Supported: eval mode, unmerged, plain LoRA (`peft_type` LORA; `r`, `lora_alpha`, rsLoRA, any targets that
 are `nn.Linear`). Anything else is not stacked and a batch that names it runs on peft's own path: DoRA and
-the other LoRA variants (aLoRA, ...), `lora_bias`, LoRA on embeddings / conv / attention modules /
-`target_parameters`, quantized base layers (bnb, GPTQ, ...), `modules_to_save`, trainable tokens, AdaLoRA
-and the other tuners, train mode (dropout), merged adapters, beam search.
+the other LoRA variants (aLoRA, ...; peft's path refuses DoRA in a mixed batch too), `lora_bias`, LoRA on
+embeddings / conv / attention modules / `target_parameters`, quantized base layers (bnb, GPTQ, ...),
+`modules_to_save`, trainable tokens, AdaLoRA and the other tuners, train mode (dropout), merged adapters.
+Beam search (more rows than names) is an error here; the engine does not use it.
 """
 
 from __future__ import annotations
