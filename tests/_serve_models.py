@@ -34,15 +34,17 @@ def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
     RunFolder(str(run)).write_record(rec)
 
 
-def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4, kind: str = "sft") -> Path:
-    """A LoRA run (of method `kind`) whose random (non-zero) adapter makes the model answer unlike the base."""
+def make_adapter_run(base: Path, run: Path, seed: int, r: int = 4, kind: str = "sft",
+                     targets: tuple[str, ...] = ("q_proj", "v_proj"), alpha: int | None = None, **lora) -> Path:
+    """A LoRA run (of method `kind`) whose random (non-zero) adapter makes the model answer unlike the base.
+    `alpha` defaults to 4 * r; `lora`: more LoraConfig fields (use_rslora, lora_bias, ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    cfg = LoraConfig(r=r, lora_alpha=4 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 4 * r, target_modules=list(targets), init_lora_weights=False, **lora)
     peft = get_peft_model(model, cfg)
     with torch.no_grad():  # init_lora_weights=False is small on a nano model: make adapters clearly differ
         for n, p in peft.named_parameters():

@@ -96,6 +96,12 @@ class GenerationModel(_Strict):
         "rewrite under the same name; a new complete version is loaded in place. null: never",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mixed_adapters: Literal["stacked", "peft"] = Field(
+        "stacked",
+        description="how a batch mixing adapters runs: `stacked` computes each LoRA layer for all rows in one batched"
+        " matmul over the adapters' stacked weights (ftray.serve.multilora; what it cannot stack runs on peft's path),"
+        " `peft` runs peft's `adapter_names` path (one sub-batch per adapter in every LoRA layer)",
+    )
     deployment: Deployment = Field(default_factory=Deployment)
 
     @model_validator(mode="after")

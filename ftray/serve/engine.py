@@ -1,7 +1,9 @@
 """What a model replica computes, without Ray: token ids in, token ids (or scores) out.
 
 `LoraEngine` keeps one base model and many LoRA adapters in one `PeftModel` and runs a batch that
-mixes adapters in one `generate` call (peft's per-row `adapter_names`; "__base__" is the bare base).
+mixes adapters in one `generate` call: each LoRA layer computes all rows at once from the adapters' stacked
+weights (`ftray.serve.multilora`), or, for what that cannot stack, peft's per-row `adapter_names`
+("__base__" is the bare base).
 Batches are left-padded; each row is decoded by its own request's settings (`ftray.serve.sampling`: seed,
 temperature, top_p, penalties, logit_bias, stop strings, max_tokens, logprobs), so it gets the tokens it
 gets alone. Adapters load on first use and the least recently used one is deleted beyond `max_loaded_adapters`;
@@ -22,13 +24,11 @@ from ftray import storage
 from ftray.models.load import load_model, load_tokenizer, resolve
 from ftray.runs import RunFolder
 from ftray.serve.config import GenerationModel, ScorerModel
+from ftray.serve.multilora import BASE, StackedLora
 from ftray.serve.registry import AdapterError, AdapterRegistry
 from ftray.serve.sampling import RowSampler, RowStops
 
 __all__ = ["LoraEngine", "ScorerEngine", "error"]
-
-BASE = "__base__"  # peft's name for "no adapter" in `adapter_names`
-
 
 def error(message: str, status: int = 400, type_: str = "invalid_request_error", code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "code": code, "status": status}}
@@ -55,6 +55,7 @@ class LoraEngine:
         self.tokenizer = load_tokenizer(resolved.tokenizer)
         self.registry = AdapterRegistry(cfg, resolved.base)
         self.peft = None  # the PeftModel, made when the first adapter loads
+        self.stacked: StackedLora | None = None  # its adapters' stacked weights, for mixed batches
         self.loaded: OrderedDict[str, str] = OrderedDict()
         self._released: set[str] = set()
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
@@ -87,6 +88,7 @@ class LoraEngine:
                     self.loaded.move_to_end(name)
                     continue
                 self.peft.delete_adapter(name)  # rewritten under the same name: load the new version
+                self.stacked.invalidate()
                 del self.loaded[name]
             try:
                 folder = self.registry.lookup(name)
@@ -95,8 +97,10 @@ class LoraEngine:
                 if self.peft is None:
                     self.peft = PeftModel.from_pretrained(self.model, local, adapter_name=name, is_trainable=False)
                     self.peft.eval()
+                    self.stacked = StackedLora(self.peft)
                 else:
                     self.peft.load_adapter(local, adapter_name=name, is_trainable=False)
+                    self.stacked.invalidate()
             except AdapterError as e:
                 failed[name] = e
                 continue
@@ -111,6 +115,7 @@ class LoraEngine:
                 break
             if old not in names:
                 self.peft.delete_adapter(old)
+                self.stacked.invalidate()
                 del self.loaded[old]
         return failed
 
@@ -190,8 +195,6 @@ class LoraEngine:
                or r.get("logprobs") is not None for r in reqs):
             sampler = RowSampler(reqs, width, self.device)
             kw["logits_processor"] = LogitsProcessorList([sampler])
-        if self.peft is not None:
-            kw["adapter_names"] = [r.get("adapter") or BASE for r in reqs]
         return kw, stops, sampler
 
     def _row(self, j: int, req: dict, toks: list[int], stops: RowStops, sampler: RowSampler | None) -> dict:
@@ -207,17 +210,23 @@ class LoraEngine:
             row["logprobs"] = sampler.logprobs[j][: len(toks)]
         return row
 
-    @property
-    def _lm(self):
-        return self.peft if self.peft is not None else self.model
-
-    def _run(self, reqs: list[dict]) -> list[dict]:
+    def _generate(self, reqs: list[dict], **kw):
+        """`generate` with row i on reqs[i]'s adapter: stacked when it can be, else on peft's path."""
         import torch
 
+        with torch.inference_mode():
+            if self.peft is None:
+                return self.model.generate(**kw)
+            names = [r.get("adapter") or BASE for r in reqs]
+            if self.cfg.mixed_adapters == "stacked" and self.stacked.unsupported(names) is None:
+                with self.stacked.rows(names):
+                    return self.peft.generate(**kw)
+            return self.peft.generate(adapter_names=names, **kw)
+
+    def _run(self, reqs: list[dict]) -> list[dict]:
         kw, stops, sampler = self._setup(reqs)
         width = kw["input_ids"].shape[1]
-        with torch.inference_mode():
-            gen = self._lm.generate(**kw)
+        gen = self._generate(reqs, **kw)
         return [self._row(j, r, gen[j, width:].tolist(), stops, sampler) for j, r in enumerate(reqs)]
 
     def stream(self, req: dict, emit: Callable[[dict], None], cancelled: threading.Event) -> dict:
@@ -262,8 +271,7 @@ class LoraEngine:
             def end(self):
                 pass
 
-        with torch.inference_mode():
-            self._lm.generate(streamer=_Streamer(), **kw)
+        self._generate([req], streamer=_Streamer(), **kw)
         finish = "stop" if eos[0] or stops.reason[0] == "stop" else "length"
         return {"finish_reason": finish, "prompt_tokens": len(req["input_ids"]), "completion_tokens": sent[0]}
 
