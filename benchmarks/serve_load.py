@@ -170,7 +170,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from tests.conftest import free_port
+    from tests._specs import free_port
 
     work = Path(tempfile.mkdtemp(prefix="ftray-serve-bench-"))
     base, reg = build_models(work, 8, a.size)
