@@ -41,10 +41,12 @@ def test_multiplex_eviction_drops_the_adapter_from_the_engine(tiny_model, work):
     req = {"adapter": "x1", "input_ids": _ids(tiny_model, "2+3="), "max_tokens": 6, "temperature": 0}
     first = engine.generate([req])[0]["token_ids"]
     assert not engine.ensure_loaded({"x2"}) and list(engine.loaded) == ["x1", "x2"]
+    assert engine.stacked.names == ["x1", "x2"]
 
     held = _Held(engine, "x1")
     held.__del__()  # Serve evicted "x1"
     assert not engine.ensure_loaded({"x2"}) and list(engine.loaded) == ["x2"] and "x1" not in engine.peft.peft_config
+    assert engine.stacked.names == ["x2"]  # its stacked weights went with it
     assert engine.generate([req])[0]["token_ids"] == first  # asked again: loaded again, same answer
     held.__del__()  # the old holder collected later: "x1", held anew, stays
     assert not engine.ensure_loaded({"x2"}) and set(engine.loaded) == {"x1", "x2"}

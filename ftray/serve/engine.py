@@ -30,6 +30,7 @@ from ftray.serve.sampling import RowSampler, RowStops
 
 __all__ = ["LoraEngine", "ScorerEngine", "error"]
 
+
 def error(message: str, status: int = 400, type_: str = "invalid_request_error", code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "code": code, "status": status}}
 
@@ -81,6 +82,7 @@ class LoraEngine:
             gone = self._released.pop()
             if gone in self.loaded and gone not in names:
                 self.peft.delete_adapter(gone)
+                self.stacked.invalidate()  # the stacks would keep the deleted adapter's weights
                 del self.loaded[gone]
         for name in sorted(names):
             if name in self.loaded:
