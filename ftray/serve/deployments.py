@@ -116,7 +116,7 @@ class Generator:
             return err
         # Serve splits a batch by multiplexed model id (ray 2.60 `_split_batch_by_model_id`), and the lock would
         # run the parts one after another; queued from an empty context, requests for different adapters share
-        # one batch and one `generate` (peft's per-row adapter_names).
+        # one batch and one `generate` (each LoRA layer over all rows: `ftray.serve.multilora`).
         out = await asyncio.create_task(self._batched(req), context=contextvars.Context())
         return out if "error" in out else {**out, "replica": self.replica}
 
