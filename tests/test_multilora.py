@@ -48,8 +48,11 @@ def _req(engine, prompt: str, adapter: str | None, max_tokens: int = 10) -> dict
 
 
 def _batch(engine, names: list[str]) -> dict:
-    """Left-padded input ids and mask, one prompt per row, as the engine pads them."""
-    ids, mask, _ = engine._inputs([_req(engine, p, None) for p in PROMPTS[: len(names)]])
+    """Left-padded input ids and mask, one prompt per row."""
+    rows = [_req(engine, p, None)["input_ids"] for p in PROMPTS[: len(names)]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[engine.pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -37,8 +37,14 @@ class Deployment(_Strict):
     max_queued_requests: int = Field(
         64, ge=-1, description="requests waiting for a replica before new ones get 429 (-1: unbounded, not advised)"
     )
-    max_batch_size: int = Field(16, ge=1, description="@serve.batch size; 1 serves one request at a time")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    max_batch_size: int = Field(
+        16, ge=1, description="generator: most rows decoding together (continuous batching; requests beyond it wait"
+        " for a row to end); scorer: @serve.batch size. 1 serves one request at a time"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="scorer: how long a batch waits to fill (a generator does not wait: requests join"
+        " its running batch at the next decoding step)"
+    )
 
     @model_validator(mode="after")
     def _check(self):

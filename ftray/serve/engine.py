@@ -1,10 +1,10 @@
 """What a model replica computes, without Ray: token ids in, token ids (or scores) out.
 
-`LoraEngine` keeps one base model and many LoRA adapters in one `PeftModel` and runs a batch that
-mixes adapters in one `generate` call: each LoRA layer computes all rows at once from the adapters' stacked
-weights (`ftray.serve.multilora`), or, for what that cannot stack, peft's per-row `adapter_names`
-("__base__" is the bare base).
-Batches are left-padded; each row is decoded by its own request's settings (`ftray.serve.sampling`: seed,
+`LoraEngine` keeps one base model and many LoRA adapters in one `PeftModel` and decodes its requests by
+continuous batching (`ftray.serve.batcher`): requests join the running batch between decoding steps and leave
+at their own end. A batch that mixes adapters computes each LoRA layer for all rows at once from the adapters'
+stacked weights (`ftray.serve.multilora`), or, for what that cannot stack, with peft's per-row `adapter_names`
+("__base__" is the bare base). Each row is decoded by its own request's settings (`ftray.serve.sampling`: seed,
 temperature, top_p, penalties, logit_bias, stop strings, max_tokens, logprobs), so it gets the tokens it
 gets alone. Adapters load on first use and the least recently used one is deleted beyond `max_loaded_adapters`;
 `release(name)` deletes one sooner (Serve's multiplex LRU evicted it: `ftray.serve.deployments`).
@@ -18,15 +18,16 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ftray import storage
 from ftray.models.load import load_model, load_tokenizer, resolve
 from ftray.runs import RunFolder
+from ftray.serve.batcher import Batcher
 from ftray.serve.config import GenerationModel, ScorerModel
 from ftray.serve.multilora import BASE, StackedLora
 from ftray.serve.registry import AdapterError, AdapterRegistry
-from ftray.serve.sampling import RowSampler, RowStops
 
 __all__ = ["LoraEngine", "ScorerEngine", "error"]
 
@@ -59,6 +60,8 @@ class LoraEngine:
         self.stacked: StackedLora | None = None  # its adapters' stacked weights, for mixed batches
         self.loaded: OrderedDict[str, str] = OrderedDict()
         self._released: set[str] = set()
+        self._stale: set[str] = set()  # rewritten in the registry since loaded, not reloaded yet (in use)
+        self.batcher = Batcher(self, max_rows=cfg.deployment.max_batch_size)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -71,27 +74,29 @@ class LoraEngine:
         atomic): Serve evicts on a worker thread, possibly while a stream is decoding with peft's adapters."""
         self._released.add(name)
 
+    def stale(self, name: str) -> bool:
+        """Whether a loaded adapter was rewritten in its registry since it loaded (checked at most every
+        `reload_check_s`); the next `ensure_loaded` that may replace it loads the new version."""
+        if name not in self._stale and name in self.loaded and self.registry.changed(name):
+            self._stale.add(name)
+        return name in self._stale
+
     def ensure_loaded(self, names: set[str]) -> dict[str, AdapterError]:
         """Load what is missing; evict the least recently used adapters not needed now. Returns the names
         that could not be loaded, each with its error: one adapter's failure (its store unreachable, its
-        files half-copied) fails its own requests only."""
+        files half-copied) fails its own requests only. Adapters of running rows (`batcher.in_use()`) are
+        neither evicted nor reloaded here."""
         from peft import PeftModel
 
         failed: dict[str, AdapterError] = {}
-        while self._released:
-            gone = self._released.pop()
-            if gone in self.loaded and gone not in names:
-                self.peft.delete_adapter(gone)
-                self.stacked.invalidate()  # the stacks would keep the deleted adapter's weights
-                del self.loaded[gone]
+        busy = self.batcher.in_use()
+        keep = names | busy
         for name in sorted(names):
             if name in self.loaded:
-                if not self.registry.changed(name):
+                if name in busy or not self.stale(name):
                     self.loaded.move_to_end(name)
                     continue
-                self.peft.delete_adapter(name)  # rewritten under the same name: load the new version
-                self.stacked.invalidate()
-                del self.loaded[name]
+                self._drop(name)  # rewritten under the same name: load the new version
             try:
                 folder = self.registry.lookup(name)
                 with self.registry.guard():
@@ -112,17 +117,32 @@ class LoraEngine:
                 failed[name] = AdapterError(f"adapter {name} failed to load: {type(e).__name__}: {e}"[:500], 500, "adapter_load_failed")
                 continue
             self.loaded[name] = folder
+        # Released by Serve, after the loads: peft keeps an active adapter, so the last one loaded stays (it costs
+        # memory only).
+        for gone in [n for n in self._released if n not in busy]:
+            self._released.discard(gone)
+            if gone in self.loaded and gone not in names and len(self.loaded) > 1:
+                self._drop(gone)
         for old in list(self.loaded):
             if len(self.loaded) <= self.cfg.max_loaded_adapters:
                 break
-            if old not in names:
-                self.peft.delete_adapter(old)
-                self.stacked.invalidate()
-                del self.loaded[old]
+            if old not in keep:
+                self._drop(old)
         return failed
 
+    def load_errors(self, names: set[str]) -> dict[str, dict]:
+        """`ensure_loaded`, its failures as error dicts."""
+        return {name: adapter_error(e) for name, e in self.ensure_loaded(names).items()}
+
+    def _drop(self, name: str) -> None:
+        self.peft.delete_adapter(name)
+        self.stacked.invalidate()  # the stacks would keep the deleted adapter's weights
+        del self.loaded[name]
+        self._stale.discard(name)
+
     # generation -----------------------------------------------------------------------------------
-    def _check(self, r: dict) -> dict | None:
+    def check(self, r: dict) -> dict | None:
+        """An error dict for a request this model cannot run, else None."""
         if not r.get("input_ids"):
             return error("the prompt is empty", code="empty_prompt")
         if self.max_positions and len(r["input_ids"]) + r["max_tokens"] > self.max_positions:
@@ -136,146 +156,49 @@ class LoraEngine:
             return error(f"logit_bias: token {bad[0]} is not in the model's vocabulary (0-{self.vocab - 1})", code="invalid_value")
         return None
 
+    def submit(self, req: dict, done: Callable[[dict], None], emit: Callable[[dict], None] | None = None,
+               cancelled: threading.Event | None = None) -> None:
+        """Queue one request on the running batch (`ftray.serve.batcher`); `done(result)` is called from the
+        `batcher.step()` that ends it (at once for a request this model cannot run)."""
+        bad = self.check(req)
+        if bad:
+            done(bad)
+        else:
+            self.batcher.submit(req, done, emit, cancelled)
+
     def generate(self, reqs: list[dict]) -> list[dict]:
         """reqs: {adapter|None, input_ids, max_tokens, temperature, top_p, seed, stop, presence_penalty,
         frequency_penalty, logit_bias, logprobs} (all but input_ids and max_tokens optional; see
         `ftray.serve.sampling`). One result per request: {token_ids, finish_reason, prompt_tokens, batch_size,
         adapters_in_batch, logprobs (when asked: (id, logprob, top alternatives) per token)} or {"error": ...}.
-        The whole batch runs in one `generate`; each row is decoded by its own settings."""
-        out: list[dict | None] = [self._check(r) for r in reqs]
-        wanted = {r["adapter"] for r, o in zip(reqs, out, strict=True) if o is None and r.get("adapter")}
-        bad: dict[str, dict] = {}
-        for name in wanted:
-            try:
-                self.registry.lookup(name)
-            except AdapterError as e:
-                bad[name] = adapter_error(e)
-        if wanted - set(bad):
-            bad.update({name: adapter_error(e) for name, e in self.ensure_loaded(wanted - set(bad)).items()})
+        In process: the requests join the running batch together and it runs until all have ended."""
+        out: list[dict | None] = [None] * len(reqs)
         for i, r in enumerate(reqs):
-            if out[i] is None and r.get("adapter") in bad:
-                out[i] = bad[r["adapter"]]
-        live = [i for i in range(len(reqs)) if out[i] is None]
-        if live:
-            rows = self._run([reqs[i] for i in live])
-            for i, row in zip(live, rows, strict=True):
-                out[i] = {**row, "batch_size": len(reqs), "adapters_in_batch": len(wanted)}
+            self.submit(r, partial(out.__setitem__, i))
+        self.batcher.drain()
         return out  # type: ignore[return-value]
 
-    def _inputs(self, reqs: list[dict]):
-        import torch
+    def stream(self, req: dict, emit: Callable[[dict], None], cancelled: threading.Event) -> dict:
+        """Generate one request in process, calling `emit({"token_ids", "logprobs"?})` as tokens come; stops early
+        when `cancelled`. Returns {finish_reason, prompt_tokens, completion_tokens} or {"error": ...}."""
+        res: list[dict] = []
+        self.submit(req, res.append, emit, cancelled)
+        self.batcher.drain()
+        return res[0] if res else {"finish_reason": "cancelled", "prompt_tokens": len(req["input_ids"]), "completion_tokens": 0}
 
-        width = max(len(r["input_ids"]) for r in reqs)
-        ids = torch.full((len(reqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for j, r in enumerate(reqs):  # left padding: every row's next token sits in the last column
-            ids[j, width - len(r["input_ids"]) :] = torch.tensor(r["input_ids"])
-            mask[j, width - len(r["input_ids"]) :] = 1
-        return ids.to(self.device), mask.to(self.device), width
-
-    def _setup(self, reqs: list[dict], *criteria) -> tuple[dict, RowStops, RowSampler | None]:
-        """generate's arguments for a batch: greedy over RowSampler's choices when any row samples, is
-        penalised, biased or wants logprobs (plain greedy otherwise); RowStops ends each row on its own."""
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        ids, mask, width = self._inputs(reqs)
-        stops = RowStops(reqs, width, self.tokenizer)
-        kw: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "max_new_tokens": max(r["max_tokens"] for r in reqs),
-            "pad_token_id": self.pad,
-            "eos_token_id": sorted(self.eos_ids),
-            "do_sample": False,
-            "temperature": None,
-            "top_p": None,
-            "top_k": None,
-            "stopping_criteria": StoppingCriteriaList([stops, *criteria]),
-        }
-        sampler = None
-        if any(r.get("temperature") or r.get("presence_penalty") or r.get("frequency_penalty") or r.get("logit_bias")
-               or r.get("logprobs") is not None for r in reqs):
-            sampler = RowSampler(reqs, width, self.device)
-            kw["logits_processor"] = LogitsProcessorList([sampler])
-        return kw, stops, sampler
-
-    def _row(self, j: int, req: dict, toks: list[int], stops: RowStops, sampler: RowSampler | None) -> dict:
-        """Row j's answer from its generated tokens: up to its EOS, stop string or max_tokens."""
-        toks = toks[: stops.at[j] or req["max_tokens"]]
-        finish = stops.reason[j] or "length"
-        for k, t in enumerate(toks):
-            if t in self.eos_ids:
-                toks, finish = toks[:k], "stop"
-                break
-        row = {"token_ids": toks, "finish_reason": finish, "prompt_tokens": len(req["input_ids"])}
-        if req.get("logprobs") is not None:
-            row["logprobs"] = sampler.logprobs[j][: len(toks)]
-        return row
-
-    def _generate(self, reqs: list[dict], **kw):
-        """`generate` with row i on reqs[i]'s adapter: stacked when it can be, else on peft's path."""
+    def forward(self, names: list[str | None], **kw):
+        """The model's logits with row i on adapter names[i] (None: the base): stacked when it can be, else on
+        peft's path."""
         import torch
 
         with torch.inference_mode():
             if self.peft is None:
-                return self.model.generate(**kw)
-            names = [r.get("adapter") or BASE for r in reqs]
-            if self.cfg.mixed_adapters == "stacked" and self.stacked.unsupported(names) is None:
-                with self.stacked.rows(names):
-                    return self.peft.generate(**kw)
-            return self.peft.generate(adapter_names=names, **kw)
-
-    def _run(self, reqs: list[dict]) -> list[dict]:
-        kw, stops, sampler = self._setup(reqs)
-        width = kw["input_ids"].shape[1]
-        gen = self._generate(reqs, **kw)
-        return [self._row(j, r, gen[j, width:].tolist(), stops, sampler) for j, r in enumerate(reqs)]
-
-    def stream(self, req: dict, emit: Callable[[dict], None], cancelled: threading.Event) -> dict:
-        """Generate one request, calling `emit({"token_ids", "logprobs"?})` as tokens come; stops early when
-        `cancelled`. Returns {finish_reason, prompt_tokens, completion_tokens} or {"error": ...}."""
-        import torch
-        from transformers import StoppingCriteria
-        from transformers.generation.streamers import BaseStreamer
-
-        bad = self._check(req)
-        if bad:
-            return bad
-        if req.get("adapter"):
-            failed = self.ensure_loaded({req["adapter"]})
-            if failed:
-                return adapter_error(failed[req["adapter"]])
-        eos_ids, sent, eos = self.eos_ids, [0], [False]
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        kw, stops, sampler = self._setup([req], _Cancel())
-
-        class _Streamer(BaseStreamer):
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate hands the prompt over first
-                    self.first = False
-                    return
-                toks = value.reshape(-1).tolist()
-                if eos[0] or any(t in eos_ids for t in toks):
-                    eos[0] = True
-                    return
-                item = {"token_ids": toks}
-                if sampler is not None and req.get("logprobs") is not None:
-                    item["logprobs"] = sampler.logprobs[0][sent[0] : sent[0] + len(toks)]
-                sent[0] += len(toks)
-                emit(item)
-
-            def end(self):
-                pass
-
-        self._generate([req], streamer=_Streamer(), **kw)
-        finish = "stop" if eos[0] or stops.reason[0] == "stop" else "length"
-        return {"finish_reason": finish, "prompt_tokens": len(req["input_ids"]), "completion_tokens": sent[0]}
+                return self.model(**kw).logits
+            rows = [n or BASE for n in names]
+            if self.cfg.mixed_adapters == "stacked" and self.stacked.unsupported(rows) is None:
+                with self.stacked.rows(rows):
+                    return self.peft(**kw).logits
+            return self.peft(adapter_names=rows, **kw).logits
 
 
 class ScorerEngine:

@@ -5,7 +5,7 @@ every layer (measured on 2 CPU cores: a batch mixing 8 adapters at 0.68x the spe
 For each peft `lora.Linear` the loaded adapters' A and B are stacked once per change of the loaded set: slot 0
 is peft's "__base__" (zeros; its rows join no group below), slot k+1 adapter k, ranks zero-padded to the layer's largest, each adapter's
 `scaling` folded into its B. A batch groups its rows by adapter (Punica's SGMV: groups padded to the largest
-with repeated rows), gathers the used adapters' A and B once per `generate` call, and every forward adds
+with repeated rows), gathers the used adapters' A and B once while the same adapters are used, and every forward adds
 `bmm(bmm(x_grouped, A), B)`, scattered back to the rows, to the base layer's output. (Gathering A and B per row
 instead, B copies where U adapters suffice, measured 25-35% slower for the LoRA part: on a CPU, reading the
 adapters' weights is the cost.) Hooks sit where peft's own sit
@@ -80,9 +80,13 @@ class StackedLora:
         self._stacks: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, set[int]]] | None = None
         self._slot: dict[str, int] = {}
         self._layers: list[torch.nn.Module] = []  # every LoRA layer and auxiliary wrapper: they all get _base_only
+        # The used adapters' A and B of the last mixed call, per layer: a continuous batch calls once per decoding
+        # step, mostly with the same adapters, and gathering them is a copy of all their weights.
+        self._gathered: tuple[tuple[int, ...], dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def invalidate(self) -> None:
         self._stacks = None
+        self._gathered = None
 
     @property
     def names(self) -> list[str]:
@@ -115,11 +119,15 @@ class StackedLora:
                     continue  # no row's adapter touches this layer: peft's base output is the answer
                 if one is not None:  # one adapter for every row: no grouping
                     wa, wb, seg = a[one], b[one], None
-                else:  # the used adapters' weights, gathered once per call for every decoding step
+                else:  # the used adapters' weights, gathered once for as long as the same adapters are used
                     if a.device not in segs:
                         segs[a.device] = (_Segments(slots, used, a.device), torch.tensor(used, device=a.device))
                     seg, idx = segs[a.device]
-                    wa, wb = a.index_select(0, idx), b.index_select(0, idx)
+                    if self._gathered is None or self._gathered[0] != tuple(used):
+                        self._gathered = (tuple(used), {})
+                    if layer not in self._gathered[1]:
+                        self._gathered[1][layer] = (a.index_select(0, idx), b.index_select(0, idx))
+                    wa, wb = self._gathered[1][layer]
                 handles.append(layer.register_forward_hook(partial(_add_delta, a=wa, b=wb, seg=seg), with_kwargs=True))
             yield
         finally:

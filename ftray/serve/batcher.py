@@ -1,0 +1,277 @@
+"""Continuous batching (no Ray, no HTTP): requests join the running batch between decoding steps and leave at
+their own EOS, stop string or `max_tokens`; whole answers and streams share the batch. `LoraEngine` owns one
+`Batcher`; `ftray.serve.deployments.Generator` calls `step()` while there is work, in-process callers drain it.
+
+Why not transformers' own continuous batching (`init_continuous_batching` / `generate_batch`, paged attention):
+it flattens every request of a step into one ragged row (`input_ids` of shape [1, tokens]), so nothing can
+give each request its own LoRA adapter (peft's `adapter_names` and the stacked path of `ftray.serve.multilora`
+both select by the batch dimension). This schedules over transformers' model forward and its `DynamicCache`:
+
+- A step first admits waiting requests, up to `max_rows` rows and `max_loaded_adapters` distinct adapters
+  in the batch: their prompts run as one left-padded prefill into a new cache (logits of the last position
+  only), and that cache is joined to the running one, the shorter of the two left-padded in the sequence
+  dimension. Each newcomer's first token is chosen at once (time to first token = wait + prefill).
+- Then one decoding step for every row, each row on its own adapter.
+- A row that ends is dropped from the cache, and the leading columns that are padding for every remaining row
+  are cut, so a long finished prompt stops costing attention.
+Each row's positions count its own tokens only, so padding changes no row's rotary positions; the attention mask
+hides the padding. Rows are chosen by argmax together when greedy and plain, else each by its own `RowSampler`
+(seed, temperature, top_p, penalties, logit_bias, logprobs): a row's tokens depend on its own request, alone or
+in any batch. The generation config's own logits processors are not applied (as a server, settings come from
+the request). A model whose cache is not plain `DynamicLayer`s (sliding-window layers, ...) cannot be joined:
+newcomers then wait until the running rows end (batches form as before, one cohort at a time).
+
+An adapter in use by a running row is neither evicted nor reloaded: a newer version of it (registry
+reload-on-change) waits until its running rows end, and requests for it wait with it, so no answer mixes two
+versions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from ftray.serve.sampling import RowSampler, find_stop
+
+__all__ = ["Batcher"]
+
+
+class _Seq:
+    """One request in the batch: its tokens so far and how it is chosen and told."""
+
+    def __init__(self, req: dict, done: Callable[[dict], None], emit: Callable[[dict], None] | None,
+                 cancelled: threading.Event | None):
+        self.req, self.done, self.emit, self.cancelled = req, done, emit, cancelled
+        self.prompt: list[int] = list(req["input_ids"])
+        self.adapter: str | None = req.get("adapter") or None
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.sampler: RowSampler | None = None
+        self.batch_size = self.adapters = 0  # the most rows / distinct adapters decoding beside it
+
+    def result(self) -> dict:
+        if self.emit is not None:  # a stream had its tokens already
+            return {"finish_reason": self.finish, "prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens)}
+        out = {"token_ids": self.tokens, "finish_reason": self.finish, "prompt_tokens": len(self.prompt),
+               "batch_size": self.batch_size, "adapters_in_batch": self.adapters}
+        if self.req.get("logprobs") is not None:
+            out["logprobs"] = self.sampler.logprobs[0][: len(self.tokens)]
+        return out
+
+
+def _plain(req: dict) -> bool:
+    return not (req.get("temperature") or req.get("presence_penalty") or req.get("frequency_penalty")
+                or req.get("logit_bias") or req.get("logprobs") is not None)
+
+
+def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
+    if n:
+        for layer in cache.layers:
+            b, h, _, d = layer.keys.shape
+            layer.keys = torch.cat([layer.keys.new_zeros(b, h, n, d), layer.keys], dim=-2)
+            layer.values = torch.cat([layer.values.new_zeros(b, h, n, layer.values.shape[-1]), layer.values], dim=-2)
+        mask = torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
+    return mask
+
+
+class Batcher:
+    """The running batch of one engine. `submit` from any thread; `step` from one thread at a time."""
+
+    def __init__(self, engine, max_rows: int):
+        self.engine, self.max_rows = engine, max_rows
+        self.waiting: deque[_Seq] = deque()
+        self.rows: list[_Seq] = []
+        self.cache = None  # the rows' DynamicCache, left-padded to one length
+        self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
+        self.joinable: bool | None = None  # whether a cache can be joined to a running one (known after a prefill)
+        self._lock = threading.Lock()
+
+    def submit(self, req: dict, done: Callable[[dict], None], emit: Callable[[dict], None] | None = None,
+               cancelled: threading.Event | None = None) -> None:
+        """Queue a checked request (`LoraEngine.check`). `done(result)` is called once at its end, from `step`:
+        {token_ids, finish_reason, prompt_tokens, batch_size, adapters_in_batch, logprobs?}, for a stream (`emit`
+        given: called with {"token_ids": [t], "logprobs"?: [...]} per token) {finish_reason, prompt_tokens,
+        completion_tokens}, or {"error": ...}."""
+        with self._lock:
+            self.waiting.append(_Seq(req, done, emit, cancelled))
+
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def in_use(self) -> set[str]:
+        return {s.adapter for s in self.rows if s.adapter}
+
+    def step(self) -> None:
+        """Admit what fits, then decode one token for every row."""
+        gone = [s for s in self.rows if s.cancelled is not None and s.cancelled.is_set()]
+        for s in gone:
+            s.finish = "cancelled"
+        if gone:
+            self._retire()
+        self._admit()
+        if self.rows:
+            self._decode()
+
+    def drain(self) -> None:
+        while self.busy():
+            self.step()
+
+    # admission ------------------------------------------------------------------------------------
+    def _take(self) -> list[_Seq]:
+        eng = self.engine
+        busy = self.in_use()
+        taken: list[_Seq] = []
+        with self._lock:
+            if not self.waiting or len(self.rows) >= self.max_rows or (self.rows and self.joinable is False):
+                return []
+            later: deque[_Seq] = deque()
+            while self.waiting and len(self.rows) + len(taken) < self.max_rows:
+                s = self.waiting.popleft()
+                if s.cancelled is not None and s.cancelled.is_set():
+                    continue  # the caller is gone; nothing to tell
+                a = s.adapter
+                used = busy | {t.adapter for t in taken if t.adapter}
+                if a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
+                    later.append(s)  # no room for another adapter until a row ends
+                elif a and a in busy and eng.stale(a):
+                    later.append(s)  # a newer version waits until the running rows of the old one end
+                else:
+                    taken.append(s)
+            self.waiting.extendleft(reversed(later))
+        return taken
+
+    def _admit(self) -> None:
+        eng = self.engine
+        taken = self._take()
+        if not taken:
+            return
+        wanted = {s.adapter for s in taken if s.adapter}
+        failed = eng.load_errors(wanted) if wanted else {}
+        ok = []
+        for s in taken:
+            if s.adapter in failed:
+                s.done(failed[s.adapter])
+            else:
+                ok.append(s)
+        if not ok:
+            return
+        for s in ok:
+            if not _plain(s.req):
+                s.sampler = RowSampler([s.req], len(s.prompt), eng.device)
+        try:
+            cache, mask, logits = self._prefill(ok)
+        except Exception as e:  # noqa: BLE001 - these requests fail; the running rows go on
+            for s in ok:
+                s.done(_server_error(e))
+            return
+        self._join(cache, mask)
+        self.rows += ok
+        self._choose(ok, logits)
+        self._count()
+        self._retire()
+
+    def _prefill(self, seqs: list[_Seq]):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        eng = self.engine
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.full((len(seqs), width), eng.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):  # left padding: every row's last prompt token sits in the last column
+            ids[j, width - len(s.prompt) :] = torch.tensor(s.prompt)
+            mask[j, width - len(s.prompt) :] = 1
+        ids, mask = ids.to(eng.device), mask.to(eng.device)
+        cache = DynamicCache(config=eng.model.config)
+        logits = eng.forward([s.adapter for s in seqs], input_ids=ids, attention_mask=mask,
+                             position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        if self.joinable is None:
+            self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        return cache, mask, logits[:, -1]
+
+    def _join(self, cache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        have, new = self.mask.shape[1], mask.shape[1]
+        self.mask = _pad_left(self.cache, self.mask, max(0, new - have))
+        mask = _pad_left(cache, mask, max(0, have - new))
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, mask])
+
+    # decoding -------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        eng = self.engine
+        ids = torch.tensor([[s.tokens[-1]] for s in self.rows], device=eng.device)
+        pos = self.mask.sum(1, keepdim=True)  # each row's own count of tokens: its next position
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        try:
+            logits = eng.forward([s.adapter for s in self.rows], input_ids=ids, attention_mask=self.mask,
+                                 position_ids=pos, past_key_values=self.cache, use_cache=True)
+        except Exception as e:  # noqa: BLE001 - the cache may be half-updated: every running row fails
+            for s in self.rows:
+                s.done(_server_error(e))
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self._choose(self.rows, logits[:, -1])
+        self._retire()
+
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        chosen = logits.argmax(-1).tolist()
+        for j, s in enumerate(seqs):
+            if s.sampler is not None:
+                ids = torch.tensor([s.prompt + s.tokens], device=logits.device)
+                chosen[j] = int(s.sampler(ids, logits[j : j + 1].float()).argmax(-1))
+        eos, tok = self.engine.eos_ids, self.engine.tokenizer
+        for s, t in zip(seqs, chosen, strict=True):
+            if t in eos:
+                s.finish = "stop"
+                continue
+            s.tokens.append(t)
+            if s.emit is not None:
+                item: dict = {"token_ids": [t]}
+                if s.req.get("logprobs") is not None:
+                    item["logprobs"] = s.sampler.logprobs[0][len(s.tokens) - 1 : len(s.tokens)]
+                s.emit(item)
+            stops = s.req.get("stop")
+            if stops and find_stop(tok.decode(s.tokens, skip_special_tokens=True), stops) is not None:
+                s.finish = "stop"
+            elif len(s.tokens) >= s.req["max_tokens"]:
+                s.finish = "length"
+
+    def _count(self) -> None:
+        adapters = len(self.in_use())
+        for s in self.rows:
+            s.batch_size, s.adapters = max(s.batch_size, len(self.rows)), max(s.adapters, adapters)
+
+    def _retire(self) -> None:
+        """Tell the rows that ended, drop them from the cache, and cut columns no remaining row uses."""
+        ended = [s for s in self.rows if s.finish is not None]
+        if not ended:
+            return
+        for s in ended:
+            if s.finish != "cancelled":
+                s.done(s.result())
+        keep = [j for j, s in enumerate(self.rows) if s.finish is None]
+        self.rows = [self.rows[j] for j in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask.index_select(0, idx)
+        lead = int((self.mask.sum(0) == 0).int().cumprod(0).sum())
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+def _server_error(e: Exception) -> dict:
+    return {"error": {"message": f"{type(e).__name__}: {e}"[:500], "type": "server_error", "code": None, "status": 500}}

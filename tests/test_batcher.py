@@ -1,0 +1,143 @@
+"""Continuous batching (ftray/serve/batcher.py) through LoraEngine, without Ray: requests join the running batch
+between decoding steps and leave at their own end, streams and whole answers share it, and every row still gets
+the tokens it gets alone; finished rows leave the cache, and an adapter in use is neither evicted nor reloaded."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests._serve_models import make_adapter_run
+
+PROMPTS = ["12+7=", "3+4=", "19+19=", "1+1=", "7+8=", "99+1="]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, work) -> dict[str, str]:
+    return {name: str(make_adapter_run(tiny_model, work / "batcher" / name, seed=seed))
+            for name, seed in (("ad-a", 41), ("ad-b", 42), ("ad-c", 43))}
+
+
+def _engine(tiny_model, runs, **kw):
+    from ftray.serve.config import GenerationModel
+    from ftray.serve.engine import LoraEngine
+
+    return LoraEngine(GenerationModel(name="tiny", base=str(tiny_model), adapters=runs, **kw), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, runs):
+    return _engine(tiny_model, runs)
+
+
+def _req(engine, prompt: str, adapter: str | None = None, max_tokens: int = 8, **more) -> dict:
+    tok = engine.tokenizer
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    return {"adapter": adapter, "input_ids": ids, "max_tokens": max_tokens, "temperature": 0.0, **more}
+
+
+class _Calls:
+    """What the batcher told each request, and at which step."""
+
+    def __init__(self):
+        self.done: dict[str, dict] = {}
+        self.at: dict[str, int] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.step = 0
+
+    def finish(self, key: str):
+        def done(res: dict) -> None:
+            self.done[key], self.at[key] = res, self.step
+        return done
+
+    def emit(self, key: str):
+        return lambda item: self.tokens.setdefault(key, []).extend(item["token_ids"])
+
+
+def _steps(engine, calls: _Calls, n: int | None = None) -> None:
+    while engine.batcher.busy() and (n is None or n > 0):
+        engine.batcher.step()
+        calls.step += 1
+        n = None if n is None else n - 1
+
+
+def test_requests_join_between_steps_and_leave_at_their_own_end(engine):
+    long = _req(engine, PROMPTS[0], "ad-a", max_tokens=24, stop=None)
+    short = _req(engine, PROMPTS[1], "ad-b", max_tokens=3)
+    streamed = _req(engine, PROMPTS[2], None, max_tokens=6)
+    alone = {k: engine.generate([r])[0] for k, r in (("long", long), ("short", short), ("streamed", streamed))}
+    assert alone["long"]["finish_reason"] == "length" and len(alone["long"]["token_ids"]) == 24  # runs its whole length
+
+    calls = _Calls()
+    engine.submit(long, calls.finish("long"))
+    _steps(engine, calls, 5)  # the long answer is decoding alone
+    assert [len(s.tokens) for s in engine.batcher.rows] == [6] and engine.batcher.mask.shape[0] == 1
+    engine.submit(short, calls.finish("short"))
+    engine.submit(streamed, calls.finish("streamed"), calls.emit("streamed"), threading.Event())
+    _steps(engine, calls)
+
+    # The newcomers joined the running batch at once (3 rows, 3 adapters counting the base as none) and each left
+    # at its own end, long before the long one.
+    assert calls.done["short"]["batch_size"] == 3 and calls.done["short"]["adapters_in_batch"] == 2
+    # A row admitted at step s has 2 tokens after it (prefill, then the step's decoding) and n after step s + n - 2.
+    assert calls.at["short"] == 5 + 3 - 2 and calls.at["streamed"] <= 5 + 6 - 2 < calls.at["long"] == 24 - 2
+    # Each got the tokens it gets alone: joining a batch mid-way (left-padded into its cache) changes nothing.
+    assert calls.done["long"]["token_ids"] == alone["long"]["token_ids"]
+    assert calls.done["short"]["token_ids"] == alone["short"]["token_ids"]
+    assert calls.tokens["streamed"] == alone["streamed"]["token_ids"]  # the stream, token by token
+    assert calls.done["streamed"] == {"finish_reason": alone["streamed"]["finish_reason"],
+                                      "prompt_tokens": len(streamed["input_ids"]),
+                                      "completion_tokens": len(alone["streamed"]["token_ids"])}
+    assert not engine.batcher.busy() and engine.batcher.cache is None
+
+
+def test_a_finished_row_leaves_the_cache_and_its_padding_is_cut(engine):
+    calls = _Calls()
+    wide = _req(engine, "19+19=" * 6, max_tokens=4)  # a long prompt that ends soon
+    narrow = _req(engine, PROMPTS[3], max_tokens=12)
+    engine.submit(wide, calls.finish("wide"))
+    engine.submit(narrow, calls.finish("narrow"))
+    _steps(engine, calls, 1)
+    width = engine.batcher.mask.shape[1]
+    assert width == len(wide["input_ids"]) + 1
+    _steps(engine, calls, 2)  # wide has ended
+    assert "wide" in calls.done and [len(s.prompt) for s in engine.batcher.rows] == [len(narrow["input_ids"])]
+    # Only the narrow row's own columns are left (its prompt and the 3 tokens fed since), in the mask and every layer.
+    assert engine.batcher.mask.shape[1] == len(narrow["input_ids"]) + 3 < width
+    assert all(layer.keys.shape[:3] == (1, layer.keys.shape[1], engine.batcher.mask.shape[1]) for layer in engine.batcher.cache.layers)
+    _steps(engine, calls)
+    assert calls.done["narrow"]["token_ids"] == engine.generate([narrow])[0]["token_ids"]
+
+
+def test_a_cancelled_stream_leaves_the_batch(engine):
+    calls, cancel = _Calls(), threading.Event()
+    engine.submit(_req(engine, PROMPTS[0], "ad-a", max_tokens=20), calls.finish("kept"))  # runs its whole length
+    engine.submit(_req(engine, PROMPTS[0], "ad-a", max_tokens=20), calls.finish("gone"), calls.emit("gone"), cancel)
+    _steps(engine, calls, 3)
+    cancel.set()
+    _steps(engine, calls, 1)
+    assert len(engine.batcher.rows) == 1 and len(calls.tokens["gone"]) == 4
+    _steps(engine, calls)
+    assert "gone" not in calls.done and len(calls.done["kept"]["token_ids"]) == 20
+
+
+def test_an_adapter_in_use_is_not_evicted_and_others_wait_for_room(tiny_model, runs):
+    engine = _engine(tiny_model, runs, max_loaded_adapters=1)
+    calls = _Calls()
+    first = _req(engine, PROMPTS[0], "ad-a", max_tokens=6)
+    second = _req(engine, PROMPTS[1], "ad-b", max_tokens=2)
+    engine.submit(first, calls.finish("first"))
+    _steps(engine, calls, 1)
+    engine.submit(second, calls.finish("second"))
+    _steps(engine, calls, 2)
+    # One adapter fits: ad-b waits (its eviction of ad-a would change ad-a's running answer).
+    assert list(engine.loaded) == ["ad-a"] and [s.adapter for s in engine.batcher.rows] == ["ad-a"]
+    engine.release("ad-a")  # Serve's multiplex LRU evicts it meanwhile: it stays until its row ends
+    engine.ensure_loaded(set())
+    assert list(engine.loaded) == ["ad-a"]
+    _steps(engine, calls)
+    assert calls.at["first"] < calls.at["second"] and list(engine.loaded) == ["ad-b"]
+    assert calls.done["first"]["token_ids"] == engine.generate([first])[0]["token_ids"]
+    again = engine.generate([second])[0]
+    assert calls.done["second"]["token_ids"] == again["token_ids"]
