@@ -1,22 +1,21 @@
-"""Each request's own decoding settings inside one batched `generate` (no Ray, no HTTP).
+"""Each request's own decoding settings inside a batch (no Ray, no HTTP).
 
-`RowSampler` is the last logits processor of a batch and picks every row's next token itself: the row's
-`logit_bias`, then its presence / frequency penalties, then its temperature and top_p, then a draw from the
-row's own `torch.Generator` (seeded by the request's `seed`, else at random), or the argmax at temperature 0.
-It hands `generate` scores that are -inf but for the chosen token, so `generate` runs greedy over them. A
-row's tokens thus depend on its own request only: the same seed gives the same text alone or in any batch.
+`RowSampler` (a logits processor) picks a row's next token itself: the row's `logit_bias`, then its presence /
+frequency penalties, then its temperature and top_p, then a draw from the row's own `torch.Generator` (seeded by
+the request's `seed`, else at random), or the argmax at temperature 0. It returns scores that are -inf but for
+the chosen token (greedy over them picks it). A row's tokens thus depend on its own request only: the same
+seed gives the same text alone or in any batch.
 
-Logprobs are the model's own: the log-softmax of the logits `generate` gives this processor (the model's, after
-any processors of its generation config), before this request's logit_bias, penalties, temperature and top_p
+Logprobs are the model's own: the log-softmax of the model's logits, before this request's logit_bias, penalties, temperature and top_p
 (vLLM's default `raw_logprobs`; OpenAI's do not change with temperature either). Summed over a completion they
 are the model's log-likelihood of it, whatever the sampling settings were.
 
-`RowStops` ends each row at its own `max_tokens` or stop strings, decoding the row's generated tokens each
-step (SmolLM2's tokenizer: 50 us for 64 tokens, 300 us for 512). transformers' `StopStringCriteria` takes one
-list for the whole batch and preprocesses the vocabulary for each: 1.2-2.7 s on SmolLM2's 49,152 tokens here,
-every time (its cache is keyed on `get_vocab()`, whose order changes between calls), so every request with
-stop strings would hold the replica that long. `Decoded` cuts the text where the first stop string begins,
-for a whole answer and a stream alike.
+Stop strings: the batcher (`ftray.serve.batcher`) ends a row when one appears in the text of its generated
+tokens, decoded each step (SmolLM2's tokenizer: 50 us for 64 tokens, 300 us for 512). transformers'
+`StopStringCriteria` takes one list for the whole batch and preprocesses the vocabulary for each: 1.2-2.7 s on
+SmolLM2's 49,152 tokens here, every time (its cache is keyed on `get_vocab()`, whose order changes between
+calls), so every request with stop strings would hold the replica that long. `Decoded` cuts the text where
+the first stop string begins, for a whole answer and a stream alike.
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ import functools
 import os
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria, TopPLogitsWarper
+from transformers import LogitsProcessor, TopPLogitsWarper
 
-__all__ = ["Decoded", "RowSampler", "RowStops", "find_stop", "token_bytes"]
+__all__ = ["Decoded", "RowSampler", "find_stop", "token_bytes"]
 
 
 def find_stop(text: str, stops: list[str] | None) -> int | None:
@@ -102,31 +101,6 @@ class RowSampler(LogitsProcessor):
 def _seed(seed: int | None) -> int:
     # torch.Generator takes seeds in [-2**63, 2**64); a request may send any int64, plus its choice index.
     return int.from_bytes(os.urandom(8), "little") if seed is None else int(seed) % 2**64
-
-
-class RowStops(StoppingCriteria):
-    """Ends each row of a left-padded batch (prompts end at column `width`) at its own `max_tokens` or when one
-    of its stop strings appears in the text it has generated. `at[j]`: after how many generated tokens row j
-    ended, `reason[j]`: "stop" (a stop string) or "length"; None while it runs (or ended at EOS, which
-    `generate` handles)."""
-
-    def __init__(self, reqs: list[dict], width: int, tokenizer):
-        self.width, self.tok = width, tokenizer
-        self.max_tokens = [r["max_tokens"] for r in reqs]
-        self.stops = [list(r.get("stop") or []) for r in reqs]
-        self.at: list[int | None] = [None] * len(reqs)
-        self.reason: list[str | None] = [None] * len(reqs)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kw) -> torch.BoolTensor:
-        n = input_ids.shape[1] - self.width
-        for j, stops in enumerate(self.stops):
-            if self.at[j] is not None:
-                continue
-            if stops and find_stop(self.tok.decode(input_ids[j, self.width :].tolist(), skip_special_tokens=True), stops) is not None:
-                self.at[j], self.reason[j] = n, "stop"
-            elif n >= self.max_tokens[j]:
-                self.at[j], self.reason[j] = n, "length"
-        return torch.tensor([a is not None for a in self.at], device=input_ids.device)
 
 
 class Decoded:
