@@ -329,17 +329,17 @@ def test_overload_gets_429_quickly_and_the_rest_succeed(served):
 def test_streams_are_admitted_or_refused_before_their_200(served):
     httpx = _httpx()
 
-    # A stream holds the generator's model until it ends: 8 ongoing + 8 queued fit, the rest of 32 are refused
-    # with a 429 of their own, never a 200 whose stream then says it failed.
+    # A stream holds one of the generator's 8 ongoing requests until it ends: 8 ongoing + 8 queued fit, the rest of
+    # 48 are refused with a 429 of their own, never a 200 whose stream then says it failed.
     async def one(c):
-        body = {"model": "tiny:sft-a", "prompt": "1+1=", "max_tokens": 16, "temperature": 0, "stream": True}
+        body = {"model": "tiny:sft-a", "prompt": "1+1=", "max_tokens": 64, "temperature": 0, "stream": True}
         async with c.stream("POST", "/v1/completions", json=body) as r:
             return r.status_code, r.headers.get("retry-after"), (await r.aread()).decode()
 
     async def burst():
         async with httpx.AsyncClient(base_url=served["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                                      limits=httpx.Limits(max_connections=100)) as c:
-            return await asyncio.gather(*[one(c) for _ in range(32)])
+            return await asyncio.gather(*[one(c) for _ in range(48)])
 
     res = asyncio.run(burst())
     ok, refused = [r for r in res if r[0] == 200], [r for r in res if r[0] == 429]
