@@ -22,7 +22,7 @@ and written to benchmarks/results/serve_load.md (the load generator shares the m
 see `real()` for what is measured and benchmarks/results/serve_smollm2.md for the figures.
 
     python benchmarks/serve_load.py --real                # concurrency 1,8,16,32, 2x concurrency (>= 32) requests per cell
-    python benchmarks/serve_load.py --real --quick        # concurrency 1,16, fewer and shorter requests: a smoke test
+    python benchmarks/serve_load.py --real --quick        # concurrency 1,4, 2-8 requests of 8-16 tokens: a smoke test
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="5 s per cell instead of 20")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--concurrency", default=None, help="default 1,4,16,32; --real: 1,8,16,32 (--quick 1,16)")
+    ap.add_argument("--concurrency", default=None, help="default 1,4,16,32; --real: 1,8,16,32 (--quick 1,4)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--size", default="small", help="tiny model size; with `nano` the HTTP path, not the model, is the bottleneck")
     ap.add_argument("--kill-replica", action="store_true", help="the failure drill only")
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--servers", default="ftray,transformers", help="--real: which servers to run")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="--real: torch threads of each server")
     ap.add_argument("--max-batch-size", type=int, default=32, help="--real: ftray's generator max_batch_size")
-    ap.add_argument("--max-tokens-range", default=None, help="--real: max_tokens uniform in LO,HI (16,128; --quick 16,32)")
+    ap.add_argument("--max-tokens-range", default=None, help="--real: max_tokens uniform in LO,HI (16,128; --quick 8,16)")
     ap.add_argument("--min-requests", type=int, default=32, help="--real: requests per cell: max(this, 2 x concurrency)")
     ap.add_argument("--seed", type=int, default=0, help="--real: the request list's seed")
     ap.add_argument("--peer-cb-blocks", type=int, default=128,
@@ -182,8 +182,8 @@ def main() -> None:
                          "requests of up to 1000 tokens; 0: its default, sized from free memory, GBs on CPU)")
     a = ap.parse_args()
     if a.real:
-        a.concurrency = a.concurrency or ("1,16" if a.quick else "1,8,16,32")
-        a.max_tokens_range = a.max_tokens_range or ("16,32" if a.quick else "16,128")
+        a.concurrency = a.concurrency or ("1,4" if a.quick else "1,8,16,32")
+        a.max_tokens_range = a.max_tokens_range or ("8,16" if a.quick else "16,128")
         real(a)
         return
     a.concurrency = a.concurrency or "1,4,16,32"
@@ -591,8 +591,8 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
             raise RuntimeError(f"ftray warm-up failed: {w['first_failure']}")
         cells = [("base", ["smollm2"], c) for c in conc]
         cells += [("1 adapter", adapters8[:1], c_adapters), ("8 adapters mixed", adapters8, c_adapters)]
-        for case, models, c in cells:
-            r = asyncio.run(drive(url, reqs[: n_of(c)], models, c, eos))
+        for case, models, c in cells:  # the adapter cells send at least 8 requests: each of the 8 adapters has some
+            r = asyncio.run(drive(url, reqs[: max(n_of(c), 8 if case != "base" else 0)], models, c, eos))
             rows.append({"server": "ftray", "case": case, **r})
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -619,8 +619,8 @@ def real(a) -> None:
     lo, hi = (int(x) for x in a.max_tokens_range.split(","))
     conc = [int(x) for x in a.concurrency.split(",")]
     c_at = 16 if 16 in conc else max(conc)  # where the goals are read
-    n_of = (lambda c: max(4, c)) if a.quick else (lambda c: max(a.min_requests, 2 * c))  # noqa: E731
-    reqs = real_requests(max(n_of(c) for c in [*conc, c_at]), a.seed, lo, hi)
+    n_of = (lambda c: max(2, c)) if a.quick else (lambda c: max(a.min_requests, 2 * c))  # noqa: E731
+    reqs = real_requests(max(8, *(n_of(c) for c in conc)), a.seed, lo, hi)
     eos = AutoTokenizer.from_pretrained(folder).eos_token_id
     servers = a.servers.split(",")
     exe = ensure_peer_installed() if "transformers" in servers else None
@@ -668,7 +668,8 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
         "`stream_options.include_usage`) shares the machine with them. "
         f"Requests: one seeded list (seed {a.seed}), prompts of an instruction and 0-24 sentences of notes, "
         f"`max_tokens` uniform in {span[0]}-{span[1]}, greedy; a cell at concurrency c sends the first "
-        f"{'max(4, c)' if a.quick else f'max({a.min_requests}, 2c)'} requests, c at a time (closed loop). "
+        f"{'max(2, c)' if a.quick else f'max({a.min_requests}, 2c)'} requests (the adapter cells at least 8), c at a "
+        "time (closed loop). "
         "Equal work on both servers: every request carries `logit_bias` {EOS: -100}, so it generates exactly its "
         "`max_tokens` (`ignore_eos`/`min_tokens` are not OpenAI fields; ftray refuses fields it lacks); tokens are "
         "counted from each stream's usage, and `out/asked` shows they match.",
