@@ -682,7 +682,7 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
         f"OMP_NUM_THREADS={a.threads}. It serves the base only (no per-request LoRA), so it is compared with ftray's "
         "`base` cells. Its continuous batcher takes the first request's sampling settings for all (transformers "
         "5.23), the same for every request here."
-        + (f" Its log: {'; '.join(peer['warnings'])}." if peer and peer["warnings"] else ""),
+        + (f" Its log: {'; '.join(w.rstrip('.') for w in peer['warnings'])}." if peer and peer["warnings"] else ""),
         "- Time to first token (TTFT): sending to the first chunk with text. Time per output token (TPOT): (last text "
         "chunk - first) / (completion tokens - 1) per request. p50/p95 over a cell's requests (nearest rank).",
         "",
@@ -702,7 +702,7 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
     one, mix = by.get(("ftray", "1 adapter", c_at)), by.get(("ftray", "8 adapters mixed", c_at))
     ttft = ratio(f16, p16, "ttft_p95_ms")
     lines += [
-        "", f"Goals (issue 17), at concurrency {c_at}:", "",
+        "", f"Goals (issue 17, set at concurrency 16), read at concurrency {c_at}:", "",
         f"- ftray / transformers serve, output tokens/s: {goal(ratio(f16, p16), 1.0)}",
         f"- ftray / transformers serve, p95 time to first token (no worse): {goal(ttft, 1.0, higher=False)}"
         + (f" ({f16['ttft_p95_ms']:.0f} ms vs {p16['ttft_p95_ms']:.0f} ms)" if ttft is not None else ""),
