@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -263,7 +264,9 @@ def write_markdown(results: dict, path: Path, written_by: str) -> None:
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for j in jobs:
             r = results[j]
-            cells = [f"`{r['command'].replace(str(ROOT.parent) + '/', '../')}`", r.get("model", "all-MiniLM-L6-v2"),
+            # The data paths as the jobs write them, whichever checkout (its ../shared) the row was measured from.
+            command = re.sub(r"(?:/[^\s/]+)+?/shared/data/", "../shared/data/", r["command"])
+            cells = [f"`{command}`", r.get("model", "all-MiniLM-L6-v2"),
                      f"{r['trainable']['trainable_params']:,} ({r['trainable']['trainable_pct']:.2f}%)", str(r["steps"]),
                      str(r["seconds"])]
             if probe:

@@ -124,6 +124,15 @@ class ClassifyMethod(_Strict):
         description="Label names in class-id order; default: the sorted label set of `data.train`. "
         "The eval file must hold the same label set.",
     )
+    pooling: Literal["model", "mean"] = Field(
+        "model",
+        description="What the head reads. `model`: the model class's own choice (BERT: its pooler on [CLS]; a "
+        "decoder: the last non-pad token), so the saved model predicts the same in transformers' "
+        "AutoModelForSequenceClassification. `mean`: the masked mean of the last hidden state, the vector a "
+        "sentence-transformers encoder (all-MiniLM-L6-v2) was trained to output, fed to the model's own linear "
+        "head (BERT's `classifier`, a decoder's `score`); the pooler is unused. ftray's eval and serving read it "
+        "from run.json; a plain transformers load of a `mean` model would read the pooler instead.",
+    )
 
 
 class ContrastiveMethod(_Strict):

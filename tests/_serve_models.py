@@ -17,16 +17,17 @@ from tests._specs import ROOT
 __all__ = ["engine_inputs", "expected_outputs", "make_adapter_run", "make_full_run", "make_scorer_run", "peft_greedy", "run_model"]
 
 
-def _run_json(run: Path, base: Path, kind: str, adapter: str) -> None:
-    """run.json in the trainer's schema (the fields serving reads: status, spec.method, spec.adapter),
-    written through the run-folder contract."""
+def _run_json(run: Path, base: Path, kind: str, adapter: str, spec: dict | None = None) -> None:
+    """run.json in the trainer's schema (the fields serving reads: status, spec.method, spec.adapter; `spec`: a
+    whole job spec, which a scorer run needs: serving loads it as its method builds it), written through the
+    run-folder contract."""
     for sub in ("adapter", "model", "tokenizer"):  # storage.publish_dir's commit markers
         if (run / sub).is_dir():
             (run / sub / ".complete").write_text("ok\n")
     rec = {
         "status": "completed",
         "name": run.name,
-        "spec": {"method": {"kind": kind}, "adapter": {"kind": adapter}},
+        "spec": spec or {"method": {"kind": kind}, "adapter": {"kind": adapter}},
         "base_model": str(base),
         "parent_run": None,
         "outputs": sorted(p.name for p in run.iterdir()),
@@ -85,7 +86,14 @@ def make_scorer_run(base: Path, run: Path, labels: list[str], seed: int = 0) -> 
     model.save_pretrained(run / "model", safe_serialization=True)
     tok.save_pretrained(run / "model")
     tok.save_pretrained(run / "tokenizer")
-    _run_json(run, base, "reward" if len(labels) == 1 else "classify", "full")
+    kind = "reward" if len(labels) == 1 else "classify"
+    spec = {"name": run.name, "model": {"path": str(base)},
+            "data": {"train": str(run / "train.jsonl"), "format": "preference" if kind == "reward" else "labels"},
+            "method": {"kind": kind} if kind == "reward" else {"kind": kind, "labels": labels},
+            "adapter": {"kind": "full"}, "train": {"max_steps": 1, "global_batch_size": 1, "micro_batch_size": 1},
+            "scaling": {"num_workers": 1},
+            "output": {"dir": str(run)}}
+    _run_json(run, base, kind, "full", spec)
     return run
 
 

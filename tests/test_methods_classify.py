@@ -71,6 +71,78 @@ def test_freeze_counts_and_errors(tiny_bert, signs, tmp_path):
         spec_from_dict(spec_for(tiny_bert, signs[0], None, tmp_path, {"kind": "full", "train_last_layers": 1}))
 
 
+def _enc(tok, texts):
+    from ftray.methods._enc import pad, tokenize
+
+    return pad([tokenize(tok, t, 16)[0] for t in texts], tok.pad_token_id)
+
+
+def test_mean_pooling_feeds_the_masked_mean_to_the_head(tiny_bert, signs, tmp_path):
+    """`method.pooling: mean`: the same weights give other logits than the pooler's [CLS] path, and exactly
+    BERT's classifier on the masked mean of the last hidden state (padding left out: a row alone, unpadded,
+    scores the same as in a padded batch)."""
+    from ftray.methods import get_method
+    from ftray.methods.losses import mean_pool
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_bert))
+    ids, mask = _enc(tok, ["1+2", "9+9 9+9 9+9"])
+    assert mask[0].sum() < mask[1].sum()
+    out = {}
+    for pooling in ("model", "mean"):
+        m = get_method("classify")
+        spec = spec_from_dict(spec_for(tiny_bert, signs[0], None, tmp_path, {"kind": "freeze"}, method={"pooling": pooling}))
+        torch.manual_seed(0)  # the same fresh head both times
+        model = m.load_base(str(tiny_bert), torch.float32, spec).eval()
+        with torch.no_grad():
+            out[pooling] = m.logits(model, ids, mask)
+            if pooling == "mean":
+                want = model.classifier(mean_pool(model.bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+                alone = m.logits(model, ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+            else:
+                want = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out["mean"], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["mean"][:1], alone, rtol=0, atol=1e-5)
+    assert (out["mean"] - out["model"]).abs().max() > 1e-3
+
+
+def test_mean_pooling_run_reloads_evaluates_and_serves_the_same(tiny_bert, signs, cache_dir, runs, capsys):
+    """A frozen-base head on the mean, trained through the loop (one process, ZeRO-2): `ftray eval` on the saved
+    run gives the metrics the run recorded; the reloaded model's logits are the head on the mean (not what a
+    plain transformers load, which reads the pooler, gives); serving scores with those same logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ftray.methods import load_run_model
+    from ftray.methods.losses import mean_pool
+    from ftray.models.load import load_tokenizer, resolve
+    from ftray.runs import RunFolder
+    from ftray.serve.config import ScorerModel
+    from ftray.serve.engine import ScorerEngine
+
+    d = spec_for(tiny_bert, signs[0], signs[1], None, {"kind": "freeze", "train_modules": ["classifier"]},
+                 method={"pooling": "mean"}, train__max_steps=4, train__lr=1e-2, data__cache_dir=str(cache_dir))
+    record, out = runs.get(d)
+    assert record["spec"]["method"]["pooling"] == "mean"
+    _check_run(record, out, "freeze_head", signs, capsys)  # `ftray eval` agrees with the run's own metrics
+
+    spec = RunFolder(str(out)).spec()
+    m = get_method("classify")
+    model = load_run_model(spec, resolve(str(out)), method=m).eval()
+    tok = load_tokenizer(str(out / "tokenizer"))
+    texts = ["1+2", "9+9", "4+7 5+5"]
+    ids, mask = _enc(tok, texts)
+    with torch.no_grad():
+        got = m.logits(model, ids, mask)
+        want = model.classifier(mean_pool(model.bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+        plain = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - plain).abs().max() > 1e-3
+    served = ScorerEngine(ScorerModel(name="cls", path=str(out), kind="classifier")).run(texts)
+    probs = got.softmax(-1)
+    for row, p in zip(served, probs.tolist(), strict=True):
+        assert row["scores"] == pytest.approx(dict(zip(["big", "small"], p, strict=True)), abs=1e-5)
+
+
 def test_macro_f1_from_averaged_confusion_matches_sklearn():
     from sklearn.metrics import f1_score
 

@@ -81,6 +81,8 @@ class Method(Protocol):
     #   extra_cpus(spec) -> float       CPUs the job takes beside its workers (e.g. the reward replica that
     #                                   grpo deploys), counted when the driver checks the job fits the cluster
     #   state_dict() / load_state_dict(state)  what a checkpoint carries of the method (ppo's KL coefficient)
+    #   logits(model, input_ids, attention_mask)  the head's output as loss and evaluation compute it; what
+    #                                   serving scores with (classify's `method.pooling: mean` pools itself)
     # `loss` may return more numbers in its info dict than `target_tokens`: the loop logs them every step
     # as `train/<key>`, averaged over micro-batches and ranks (`*_min` / `*_max`: the extreme; `*_s`:
     # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).

@@ -49,5 +49,10 @@ class MethodBase:
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned, on resume."""
 
+    def logits(self, model, input_ids, attention_mask):
+        """The head's output for a padded batch, as the method's loss and evaluation compute it: what serving
+        scores a classifier or reward run with (classify with `method.pooling: mean` pools otherwise)."""
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
     def save_extra(self, model, tokenizer, folder, spec) -> None:
         """Files beside a fully saved model that make it load in the usual tools."""

@@ -4,6 +4,13 @@ frozen (`adapter.kind: freeze`), adapted (`lora`) or fully tuned (`full`). Rows:
 Label names come from `method.labels` or the sorted label set of `data.train`; they become the saved
 model's `id2label`, so `AutoModelForSequenceClassification.from_pretrained` gives named predictions.
 Judged by accuracy and macro-F1 on the held-out rows.
+
+`method.pooling: mean` keeps the transformers class and its linear head (BERT's `classifier`) but feeds it the
+masked mean of the last hidden state instead of the pooler's [CLS] vector: on a frozen sentence-transformers
+encoder that is the vector the encoder was trained to produce (BERT's pooler there is an untrained leftover),
+so a frozen-base head reaches what logistic regression on the same embeddings reaches. The saved files are the
+usual ones; the pooling lives in run.json's spec, which `load_base` reads (training, `ftray eval`, merging and
+serving all load a run through it).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, pad, tokenize
+from ftray.methods.losses import mean_pool
 from ftray.metrics import confusion_keys, macro_f1_from_confusion
 
 __all__ = ["Classify", "label_names"]
@@ -36,11 +44,31 @@ def label_names(spec) -> list[str]:
     return list(spec.method.labels or _train_labels(spec.data.train, spec.data.on_bad_rows))
 
 
+def _mean_head(model):
+    """(encoder, dropout or None, linear head) of a transformers sequence classifier under a DeepSpeed engine
+    and/or peft (whose `modules_to_save` wrapper of the head calls the trained copy)."""
+    net = getattr(model, "module", model)
+    net = net.get_base_model() if hasattr(net, "get_base_model") else net
+    head = next((m for n, m in net.named_children() if n in ("classifier", "score")), None)
+    hidden = net.config.hidden_size
+    linear = getattr(head, "original_module", head)  # peft's ModulesToSaveWrapper
+    if not isinstance(linear, torch.nn.Linear) or linear.in_features != hidden:
+        from ftray.config import SpecError
+
+        raise SpecError(f"method.pooling: mean needs a head that is one linear layer on the hidden state (BERT's "
+                        f"`classifier`, a decoder's `score`); {type(net).__name__}'s is {type(linear).__name__}")
+    drop = net.dropout if isinstance(getattr(net, "dropout", None), torch.nn.Dropout) else None
+    return net.base_model, drop, head
+
+
 class Classify(MethodBase):
     name = "classify"
     formats = ("labels",)
     task_type = "SEQ_CLS"
     packable = False
+
+    def __init__(self):
+        self.pooling = "model"  # `method.pooling`, set by load_base: every path to a classify model passes there
 
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "accuracy", "macro_f1"}
@@ -77,7 +105,17 @@ class Classify(MethodBase):
         )
         if model.config.pad_token_id is None:  # decoder heads read the last non-pad token
             model.config.pad_token_id = load_tokenizer(spec.model.tokenizer or path).pad_token_id
+        self.pooling = spec.method.pooling
+        if self.pooling == "mean":
+            _mean_head(model)  # refuses a head that cannot read the mean, before any step
         return model
+
+    def logits(self, model, input_ids, attention_mask):
+        if self.pooling == "model":
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        encoder, drop, head = _mean_head(model)
+        pooled = mean_pool(encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
+        return head(drop(pooled) if drop is not None else pooled)
 
     def examples(self, row, tokenizer, spec):
         names = label_names(spec)
@@ -91,7 +129,7 @@ class Classify(MethodBase):
         return {"input_ids": ids, "attention_mask": mask, "label": torch.tensor([int(e["label"]) for e in examples])}
 
     def loss(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.logits(model, batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.float(), batch["label"]), {"target_tokens": float(len(batch["label"]))}
 
     @torch.no_grad()
@@ -99,7 +137,7 @@ class Classify(MethodBase):
         preds = []
         for i in range(0, len(texts), 16):
             ids, mask = pad([tokenize(tokenizer, t, spec.data.max_length)[0] for t in texts[i : i + 16]], tokenizer.pad_token_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = self.logits(model, ids.to(device), mask.to(device))
             preds += logits.argmax(-1).tolist()
         return preds
 

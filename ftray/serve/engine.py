@@ -211,15 +211,19 @@ class ScorerEngine:
         self.cfg = cfg
         resolved = resolve(cfg.path, field=f"scorers[{cfg.name}].path")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if resolved.adapter:
-            # An adapter run (e.g. classify + LoRA): its model as the run built it (head, labels, adapter).
-            spec = RunFolder(cfg.path).spec()
+        self.method = None  # the run's method, whose `logits` scores (classify's `method.pooling`)
+        run = RunFolder(cfg.path)
+        if resolved.adapter or (cfg.kind != "embedding" and run.has_record()):
+            # A run (e.g. classify + LoRA, or a full classifier): its model as the run built it (head, labels,
+            # pooling, adapter), as `ftray eval` loads it.
+            spec = run.spec()
             if spec is None:
-                raise ValueError(f"scorers[{cfg.name}]: {cfg.path} has an adapter but no run.json naming its method")
-            from ftray.methods import load_run_model
+                raise ValueError(f"scorers[{cfg.name}]: {cfg.path} is a run whose run.json has no spec naming its method")
+            from ftray.methods import get_method, load_run_model
 
-            model = load_run_model(spec, resolved, merge=True)
-        else:  # a full model folder (or a run's model/): its config carries the head and label names
+            self.method = get_method(spec.method.kind)
+            model = load_run_model(spec, resolved, merge=True, method=self.method)
+        else:  # a plain model folder: its config carries the head and label names
             auto = AutoModel if cfg.kind == "embedding" else AutoModelForSequenceClassification
             model = load_model(resolved.base, auto_class=auto)
         self.model = model.to(self.device).eval()
@@ -251,7 +255,11 @@ class ScorerEngine:
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         n_tokens = enc["attention_mask"].sum(1).tolist()
         with torch.inference_mode():
-            out = self.model(**enc)
+            if self.cfg.kind != "embedding" and self.method is not None:
+                logits = self.method.logits(self.model, enc["input_ids"], enc["attention_mask"]).float()
+            else:
+                out = self.model(**enc)
+                logits = out.logits.float() if self.cfg.kind != "embedding" else None
         if self.cfg.kind == "embedding":
             h = out.last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -261,7 +269,6 @@ class ScorerEngine:
                 v = h[torch.arange(h.shape[0]), enc["attention_mask"].sum(1) - 1]
             v = torch.nn.functional.normalize(v.float(), dim=-1)
             return [{"embedding": e, "tokens": t} for e, t in zip(v.tolist(), n_tokens, strict=True)]
-        logits = out.logits.float()
         if self.cfg.kind == "reward":
             return [{"score": s, "tokens": t} for s, t in zip(logits[:, 0].tolist(), n_tokens, strict=True)]
         probs = logits.softmax(-1).tolist()
