@@ -4,6 +4,7 @@ count; label-set checks; 2 Ray workers under ZeRO-2 and ZeRO-3; the shipped job;
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_mean_pooling_feeds_the_masked_mean_to_the_head(tiny_bert, signs, tmp_pa
     assert (out["mean"] - out["model"]).abs().max() > 1e-3
 
 
-def test_mean_pooling_run_reloads_evaluates_and_serves_the_same(tiny_bert, signs, cache_dir, runs, capsys):
+def test_mean_pooling_run_reloads_evaluates_and_serves_the_same(tiny_bert, signs, cache_dir, runs, capsys, tmp_path):
     """A frozen-base head on the mean, trained through the loop (one process, ZeRO-2): `ftray eval` on the saved
     run gives the metrics the run recorded; the reloaded model's logits are the head on the mean (not what a
     plain transformers load, which reads the pooler, gives); serving scores with those same logits."""
@@ -137,7 +138,13 @@ def test_mean_pooling_run_reloads_evaluates_and_serves_the_same(tiny_bert, signs
         plain = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).eval()(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert (got - plain).abs().max() > 1e-3
-    served = ScorerEngine(ScorerModel(name="cls", path=str(out), kind="classifier")).run(texts)
+    # Served from a copy whose training file is gone (another machine): the label names come from the saved config.
+    moved = tmp_path / "moved-run"
+    shutil.copytree(out, moved)
+    rec = json.loads((moved / "run.json").read_text())
+    rec["spec"]["data"]["train"] = str(tmp_path / "gone.jsonl")
+    (moved / "run.json").write_text(json.dumps(rec))
+    served = ScorerEngine(ScorerModel(name="cls", path=str(moved), kind="classifier")).run(texts)
     probs = got.softmax(-1)
     for row, p in zip(served, probs.tolist(), strict=True):
         assert row["scores"] == pytest.approx(dict(zip(["big", "small"], p, strict=True)), abs=1e-5)
