@@ -17,6 +17,7 @@ benchmarks/results/real_model.json (with the stamp of the run that measured them
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _cli import done, ftray, record, stamp  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
+BASE_ANSWERS = ROOT / "runs" / "real-model-base-answers"
 # job -> how it is judged: `qa` (exact match, F1), `translation` (chrF, BLEU), `loss` / `perplexity` (run.json)
 JOBS = {
     "sft_qa_smollm2": "qa",
@@ -100,7 +102,7 @@ def held_out(spec, n: int) -> tuple[list[dict], list[dict]]:
     return rows, raw
 
 
-def judge(job: str, kind: str, n: int, base_cache: dict) -> dict:
+def judge(job: str, kind: str, n: int) -> dict:
     from ftray.config import load_spec
     from ftray.data.encode import render_prompt
     from ftray.models.load import load_tokenizer
@@ -113,7 +115,7 @@ def judge(job: str, kind: str, n: int, base_cache: dict) -> dict:
         "job": job, "kind": kind, "method": spec.method.kind, "adapter": spec.adapter.kind,
         "zero_stage": spec.deepspeed.zero_stage, "steps": train["steps"], "train_seconds": train["train_seconds"],
         "trained_tokens": train["trained_tokens"], "tokens_per_s": train["trained_tokens"] / train["train_seconds"],
-        "wall_seconds": rec.get("timings", {}).get("total_seconds"),
+        "wall_seconds": rec["timings"]["total_s"],
         "eval_before": rec["eval"]["before"], "eval_after": rec["eval"]["after"],
     }
     if kind in ("loss", "perplexity"):
@@ -122,11 +124,14 @@ def judge(job: str, kind: str, n: int, base_cache: dict) -> dict:
         out["rows"] = spec.data.eval_max_rows
         return out
     rows, raw = held_out(spec, n)
-    cache_key = (spec.data.eval, json.dumps(spec.data.columns, sort_keys=True), n)
     t0 = time.time()
-    if cache_key not in base_cache:
-        base_cache[cache_key] = generate(spec, BASE, rows, NEW_TOKENS[kind])
-    before = base_cache[cache_key]
+    # The untouched model's answers depend only on the prompts: kept in runs/ for the jobs that share them.
+    key = hashlib.sha256(json.dumps([spec.data.eval, spec.data.columns, n, NEW_TOKENS[kind]]).encode()).hexdigest()[:16]
+    cached = BASE_ANSWERS / f"{key}.json"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(generate(spec, BASE, rows, NEW_TOKENS[kind])))
+    before = json.loads(cached.read_text())
     after = generate(spec, run, rows, NEW_TOKENS[kind])
     if kind == "qa":
         golds = [r["answers"]["text"] or [r["answer"]] for r in raw]
@@ -186,10 +191,10 @@ def write_markdown(saved: dict, path: Path, stamped: str) -> None:
         "sacrebleu), chat and the Rust book by the run's own held-out evaluation before and after training (loss on the "
         "assistant turns of all 20 test conversations; perplexity on the first 200 test paragraphs). Hyperparameters "
         "are the YAMLs' (set before the runs, not tuned; no test-split choice). Tokens/s: the run's trained (non-pad) "
-        "tokens over its training seconds.",
+        "tokens over its training seconds; job wall: the whole `ftray train` (Ray start, data, both evaluations, save).",
         "",
-        "| job | method | metric | untouched | fine-tuned | change | improved | steps | train s | trained tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| job | method | metric | untouched | fine-tuned | change | improved | steps | train s | job wall s | trained tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         how = f"{r['method']} + {r['adapter']}, ZeRO-{r['zero_stage']}"
@@ -197,7 +202,7 @@ def write_markdown(saved: dict, path: Path, stamped: str) -> None:
             better = a < b if k in BETTER_LOWER else a > b
             lines.append(
                 f"| `{r['job']}` | {how} | {LABEL[k]} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {'yes' if better else '**no**'} | "
-                f"{r['steps']} | {r['train_seconds']:.0f} | {r['tokens_per_s']:.0f} |"
+                f"{r['steps']} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['tokens_per_s']:.0f} |"
             )
     lines += ["", "Held-out loss (answer tokens; the run's own evaluation on `data.eval_max_rows` rows) before -> after:", ""]
     lines += [f"- `{r['job']}`: {r['eval_before']['eval_loss']:.3f} -> {r['eval_after']['eval_loss']:.3f}" for r in results]
@@ -238,7 +243,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default=",".join(JOBS))
     p.add_argument("--skip-train", action="store_true", help="evaluate the completed runs, train nothing")
-    p.add_argument("--rows", type=int, default=50, help="held-out rows for the generation-based metrics")
+    p.add_argument("--rows", type=int, default=40, help="held-out rows for the generation-based metrics")
     p.add_argument("--lock", default=None, help="run each `ftray train` under `flock LOCK`")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_model.json"))
     args = p.parse_args()
@@ -255,11 +260,10 @@ def main() -> None:
     ready = [j for j in jobs if done(ROOT / load_spec(ROOT / "jobs" / f"{j}.yaml").output.dir)]
     results_path = Path(args.results)
     saved = json.loads(results_path.read_text()) if results_path.exists() else {"jobs": {}, "reload": {}}
-    base_cache: dict = {}
     for job in ready:
         print(f"judging {job}", flush=True)
         t_job, load_job = time.time(), os.getloadavg()
-        saved["jobs"][job] = {**judge(job, JOBS[job], args.rows, base_cache), "stamp": stamp(t_job, load_job)}
+        saved["jobs"][job] = {**judge(job, JOBS[job], args.rows), "stamp": stamp(t_job, load_job)}
         results_path.write_text(json.dumps(saved, indent=1))
     checks = [j for j in RELOAD if j in ready]
     if checks:
