@@ -102,6 +102,17 @@ def held_out(spec, n: int) -> tuple[list[dict], list[dict]]:
     return rows, raw
 
 
+def base_answers(spec, kind: str, rows: list[dict]) -> list[str]:
+    """The untouched model's answers, which depend only on the prompts: kept in runs/ for the jobs that share them
+    (and computed ahead with `--base-only` while the runs train)."""
+    key = [spec.data.eval, spec.data.columns, len(rows), NEW_TOKENS[kind]]
+    cached = BASE_ANSWERS / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(generate(spec, BASE, rows, NEW_TOKENS[kind])))
+    return json.loads(cached.read_text())
+
+
 def judge(job: str, kind: str, n: int) -> dict:
     from ftray.config import load_spec
     from ftray.data.encode import render_prompt
@@ -125,13 +136,7 @@ def judge(job: str, kind: str, n: int) -> dict:
         return out
     rows, raw = held_out(spec, n)
     t0 = time.time()
-    # The untouched model's answers depend only on the prompts: kept in runs/ for the jobs that share them.
-    key = hashlib.sha256(json.dumps([spec.data.eval, spec.data.columns, n, NEW_TOKENS[kind]]).encode()).hexdigest()[:16]
-    cached = BASE_ANSWERS / f"{key}.json"
-    if not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(generate(spec, BASE, rows, NEW_TOKENS[kind])))
-    before = json.loads(cached.read_text())
+    before = base_answers(spec, kind, rows)
     after = generate(spec, run, rows, NEW_TOKENS[kind])
     if kind == "qa":
         golds = [r["answers"]["text"] or [r["answer"]] for r in raw]
@@ -245,6 +250,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="evaluate the completed runs, train nothing")
     p.add_argument("--rows", type=int, default=40, help="held-out rows for the generation-based metrics")
     p.add_argument("--lock", default=None, help="run each `ftray train` under `flock LOCK`")
+    p.add_argument("--base-only", action="store_true", help="only compute the untouched model's answers (no runs)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_model.json"))
     args = p.parse_args()
     t0, load0 = time.time(), os.getloadavg()
@@ -252,6 +258,13 @@ def main() -> None:
         sys.exit(f"{BASE}: missing; `ftray models get smollm2-135m-instruct runs/smollm2` writes it")
     jobs = [j for j in args.only.split(",") if j]
     from ftray.config import load_spec
+
+    if args.base_only:
+        for job in (j for j in jobs if JOBS[j] in NEW_TOKENS):
+            spec = load_spec(ROOT / "jobs" / f"{job}.yaml")
+            print(f"untouched answers for {job}", flush=True)
+            base_answers(spec, JOBS[job], held_out(spec, args.rows)[0])
+        return
 
     for job in jobs:
         run = ROOT / load_spec(ROOT / "jobs" / f"{job}.yaml").output.dir
