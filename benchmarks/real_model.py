@@ -272,18 +272,24 @@ def main() -> None:
             ftray("train", f"jobs/{job}.yaml", lock=args.lock)
     ready = [j for j in jobs if done(ROOT / load_spec(ROOT / "jobs" / f"{j}.yaml").output.dir)]
     results_path = Path(args.results)
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {"jobs": {}, "reload": {}}
+
+    def save(section: str, key: str, value: dict) -> dict:
+        """Merge one figure into the results file as it is now (another run with `--only` may have added some)."""
+        saved = json.loads(results_path.read_text()) if results_path.exists() else {"jobs": {}, "reload": {}}
+        saved[section][key] = value
+        results_path.write_text(json.dumps(saved, indent=1))
+        return saved
+
     for job in ready:
         print(f"judging {job}", flush=True)
         t_job, load_job = time.time(), os.getloadavg()
-        saved["jobs"][job] = {**judge(job, JOBS[job], args.rows), "stamp": stamp(t_job, load_job)}
-        results_path.write_text(json.dumps(saved, indent=1))
+        save("jobs", job, {**judge(job, JOBS[job], args.rows), "stamp": stamp(t_job, load_job)})
     checks = [j for j in RELOAD if j in ready]
     if checks:
         t_check, load_check = time.time(), os.getloadavg()
         for c in reload_check(checks):
-            saved["reload"][c["job"]] = {**c, "stamp": stamp(t_check, load_check)}
-        results_path.write_text(json.dumps(saved, indent=1))
+            save("reload", c["job"], {**c, "stamp": stamp(t_check, load_check)})
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {"jobs": {}, "reload": {}}
     md = results_path.with_suffix(".md")
     write_markdown(saved, md, stamp(t0, load0))
     print(md.read_text())
