@@ -181,7 +181,7 @@ def write_markdown(saved: dict, path: Path, stamped: str) -> None:
     """The whole file from real_model.json: the stamp of the run writing it under the title; each job keeps the
     stamp of the script run that measured it (a run with `--only` measures some and keeps the others)."""
     results = [saved["jobs"][j] for j in JOBS if j in saved["jobs"]]
-    reload = [saved["reload"][j] for j in RELOAD if j in saved.get("reload", {})]
+    reload = [saved["reload"][j] for j in JOBS if j in saved.get("reload", {})]
     missing = [j for j in JOBS if j not in saved["jobs"]]
     n = max((r["rows"] for r in results if r["kind"] in NEW_TOKENS), default=0)
     lines = [
@@ -250,6 +250,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="evaluate the completed runs, train nothing")
     p.add_argument("--rows", type=int, default=40, help="held-out rows for the generation-based metrics")
     p.add_argument("--lock", default=None, help="run each `ftray train` under `flock LOCK`")
+    p.add_argument("--reload", default=",".join(RELOAD), help="jobs whose adapter is checked in a fresh process")
     p.add_argument("--base-only", action="store_true", help="only compute the untouched model's answers (no runs)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_model.json"))
     args = p.parse_args()
@@ -284,7 +285,7 @@ def main() -> None:
         print(f"judging {job}", flush=True)
         t_job, load_job = time.time(), os.getloadavg()
         save("jobs", job, {**judge(job, JOBS[job], args.rows), "stamp": stamp(t_job, load_job)})
-    checks = [j for j in RELOAD if j in ready]
+    checks = [j for j in args.reload.split(",") if j in ready]
     if checks:
         t_check, load_check = time.time(), os.getloadavg()
         for c in reload_check(checks):
