@@ -240,7 +240,13 @@ def write_markdown(saved: dict, path: Path, stamped: str) -> None:
     lines += ["", "Measured by:", ""] + [f"- `{r['job']}`: {r['stamp']}" for r in results]
     lines += [f"- fresh-process check of `{c['job']}`: {c['stamp']}" for c in reload]
     if missing:
-        lines += ["", "Not measured (no completed run): " + ", ".join(f"`{j}`" for j in missing) + "."]
+        from ftray.config import load_spec
+
+        def why(j: str) -> str:
+            run = ROOT / load_spec(ROOT / "jobs" / f"{j}.yaml").output.dir
+            return "its run completed, not yet judged" if done(run) else "no completed run"
+
+        lines += ["", "Not measured: " + "; ".join(f"`{j}` ({why(j)})" for j in missing) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
