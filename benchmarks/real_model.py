@@ -209,7 +209,7 @@ def write_markdown(saved: dict, path: Path, stamped: str) -> None:
                 f"| `{r['job']}` | {how} | {LABEL[k]} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {'yes' if better else '**no**'} | "
                 f"{r['steps']} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['tokens_per_s']:.0f} |"
             )
-    lines += ["", "Held-out loss (answer tokens; the run's own evaluation on `data.eval_max_rows` rows) before -> after:", ""]
+    lines += ["", "Held-out loss (target tokens: the answers for sft, every token for causal_lm; the run's own evaluation on `data.eval_max_rows` rows) before -> after:", ""]
     lines += [f"- `{r['job']}`: {r['eval_before']['eval_loss']:.3f} -> {r['eval_after']['eval_loss']:.3f}" for r in results]
     if reload:
         lines += [
