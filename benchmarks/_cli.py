@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def ftray(*args: str) -> float:
-    """Run `ftray ARGS` from the repository root (echoed first); raise if it fails; return its wall seconds."""
+def ftray(*args: str, lock: str | None = None) -> float:
+    """Run `ftray ARGS` from the repository root (echoed first); raise if it fails; return its wall seconds.
+    `lock`: run it under `flock LOCK` (a machine shared by several users of Ray takes turns)."""
     t0 = time.time()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "ftray"), *args]
+    cmd = (["flock", lock] if lock else []) + [str(BIN / "ftray"), *args]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return time.time() - t0

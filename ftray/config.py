@@ -88,7 +88,9 @@ class DataSpec(_Strict):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename columns before the format is checked: {format's name: the file's name}, e.g. "
-        "`{prompt: question, completion: final_answer}` reads GSM8K as `prompt_completion`.",
+        "`{prompt: question, completion: final_answer}` reads GSM8K as `prompt_completion`. A value with `{name}` "
+        "fields is a template filled from the row, e.g. `{instruction: \"Translate into French: {source}\", "
+        "output: target}` reads translation pairs as `instruction`.",
     )
     cache_dir: str | None = Field(
         None, description="Where prepared token shards are cached (default: `.ftray-cache` beside `output.dir`)."

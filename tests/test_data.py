@@ -173,3 +173,28 @@ def test_ray_data_and_the_driver_write_the_same_shards(tiny_model, arith, tmp_pa
         got[how] = ({s: load_split(prepared, s) for s in ("train", "eval")}, {s: meta[s] for s in ("train", "eval")})
     assert got["ray_data"][0]["train"]["position_ids"] is not None  # packed
     assert got["ray_data"] == got["driver"]
+
+
+def test_columns_template_fills_from_the_row(tmp_path):
+    p = jsonl(tmp_path, ['{"source": "a cat", "target": "un chat", "x": 1}', '{"target": "deux"}'])
+    cols = {"instruction": "Translate into French:\n{source}", "output": "target"}
+    rows = read_checked(p, "instruction", on_bad_rows="skip", columns=cols)
+    assert rows.rows == [{"messages": [{"role": "user", "content": "Translate into French:\na cat"},
+                                       {"role": "assistant", "content": "un chat"}]}]
+    assert rows.first_skipped == [f"{p}:2: missing column 'source' named in `data.columns`"]
+
+
+def test_shipped_smollm2_jobs_read_their_rows(monkeypatch):
+    """The SmolLM2 jobs' columns (templates included) turn every shared train and test row into their format."""
+    from ftray.config import load_spec
+    from ftray.data.prepare import check_data
+    from tests._specs import needs_shared
+
+    root = Path(__file__).resolve().parents[1]
+    needs_shared()
+    monkeypatch.chdir(root)  # the jobs' paths are relative to the repository root
+    jobs = sorted((root / "jobs").glob("*_smollm2.yaml"))
+    assert len(jobs) == 6
+    for job in jobs:
+        train, ev = check_data(load_spec(job))
+        assert train.skipped == 0 and ev is not None and ev.rows, job.name

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -233,6 +234,22 @@ def check_row(row: object, fmt: str) -> dict:
     raise RowError(f"unknown data format {fmt!r}")
 
 
+def _column_names(source: str) -> list[str]:
+    """The file's columns a `data.columns` value reads: itself, or the `{fields}` of a template."""
+    if "{" not in source:
+        return [source]
+    return [name for _, name, _, _ in string.Formatter().parse(source) if name is not None]
+
+
+def _renamed(raw: dict, columns: dict[str, str]) -> dict:
+    """`columns` {format's name: the file's name, or a template such as "Translate into French: {source}"}."""
+    missing = [name for src in columns.values() for name in _column_names(src) if name not in raw]
+    if missing:
+        raise RowError(f"missing column {missing[0]!r} named in `data.columns`")
+    made = {k: src.format_map(raw) if "{" in src else raw[src] for k, src in columns.items()}
+    return {**{k: v for k, v in raw.items() if k not in columns}, **made}
+
+
 @dataclass
 class Checked:
     rows: list[dict]
@@ -244,16 +261,13 @@ def read_checked(
     path: str, fmt: str, on_bad_rows: str = "error", limit: int | None = None, columns: dict[str, str] | None = None
 ) -> Checked:
     """Read and check every row. `error`: raise DataError naming file:line; `skip`: count and keep going.
-    `columns` ({format's name: the file's name}) renames columns first."""
+    `columns` ({format's name: the file's name, or a template of the file's `{names}`}) renames columns first."""
     rows: list[dict] = []
     skipped, first = 0, []
     for line, raw in iter_rows(path):
         try:
             if columns and isinstance(raw, dict):
-                missing = [src for src in columns.values() if src not in raw]
-                if missing:
-                    raise RowError(f"missing column {missing[0]!r} named in `data.columns`")
-                raw = {**{k: v for k, v in raw.items() if k not in columns}, **{k: raw[v] for k, v in columns.items()}}
+                raw = _renamed(raw, columns)
             rows.append(check_row(raw, fmt))
         except RowError as e:
             where = f"{path}:{line}" if isinstance(line, int) else storage.join(path, line)

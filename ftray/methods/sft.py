@@ -16,6 +16,27 @@ from ftray.methods._lm import collate_tokens, lm_loss, load_causal_lm
 from ftray.progress import bar
 
 
+@torch.no_grad()
+def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int, ctx, batch: int = 16) -> list[str]:
+    """The model's greedy answer to each supervised row's prompt (`render_prompt`), generated in left-padded
+    batches: what `exact_match` judges, and what a benchmark scores with its own metric (F1, chrF)."""
+    answers: list[str] = []
+    tokenizer.padding_side = "left"
+    for i in bar(range(0, len(rows), batch), "generate", unit="batch"):
+        prompts = [render_prompt(tokenizer, r)[0] for r in rows[i : i + batch]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=ctx.synced_gpus,
+        )
+        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
 class SFT(MethodBase):
     name = "sft"
     formats = ("instruction", "chat", "prompt_completion")
@@ -38,27 +59,12 @@ class SFT(MethodBase):
         return lm_loss(model, batch)
 
 
-    @torch.no_grad()
     def score_rows(self, model, tokenizer, rows, spec, ctx):
         if not spec.method.exact_match:
             return []
-        scores = []
-        tokenizer.padding_side = "left"
-        for i in bar(range(0, len(rows), 16), "generate", unit="batch"):
-            chunk = rows[i : i + 16]
-            prompts, refs = zip(*(render_prompt(tokenizer, r) for r in chunk), strict=True)
-            enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(ctx.device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=spec.method.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=ctx.synced_gpus,
-            )
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            scores += [{"exact_match": float(t.strip() == r.strip())} for t, r in zip(texts, refs, strict=True)]
-        return scores
+        answers = greedy_answers(model, tokenizer, rows, spec.method.max_new_tokens, ctx)
+        refs = [render_prompt(tokenizer, r)[1] for r in rows]
+        return [{"exact_match": float(t.strip() == r.strip())} for t, r in zip(answers, refs, strict=True)]
 
     def summarize(self, eval_loss, scores):
         return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)), **scores}
