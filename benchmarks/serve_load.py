@@ -172,6 +172,9 @@ def main() -> None:
                     help="SmolLM2 over HTTP with the openai client: ftray vs `transformers serve --continuous-batching`,"
                          " one at a time, 8 adapters vs 1 (to benchmarks/results/serve_smollm2.md)")
     ap.add_argument("--servers", default="ftray,transformers", help="--real: which servers to run")
+    ap.add_argument("--peer-concurrency", default=None, help="--real: transformers serve's concurrencies (default: --concurrency)")
+    ap.add_argument("--cell-seconds", type=float, default=None,
+                    help="--real: send no request after this many seconds of a cell (in-flight ones finish and count)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="--real: torch threads of each server")
     ap.add_argument("--max-batch-size", type=int, default=32, help="--real: ftray's generator max_batch_size")
     ap.add_argument("--max-tokens-range", default=None, help="--real: max_tokens uniform in LO,HI (16,128; --quick 8,16)")
@@ -414,12 +417,14 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))] * 1000 if xs else float("nan")
 
 
-async def drive(url: str, reqs: list[dict], models: list[str], concurrency: int, eos: int) -> dict:
+async def drive(url: str, reqs: list[dict], models: list[str], concurrency: int, eos: int,
+                cell_s: float | None = None) -> dict:
     """Send `reqs` (request j to `models[j % len(models)]`) as streaming chat completions with `concurrency` clients,
     each sending the next unsent request when its last one ends. Every request bans EOS (`logit_bias` -100), so each
     generates exactly its `max_tokens` and both servers do the same work; output tokens come from each stream's usage.
     Time to first token: from sending to the first chunk with text (a server may send a role-only chunk first); time
-    per output token: (last text chunk - first text chunk) / (completion tokens - 1), per request."""
+    per output token: (last text chunk - first text chunk) / (completion tokens - 1), per request. With `cell_s`,
+    no request is sent after that many seconds (those in flight finish and count; the rest are not sent)."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
@@ -452,16 +457,20 @@ async def drive(url: str, reqs: list[dict], models: list[str], concurrency: int,
 
     async def worker() -> None:
         for j, r in todo:
+            if cell_s is not None and time.perf_counter() - t0 > cell_s:
+                skipped.append(j)
+                continue
             try:
                 await one(j, r)
             except Exception as e:  # noqa: BLE001 - counted and named in the results
                 fails.append(f"{type(e).__name__}: {e}"[:300])
 
+    skipped: list[int] = []
     t0 = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - t0
     await client.close()
-    ok = len(reqs) - len(fails)
+    ok = len(reqs) - len(fails) - len(skipped)
     return {"concurrency": concurrency, "requests": ok, "failed": len(fails), "first_failure": fails[0] if fails else None,
             "wall_s": wall, "tok_s": out_toks / wall, "req_s": ok / wall, "out_tokens": out_toks, "asked_tokens": asked,
             "prompt_tokens_mean": prompt_toks / ok if ok else float("nan"),
@@ -553,7 +562,7 @@ def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[
                 continue
             rows = []
             for c in conc:
-                r = asyncio.run(drive(url + "/v1", reqs[: n_of(c)], [str(folder)], c, eos))
+                r = asyncio.run(drive(url + "/v1", reqs[: n_of(c)], [str(folder)], c, eos, a.cell_seconds))
                 rows.append({"server": "transformers serve", "case": "base", **r})
                 print(json.dumps(rows[-1]), flush=True)
             warnings = sorted({ln.split(" - ")[-1].strip() for ln in log.read_text(errors="replace").splitlines()
@@ -592,7 +601,7 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
         cells = [("base", ["smollm2"], c) for c in conc]
         cells += [("1 adapter", adapters8[:1], c_adapters), ("8 adapters mixed", adapters8, c_adapters)]
         for case, models, c in cells:  # the adapter cells send at least 8 requests: each of the 8 adapters has some
-            r = asyncio.run(drive(url, reqs[: max(n_of(c), 8 if case != "base" else 0)], models, c, eos))
+            r = asyncio.run(drive(url, reqs[: max(n_of(c), 8 if case != "base" else 0)], models, c, eos, a.cell_seconds))
             rows.append({"server": "ftray", "case": case, **r})
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -631,7 +640,8 @@ def real(a) -> None:
             make_adapter_run(folder, work / "registry" / f"a{i}", seed=200 + i, r=16, targets=ALL_LINEAR)
         rows += run_ftray(folder, work / "registry", a, reqs, eos, conc, n_of, c_at)
     if exe is not None:
-        peer_rows, peer = run_peer(exe, folder, a, reqs, eos, conc, n_of)
+        peer_conc = [int(x) for x in (a.peer_concurrency or a.concurrency).split(",")]
+        peer_rows, peer = run_peer(exe, folder, a, reqs, eos, peer_conc, n_of)
         rows += peer_rows
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows, "peer": peer}, indent=1))
@@ -669,7 +679,10 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
         f"Requests: one seeded list (seed {a.seed}), prompts of an instruction and 0-24 sentences of notes, "
         f"`max_tokens` uniform in {span[0]}-{span[1]}, greedy; a cell at concurrency c sends the first "
         f"{'max(2, c)' if a.quick else f'max({a.min_requests}, 2c)'} requests (the adapter cells at least 8), c at a "
-        "time (closed loop). "
+        "time (closed loop)"
+        + (f", and none after {a.cell_seconds:g} s (those in flight finish and count; `requests` is how many did)"
+           if a.cell_seconds else "")
+        + (f"; transformers serve runs at concurrency {a.peer_concurrency} only" if a.peer_concurrency else "") + ". "
         "Equal work on both servers: every request carries `logit_bias` {EOS: -100}, so it generates exactly its "
         "`max_tokens` (`ignore_eos`/`min_tokens` are not OpenAI fields; ftray refuses fields it lacks); tokens are "
         "counted from each stream's usage, and `out/asked` shows they match.",
