@@ -164,3 +164,21 @@ def test_alone_equals_transformers_generate(engine):
         ends = [k for k, t in enumerate(ref) if t in engine.eos_ids]
         assert ours == ref[: ends[0] if ends else len(ref)], adapter
         assert len(ours) >= 4, ours  # a comparison over some tokens, not an empty answer
+
+
+def test_an_unexpected_error_fails_every_request_once_and_the_batcher_goes_on(tiny_model, runs, monkeypatch):
+    engine = _engine(tiny_model, runs)
+    calls = _Calls()
+    engine.submit(_req(engine, PROMPTS[0], "ad-a", max_tokens=8), calls.finish("running"))
+    _steps(engine, calls, 1)
+    engine.submit(_req(engine, PROMPTS[1], "ad-a", max_tokens=8), calls.finish("waiting"))
+
+    def broken(name):
+        raise RuntimeError("registry exploded")
+
+    monkeypatch.setattr(engine, "stale", broken)  # raised while admitting, outside the model's forward
+    _steps(engine, calls, 1)
+    assert {k: v["error"]["status"] for k, v in calls.done.items()} == {"running": 500, "waiting": 500}
+    assert "registry exploded" in calls.done["waiting"]["error"]["message"] and not engine.batcher.busy()
+    monkeypatch.undo()
+    assert len(engine.generate([_req(engine, PROMPTS[0], "ad-a", max_tokens=8)])[0]["token_ids"]) > 0

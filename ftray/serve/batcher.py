@@ -87,6 +87,7 @@ class Batcher:
         self.cache = None  # the rows' DynamicCache, left-padded to one length
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
         self.joinable: bool | None = None  # whether a cache can be joined to a running one (known after a prefill)
+        self._admitting: list[_Seq] = []  # taken from `waiting`, not yet rows
         self._lock = threading.Lock()
 
     def submit(self, req: dict, done: Callable[[dict], None], emit: Callable[[dict], None] | None = None,
@@ -105,15 +106,25 @@ class Batcher:
         return {s.adapter for s in self.rows if s.adapter}
 
     def step(self) -> None:
-        """Admit what fits, then decode one token for every row."""
-        gone = [s for s in self.rows if s.cancelled is not None and s.cancelled.is_set()]
-        for s in gone:
-            s.finish = "cancelled"
-        if gone:
-            self._retire()
-        self._admit()
-        if self.rows:
-            self._decode()
+        """Admit what fits, then decode one token for every row. An unexpected error fails every request in the
+        batch and waiting (each told once, with a 500) rather than leaving its caller waiting forever."""
+        try:
+            gone = [s for s in self.rows if s.cancelled is not None and s.cancelled.is_set()]
+            for s in gone:
+                s.finish = "cancelled"
+            if gone:
+                self._retire()
+            self._admit()
+            if self.rows:
+                self._decode()
+        except Exception as e:  # noqa: BLE001 - told to every request below
+            with self._lock:
+                everyone, self.waiting = [*self.rows, *self._admitting, *self.waiting], deque()
+            self.rows, self._admitting, self.cache, self.mask = [], [], None, None
+            for s in everyone:
+                if s.finish is None:
+                    s.finish = "error"
+                    s.done(_server_error(e))
 
     def drain(self) -> None:
         while self.busy():
@@ -127,20 +138,22 @@ class Batcher:
         with self._lock:
             if not self.waiting or len(self.rows) >= self.max_rows or (self.rows and self.joinable is False):
                 return []
-            later: deque[_Seq] = deque()
-            while self.waiting and len(self.rows) + len(taken) < self.max_rows:
-                s = self.waiting.popleft()
-                if s.cancelled is not None and s.cancelled.is_set():
-                    continue  # the caller is gone; nothing to tell
+            left: deque[_Seq] = deque()
+            for s in self.waiting:  # decided first, then `waiting` replaced: an error leaves it whole
                 a = s.adapter
                 used = busy | {t.adapter for t in taken if t.adapter}
-                if a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
-                    later.append(s)  # no room for another adapter until a row ends
+                if s.cancelled is not None and s.cancelled.is_set():
+                    continue  # the caller is gone; nothing to tell
+                if len(self.rows) + len(taken) >= self.max_rows:
+                    left.append(s)
+                elif a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
+                    left.append(s)  # no room for another adapter until a row ends
                 elif a and a in busy and eng.stale(a):
-                    later.append(s)  # a newer version waits until the running rows of the old one end
+                    left.append(s)  # a newer version waits until the running rows of the old one end
                 else:
                     taken.append(s)
-            self.waiting.extendleft(reversed(later))
+            self.waiting = left
+        self._admitting = taken
         return taken
 
     def _admit(self) -> None:
@@ -153,22 +166,26 @@ class Batcher:
         ok = []
         for s in taken:
             if s.adapter in failed:
+                s.finish = "error"
                 s.done(failed[s.adapter])
             else:
                 ok.append(s)
-        if not ok:
-            return
         for s in ok:
             if not _plain(s.req):
                 s.sampler = RowSampler([s.req], len(s.prompt), eng.device)
         try:
-            cache, mask, logits = self._prefill(ok)
+            cache, mask, logits = self._prefill(ok) if ok else (None, None, None)
         except Exception as e:  # noqa: BLE001 - these requests fail; the running rows go on
             for s in ok:
+                s.finish = "error"
                 s.done(_server_error(e))
+            ok = []
+        if not ok:
+            self._admitting = []
             return
         self._join(cache, mask)
         self.rows += ok
+        self._admitting = []
         self._choose(ok, logits)
         self._count()
         self._retire()
