@@ -61,12 +61,13 @@ def build_models(work: Path, n_adapters: int, size: str) -> tuple[Path, Path]:
     return base, reg
 
 
-def config(base: Path, reg: Path, max_batch_size: int, num_replicas: int = 1) -> dict:
-    dep = {"num_cpus": 1, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
+def config(base: Path, reg: Path, max_batch_size: int, num_replicas: int = 1, name: str = "tiny", num_cpus: float = 1,
+           max_tokens: int = 64, timeout_s: float = 120) -> dict:
+    dep = {"num_cpus": num_cpus, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
            "max_ongoing_requests": 64, "max_queued_requests": 256, "num_replicas": num_replicas}
     return {
-        "generation": [{"name": "tiny", "base": str(base), "registry": [str(reg)], "deployment": dep}],
-        "limits": {"max_tokens": 64, "request_timeout_s": 120},
+        "generation": [{"name": name, "base": str(base), "registry": [str(reg)], "deployment": dep}],
+        "limits": {"max_tokens": max_tokens, "request_timeout_s": timeout_s},
         "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 512, "max_queued_requests": 512, "max_batch_size": 1},
         "auth": {"allow_no_keys": True},  # a loopback benchmark
     }
@@ -478,18 +479,6 @@ async def drive(url: str, reqs: list[dict], models: list[str], concurrency: int,
             "tpot_p50_ms": _pct(tpot, 0.5), "tpot_p95_ms": _pct(tpot, 0.95)}
 
 
-def real_config(base: Path, reg: Path, threads: int, max_batch_size: int) -> dict:
-    dep = {"num_cpus": threads, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
-           "max_ongoing_requests": 64, "max_queued_requests": 256, "num_replicas": 1}
-    return {
-        "generation": [{"name": "smollm2", "base": str(base), "registry": [str(reg)], "deployment": dep}],
-        # a request may wait behind a whole cell of long streams: no 408 on a slow machine
-        "limits": {"max_tokens": 512, "request_timeout_s": 3600},
-        "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 512, "max_queued_requests": 512, "max_batch_size": 1},
-        "auth": {"allow_no_keys": True},  # a loopback benchmark
-    }
-
-
 def _wait_http(url: str, proc=None, timeout: float = 600) -> None:
     httpx = _httpx()
     stop = time.monotonic() + timeout
@@ -594,7 +583,9 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
     adapters8 = [f"smollm2:a{i}" for i in range(8)]
     rows = []
     try:
-        serve.run(build_app(real_config(base, reg, a.threads, a.max_batch_size)), name="bench", route_prefix="/")
+        # a request may wait behind a whole cell of long streams: no 408 on a slow machine
+        cfg = config(base, reg, a.max_batch_size, name="smollm2", num_cpus=a.threads, max_tokens=512, timeout_s=3600)
+        serve.run(build_app(cfg), name="bench", route_prefix="/")
         w = asyncio.run(drive(url, [{**r, "max_tokens": 2} for r in reqs[:9]], ["smollm2", *adapters8], 1, eos))
         if w["failed"]:  # warm-up: every adapter loads once, the first batches run
             raise RuntimeError(f"ftray warm-up failed: {w['first_failure']}")
