@@ -201,8 +201,10 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from benchmarks._cli import stamp
     from tests._specs import free_port
 
+    t0, load0 = time.time(), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="ftray-serve-bench-"))
     base, reg = build_models(work, 8, a.size)
     ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
@@ -232,14 +234,16 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
     if not a.kill_replica:
-        write_markdown(rows, a)
+        write_markdown(rows, a, stamp(t0, load0))
 
 
-def write_markdown(rows: list[dict], a) -> None:
+def write_markdown(rows: list[dict], a, stamped: str) -> None:
     """The table and the two ratios the issue sets goals for, per concurrency."""
     by = {(r["case"], r["concurrency"]): r for r in rows}
     lines = [
         "# Serving load (benchmarks/serve_load.py)",
+        "",
+        stamped,
         "",
         f"`{a.size}` Llama + 8 LoRA adapters, CPU, {a.max_tokens} new tokens per request (greedy), "
         f"{a.seconds:g} s per cell; the load generator (httpx, asyncio) runs on the same 2-core machine.",
