@@ -182,3 +182,54 @@ def test_an_unexpected_error_fails_every_request_once_and_the_batcher_goes_on(ti
     assert "registry exploded" in calls.done["waiting"]["error"]["message"] and not engine.batcher.busy()
     monkeypatch.undo()
     assert len(engine.generate([_req(engine, PROMPTS[0], "ad-a", max_tokens=8)])[0]["token_ids"]) > 0
+
+
+def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(tiny_model, runs):
+    """Five prompts arrive at once (longest first), then a sixth, the shortest, one step later. With a budget of
+    2 x the fourth prompt's length they are prefilled in groups {1st, 2nd shortest}, {3rd, 4th}, {the longest
+    alone: it exceeds the budget}, each at its own step while the earlier rows decode; the late one comes after all
+    of them (older requests first), and every answer is the one it gets alone."""
+    from ftray.models.load import load_tokenizer
+
+    unit = load_tokenizer(str(tiny_model))("1+1=", add_special_tokens=False)["input_ids"]
+    reps = {"n12": 12, "n5": 5, "n4": 4, "n2": 2, "n1": 1}  # submitted in this order
+    lengths = {k: 1 + n * len(unit) for k, n in reps.items()}
+    budget = 2 * lengths["n5"]
+    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": budget})
+    eos = min(engine.eos_ids)
+
+    def req(n: int, adapter: str | None) -> dict:  # EOS banned: every row decodes all of its max_tokens
+        return {"adapter": adapter, "input_ids": [engine.tokenizer.bos_token_id] + unit * n, "max_tokens": 6,
+                "temperature": 0.0, "logit_bias": {eos: -100.0}}
+
+    reqs = {k: req(n, "ad-a" if n % 2 else None) for k, n in reps.items()}
+    reqs["late"] = req(1, "ad-b")
+    calls, first = _Calls(), {}
+
+    def emit(key: str):
+        def f(item: dict) -> None:
+            first.setdefault(key, calls.step)
+            calls.tokens.setdefault(key, []).extend(item["token_ids"])
+        return f
+
+    for k in reps:
+        engine.submit(reqs[k], calls.finish(k), emit(k))
+    _steps(engine, calls, 1)
+    assert len(engine.batcher.rows) == 2 and engine.batcher.mask.shape[1] == lengths["n2"] + 1
+    engine.submit(reqs["late"], calls.finish("late"), emit("late"))
+    _steps(engine, calls)
+    assert first == {"n1": 0, "n2": 0, "n4": 1, "n5": 1, "n12": 2, "late": 3}
+    assert lengths["n12"] > budget and 3 * lengths["n4"] > budget  # the groups above are the budget's, not chance
+    for k, r in reqs.items():
+        assert calls.tokens[k] == engine.generate([r])[0]["token_ids"] and len(calls.tokens[k]) == 6, k
+    assert calls.done["n1"]["finish_reason"] == "length" and not engine.batcher.busy()
+
+
+def test_a_huge_budget_prefills_the_whole_burst_at_once(tiny_model, runs):
+    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": 10**6})
+    calls = _Calls()
+    for j, p in enumerate(PROMPTS):
+        engine.submit(_req(engine, p * (j + 1), max_tokens=4), calls.finish(str(j)))
+    _steps(engine, calls, 1)
+    assert len(engine.batcher.rows) + len(calls.done) == len(PROMPTS) and not engine.batcher.waiting
+    _steps(engine, calls)

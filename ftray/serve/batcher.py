@@ -7,10 +7,15 @@ it flattens every request of a step into one ragged row (`input_ids` of shape [1
 give each request its own LoRA adapter (peft's `adapter_names` and the stacked path of `ftray.serve.multilora`
 both select by the batch dimension). This schedules over transformers' model forward and its `DynamicCache`:
 
-- A step first admits waiting requests, up to `max_rows` rows and `max_loaded_adapters` distinct adapters
-  in the batch: their prompts run as one left-padded prefill into a new cache (logits of the last position
-  only), and that cache is joined to the running one, the shorter of the two left-padded in the sequence
-  dimension. Each newcomer's first token is chosen at once (time to first token = wait + prefill).
+- A step first admits one group of waiting requests, up to `max_rows` rows and `max_loaded_adapters` distinct
+  adapters in the batch: their prompts run as one left-padded prefill into a new cache (logits of the last
+  position only), and that cache is joined to the running one, the shorter of the two left-padded in the
+  sequence dimension. Each newcomer's first token is chosen at once (time to first token = wait + prefill).
+  Waiting requests are taken shortest prompt first, those that were waiting when the previous ones arrived
+  before them (so none waits forever behind later short prompts), and a group holds at most `prefill_tokens`
+  prompt tokens padding included (rows x longest prompt; a longer prompt alone): a burst of newcomers is
+  prefilled over several steps with little padding, the running rows decode between its groups, and the
+  shortest prompts get their first token after one group rather than after the whole burst.
 - Then one decoding step for every row, each row on its own adapter.
 - A row that ends is dropped from the cache, and the leading columns that are padding for every remaining row
   are cut, so a long finished prompt stops costing attention.
@@ -19,7 +24,8 @@ hides the padding. Rows are chosen by argmax together when greedy and plain, els
 (seed, temperature, top_p, penalties, logit_bias, logprobs): a row's tokens depend on its own request, alone or
 in any batch. The generation config's own logits processors are not applied (as a server, settings come from
 the request). A model whose cache is not plain `DynamicLayer`s (sliding-window layers, ...) cannot be joined:
-newcomers then wait until the running rows end (batches form as before, one cohort at a time).
+newcomers then wait until the running rows end, and all that fit are prefilled together (no token budget: they
+cannot join later), one cohort at a time.
 
 An adapter in use by a running row is neither evicted nor reloaded: a newer version of it (registry
 reload-on-change) waits until its running rows end, and requests for it wait with it, so no answer mixes two
@@ -51,6 +57,7 @@ class _Seq:
         self.finish: str | None = None
         self.sampler: RowSampler | None = None
         self.batch_size = self.adapters = 0  # the most rows / distinct adapters decoding beside it
+        self.cohort: int | None = None  # which admission round first saw it waiting: older cohorts go first
 
     def result(self) -> dict:
         if self.emit is not None:  # a stream had its tokens already
@@ -80,13 +87,14 @@ def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
 class Batcher:
     """The running batch of one engine. `submit` from any thread; `step` from one thread at a time."""
 
-    def __init__(self, engine, max_rows: int):
-        self.engine, self.max_rows = engine, max_rows
+    def __init__(self, engine, max_rows: int, prefill_tokens: int):
+        self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
         self.waiting: deque[_Seq] = deque()
         self.rows: list[_Seq] = []
         self.cache = None  # the rows' DynamicCache, left-padded to one length
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
-        self.joinable: bool | None = None  # whether a cache can be joined to a running one (known after a prefill)
+        self.joinable: bool | None = None  # whether a cache can be joined to a running one (known at the first take)
+        self._cohorts = 0  # admission rounds that found new requests waiting
         self._admitting: list[_Seq] = []  # taken from `waiting`, not yet rows
         self._lock = threading.Lock()
 
@@ -133,26 +141,41 @@ class Batcher:
     # admission ------------------------------------------------------------------------------------
     def _take(self) -> list[_Seq]:
         eng = self.engine
+        if self.joinable is None:
+            from transformers import DynamicCache
+            from transformers.cache_utils import DynamicLayer
+
+            self.joinable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=eng.model.config).layers)
         busy = self.in_use()
         taken: list[_Seq] = []
         with self._lock:
             if not self.waiting or len(self.rows) >= self.max_rows or (self.rows and self.joinable is False):
                 return []
-            left: deque[_Seq] = deque()
-            for s in self.waiting:  # decided first, then `waiting` replaced: an error leaves it whole
+            fresh = [s for s in self.waiting if s.cohort is None]
+            for s in fresh:
+                s.cohort = self._cohorts
+            self._cohorts += bool(fresh)
+            budget = self.prefill_tokens if self.joinable else None  # a cache that cannot join takes all that fit
+            width = 0
+            # decided first, then `waiting` replaced: an error leaves it whole
+            for s in sorted(self.waiting, key=lambda s: (s.cohort, len(s.prompt))):
                 a = s.adapter
                 used = busy | {t.adapter for t in taken if t.adapter}
                 if s.cancelled is not None and s.cancelled.is_set():
                     continue  # the caller is gone; nothing to tell
                 if len(self.rows) + len(taken) >= self.max_rows:
-                    left.append(s)
-                elif a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
-                    left.append(s)  # no room for another adapter until a row ends
-                elif a and a in busy and eng.stale(a):
-                    left.append(s)  # a newer version waits until the running rows of the old one end
-                else:
-                    taken.append(s)
-            self.waiting = left
+                    break
+                if a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
+                    continue  # no room for another adapter until a row ends
+                if a and a in busy and eng.stale(a):
+                    continue  # a newer version waits until the running rows of the old one end
+                if budget is not None and taken and (len(taken) + 1) * max(width, len(s.prompt)) > budget:
+                    continue  # the next group's (a shorter prompt of a later cohort may still fit)
+                taken.append(s)
+                width = max(width, len(s.prompt))
+            chosen = set(map(id, taken))
+            self.waiting = deque(s for s in self.waiting if id(s) not in chosen
+                                 and not (s.cancelled is not None and s.cancelled.is_set()))
         self._admitting = taken
         return taken
 
@@ -192,7 +215,6 @@ class Batcher:
 
     def _prefill(self, seqs: list[_Seq]):
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         eng = self.engine
         width = max(len(s.prompt) for s in seqs)
@@ -206,8 +228,6 @@ class Batcher:
         logits = eng.forward([s.adapter for s in seqs], input_ids=ids, attention_mask=mask,
                              position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        if self.joinable is None:
-            self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
         return cache, mask, logits[:, -1]
 
     def _join(self, cache, mask: torch.Tensor) -> None:
