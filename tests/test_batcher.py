@@ -233,3 +233,31 @@ def test_a_huge_budget_prefills_the_whole_burst_at_once(tiny_model, runs):
     _steps(engine, calls, 1)
     assert len(engine.batcher.rows) + len(calls.done) == len(PROMPTS) and not engine.batcher.waiting
     _steps(engine, calls)
+
+
+def test_the_cache_decodes_in_place_through_growth_joins_and_retires(engine):
+    """The batcher's cache layer writes each step's column into spare room (no copy of the cache) and grows when
+    full; after many steps, a join (both caches left-padded and concatenated) and a retire (a row and the leading
+    padding cut), every row still gets the tokens it gets alone."""
+    eos = min(engine.eos_ids)
+    long = _req(engine, PROMPTS[0] * 3, "ad-a", max_tokens=60, logit_bias={eos: -100.0})
+    short = _req(engine, PROMPTS[5] * 8, None, max_tokens=5, logit_bias={eos: -100.0})  # a wider prompt, ends soon
+    late = _req(engine, PROMPTS[1], "ad-b", max_tokens=20, logit_bias={eos: -100.0})
+    calls = _Calls()
+    engine.submit(long, calls.finish("long"))
+    _steps(engine, calls, 1)
+    layer = engine.batcher.cache.layers[0]
+    moved = 0
+    for _ in range(30):
+        before = (layer._k.data_ptr(), layer._k.shape[-2])
+        _steps(engine, calls, 1)
+        assert layer.keys.shape[-2] == engine.batcher.mask.shape[1]  # a view of exactly the columns fed
+        moved += layer._k.data_ptr() != before[0]
+        assert layer._k.data_ptr() == before[0] or layer.keys.shape[-2] > before[1]  # a new buffer only when full
+    assert 0 < moved <= 4  # grown a few times in 30 steps, not copied at each
+    engine.submit(short, calls.finish("short"))
+    engine.submit(late, calls.finish("late"))
+    _steps(engine, calls)
+    for k, r in (("long", long), ("short", short), ("late", late)):
+        assert calls.done[k]["token_ids"] == engine.generate([r])[0]["token_ids"], k
+    assert len(calls.done["long"]["token_ids"]) == 60 and calls.at["short"] < calls.at["late"] < calls.at["long"]
