@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ftray.serve.sampling import RowSampler, find_stop
@@ -79,8 +80,9 @@ def _plain(req: dict) -> bool:
 class _RoomyLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values live in buffers with room for more columns: a decoding step writes
     its column in place and attention reads a view, where `DynamicLayer.update` copies the whole cache with
-    `torch.cat` (13 % of SmolLM2-135M's decoding time at 16 rows). A buffer full grows by half its width (one copy
-    every width / 2 steps); whatever sets `keys`/`values` (a join, a retire, `batch_select_indices`) sets a buffer
+    `torch.cat` (13 % of SmolLM2-135M's decoding time at 16 rows in a profile; with and without it:
+    benchmarks/results/batcher_inprocess.md). A buffer full grows by half its width (one copy every width / 2
+    steps); whatever sets `keys`/`values` (a join, a retire, `batch_select_indices`) sets a buffer
     with no room, which the next step grows."""
 
     _GROW_MIN = 16
@@ -200,9 +202,6 @@ class Batcher:
     def _take(self) -> list[_Seq]:
         eng = self.engine
         if self.joinable is None:
-            from transformers import DynamicCache
-            from transformers.cache_utils import DynamicLayer
-
             self.joinable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=eng.model.config).layers)
         busy = self.in_use()
         taken: list[_Seq] = []
@@ -272,8 +271,6 @@ class Batcher:
         self._retire()
 
     def _prefill(self, seqs: list[_Seq]):
-        from transformers import DynamicCache
-
         eng = self.engine
         width = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), width), eng.pad, dtype=torch.long)
