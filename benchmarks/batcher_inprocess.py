@@ -57,6 +57,40 @@ def prefill_rates(engine, sizes: list[tuple[int, int]], repeats: int = 3) -> lis
     return out
 
 
+def decode_steps(engine, rows: int, width: int, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per decoding step of `rows` rows over a cache of `width` columns (random keys and values), with
+    transformers' DynamicLayer (`torch.cat` of the whole cache per step) and with the batcher's `_RoomyLayer`
+    (written in place), interleaved `repeats` times; each time the mean over `steps` steps."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from ftray.serve.batcher import _RoomyLayer
+
+    cfg = engine.model.config
+    heads, dim = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out: dict[str, list[float]] = {"dynamic": [], "roomy": []}
+    for _ in range(repeats):
+        for name, layer_cls in (("dynamic", DynamicLayer), ("roomy", _RoomyLayer)):
+            cache = DynamicCache(config=cfg)
+            cache.layers = [layer_cls() for _ in cache.layers]
+            g = torch.Generator().manual_seed(0)
+            for layer in cache.layers:
+                k, v = (torch.randn(rows, heads, width, dim, generator=g) for _ in range(2))
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            mask = torch.ones(rows, width, dtype=torch.long)
+            ids = torch.full((rows, 1), 100)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                engine.forward([None] * rows, input_ids=ids, attention_mask=mask, position_ids=torch.full((rows, 1), width + i),
+                               past_key_values=cache, use_cache=True)
+            out[name].append((time.perf_counter() - t0) / steps)
+        print({k: v[-1] for k, v in out.items()}, flush=True)
+    return out
+
+
 def closed_loop(engine, reqs: list[dict], concurrency: int, seconds: float | None) -> dict:
     """Run `reqs` (in order) `concurrency` at a time through `engine.submit` + `batcher.step()`."""
     from benchmarks.serve_load import _pct
@@ -118,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None, help="no request is submitted after this many seconds of an arm")
     ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER per arm (see above)")
     ap.add_argument("--order", default="0,1,2,0", help="arm indices in run order (repeats allowed)")
+    ap.add_argument("--decode", default="16x400x20x3", help="decoding steps timed ROWSxWIDTHxSTEPSxREPEATS ('' skips)")
     ap.add_argument("--rates", default="1x64,1x128,2x128,2x256,4x256", help="prefill sizes ROWSxWIDTH to time ('' skips)")
     a = ap.parse_args()
 
@@ -145,6 +180,7 @@ def main() -> None:
                         device="cpu")
     rates = prefill_rates(engine, [tuple(int(v) for v in s.split("x")) for s in a.rates.split(",")]) if a.rates else []
     engine.generate([{**reqs[0], "max_tokens": 2}])  # warm-up
+    dec = decode_steps(engine, *(int(v) for v in a.decode.split("x"))) if a.decode else None
     runs: dict[int, list[dict]] = {i: [] for i in range(len(arms))}
     for i in order:
         engine.batcher.prefill_tokens = arms[i][0]
@@ -152,10 +188,10 @@ def main() -> None:
         r = closed_loop(engine, reqs, a.concurrency, a.seconds)
         runs[i].append(r)
         print(arms[i], r, flush=True)
-    write(a, arms, order, runs, rates, reqs, stamp(t0, load0))
+    write(a, arms, order, runs, rates, dec, reqs, stamp(t0, load0))
 
 
-def write(a, arms, order, runs, rates, reqs, stamped: str) -> None:
+def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
     def name(arm: tuple[int, str]) -> str:
         b, layer = arm
         return ("one prefill for all" if b == OLD else f"groups of <= {b} tokens") + (
@@ -190,6 +226,14 @@ def write(a, arms, order, runs, rates, reqs, stamped: str) -> None:
                          f"TTFT p50 {mean(runs[i], 'ttft_p50_ms') / mean(base, 'ttft_p50_ms'):.2f}x, "
                          f"TTFT p95 {mean(runs[i], 'ttft_p95_ms') / mean(base, 'ttft_p95_ms'):.2f}x, "
                          f"TPOT p50 {mean(runs[i], 'tpot_p50_ms') / mean(base, 'tpot_p50_ms'):.2f}x")
+    if dec:
+        rows, width, steps, repeats = (int(v) for v in a.decode.split("x"))
+        med = {k: statistics.median(v) for k, v in dec.items()}
+        lines += ["", f"Decoding steps alone: {rows} rows over a cache of {width} columns (random keys and values), {steps} steps, "
+                  f"the two cache layers interleaved {repeats} times; ms per step (each time's mean):", "",
+                  "| cache layer | ms per step | median |", "|---|---|---|",
+                  *(f"| {k} | {', '.join(f'{x * 1000:.0f}' for x in v)} | {med[k] * 1000:.0f} |" for k, v in dec.items()), "",
+                  f"Room in place / DynamicLayer, median step time: {med['roomy'] / med['dynamic']:.2f}x."]
     if rates:
         lines += ["", "One prefill (no padding), median of 3: tokens/s by size (the budget is the smallest size at about the "
                   "largest rate: larger groups prefill no faster per token and only delay first tokens):", "",
