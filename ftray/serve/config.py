@@ -46,7 +46,8 @@ class Deployment(_Strict):
         " prompt; a longer prompt is prefilled alone). Waiting requests are taken shortest prompt first in groups under"
         " it, one group per decoding step: running rows go on decoding and short prompts get their first token early"
         " (ftray/serve/batcher.py). 512: SmolLM2-135M on CPU prefills about as many tokens/s from 256 tokens per"
-        " forward up, and 512 beat 256 on output tokens/s and p95 first-token time (benchmarks/results/batcher_inprocess.md)"
+        " forward up, and 512 gave more output tokens/s and a lower p50 first-token time than 256 at concurrency 16, the same p95"
+        " (benchmarks/results/batcher_inprocess.md)"
     )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="scorer: how long a batch waits to fill (a generator does not wait: requests join"
