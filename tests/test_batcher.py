@@ -182,3 +182,82 @@ def test_an_unexpected_error_fails_every_request_once_and_the_batcher_goes_on(ti
     assert "registry exploded" in calls.done["waiting"]["error"]["message"] and not engine.batcher.busy()
     monkeypatch.undo()
     assert len(engine.generate([_req(engine, PROMPTS[0], "ad-a", max_tokens=8)])[0]["token_ids"]) > 0
+
+
+def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(tiny_model, runs):
+    """Five prompts arrive at once (longest first), then a sixth, the shortest, one step later. With a budget of
+    2 x the fourth prompt's length they are prefilled in groups {1st, 2nd shortest}, {3rd, 4th}, {the longest
+    alone: it exceeds the budget}, each at its own step while the earlier rows decode; the late one comes after all
+    of them (older requests first), and every answer is the one it gets alone."""
+    from ftray.models.load import load_tokenizer
+
+    unit = load_tokenizer(str(tiny_model))("1+1=", add_special_tokens=False)["input_ids"]
+    reps = {"n12": 12, "n5": 5, "n4": 4, "n2": 2, "n1": 1}  # submitted in this order
+    lengths = {k: 1 + n * len(unit) for k, n in reps.items()}
+    budget = 2 * lengths["n5"]
+    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": budget})
+    eos = min(engine.eos_ids)
+
+    def req(n: int, adapter: str | None) -> dict:  # EOS banned: every row decodes all of its max_tokens
+        return {"adapter": adapter, "input_ids": [engine.tokenizer.bos_token_id] + unit * n, "max_tokens": 6,
+                "temperature": 0.0, "logit_bias": {eos: -100.0}}
+
+    reqs = {k: req(n, "ad-a" if n % 2 else None) for k, n in reps.items()}
+    reqs["late"] = req(1, "ad-b")
+    calls, first = _Calls(), {}
+
+    def emit(key: str):
+        def f(item: dict) -> None:
+            first.setdefault(key, calls.step)
+            calls.tokens.setdefault(key, []).extend(item["token_ids"])
+        return f
+
+    for k in reps:
+        engine.submit(reqs[k], calls.finish(k), emit(k))
+    _steps(engine, calls, 1)
+    assert len(engine.batcher.rows) == 2 and engine.batcher.mask.shape[1] == lengths["n2"] + 1
+    engine.submit(reqs["late"], calls.finish("late"), emit("late"))
+    _steps(engine, calls)
+    assert first == {"n1": 0, "n2": 0, "n4": 1, "n5": 1, "n12": 2, "late": 3}
+    assert lengths["n12"] > budget and 3 * lengths["n4"] > budget  # the groups above are the budget's, not chance
+    for k, r in reqs.items():
+        assert calls.tokens[k] == engine.generate([r])[0]["token_ids"] and len(calls.tokens[k]) == 6, k
+    assert calls.done["n1"]["finish_reason"] == "length" and not engine.batcher.busy()
+
+
+def test_a_huge_budget_prefills_the_whole_burst_at_once(tiny_model, runs):
+    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": 10**6})
+    calls = _Calls()
+    for j, p in enumerate(PROMPTS):
+        engine.submit(_req(engine, p * (j + 1), max_tokens=4), calls.finish(str(j)))
+    _steps(engine, calls, 1)
+    assert len(engine.batcher.rows) + len(calls.done) == len(PROMPTS) and not engine.batcher.waiting
+    _steps(engine, calls)
+
+
+def test_the_cache_decodes_in_place_through_growth_joins_and_retires(engine):
+    """The batcher's cache layer writes each step's column into spare room (no copy of the cache) and grows when
+    full; after many steps, a join (both caches left-padded and concatenated) and a retire (a row and the leading
+    padding cut), every row still gets the tokens it gets alone."""
+    eos = min(engine.eos_ids)
+    long = _req(engine, PROMPTS[0] * 3, "ad-a", max_tokens=60, logit_bias={eos: -100.0})
+    short = _req(engine, PROMPTS[5] * 8, None, max_tokens=5, logit_bias={eos: -100.0})  # a wider prompt, ends soon
+    late = _req(engine, PROMPTS[1], "ad-b", max_tokens=20, logit_bias={eos: -100.0})
+    calls = _Calls()
+    engine.submit(long, calls.finish("long"))
+    _steps(engine, calls, 1)
+    layer = engine.batcher.cache.layers[0]
+    moved = 0
+    for _ in range(30):
+        before = (layer._k.data_ptr(), layer._k.shape[-2])
+        _steps(engine, calls, 1)
+        assert layer.keys.shape[-2] == engine.batcher.mask.shape[1]  # a view of exactly the columns fed
+        moved += layer._k.data_ptr() != before[0]
+        assert layer._k.data_ptr() == before[0] or layer.keys.shape[-2] > before[1]  # a new buffer only when full
+    assert 0 < moved <= 4  # grown a few times in 30 steps, not copied at each
+    engine.submit(short, calls.finish("short"))
+    engine.submit(late, calls.finish("late"))
+    _steps(engine, calls)
+    for k, r in (("long", long), ("short", short), ("late", late)):
+        assert calls.done[k]["token_ids"] == engine.generate([r])[0]["token_ids"], k
+    assert len(calls.done["long"]["token_ids"]) == 60 and calls.at["short"] < calls.at["late"] < calls.at["long"]

@@ -7,11 +7,17 @@ it flattens every request of a step into one ragged row (`input_ids` of shape [1
 give each request its own LoRA adapter (peft's `adapter_names` and the stacked path of `ftray.serve.multilora`
 both select by the batch dimension). This schedules over transformers' model forward and its `DynamicCache`:
 
-- A step first admits waiting requests, up to `max_rows` rows and `max_loaded_adapters` distinct adapters
-  in the batch: their prompts run as one left-padded prefill into a new cache (logits of the last position
-  only), and that cache is joined to the running one, the shorter of the two left-padded in the sequence
-  dimension. Each newcomer's first token is chosen at once (time to first token = wait + prefill).
-- Then one decoding step for every row, each row on its own adapter.
+- A step first admits one group of waiting requests, up to `max_rows` rows and `max_loaded_adapters` distinct
+  adapters in the batch: their prompts run as one left-padded prefill into a new cache (logits of the last
+  position only), and that cache is joined to the running one, the shorter of the two left-padded in the
+  sequence dimension. Each newcomer's first token is chosen at once (time to first token = wait + prefill).
+  Waiting requests are taken shortest prompt first, those that were waiting when the previous ones arrived
+  before them (so none waits forever behind later short prompts), and a group holds at most `prefill_tokens`
+  prompt tokens padding included (rows x longest prompt; a longer prompt alone): a burst of newcomers is
+  prefilled over several steps with little padding, the running rows decode between its groups, and the
+  shortest prompts get their first token after one group rather than after the whole burst.
+- Then one decoding step for every row, each row on its own adapter. The cache's layers keep spare columns
+  (`_RoomyLayer`): a step writes its keys and values in place instead of copying the whole cache.
 - A row that ends is dropped from the cache, and the leading columns that are padding for every remaining row
   are cut, so a long finished prompt stops costing attention.
 Each row's positions count its own tokens only, so padding changes no row's rotary positions; the attention mask
@@ -19,7 +25,8 @@ hides the padding. Rows are chosen by argmax together when greedy and plain, els
 (seed, temperature, top_p, penalties, logit_bias, logprobs): a row's tokens depend on its own request, alone or
 in any batch. The generation config's own logits processors are not applied (as a server, settings come from
 the request). A model whose cache is not plain `DynamicLayer`s (sliding-window layers, ...) cannot be joined:
-newcomers then wait until the running rows end (batches form as before, one cohort at a time).
+newcomers then wait until the running rows end, and all that fit are prefilled together (no token budget: they
+cannot join later), one cohort at a time.
 
 An adapter in use by a running row is neither evicted nor reloaded: a newer version of it (registry
 reload-on-change) waits until its running rows end, and requests for it wait with it, so no answer mixes two
@@ -33,6 +40,8 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ftray.serve.sampling import RowSampler, find_stop
 
@@ -51,6 +60,7 @@ class _Seq:
         self.finish: str | None = None
         self.sampler: RowSampler | None = None
         self.batch_size = self.adapters = 0  # the most rows / distinct adapters decoding beside it
+        self.cohort: int | None = None  # which admission round first saw it waiting: older cohorts go first
 
     def result(self) -> dict:
         if self.emit is not None:  # a stream had its tokens already
@@ -67,6 +77,62 @@ def _plain(req: dict) -> bool:
                 or req.get("logit_bias") or req.get("logprobs") is not None)
 
 
+class _RoomyLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers with room for more columns: a decoding step writes
+    its column in place and attention reads a view, where `DynamicLayer.update` copies the whole cache with
+    `torch.cat` (13 % of SmolLM2-135M's decoding time at 16 rows in a profile; with and without it:
+    benchmarks/results/batcher_inprocess.md). A buffer full grows by half its width (one copy every width / 2
+    steps); whatever sets `keys`/`values` (a join, a retire, `batch_select_indices`) sets a buffer
+    with no room, which the next step grows."""
+
+    _GROW_MIN = 16
+
+    def __init__(self):
+        self._k = self._v = None
+        self._kn = self._vn = 0
+        super().__init__()
+
+    @property
+    def keys(self):
+        return None if self._k is None else self._k[:, :, : self._kn]
+
+    @keys.setter
+    def keys(self, t):
+        self._k, self._kn = t, (0 if t is None or t.dim() < 4 else t.shape[-2])
+
+    @property
+    def values(self):
+        return None if self._v is None else self._v[:, :, : self._vn]
+
+    @values.setter
+    def values(self, t):
+        self._v, self._vn = t, (0 if t is None or t.dim() < 4 else t.shape[-2])
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._k, self._kn = self._append(self._k, self._kn, key_states)
+        self._v, self._vn = self._append(self._v, self._vn, value_states)
+        return self.keys, self.values
+
+    @classmethod
+    def _append(cls, buf: torch.Tensor | None, n: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if buf is None or n == 0:
+            return new, new.shape[-2]  # a prefill: exactly its columns (most rows of a burst never decode alone)
+        m = n + new.shape[-2]
+        if m > buf.shape[-2]:
+            grown = buf.new_empty(*buf.shape[:2], m + max(m // 2, cls._GROW_MIN), buf.shape[-1])
+            grown[:, :, :n] = buf[:, :, :n]
+            buf = grown
+        buf[:, :, n:m] = new
+        return buf, m
+
+
 def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
     if n:
         for layer in cache.layers:
@@ -80,13 +146,15 @@ def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
 class Batcher:
     """The running batch of one engine. `submit` from any thread; `step` from one thread at a time."""
 
-    def __init__(self, engine, max_rows: int):
-        self.engine, self.max_rows = engine, max_rows
+    def __init__(self, engine, max_rows: int, prefill_tokens: int):
+        self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
         self.waiting: deque[_Seq] = deque()
         self.rows: list[_Seq] = []
         self.cache = None  # the rows' DynamicCache, left-padded to one length
         self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a token
-        self.joinable: bool | None = None  # whether a cache can be joined to a running one (known after a prefill)
+        self.joinable: bool | None = None  # whether a cache can be joined to a running one (known at the first take)
+        self._cohorts = 0  # admission rounds that found new requests waiting
+        self._layer: type[DynamicLayer] = _RoomyLayer  # the cache layer of a joinable model
         self._admitting: list[_Seq] = []  # taken from `waiting`, not yet rows
         self._lock = threading.Lock()
 
@@ -133,26 +201,38 @@ class Batcher:
     # admission ------------------------------------------------------------------------------------
     def _take(self) -> list[_Seq]:
         eng = self.engine
+        if self.joinable is None:
+            self.joinable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=eng.model.config).layers)
         busy = self.in_use()
         taken: list[_Seq] = []
         with self._lock:
             if not self.waiting or len(self.rows) >= self.max_rows or (self.rows and self.joinable is False):
                 return []
-            left: deque[_Seq] = deque()
-            for s in self.waiting:  # decided first, then `waiting` replaced: an error leaves it whole
+            fresh = [s for s in self.waiting if s.cohort is None]
+            for s in fresh:
+                s.cohort = self._cohorts
+            self._cohorts += bool(fresh)
+            budget = self.prefill_tokens if self.joinable else None  # a cache that cannot join takes all that fit
+            width = 0
+            # decided first, then `waiting` replaced: an error leaves it whole
+            for s in sorted(self.waiting, key=lambda s: (s.cohort, len(s.prompt))):
                 a = s.adapter
                 used = busy | {t.adapter for t in taken if t.adapter}
                 if s.cancelled is not None and s.cancelled.is_set():
                     continue  # the caller is gone; nothing to tell
                 if len(self.rows) + len(taken) >= self.max_rows:
-                    left.append(s)
-                elif a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
-                    left.append(s)  # no room for another adapter until a row ends
-                elif a and a in busy and eng.stale(a):
-                    left.append(s)  # a newer version waits until the running rows of the old one end
-                else:
-                    taken.append(s)
-            self.waiting = left
+                    break
+                if a and a not in used and len(used) >= eng.cfg.max_loaded_adapters:
+                    continue  # no room for another adapter until a row ends
+                if a and a in busy and eng.stale(a):
+                    continue  # a newer version waits until the running rows of the old one end
+                if budget is not None and taken and (len(taken) + 1) * max(width, len(s.prompt)) > budget:
+                    continue  # the next group's (a shorter prompt of a later cohort may still fit)
+                taken.append(s)
+                width = max(width, len(s.prompt))
+            chosen = set(map(id, taken))
+            self.waiting = deque(s for s in self.waiting if id(s) not in chosen
+                                 and not (s.cancelled is not None and s.cancelled.is_set()))
         self._admitting = taken
         return taken
 
@@ -191,9 +271,6 @@ class Batcher:
         self._retire()
 
     def _prefill(self, seqs: list[_Seq]):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         eng = self.engine
         width = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), width), eng.pad, dtype=torch.long)
@@ -203,11 +280,11 @@ class Batcher:
             mask[j, width - len(s.prompt) :] = 1
         ids, mask = ids.to(eng.device), mask.to(eng.device)
         cache = DynamicCache(config=eng.model.config)
+        if self.joinable:  # plain DynamicLayers: the same layer with room to decode in place
+            cache.layers = [self._layer() for _ in cache.layers]
         logits = eng.forward([s.adapter for s in seqs], input_ids=ids, attention_mask=mask,
                              position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        if self.joinable is None:
-            self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
         return cache, mask, logits[:, -1]
 
     def _join(self, cache, mask: torch.Tensor) -> None:

@@ -1,0 +1,249 @@
+"""The continuous batcher in process (no Ray, no HTTP) on SmolLM2-135M-Instruct: one prefill for all waiting
+requests (git main's scheduling: `prefill_tokens` too large to bind) against prefill in token-budgeted groups
+(ftray/serve/batcher.py), arms interleaved in one process on the same requests, and each prefill size's
+tokens/s (what the default `deployment.prefill_tokens` is chosen from).
+
+    python benchmarks/batcher_inprocess.py                  # concurrency 16, 20 requests, 3 arms (and the first again)
+    python benchmarks/batcher_inprocess.py --arms old/dynamic,256/roomy,512/roomy --order 0,1,2,0
+
+An arm is PREFILL_TOKENS/LAYER: `old` (one prefill for all waiting, git main's scheduling) or a token budget, and
+the cache layer: `dynamic` (transformers' DynamicLayer: `torch.cat` of the whole cache every step, as on main) or
+`roomy` (the batcher's layer with room to decode in place).
+
+Requests: `benchmarks/serve_load.py --real`'s list (seed 0), each rendered with the chat template as the server
+does, greedy, EOS banned by `logit_bias` (so each generates exactly its `max_tokens`), streamed (`emit`): c are
+submitted at once and each one that ends submits the next (closed loop; every arm the same requests, unless
+`--seconds` stops sending); the batch steps
+in this thread (as `Generator._steps` does on the replica's loop). Time to first token: submit to first emitted
+token; time per output token: (last - first) / (tokens - 1). Results to benchmarks/results/batcher_inprocess.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OLD = 10**9  # a budget no burst reaches: every waiting request in one prefill, as before groups
+MAIN = (OLD, "dynamic")  # git main's batcher
+THREADS_NOTE = (" (not 2: this run shared the 2 cores with a 2-worker training job, and 2 OpenMP threads then stall each"
+                " other: a 64-token forward took 5.7-6.7 s with 2 threads against 0.46-0.56 s with 1)")
+
+
+def prefill_rates(engine, sizes: list[tuple[int, int]], repeats: int = 3) -> list[dict]:
+    """Tokens/s of one prefill of `rows` x `width` tokens (no padding), median of `repeats`."""
+    import torch
+    from transformers import DynamicCache
+
+    out = []
+    for rows, width in sizes:
+        ids = torch.randint(100, 20000, (rows, width), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.forward([None] * rows, input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(1) - 1,
+                           past_key_values=DynamicCache(config=engine.model.config), use_cache=True, logits_to_keep=1)
+            ts.append(time.perf_counter() - t0)
+        s = statistics.median(ts)
+        out.append({"rows": rows, "width": width, "tokens": rows * width, "s": s, "tok_s": rows * width / s})
+        print(out[-1], flush=True)
+    return out
+
+
+def decode_steps(engine, rows: int, width: int, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per decoding step of `rows` rows over a cache of `width` columns (random keys and values), with
+    transformers' DynamicLayer (`torch.cat` of the whole cache per step) and with the batcher's `_RoomyLayer`
+    (written in place), interleaved `repeats` times; each time the mean over `steps` steps."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from ftray.serve.batcher import _RoomyLayer
+
+    cfg = engine.model.config
+    heads, dim = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out: dict[str, list[float]] = {"dynamic": [], "roomy": []}
+    for _ in range(repeats):
+        for name, layer_cls in (("dynamic", DynamicLayer), ("roomy", _RoomyLayer)):
+            cache = DynamicCache(config=cfg)
+            cache.layers = [layer_cls() for _ in cache.layers]
+            g = torch.Generator().manual_seed(0)
+            for layer in cache.layers:
+                k, v = (torch.randn(rows, heads, width, dim, generator=g) for _ in range(2))
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            mask = torch.ones(rows, width, dtype=torch.long)
+            ids = torch.full((rows, 1), 100)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                engine.forward([None] * rows, input_ids=ids, attention_mask=mask, position_ids=torch.full((rows, 1), width + i),
+                               past_key_values=cache, use_cache=True)
+            out[name].append((time.perf_counter() - t0) / steps)
+        print({k: v[-1] for k, v in out.items()}, flush=True)
+    return out
+
+
+def closed_loop(engine, reqs: list[dict], concurrency: int, seconds: float | None) -> dict:
+    """Run `reqs` (in order) `concurrency` at a time through `engine.submit` + `batcher.step()`."""
+    from benchmarks.serve_load import _pct
+
+    todo = iter(reqs)
+    sent: dict[int, float] = {}
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    count: dict[int, int] = {}
+    ended: list[int] = []
+    t0 = time.perf_counter()
+
+    def send() -> None:
+        if seconds is not None and time.perf_counter() - t0 > seconds:
+            return
+        r = next(todo, None)
+        if r is None:
+            return
+        k = len(sent)
+        sent[k] = time.perf_counter()
+
+        def emit(item: dict, k: int = k) -> None:
+            now = time.perf_counter()
+            first.setdefault(k, now)
+            last[k] = now
+            count[k] = count.get(k, 0) + len(item["token_ids"])
+
+        def done(res: dict, k: int = k) -> None:
+            if "error" in res:
+                raise RuntimeError(res["error"])
+            ended.append(k)
+            send()
+
+        engine.submit(r, done, emit)
+
+    for _ in range(concurrency):
+        send()
+    steps = 0
+    while engine.batcher.busy():
+        engine.batcher.step()
+        steps += 1
+    wall = time.perf_counter() - t0
+    ttft = [first[k] - sent[k] for k in ended]
+    tpot = [(last[k] - first[k]) / (count[k] - 1) for k in ended if count[k] > 1]
+    out = sum(count[k] for k in ended)
+    return {"requests": len(ended), "out_tokens": out, "asked": sum(reqs[k]["max_tokens"] for k in ended),
+            "prompt_mean": statistics.mean(len(reqs[k]["input_ids"]) for k in ended), "wall_s": wall,
+            "steps": steps, "tok_s": out / wall, "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p95_ms": _pct(ttft, 0.95),
+            "tpot_p50_ms": _pct(tpot, 0.5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smollm2", default=str(ROOT / "runs" / "smollm2"),
+                    help="SmolLM2-135M-Instruct's folder (written by `ftray models get smollm2-135m-instruct`)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=20, help="the first N requests of the list")
+    ap.add_argument("--seconds", type=float, default=None, help="no request is submitted after this many seconds of an arm")
+    ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER per arm (see above)")
+    ap.add_argument("--order", default="0,1,2,0", help="arm indices in run order (repeats allowed)")
+    ap.add_argument("--decode", default="16x400x20x3", help="decoding steps timed ROWSxWIDTHxSTEPSxREPEATS ('' skips)")
+    ap.add_argument("--rates", default="1x64,1x128,2x128,2x256,4x256", help="prefill sizes ROWSxWIDTH to time ('' skips)")
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.cache_utils import DynamicLayer
+
+    from benchmarks._cli import stamp
+    from benchmarks.serve_load import real_requests
+    from ftray.serve.batcher import _RoomyLayer
+    from ftray.serve.config import Deployment, GenerationModel
+    from ftray.serve.engine import LoraEngine
+
+    t0, load0 = time.time(), os.getloadavg()
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.smollm2)
+    reqs = []
+    for r in real_requests(a.requests, 0, 16, 128):
+        text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+        reqs.append({"adapter": None, "input_ids": tok(text, add_special_tokens=False)["input_ids"], "max_tokens": r["max_tokens"],
+                     "temperature": 0.0, "logit_bias": {tok.eos_token_id: -100.0}, "stop": None})
+    arms = [(OLD if b == "old" else int(b), layer) for b, layer in (x.split("/") for x in a.arms.split(","))]
+    order = [int(x) for x in a.order.split(",")]
+    engine = LoraEngine(GenerationModel(name="smollm2", base=a.smollm2, deployment=Deployment(max_batch_size=32, num_cpus=a.threads)),
+                        device="cpu")
+    rates = prefill_rates(engine, [tuple(int(v) for v in s.split("x")) for s in a.rates.split(",")]) if a.rates else []
+    engine.generate([{**reqs[0], "max_tokens": 2}])  # warm-up
+    dec = decode_steps(engine, *(int(v) for v in a.decode.split("x"))) if a.decode else None
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(arms))}
+    for i in order:
+        engine.batcher.prefill_tokens = arms[i][0]
+        engine.batcher._layer = {"dynamic": DynamicLayer, "roomy": _RoomyLayer}[arms[i][1]]
+        r = closed_loop(engine, reqs, a.concurrency, a.seconds)
+        runs[i].append(r)
+        print(arms[i], r, flush=True)
+    write(a, arms, order, runs, rates, dec, reqs, stamp(t0, load0))
+
+
+def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
+    def name(arm: tuple[int, str]) -> str:
+        b, layer = arm
+        return ("one prefill for all" if b == OLD else f"groups of <= {b} tokens") + (
+            ", DynamicLayer (torch.cat)" if layer == "dynamic" else ", cache with room (in place)") + (" = main" if arm == MAIN else "")
+
+    lines = ["# The continuous batcher in process: one prefill for all vs token-budgeted groups (SmolLM2-135M)", "", stamped, "",
+             f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, in process (no Ray, no HTTP). "
+             f"Requests: `serve_load.py --real`'s list (seed 0, chat template, prompts {min(len(r['input_ids']) for r in reqs)}-"
+             f"{max(len(r['input_ids']) for r in reqs)} tokens, `max_tokens` 16-128, greedy, EOS banned by `logit_bias`), streamed; "
+             f"concurrency {a.concurrency}, closed loop over the first {a.requests}"
+             + (f", none submitted after {a.seconds:g} s of an arm (those in flight finish and count)" if a.seconds else "")
+             + f". Torch threads: {a.threads}{THREADS_NOTE if a.threads == 1 else ''}. Arms in this order, one process: {'; '.join(name(arms[i]) for i in order)}. "
+             "Time to first token (TTFT): submit to first token; time per output token (TPOT): (last - first) / (tokens - 1); "
+             "p50/p95 nearest rank. Noisy machine (shared): compare arms of this run only.", "",
+             "| arm | run | requests | out/asked tokens | prompt tokens (mean) | steps | wall s | output tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, arm in enumerate(arms):
+        for k, r in enumerate(runs[i]):
+            lines.append(f"| {name(arm)} | {k + 1} | {r['requests']} | {r['out_tokens']}/{r['asked']} | {r['prompt_mean']:.0f} | {r['steps']} | "
+                         f"{r['wall_s']:.1f} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['tpot_p50_ms']:.0f} |")
+    if MAIN in arms:
+        base = runs[arms.index(MAIN)]
+        lines += ["", "Ratios to main's batcher (means over each arm's runs; output tok/s higher is better, the others lower):", ""]
+        for i, arm in enumerate(arms):
+            if arm == MAIN or not runs[i]:
+                continue
+
+            def mean(rs, key):
+                return statistics.mean(r[key] for r in rs)
+
+            lines.append(f"- {name(arm)}: output tok/s {mean(runs[i], 'tok_s') / mean(base, 'tok_s'):.2f}x, "
+                         f"TTFT p50 {mean(runs[i], 'ttft_p50_ms') / mean(base, 'ttft_p50_ms'):.2f}x, "
+                         f"TTFT p95 {mean(runs[i], 'ttft_p95_ms') / mean(base, 'ttft_p95_ms'):.2f}x, "
+                         f"TPOT p50 {mean(runs[i], 'tpot_p50_ms') / mean(base, 'tpot_p50_ms'):.2f}x")
+    if dec:
+        rows, width, steps, repeats = (int(v) for v in a.decode.split("x"))
+        med = {k: statistics.median(v) for k, v in dec.items()}
+        lines += ["", f"Decoding steps alone: {rows} rows over a cache of {width} columns (random keys and values), {steps} steps, "
+                  f"the two cache layers interleaved {repeats} times; ms per step (each time's mean):", "",
+                  "| cache layer | ms per step | median |", "|---|---|---|",
+                  *(f"| {k} | {', '.join(f'{x * 1000:.0f}' for x in v)} | {med[k] * 1000:.0f} |" for k, v in dec.items()), "",
+                  f"Room in place / DynamicLayer, median step time: {med['roomy'] / med['dynamic']:.2f}x."]
+    if rates:
+        lines += ["", "One prefill (no padding), median of 3: tokens/s by size (the budget is the smallest size at about the "
+                  "largest rate: larger groups prefill no faster per token and only delay first tokens):", "",
+                  "| rows x width | tokens | s | tokens/s |", "|---|---|---|---|"]
+        lines += [f"| {r['rows']} x {r['width']} | {r['tokens']} | {r['s']:.2f} | {r['tok_s']:.0f} |" for r in rates]
+    out = ROOT / "benchmarks" / "results" / "batcher_inprocess.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]) + f"\n\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
