@@ -7,11 +7,6 @@ __all__ = ["MethodBase"]
 
 
 class MethodBase:
-    def recorded_spec(self, spec):
-        """The spec as run.json records it: with what the run resolved from its data filled in (classify: its
-        label names), so that `ftray eval`, merging and serving never read the training file again."""
-        return spec
-
     def metrics(self, spec) -> set[str]:
         """The keys its evaluation reports for this job (`summarize`), each logged as `eval/<key>`: what a
         sweep's `metric` may name."""

@@ -73,11 +73,6 @@ class Classify(MethodBase):
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "accuracy", "macro_f1"}
 
-    def recorded_spec(self, spec):
-        if spec.method.labels:
-            return spec
-        return spec.model_copy(update={"method": spec.method.model_copy(update={"labels": label_names(spec)})})
-
     def check(self, spec, tokenizer, config, train_rows, eval_rows) -> None:
         from ftray.config import SpecError
 

@@ -221,6 +221,13 @@ class ScorerEngine:
                 raise ValueError(f"scorers[{cfg.name}]: {cfg.path} is a run whose run.json has no spec naming its method")
             from ftray.methods import get_method, load_run_model
 
+            if not resolved.adapter and getattr(spec.method, "labels", "") is None:
+                # A full classifier's label names are in its saved config: serving it needs no training file.
+                import json
+
+                names = json.loads(storage.read_text(storage.file_in(str(resolved.base), "config.json"))).get("id2label") or {}
+                labels = [names[k] for k in sorted(names, key=int)]
+                spec = spec.model_copy(update={"method": spec.method.model_copy(update={"labels": labels})})
             self.method = get_method(spec.method.kind)
             model = load_run_model(spec, resolved, merge=True, method=self.method)
         else:  # a plain model folder: its config carries the head and label names

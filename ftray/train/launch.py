@@ -294,7 +294,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
     record = {
         "status": "completed",
         "name": spec.run_name,
-        "spec": get_method(spec.method.kind).recorded_spec(spec).model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json"),
         "parent_run": plan.resolved.parent_run,
         "base_model": plan.resolved.base,
         "data": {k: meta[k] for k in ("key", "path", "train", "eval") if k in meta},
