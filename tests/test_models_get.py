@@ -4,6 +4,7 @@ one-line refusals: a missing package, an unknown name, a local model path that d
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +61,32 @@ def test_smollm2_logits_equal_the_gguf_model(smollm2):
     ids = AutoTokenizer.from_pretrained(smollm2)("What is 7+12?", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(saved(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_two_lora_steps_on_smollm2_in_process(smollm2, arith, cache_dir, tmp_path):
+    """The real decoder through the in-process loop (one worker, DeepSpeed ZeRO-2, no Ray): 2 LoRA steps on q/v
+    of all 30 layers. Only the adapter trains (r 4 on q_proj 576x576 and v_proj 576x192 per layer), the base's 134.5M
+    stay frozen, and the saved adapter loads over the `ftray models get` folder with peft and changes its output."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests._specs import run_here
+
+    out = tmp_path / "run"
+    record = run_here(job_dict(smollm2, arith[0], None, out, cache_dir, train__max_steps=2, train__global_batch_size=2,
+                               train__micro_batch_size=2, train__lr=1e-2, train__warmup_steps=0, data__max_length=32,
+                               scaling__num_workers=1))
+    assert record["status"] == "completed" and record["train"]["steps"] == 2
+    assert math.isfinite(record["train"]["final_loss"])
+    lora = 30 * 4 * ((576 + 576) + (576 + 192))  # A: r x in, B: out x r, per layer for q and v
+    assert record["trainable"]["trainable_params"] == lora
+    assert record["trainable"]["total_params"] == SMOLLM2_PARAMS + lora
+    base = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    ids = AutoTokenizer.from_pretrained(smollm2)("12+34=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "adapter").eval()(ids).logits
+    assert torch.isfinite(tuned).all() and (tuned - before).abs().max() > 1e-4
 
 
 def test_get_again_leaves_a_complete_model_alone(smollm2, capsys):
