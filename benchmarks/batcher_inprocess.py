@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 OLD = 10**9  # a budget no burst reaches: every waiting request in one prefill, as before groups
 MAIN = (OLD, "dynamic")  # git main's batcher
-THREADS_NOTE = (" (not 2: this run shared the 2 cores with a 2-worker training job, and 2 OpenMP threads then stall each"
-                " other: a 64-token forward took 5.7-6.7 s with 2 threads against 0.46-0.56 s with 1)")
+THREADS_NOTE = (" (fewer than the server's 2: with other work on the 2 cores, 2 OpenMP threads per forward stall each"
+                " other)")
 
 
 def prefill_rates(engine, sizes: list[tuple[int, int]], repeats: int = 3) -> list[dict]:

@@ -42,12 +42,6 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train_arm(kind: str, gc: bool, steps: int, out: Path) -> dict:
     """One arm, in this (fresh) process."""
     from ftray.config import load_spec
@@ -71,6 +65,7 @@ def logp_arm(how: str, rows: int, length: int) -> dict:
     import torch
 
     from ftray.methods.losses import token_logps
+    from ftray.train.loop import _peak_memory_mb  # what run.json records for the training arms
 
     torch.manual_seed(0)
     vocab = 49152
@@ -84,7 +79,7 @@ def logp_arm(how: str, rows: int, length: int) -> dict:
         lp = torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     lp.sum().backward()
     return {"arm": f"per-token log-probs, {'selective log-softmax (token_logps)' if how == 'selective' else 'full log_softmax + gather'}",
-            "how": how, "peak_above_mb": _peak_mb() - before, "logits_mb": rows * length * vocab * 4 / 2**20,
+            "how": how, "peak_above_mb": _peak_memory_mb(torch.device("cpu")) - before, "logits_mb": rows * length * vocab * 4 / 2**20,
             "checksum": float(lp.detach().sum())}
 
 
