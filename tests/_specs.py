@@ -22,6 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shm_buffers_since(t0: float) -> list[str]:
+    """DeepSpeed's shared-memory allreduce buffers (this user's) created at or after `t0` that still have a name:
+    a run must unlink its own (`loop._unlink_shm_buffer`), or each fit leaves ~64 MiB of RAM per rank behind."""
+    import os
+    import time
+
+    out = []
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if f.stat().st_mtime >= t0 - 1:
+                out.append(f"{f.name} ({time.time() - f.stat().st_mtime:.0f} s old)")
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def needs_shared(*parts: str) -> Path:
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():

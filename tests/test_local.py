@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from tests._specs import ROOT, job_dict
+from tests._specs import ROOT, job_dict, shm_buffers_since
 
 NO_RAY = """
 import sys
@@ -25,9 +26,11 @@ sys.exit(rc)
 def test_in_process_cli_trains_without_importing_ray(tiny_model, arith, cache_dir, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(job_dict(tiny_model, arith[0], arith[1], tmp_path / "run", cache_dir, train__max_steps=2)))
+    t0 = time.time()
     r = subprocess.run([sys.executable, "-c", NO_RAY, "train", str(job), "--in-process"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert shm_buffers_since(t0) == []  # the process's DeepSpeed buffer was unlinked (it exited without doing so)
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "ray modules: []" and lines[-2] == f"run: {tmp_path / 'run'}", lines[-5:]
     assert "1 worker instead of scaling.num_workers 2" in r.stdout

@@ -354,6 +354,32 @@ def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
             pass
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def _shm_buffer_name(rank: int) -> str:
+    """The POSIX shared-memory file DeepSpeed's CPU allreduce (ops/csrc/cpu/comm/shm.cpp) creates for `rank`
+    when every rank is on one machine, from the same variables it reads."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int, world: int) -> None:
+    """DeepSpeed never unlinks its 66 MiB shared-memory buffer per rank: RAM (tmpfs) that outlives the process,
+    left by every `ftray train --in-process` and every process that ran `run_local`. (Ray Train's workers set no
+    LOCAL_SIZE, so DeepSpeed makes none there.) Each rank maps every peer's buffer while `init_distributed`
+    runs; once all have (the barrier), the names can go and the mappings stay until each process exits, so
+    nothing is left behind whatever way the run ends."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier()
+    try:
+        (SHM_DIR / _shm_buffer_name(rank)).unlink()
+    except OSError:
+        pass  # not created (ranks on several machines, the op not built) or another OS
+
+
 def train_fn_per_worker(config: dict) -> None:
     """What each Ray Train worker runs (TorchTrainer has set up torch.distributed)."""
     run_worker(config, RayTrainSession(config.get("resume_from")))
@@ -372,6 +398,7 @@ def run_worker(config: dict, session) -> dict:
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     _clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
+    _unlink_shm_buffer(rank, world)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if spec.scaling.use_gpu else torch.device("cpu")
     # Ray Train patches print() to tee into its logger, which shows every line twice; the
     # process's real stdout is what `ray job logs` and the driver console stream.
