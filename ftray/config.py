@@ -540,7 +540,8 @@ class OutputSpec(_Strict):
     publish_name: str | None = Field(
         None,
         description="The adapter's name under `output.publish_to`, as requests name it (`base:NAME`): letters, "
-        "digits, '.', '_', '-', at most 64 (default: the run's `name`, else `output.dir`'s last folder).",
+        "digits, '.', '_', '-', at most 64 (default: the run's `name`, else `output.dir`'s last folder). A sweep's "
+        "trials publish as `<this, else the job's name, else the sweep's>-<trial folder>`, side by side.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in `<output.dir>/checkpoints`.")
     checkpoint_upload: Literal["async", "sync"] = Field(

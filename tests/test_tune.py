@@ -59,6 +59,21 @@ def test_valid_sweep_checks_every_bound_and_value(tmp_path):
     assert jobs[0].data.cache_dir == str(FAKE / "cache")
 
 
+def test_trials_publish_under_their_own_names(tmp_path):
+    """A base job that publishes its adapter (`output.publish_to`): each trial under its own name, or they would
+    overwrite one another's versions under the base job's one name."""
+    from ftray.tune.spec import trial_spec
+
+    for over, stem in (({"output__publish_name": "live"}, "live-"), ({"name": "sft"}, "sft-"), ({}, "sweep-")):
+        name = over.pop("name", None)
+        base = {**fake_base(output__publish_to=str(tmp_path / "registry"), **over), **({"name": name} if name else {})}
+        sweep, jobs = sweep_from_dict(sweep_dict(base, tmp_path / "sweep"))
+        names = [trial_spec(sweep, {}, str(tmp_path / "sweep" / "trials" / t)).output.publish_name for t in ("a_1", "a_2")]
+        assert names == [f"{stem}a_1", f"{stem}a_2"], (over, names)
+    plain, _ = sweep_from_dict(sweep_dict(fake_base(), tmp_path / "plain"))
+    assert trial_spec(plain, {}, str(tmp_path / "t" / "a_1")).output.publish_to is None
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

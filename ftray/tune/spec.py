@@ -185,6 +185,13 @@ def trial_spec(sweep: SweepSpec, config: dict[str, Any], out_dir: str, source: s
     """The job a trial runs: base + fixed + resources + the sampled values, its own run folder."""
     d = merge(_base_dict(sweep), nest((k, config[k]) for k in sweep.search if k in config))
     d = merge(d, {"output": {"dir": out_dir}})
+    out = d.get("output") or {}
+    if out.get("publish_to"):
+        # Trials publish side by side: the base job's name (or `publish_name`) is every trial's, and they would
+        # overwrite one another's adapter under one name. Each gets `<name>-<trial folder>`, where name is the
+        # base job's `publish_name`, else its `name`, else the sweep's.
+        stem = out.get("publish_name") or d.get("name") or sweep.sweep_name
+        d = merge(d, {"output": {"publish_name": f"{stem}-{out_dir.rstrip('/').rsplit('/', 1)[-1]}"}})
     if not (d.get("data") or {}).get("cache_dir"):
         # One data cache for the whole sweep (and for best.yaml), not one per trial folder.
         d = merge(d, {"data": {"cache_dir": storage.join(sweep.output.dir, ".ftray-cache")}})
