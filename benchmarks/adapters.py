@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = rec["timings"].get("total_s", float("nan"))
         t = rec["trainable"]
         mem = max(r.get("peak_memory_mb", 0.0) for r in rec["placement"]["ranks"])
-        tok_s = rec["train"]["trained_tokens"] / max(rec["train"]["train_seconds"], 1e-9)
+        tok_s = rec["train"].get("process_trained_tokens", rec["train"]["trained_tokens"]) / max(rec["train"]["train_seconds"], 1e-9)
         rows.append(f"| {name} | {t['trainable_params']:,} ({t['trainable_pct']:.2f} %) | {mem:,.0f} | {tok_s:,.0f} | "
                     f"{rec['eval']['before']['eval_loss']:.3f} | {rec['eval']['after']['eval_loss']:.3f} | {wall:.0f} |")
     text = "\n".join([

@@ -125,7 +125,7 @@ def judge(job: str, kind: str, n: int) -> dict:
     out = {
         "job": job, "kind": kind, "method": spec.method.kind, "adapter": spec.adapter.kind,
         "zero_stage": spec.deepspeed.zero_stage, "steps": train["steps"], "train_seconds": train["train_seconds"],
-        "trained_tokens": train["trained_tokens"], "tokens_per_s": train["trained_tokens"] / train["train_seconds"],
+        "trained_tokens": train["trained_tokens"], "tokens_per_s": train.get("process_trained_tokens", train["trained_tokens"]) / train["train_seconds"],
         "wall_seconds": rec["timings"]["total_s"],
         "eval_before": rec["eval"]["before"], "eval_after": rec["eval"]["after"],
     }

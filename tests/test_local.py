@@ -89,7 +89,7 @@ def test_unusable_latest_checkpoints_fall_back_to_the_one_before(tiny_model, ari
     run = tmp_path / "run"
     d = job_dict(tiny_model, arith[0], None, run, cache_dir, train__max_steps=8, train__checkpoint_every=2,
                  output__keep_checkpoints=3, adapter__dropout=0.1)
-    run_here(d)
+    first = run_here(d)
     straight = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [f"checkpoint_local_00000{s}" for s in (4, 6, 8)]
@@ -110,5 +110,7 @@ def test_unusable_latest_checkpoints_fall_back_to_the_one_before(tiny_model, ari
     assert f"checkpoint {ckpts / 'checkpoint_local_000006'} cannot be resumed from: " in out, out[-3000:]
     assert "resumed from checkpoint at step 4/8 (not from " in out
     assert record["train"]["resumed_from_step"] == 4 and record["train"]["steps"] == 8
+    # The tokens of all 8 steps, the 4 before the resume included.
+    assert record["train"]["trained_tokens"] == first["train"]["trained_tokens"] > 0, (first["train"], record["train"])
     got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert max((got[k] - straight[k]).abs().max().item() for k in got) <= 1e-6

@@ -306,6 +306,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "steps": m.get("step"),
             "final_loss": m.get("loss"),
             "trained_tokens": m.get("trained_tokens"),
+            "process_trained_tokens": m.get("process_trained_tokens"),
             "precision": m.get("precision"),
             "train_seconds": m.get("train_seconds"),
             "finish_seconds": m.get("finish_seconds"),

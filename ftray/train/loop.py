@@ -595,7 +595,10 @@ def run_worker(config: dict, session) -> dict:
         # What saving and storing the checkpoints taken while training cost the step path (rank 0's
         # seconds); with `output.checkpoint_upload: async` the upload itself is not in it.
         "checkpoint_seconds": stored_s,
-        "trained_tokens": tokens_done,
+        # Every step's tokens, the steps before a resume included (their records came with the checkpoint); this
+        # process's share is what it trained in `train_seconds` (the step lines' tok/s).
+        "trained_tokens": sum(h["tokens"] for h in history if "tokens" in h),
+        "process_trained_tokens": tokens_done,
         "precision": precision,
         "placement": placement,
         # Where this process started: the checkpoint step it resumed from (None: from scratch) and the
