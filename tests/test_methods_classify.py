@@ -208,12 +208,19 @@ def _check_run(record: dict, out: Path, adapter: str, signs, capsys) -> None:
         model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
         assert model.config.id2label == {0: "big", 1: "small"}
         assert record["trainable"]["trainable_params"] < record["trainable"]["total_params"] / 2
+    assert record["method_record"] == {"labels": ["big", "small"]}  # what serving and eval read back
     # `ftray eval RUN --data FILE` on the run folder (full model or adapter) gives the metrics the run
-    # recorded at its end.
+    # recorded at its end, from a copy whose training file is gone (another machine): the label names
+    # come from run.json's `method_record`.
     from ftray.cli import main
 
+    moved = out.parent / f"{out.name}-moved"
+    shutil.copytree(out, moved)
+    rec = json.loads((moved / "run.json").read_text())
+    rec["spec"]["data"]["train"] = str(out.parent / "gone.jsonl")
+    (moved / "run.json").write_text(json.dumps(rec))
     capsys.readouterr()
-    assert main(["eval", str(out), "--data", str(signs[1])]) == 0
+    assert main(["eval", str(moved), "--data", str(signs[1])]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["method"] == "classify" and line["rows"] == 32
     assert abs(line["accuracy"] - a["accuracy"]) < 1e-6 and abs(line["eval_loss"] - a["eval_loss"]) < 1e-4

@@ -10,10 +10,10 @@ __all__ = ["evaluate"]
 
 def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
     from ftray.config import SpecError, resolve_paths, spec_from_dict
-    from ftray.methods import REGISTRY
+    from ftray.methods import REGISTRY, run_spec
     from ftray.runs import RunFolder
 
-    spec = RunFolder(run).spec()
+    spec = run_spec(RunFolder(run))
     if spec is not None:
         if method and method != spec.method.kind:
             raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")

@@ -29,7 +29,7 @@ from ftray.methods import (
 )
 from ftray.methods._base import MethodBase
 
-__all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method", "load_run_model"]
+__all__ = ["EvalContext", "Method", "REGISTRY", "check_method", "get_method", "load_run_model", "run_spec"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ class Method(Protocol):
     #   state_dict() / load_state_dict(state)  what a checkpoint carries of the method (ppo's KL coefficient)
     #   logits(model, input_ids, attention_mask)  the head's output as loss and evaluation compute it; what
     #                                   serving scores with (classify's `method.pooling: mean` pools itself)
+    #   recorded(spec) -> dict / with_recorded(spec, record)  what the run settled from its training data
+    #                                   (classify's label names), kept in run.json and read back (`run_spec`)
     # `loss` may return more numbers in its info dict than `target_tokens`: the loop logs them every step
     # as `train/<key>`, averaged over micro-batches and ranks (`*_min` / `*_max`: the extreme; `*_s`:
     # seconds, summed over micro-batches, also logged as `train/<name>_share` of the step time).
@@ -109,6 +111,16 @@ REGISTRY: dict[str, type[MethodBase]] = {
 def get_method(kind: str) -> Method:
     """A new instance of the method `kind` (its per-run state starts empty)."""
     return REGISTRY[kind]()
+
+
+def run_spec(run):
+    """The spec of the finished run in `run` (a RunFolder) with what its method recorded in run.json filled in
+    (`MethodBase.with_recorded`), or None for a folder that is not a run. The checkpoints and run.json keep
+    the spec as written, so a resume compares like with like."""
+    spec = run.spec()
+    if spec is None:
+        return None
+    return get_method(spec.method.kind).with_recorded(spec, run.record().get("method_record") or {})
 
 
 def load_run_model(spec, resolved, dtype=torch.float32, merge: bool = False, method: Method | None = None):

@@ -56,3 +56,13 @@ class MethodBase:
 
     def save_extra(self, model, tokenizer, folder, spec) -> None:
         """Files beside a fully saved model that make it load in the usual tools."""
+
+    def recorded(self, spec) -> dict:
+        """What the job settled from its training data that judging or serving the run needs (classify: the
+        label names when `method.labels` is unset), kept in run.json's `method_record`."""
+        return {}
+
+    def with_recorded(self, spec, record: dict):
+        """The run's spec with `recorded`'s values filled in (`methods.run_spec`): evaluation and serving read
+        no training file, which another machine may not have."""
+        return spec

@@ -88,6 +88,14 @@ class Classify(MethodBase):
                     f"only in train: {sorted(train - held)})"
                 )
 
+    def recorded(self, spec) -> dict:
+        return {} if spec.method.labels else {"labels": label_names(spec)}
+
+    def with_recorded(self, spec, record: dict):
+        if spec.method.labels or not record.get("labels"):
+            return spec
+        return spec.model_copy(update={"method": spec.method.model_copy(update={"labels": list(record["labels"])})})
+
     def load_base(self, path, dtype, spec):
         from transformers import AutoModelForSequenceClassification
 

@@ -216,18 +216,11 @@ class ScorerEngine:
         if resolved.adapter or (cfg.kind != "embedding" and run.has_record()):
             # A run (e.g. classify + LoRA, or a full classifier): its model as the run built it (head, labels,
             # pooling, adapter), as `ftray eval` loads it.
-            spec = run.spec()
+            from ftray.methods import get_method, load_run_model, run_spec
+
+            spec = run_spec(run)  # with what training settled (classify's label names): no training file read
             if spec is None:
                 raise ValueError(f"scorers[{cfg.name}]: {cfg.path} is a run whose run.json has no spec naming its method")
-            from ftray.methods import get_method, load_run_model
-
-            if not resolved.adapter and getattr(spec.method, "labels", "") is None:
-                # A full classifier's label names are in its saved config: serving it needs no training file.
-                import json
-
-                names = json.loads(storage.read_text(storage.file_in(str(resolved.base), "config.json"))).get("id2label") or {}
-                labels = [names[k] for k in sorted(names, key=int)]
-                spec = spec.model_copy(update={"method": spec.method.model_copy(update={"labels": labels})})
             self.method = get_method(spec.method.kind)
             model = load_run_model(spec, resolved, merge=True, method=self.method)
         else:  # a plain model folder: its config carries the head and label names

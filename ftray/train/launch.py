@@ -300,6 +300,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
         "data": {k: meta[k] for k in ("key", "path", "train", "eval") if k in meta},
         "data_hash": meta["key"],
         "eval": {"before": m.get("before", {}), "after": m.get("after", {})},
+        "method_record": get_method(spec.method.kind).recorded(spec),  # read back by `methods.run_spec`
         "trainable": m.get("trainable", {}),
         "adapter": m.get("adapter", {}),  # what the adapter became (AdaLoRA: final ranks per module)
         "train": {
