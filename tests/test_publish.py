@@ -70,7 +70,9 @@ def test_endpoint_answers_follow_the_adapter_a_running_job_publishes(ray_local, 
     }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="publish", route_prefix="/")
-    steps, every = 24, 4
+    # Six versions, ~0.7 s apart: the tiny model trains 24 steps a second, and an answer read between two
+    # publishes (the check below) needs a version to stay up longer than one request.
+    steps, every = 96, 16
     job = job_dict(tiny_model, arith[0], None, out, cache_dir, train__max_steps=steps, train__checkpoint_every=every,
                    train__lr=1e-2, train__log_every=every, output__publish_to=str(pub), output__publish_name="live")
 
