@@ -1,13 +1,15 @@
-"""`reward` on a real decoder, SmolLM2-135M-Instruct with a one-label sequence-classification head, judged on
-held-out preference pairs against the length-only heuristic (issue 15, item 2). Writes
+"""`reward` and `dpo` on a real decoder, SmolLM2-135M-Instruct: a one-label sequence-classification head trained
+as a reward model, and the policy itself trained by DPO (LoRA; the reference is the untouched model, the adapter
+disabled), judged on held-out preference pairs against the length-only heuristic (issue 15, items 2 and 3). Writes
 benchmarks/results/real_feedback.md whole (figures kept per piece in real_feedback.json, with the stamp of the
 script run that measured them).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/real_feedback.py [--arms lora-hh,lora-oasst,full-hh] [--steps 20] [--lock /tmp/ray.lock]
+    python benchmarks/real_feedback.py [--arms lora-hh,lora-oasst,full-hh,dpo-hh,dpo-oasst] [--steps 20] [--lock /tmp/ray.lock]
 
 Arms: LoRA (r 16, all linear layers; peft trains and saves the `score` head in full) on HH-RLHF harmless and on
-oasst1, and full fine-tuning on HH-RLHF harmless. Each training run is the in-process loop
+oasst1, and full fine-tuning on HH-RLHF harmless; DPO (`loss_type` sigmoid, beta 0.1, LoRA r 16 on all linear
+layers) on both sets, judged by its implicit reward beta x (log pi - log ref). Each training run is the in-process loop
 (`ftray.train.local.run_local`: one worker, DeepSpeed on one process, no Ray) on the train file less a validation
 split carved from it (seeded); the learning rate is chosen among the arm's candidates by pairwise accuracy on that
 validation split, never on the test split. The chosen run and the untouched model with a fresh head (seeded) are
@@ -38,13 +40,17 @@ DATASETS = {"hh": ("hh_rlhf_harmless", "HH-RLHF harmless"), "oasst": ("oasst1", 
 # Validation pairs carved from each train file (seeded): enough to tell two learning rates apart, few enough to
 # judge in well under a minute here.
 VAL_PAIRS = {"hh": 64, "oasst": 48}
-# arm -> (dataset, adapter, learning-rate candidates). LoRA moves few weights and takes a larger step; full
-# fine-tuning of a 135M model takes the usual reward-model step, one candidate (no choice made).
+# arm -> (dataset, adapter, learning-rate candidates, method). LoRA moves few weights and takes a larger step;
+# full fine-tuning of a 135M model takes the usual reward-model step, one candidate (no choice made).
 ARMS = {
-    "lora-hh": ("hh", "lora", (1e-4, 5e-4)),
-    "lora-oasst": ("oasst", "lora", (1e-4, 5e-4)),
-    "full-hh": ("hh", "full", (2e-5,)),
+    "lora-hh": ("hh", "lora", (1e-4, 5e-4), "reward"),
+    "lora-oasst": ("oasst", "lora", (1e-4, 5e-4), "reward"),
+    "full-hh": ("hh", "full", (2e-5,), "reward"),
+    "dpo-hh": ("hh", "lora", (1e-4, 5e-4), "dpo"),
+    "dpo-oasst": ("oasst", "lora", (1e-4, 5e-4), "dpo"),
 }
+# The figures of each method's `ftray eval`: (pairwise accuracy, mean margin).
+KEYS = {"reward": ("accuracy", "margin"), "dpo": ("reward_accuracy", "reward_margin")}
 LORA = ["adapter.r=16", "adapter.alpha=32", "adapter.target_modules=all-linear", "output.merge=true"]
 
 
@@ -63,11 +69,13 @@ def split(ds: str, seed: int) -> tuple[Path, Path]:
 
 
 def overrides(arm: str, lr: float, a) -> list[str]:
-    ds, adapter, _ = ARMS[arm]
+    ds, adapter, _, method = ARMS[arm]
     fit, _ = split(ds, a.seed)
+    # A DPO run keeps its adapter apart: disabling it gives the reference that its evaluation compares with.
+    lora = [x for x in LORA if method == "reward" or not x.startswith("output.merge")]
     return [
         f"model.path={BASE}", f"data.train={fit}", "data.eval=null", f"data.max_length={a.max_length}",
-        f"adapter.kind={adapter}", *(LORA if adapter == "lora" else []),
+        f"adapter.kind={adapter}", *(lora if adapter == "lora" else []),
         "train.epochs=null", f"train.max_steps={a.steps}", f"train.lr={lr}", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.warmup_ratio=null", "train.warmup_steps=2", "train.log_every=5",
         "train.checkpoint_every=1000", f"train.seed={a.seed}", "scaling.num_workers=1",
@@ -86,7 +94,7 @@ def train_one(arm: str, lr: float, a) -> dict:
     from ftray.train.local import run_local
 
     t0 = time.time()
-    rec = run_local(load_spec(ROOT / "jobs" / "reward.yaml", overrides(arm, lr, a)))
+    rec = run_local(load_spec(ROOT / "jobs" / f"{ARMS[arm][3]}.yaml", overrides(arm, lr, a)))
     tr = rec["data"]["train"]
     return {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
             "final_loss": rec["train"]["final_loss"], "rows": tr["rows"], "truncated": tr["truncated"],
@@ -172,61 +180,70 @@ def main() -> None:
         return saved[key]
 
     for arm in a.arms.split(","):
-        ds, _, lrs = ARMS[arm]
+        ds, _, lrs, method = ARMS[arm]
         test = PREF / f"{DATASETS[ds][0]}_test.jsonl"
         _, val = split(ds, a.seed)
         piece(f"info/{ds}/test/len{a.max_length}", pairs_info, test, a.max_length)
         piece(f"info/{ds}/val/len{a.max_length}-seed{a.seed}", pairs_info, val, a.max_length)
-        piece(f"before/{ds}/test/len{a.max_length}-seed{a.seed}", child, ["eval", str(BASE), str(test)], a)
+        if method == "reward":  # DPO's untouched policy is its reference: implicit reward 0, every pair a tie
+            piece(f"before/{ds}/test/len{a.max_length}-seed{a.seed}", child, ["eval", str(BASE), str(test)], a)
         for lr in lrs:
             piece(f"train/{arm}/lr{lr:g}/{tag}", child, ["train", arm, str(lr)], a)
             if len(lrs) > 1:
                 piece(f"val/{arm}/lr{lr:g}/{tag}", child, ["eval", str(run_dir(arm, lr, a)), str(val)], a)
-        best = max(lrs, key=lambda lr: saved[f"val/{arm}/lr{lr:g}/{tag}"]["accuracy"]) if len(lrs) > 1 else lrs[0]  # noqa: B023
+        acc = KEYS[method][0]
+        best = max(lrs, key=lambda lr: saved[f"val/{arm}/lr{lr:g}/{tag}"][acc]) if len(lrs) > 1 else lrs[0]  # noqa: B023
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
         saved[f"chosen/{arm}/{tag}"] = best
         path.write_text(json.dumps(saved, indent=1))
     write_markdown(saved, a, stamp(t0, load0))
 
 
-def _goal(after: dict) -> str:
-    beats = after["accuracy"] > after["length_heuristic_accuracy"]
+def _goal(after: dict, acc: str) -> str:
+    beats = after[acc] > after["length_heuristic_accuracy"]
     balanced = after["balanced_accuracy"] > 0.5
     return "**met**" if beats and balanced else (
         "missed: " + " and ".join(x for x, ok in (("not above the length heuristic", beats),
                                                    ("not above 0.5 on the balanced subset", balanced)) if not ok))
 
 
+def _both(after: dict, acc: str) -> str:
+    return "yes" if after[acc] > max(h := after["length_heuristic_accuracy"], 1 - h) else "**no**"
+
+
 def write_markdown(saved: dict, a, stamped: str) -> None:
     tag = f"s{a.steps}-len{a.max_length}-seed{a.seed}"
     arms = [arm for arm in ARMS if f"chosen/{arm}/{tag}" in saved]
     lines = [
-        "# `reward` on SmolLM2-135M-Instruct against the length heuristic (benchmarks/real_feedback.py)",
+        "# `reward` and `dpo` on SmolLM2-135M-Instruct against the length heuristic (benchmarks/real_feedback.py)",
         "",
         f"Written by {stamped}",
         "",
-        "SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`) with a one-label sequence-classification "
-        "head (`LlamaForSequenceClassification`: it scores the last non-pad token of the conversation rendered by the "
-        "chat template, as `/v1/rewards` does), trained with the Bradley-Terry loss by the in-process loop "
+        "SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`), trained by the in-process loop "
         f"(`run_local`: one worker, DeepSpeed ZeRO-2 on one process, fp32, CPU), {a.steps} optimizer steps of 8 pairs "
-        f"(micro-batch 4, 2 warm-up steps), replies cut at {a.max_length} tokens (history + prompt + reply). "
+        f"(micro-batch 4, 2 warm-up steps), conversations cut at {a.max_length} tokens (history + prompt + reply). "
         "The learning rate is chosen by pairwise accuracy on a validation split carved from the train file (seed "
         f"{a.seed}: {VAL_PAIRS['hh']} HH pairs, {VAL_PAIRS['oasst']} oasst1 pairs), which the run does not train on; "
-        "the test split is judged once, by the chosen run. *Before*: the untouched model with a fresh head (seed "
-        f"{a.seed}) on the same pairs and cut. *Length heuristic*: the longer reply is the chosen one "
+        "the test split is judged once, by the chosen run. *Length heuristic*: the longer reply is the chosen one "
         "(`ftray.metrics.length_baseline`, characters; a tie counts half). *Balanced*: the pairs whose replies' "
-        "lengths differ by at most 20 %, where that heuristic is near a coin toss. Goal (issue 15, item 2): held-out "
-        "accuracy above the length heuristic, and above 0.5 on the balanced subset. Where the shorter reply is the "
-        "chosen one more often (HH harmless), the heuristic is below 0.5 and its reverse, *shorter wins* (a tie "
-        "counts half either way), is the rule a model could learn from length alone: the last column asks for more "
-        "than both.",
+        "lengths differ by at most 20 %, where that heuristic is near a coin toss. Goal (issue 15, items 2 and 3): "
+        "held-out accuracy above the length heuristic, and above 0.5 on the balanced subset. Where the shorter reply "
+        "is the chosen one more often (HH harmless), the heuristic is below 0.5 and its reverse, *shorter wins* (a "
+        "tie counts half either way), is the rule a model could learn from length alone: the last column asks for "
+        "more than both.",
+        "",
+        "## `reward`: a one-label sequence-classification head",
+        "",
+        "`LlamaForSequenceClassification` scores the last non-pad token of the conversation rendered by the chat "
+        "template, as `/v1/rewards` does; Bradley-Terry loss. *Before*: the untouched model with a fresh head (seed "
+        f"{a.seed}) on the same pairs and cut.",
         "",
         "| arm | test pairs | lr (chosen on validation) | steps | train s | accuracy before | accuracy after | length heuristic "
         "| shorter wins | balanced n | balanced before | balanced after | margin after | goal | above both length rules |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in arms:
-        ds, adapter, lrs = ARMS[arm]
+    for arm in (x for x in arms if ARMS[x][3] == "reward"):
+        ds, adapter, lrs, _ = ARMS[arm]
         best = saved[f"chosen/{arm}/{tag}"]
         info = saved[f"info/{ds}/test/len{a.max_length}"]
         before = saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
@@ -236,8 +253,33 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"| {adapter}, {DATASETS[ds][1]} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
             f"| {tr['train_seconds']:.0f} | {before['accuracy']:.3f} | {after['accuracy']:.3f} "
             f"| {after['length_heuristic_accuracy']:.3f} | {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} "
-            f"| {before['balanced_accuracy']:.3f} | {after['balanced_accuracy']:.3f} | {after['margin']:+.3f} | {_goal(after)} "
-            f"| {'yes' if after['accuracy'] > max(h := after['length_heuristic_accuracy'], 1 - h) else '**no**'} |"
+            f"| {before['balanced_accuracy']:.3f} | {after['balanced_accuracy']:.3f} | {after['margin']:+.3f} "
+            f"| {_goal(after, 'accuracy')} | {_both(after, 'accuracy')} |"
+        )
+    lines += [
+        "",
+        "## `dpo`: the policy itself, judged by its implicit reward",
+        "",
+        "LoRA (r 16, alpha 32, all linear layers), `loss_type` sigmoid, beta 0.1; the reference is the untouched "
+        "model (the adapter disabled). A pair is ranked by the implicit reward beta x (log pi - log ref) summed over "
+        "each reply's tokens. Before training every implicit reward is 0: every pair a tie, accuracy 0.5 by "
+        "construction, so no *before* run. `loss_type` ipo was not run (see the issue's closing note).",
+        "",
+        "| arm | test pairs | lr (chosen on validation) | steps | train s | implicit-reward accuracy | length heuristic "
+        "| shorter wins | balanced n | balanced accuracy | implicit-reward margin | goal | above both length rules |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in (x for x in arms if ARMS[x][3] == "dpo"):
+        ds, adapter, lrs, _ = ARMS[arm]
+        best = saved[f"chosen/{arm}/{tag}"]
+        info = saved[f"info/{ds}/test/len{a.max_length}"]
+        tr = saved[f"train/{arm}/lr{best:g}/{tag}"]
+        after = saved[f"test/{arm}/lr{best:g}/{tag}"]
+        lines.append(
+            f"| dpo {adapter}, {DATASETS[ds][1]} | {info['pairs']} | {best:g} | {tr['steps']} | {tr['train_seconds']:.0f} "
+            f"| {after['reward_accuracy']:.3f} | {after['length_heuristic_accuracy']:.3f} "
+            f"| {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} | {after['balanced_accuracy']:.3f} "
+            f"| {after['reward_margin']:+.4f} | {_goal(after, 'reward_accuracy')} | {_both(after, 'reward_accuracy')} |"
         )
     lines += [
         "",
@@ -248,21 +290,24 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
-        ds, _, lrs = ARMS[arm]
+        ds, _, lrs, method = ARMS[arm]
+        acc = KEYS[method][0]
         vinfo = saved[f"info/{ds}/val/len{a.max_length}-seed{a.seed}"]
         for lr in lrs:
             tr = saved[f"train/{arm}/lr{lr:g}/{tag}"]
             v = saved.get(f"val/{arm}/lr{lr:g}/{tag}")
-            figs = (f"{v['accuracy']:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
+            figs = (f"{v[acc]:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
             lines.append(f"| {arm} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
     chosen = {arm: saved[f"train/{arm}/lr{saved[f'chosen/{arm}/{tag}']:g}/{tag}"] for arm in arms}
     tested = {arm: saved[f"test/{arm}/lr{saved[f'chosen/{arm}/{tag}']:g}/{tag}"] for arm in arms}
-    untouched = {ds: saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"] for ds in dict.fromkeys(ARMS[x][0] for x in arms)}
+    untouched = {ds: saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
+                 for ds in dict.fromkeys(ARMS[x][0] for x in arms if ARMS[x][3] == "reward")}
     lines += ["", f"Training pairs with a reply cut at {a.max_length} tokens (chosen runs): "
               + "; ".join(f"{arm} {c['truncated']} of {c['rows']}" for arm, c in chosen.items()) + "."]
-    lines += ["", "Test evaluation seconds (`ftray eval`, one process, batches of 16 pairs): "
+    lines += ["", "Test evaluation seconds (`ftray eval`, one process, batches of 16 pairs; DPO's include the "
+              "reference's forward): "
               + "; ".join([f"untouched + fresh head, {ds}: {u['seconds']:.0f}" for ds, u in untouched.items()]
                           + [f"{arm}: {t['seconds']:.0f}" for arm, t in tested.items()]) + "."]
     missing = [arm for arm in ARMS if arm not in arms]
