@@ -224,7 +224,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         f"(micro-batch 4, 2 warm-up steps), conversations cut at {a.max_length} tokens (history + prompt + reply). "
         "The learning rate is chosen by pairwise accuracy on a validation split carved from the train file (seed "
         f"{a.seed}: {VAL_PAIRS['hh']} HH pairs, {VAL_PAIRS['oasst']} oasst1 pairs), which the run does not train on; "
-        "the test split is judged once, by the chosen run. *Length heuristic*: the longer reply is the chosen one "
+        "the test split is judged once, by the chosen run (a tie on validation goes to the smaller lr). *Length heuristic*: the longer reply is the chosen one "
         "(`ftray.metrics.length_baseline`, characters; a tie counts half). *Balanced*: the pairs whose replies' "
         "lengths differ by at most 20 %, where that heuristic is near a coin toss. Goal (issue 15, items 2 and 3): "
         "held-out accuracy above the length heuristic, and above 0.5 on the balanced subset. Where the shorter reply "
@@ -263,7 +263,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "LoRA (r 16, alpha 32, all linear layers), `loss_type` sigmoid, beta 0.1; the reference is the untouched "
         "model (the adapter disabled). A pair is ranked by the implicit reward beta x (log pi - log ref) summed over "
         "each reply's tokens. Before training every implicit reward is 0: every pair a tie, accuracy 0.5 by "
-        "construction, so no *before* run. `loss_type` ipo was not run (see the issue's closing note).",
+        "construction, so no *before* run. `loss_type` ipo was not run: one data set's arm takes ~35-45 min of "
+        "these 2 CPUs (two training runs, two validation and one test evaluation).",
         "",
         "| arm | test pairs | lr (chosen on validation) | steps | train s | implicit-reward accuracy | length heuristic "
         "| shorter wins | balanced n | balanced accuracy | implicit-reward margin | goal | above both length rules |",
