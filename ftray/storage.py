@@ -178,6 +178,16 @@ def size(path: str) -> int:
 
 
 def remove(path: str) -> None:
+    if not is_remote(path):
+        # Not fsspec's LocalFileSystem.rm: it compares the path with os.getcwd(), which raises when the process's
+        # working folder is gone (a Ray job driver whose runtime_env package a lost node's agent removed: the
+        # node-loss test, on one machine, at the end of a job that had succeeded).
+        local = Path(path.removeprefix("file://")).expanduser()
+        if local.is_dir() and not local.is_symlink():
+            shutil.rmtree(local)
+        elif local.exists() or local.is_symlink():
+            local.unlink()
+        return
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)

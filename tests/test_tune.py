@@ -295,8 +295,12 @@ def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local, mlflow
     # sweep's group: from Tune's trial actors and Ray Train workers, whose environment is not this process's.
     base = real_base(tiny_model, arith, cache_dir)
     base["output"].update(trackers=["mlflow", "wandb"], tracking_uri=mlflow_server, experiment="ftray-tests-sweep")
-    sweep, jobs = sweep_from_dict(sweep_dict(base, out, max_concurrent_trials=3,
-                                             num_samples=ASHA_TRIALS, resources={"workers": 1, "cpus_per_worker": 0.9}))
+    # 32 rows a step (8 micro-batches): on a fast machine 8 steps of 8 rows ended within a second, before
+    # ASHA's stop reached the trial, and all 5 completed (a fresh clone here, 2026-12-03).
+    d = sweep_dict(base, out, max_concurrent_trials=3, num_samples=ASHA_TRIALS,
+                   resources={"workers": 1, "cpus_per_worker": 0.9})
+    d["fixed"]["train.global_batch_size"] = 32
+    sweep, jobs = sweep_from_dict(d)
     t0 = time.time()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
