@@ -49,8 +49,8 @@ ARMS = {
     "dpo-hh": ("hh", "lora", (1e-4, 5e-4), "dpo"),
     "dpo-oasst": ("oasst", "lora", (1e-4, 5e-4), "dpo"),
 }
-# The figures of each method's `ftray eval`: (pairwise accuracy, mean margin).
-KEYS = {"reward": ("accuracy", "margin"), "dpo": ("reward_accuracy", "reward_margin")}
+# The pairwise accuracy of each method's `ftray eval`, by which the lr is chosen.
+ACCURACY = {"reward": "accuracy", "dpo": "reward_accuracy"}
 LORA = ["adapter.r=16", "adapter.alpha=32", "adapter.target_modules=all-linear", "output.merge=true"]
 
 
@@ -191,7 +191,7 @@ def main() -> None:
             piece(f"train/{arm}/lr{lr:g}/{tag}", child, ["train", arm, str(lr)], a)
             if len(lrs) > 1:
                 piece(f"val/{arm}/lr{lr:g}/{tag}", child, ["eval", str(run_dir(arm, lr, a)), str(val)], a)
-        acc = KEYS[method][0]
+        acc = ACCURACY[method]
         best = max(lrs, key=lambda lr: saved[f"val/{arm}/lr{lr:g}/{tag}"][acc]) if len(lrs) > 1 else lrs[0]  # noqa: B023
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
         saved[f"chosen/{arm}/{tag}"] = best
@@ -209,6 +209,15 @@ def _goal(after: dict, acc: str) -> str:
 
 def _both(after: dict, acc: str) -> str:
     return "yes" if after[acc] > max(h := after["length_heuristic_accuracy"], 1 - h) else "**no**"
+
+
+def _chosen(saved: dict, arm: str, a) -> tuple[str, str, float, dict, dict, dict]:
+    """An arm's data set, adapter, chosen lr, its test split's info, the chosen run's training and test figures."""
+    tag = f"s{a.steps}-len{a.max_length}-seed{a.seed}"
+    ds, adapter, _, _ = ARMS[arm]
+    best = saved[f"chosen/{arm}/{tag}"]
+    return (ds, adapter, best, saved[f"info/{ds}/test/len{a.max_length}"], saved[f"train/{arm}/lr{best:g}/{tag}"],
+            saved[f"test/{arm}/lr{best:g}/{tag}"])
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -243,12 +252,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in (x for x in arms if ARMS[x][3] == "reward"):
-        ds, adapter, lrs, _ = ARMS[arm]
-        best = saved[f"chosen/{arm}/{tag}"]
-        info = saved[f"info/{ds}/test/len{a.max_length}"]
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, a)
         before = saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
-        tr = saved[f"train/{arm}/lr{best:g}/{tag}"]
-        after = saved[f"test/{arm}/lr{best:g}/{tag}"]
         lines.append(
             f"| {adapter}, {DATASETS[ds][1]} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
             f"| {tr['train_seconds']:.0f} | {before['accuracy']:.3f} | {after['accuracy']:.3f} "
@@ -271,11 +276,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in (x for x in arms if ARMS[x][3] == "dpo"):
-        ds, adapter, lrs, _ = ARMS[arm]
-        best = saved[f"chosen/{arm}/{tag}"]
-        info = saved[f"info/{ds}/test/len{a.max_length}"]
-        tr = saved[f"train/{arm}/lr{best:g}/{tag}"]
-        after = saved[f"test/{arm}/lr{best:g}/{tag}"]
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, a)
         lines.append(
             f"| dpo {adapter}, {DATASETS[ds][1]} | {info['pairs']} | {best:g} | {tr['steps']} | {tr['train_seconds']:.0f} "
             f"| {after['reward_accuracy']:.3f} | {after['length_heuristic_accuracy']:.3f} "
@@ -292,7 +293,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
     ]
     for arm in arms:
         ds, _, lrs, method = ARMS[arm]
-        acc = KEYS[method][0]
+        acc = ACCURACY[method]
         vinfo = saved[f"info/{ds}/val/len{a.max_length}-seed{a.seed}"]
         for lr in lrs:
             tr = saved[f"train/{arm}/lr{lr:g}/{tag}"]
@@ -301,8 +302,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
             lines.append(f"| {arm} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
-    chosen = {arm: saved[f"train/{arm}/lr{saved[f'chosen/{arm}/{tag}']:g}/{tag}"] for arm in arms}
-    tested = {arm: saved[f"test/{arm}/lr{saved[f'chosen/{arm}/{tag}']:g}/{tag}"] for arm in arms}
+    chosen = {arm: _chosen(saved, arm, a)[4] for arm in arms}
+    tested = {arm: _chosen(saved, arm, a)[5] for arm in arms}
     untouched = {ds: saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
                  for ds in dict.fromkeys(ARMS[x][0] for x in arms if ARMS[x][3] == "reward")}
     lines += ["", f"Training pairs with a reply cut at {a.max_length} tokens (chosen runs): "

@@ -182,7 +182,7 @@ def remove(path: str) -> None:
         # Not fsspec's LocalFileSystem.rm: it compares the path with os.getcwd(), which raises when the process's
         # working folder is gone (a Ray job driver whose runtime_env package a lost node's agent removed: the
         # node-loss test, on one machine, at the end of a job that had succeeded).
-        local = Path(path.removeprefix("file://")).expanduser()
+        local = Path(filesystem(path)[1])
         if local.is_dir() and not local.is_symlink():
             shutil.rmtree(local)
         elif local.exists() or local.is_symlink():
