@@ -58,3 +58,21 @@ def count_params(model: Path) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model))).num_parameters()
+
+
+def child(script: str, piece: list[str], args: list[str], lock: str | None, logs: Path) -> dict:
+    """Run one piece of a benchmark (`python SCRIPT --one PIECE ARGS`) in a fresh process, under `flock LOCK` when
+    given, its stderr in LOGS; return the last JSON line it printed (exit if it failed)."""
+    cmd = [sys.executable, script, "--one", json.dumps(piece), *args]
+    cmd = (["flock", lock] if lock else []) + cmd
+    print("$", " ".join(cmd), flush=True)
+    log = logs / f"{'-'.join(Path(p).name for p in piece)[:120]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{piece} failed (exit {proc.returncode}); see {log}")
+    print(line, flush=True)
+    return json.loads(line)

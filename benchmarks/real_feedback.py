@@ -21,16 +21,17 @@ own process, under `flock LOCK` with `--lock` (one CPU-heavy user at a time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _cli import child as run_child  # noqa: E402
 from _cli import stamp  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
@@ -116,21 +117,48 @@ def eval_one(model: str, data: str, a) -> dict:
     return {**got, "seconds": time.time() - t0}
 
 
+def generate_one(run: str, data: str, out: str, a) -> dict:
+    """Greedy replies of a DPO run's policy (adapter on) and of the untouched model (adapter off) to the first
+    `--win-prompts` prompts of `data`, the same `--win-tokens` new tokens each, written to `out` as preference rows
+    (`chosen`: the policy's reply, `rejected`: the untouched model's), which a reward run's `ftray eval` then judges:
+    its pairwise accuracy is the policy's win rate (a tie counts half)."""
+    import torch
+
+    from ftray.data.rows import read_checked
+    from ftray.methods import get_method, load_run_model, run_spec
+    from ftray.models.load import load_tokenizer, resolve
+    from ftray.runs import RunFolder
+
+    t0 = time.time()
+    spec, resolved = run_spec(RunFolder(run)), resolve(run, None, "RUN")
+    model = load_run_model(spec, resolved, torch.float32, method=get_method(spec.method.kind)).eval()
+    tok = load_tokenizer(resolved.tokenizer)
+    tok.padding_side = "left"
+    rows = read_checked(data, "preference", "skip").rows[: a.win_prompts]
+    prompts = [tok.apply_chat_template([*r.get("history", []), {"role": "user", "content": r["prompt"]}],
+                                       tokenize=False, add_generation_prompt=True) for r in rows]
+    room = a.max_length - a.win_tokens  # the prompt keeps its end, as training cut it
+    ids = [tok(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
+    replies: dict[str, list[str]] = {"policy": [], "untouched": []}
+    for i in range(0, len(ids), 16):
+        enc = tok.pad({"input_ids": ids[i : i + 16]}, return_tensors="pt")
+        for side in replies:
+            with torch.no_grad(), (model.disable_adapter() if side == "untouched" else contextlib.nullcontext()):
+                g = model.generate(**enc, max_new_tokens=a.win_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            replies[side] += tok.batch_decode(g[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    Path(out).write_text("".join(
+        json.dumps({**{k: r[k] for k in ("prompt", "history") if k in r}, "chosen": p.strip(), "rejected": u.strip()}) + "\n"
+        for r, p, u in zip(rows, replies["policy"], replies["untouched"], strict=True)))
+    same = sum(p.strip() == u.strip() for p, u in zip(replies["policy"], replies["untouched"], strict=True))
+    mean = {k: sum(map(len, v)) / len(v) for k, v in replies.items()}
+    return {"prompts": len(rows), "identical_replies": same, "policy_chars": mean["policy"],
+            "untouched_chars": mean["untouched"], "seconds": time.time() - t0}
+
+
 def child(piece: list[str], a) -> dict:
-    cmd = [sys.executable, __file__, "--one", json.dumps(piece), "--steps", str(a.steps),
-           "--max-length", str(a.max_length), "--seed", str(a.seed)]
-    cmd = (["flock", a.lock] if a.lock else []) + cmd
-    print("$", " ".join(cmd), flush=True)
-    log = WORK / "logs" / f"{'-'.join(Path(p).name for p in piece)[:120]}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"{piece} failed (exit {proc.returncode}); see {log}")
-    print(line, flush=True)
-    return json.loads(line)
+    args = ["--steps", str(a.steps), "--max-length", str(a.max_length), "--seed", str(a.seed),
+            "--win-prompts", str(a.win_prompts), "--win-tokens", str(a.win_tokens)]
+    return run_child(__file__, piece, args, a.lock, WORK / "logs")
 
 
 # ---- the driver ----
@@ -158,11 +186,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="validation split, data order, head init")
     ap.add_argument("--lock", default=None, help="run each training run and evaluation under `flock LOCK`")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_feedback.json"))
+    ap.add_argument("--win", default="", help="DPO arms whose win rate over the untouched model to judge, by the "
+                    "chosen reward run of the same data set (e.g. dpo-hh)")
+    ap.add_argument("--win-prompts", type=int, default=128, help="test prompts of the win rate")
+    ap.add_argument("--win-tokens", type=int, default=64, help="new tokens of each greedy reply (both sides)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
         kind, *args = json.loads(a.one)
-        print(json.dumps(train_one(args[0], float(args[1]), a) if kind == "train" else eval_one(*args, a)))
+        fn = {"train": lambda arm, lr: train_one(arm, float(lr), a), "eval": lambda *x: eval_one(*x, a),
+              "generate": lambda *x: generate_one(*x, a)}[kind]
+        print(json.dumps(fn(*args)))
         return
     if not (BASE / "config.json").exists():
         sys.exit(f"{BASE}: missing; `ftray models get smollm2-135m-instruct runs/smollm2` writes it")
@@ -196,6 +230,16 @@ def main() -> None:
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
         saved[f"chosen/{arm}/{tag}"] = best
         path.write_text(json.dumps(saved, indent=1))
+    for arm in filter(None, a.win.split(",")):
+        ds, judge = ARMS[arm][0], f"lora-{ARMS[arm][0]}"
+        policy, rm_lr = run_dir(arm, saved[f"chosen/{arm}/{tag}"], a), saved[f"chosen/{judge}/{tag}"]
+        rm = run_dir(judge, rm_lr, a)
+        if not (rm / "run.json").exists():  # the judge's folder is gone: trained again, the same settings and seed
+            piece(f"retrain/{judge}/lr{rm_lr:g}/{tag}", child, ["train", judge, str(rm_lr)], a)
+        out = WORK / "data" / f"win-{arm}-{tag}-n{a.win_prompts}-t{a.win_tokens}.jsonl"
+        key = f"win/{arm}/{tag}/n{a.win_prompts}-t{a.win_tokens}"
+        piece(f"{key}/generate", child, ["generate", str(policy), str(PREF / f"{DATASETS[ds][0]}_test.jsonl"), str(out)], a)
+        piece(f"{key}/judge", child, ["eval", str(rm), str(out)], a)
     write_markdown(saved, a, stamp(t0, load0))
 
 
@@ -283,6 +327,37 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"| {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} | {after['balanced_accuracy']:.3f} "
             f"| {after['reward_margin']:+.4f} | {_goal(after, 'reward_accuracy')} | {_both(after, 'reward_accuracy')} |"
         )
+    wins = sorted(k for k in saved if k.startswith("win/") and k.endswith("/judge") and f"/{tag}/" in k)
+    if wins:
+        lines += [
+            "",
+            "## `dpo`: win rate over the untouched model, judged by the reward model",
+            "",
+            "The chosen DPO run's policy (adapter on) and the untouched model (adapter off) each answer the first test "
+            "prompts greedily, the same number of new tokens, the prompt cut to keep its end. The chosen `reward` run "
+            "of the same data set (LoRA, above) scores both replies; *win rate* is the share of prompts where it "
+            "scores the policy's reply higher (a tie, e.g. the same reply, counts half). *Longer reply wins*: the "
+            "same share for the rule \"the longer reply is better\", to show how much of the win is length. Goal "
+            "(item 3): above 50 %.",
+            "",
+            "| arm | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | longer reply "
+            "wins | balanced n | win rate on balanced | goal |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k in wins:
+            arm, n_t = k.split("/")[1], k.split("/")[3]
+            g, j = saved[k.removesuffix("/judge") + "/generate"], saved[k]
+            lines.append(
+                f"| {arm} | {g['prompts']} | {n_t.split('-t')[1]} | {g['identical_replies']} "
+                f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {j['accuracy']:.3f} "
+                f"| {j['length_heuristic_accuracy']:.3f} | {round(j['balanced_pairs'] * g['prompts'])} | {j['balanced_accuracy']:.3f} "
+                f"| {'**met**' if j['accuracy'] > 0.5 else 'missed'} |")
+        retrained = [k for k in saved if k.startswith("retrain/") and k.endswith(tag)]
+        if retrained:
+            lines += ["", "The judge's run folder was gone when the win rate was measured; it was trained again with the "
+                      "same settings and seed (" + "; ".join(f"`{k}`: final loss {saved[k]['final_loss']:.4f}"
+                                                             for k in retrained) + "): its test accuracy above is "
+                      "the first training's."]
     lines += [
         "",
         "## Choosing the learning rate (validation split of the train file)",

@@ -153,12 +153,20 @@ def cmd_models_get(args) -> int:
 def cmd_data_arithmetic(args) -> int:
     from ftray.data.synthetic import write_arithmetic
 
-    tr, te = write_arithmetic(args.out, max_operand=args.max_operand, test_size=args.test_size, seed=args.seed)
+    if args.preferences and args.question:
+        print("ftray data arithmetic: --preferences writes prompt rows; it does not take --question", file=sys.stderr)
+        return 2
+    try:
+        tr, te = write_arithmetic(args.out, max_operand=args.max_operand, test_size=args.test_size, seed=args.seed,
+                                  min_operand=args.min_operand, question=args.question)
+    except ValueError as e:
+        print(f"ftray data arithmetic: {e}", file=sys.stderr)
+        return 2
     print(f"train: {tr}\ntest: {te}")
     if args.preferences:
         from ftray.data.synthetic import write_arithmetic_preferences
 
-        ptr, pte = write_arithmetic_preferences(args.out, args.max_operand, args.test_size, args.seed)
+        ptr, pte = write_arithmetic_preferences(args.out, args.max_operand, args.test_size, args.seed, args.min_operand)
         print(f"preference train: {ptr}\npreference test: {pte}")
     return 0
 
@@ -325,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data utilities").add_subparsers(dest="sub", required=True)
     ar = d.add_parser("arithmetic", help="write the checkable arithmetic task (prompt_completion JSONL)")
     ar.add_argument("out")
+    ar.add_argument("--min-operand", type=int, default=0)
     ar.add_argument("--max-operand", type=int, default=19)
+    ar.add_argument("--question", default=None,
+                    help='chat rows for an instruct model: the user turn, with {a} and {b} (e.g. "What is {a} + {b}? '
+                         'Answer with the number only.")')
     ar.add_argument("--test-size", type=int, default=60)
     ar.add_argument("--seed", type=int, default=0)
     ar.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,34 @@ def test_arithmetic_preferences_follow_the_task_split(tmp_path):
         assert all(r["chosen"] == answers[r["prompt"]] != r["rejected"] for r in rows)
 
 
+def test_arithmetic_as_chat_questions_of_two_digit_sums(tmp_path, capsys):
+    """`--min-operand 10 --max-operand 99 --question ...`: chat rows an instruct model reads through its template,
+    every operand two digits, the reply the sum; train and test share no question; a bad question or range is one
+    line naming the option, and nothing is written."""
+    from ftray.cli import main
+    from ftray.data.rows import read_checked
+
+    q = "What is {a} + {b}? Answer with the number only."
+    assert main(["data", "arithmetic", str(tmp_path / "a"), "--min-operand", "10", "--max-operand", "99",
+                 "--test-size", "200", "--question", q]) == 0
+    split = {}
+    for name in ("train", "test"):
+        rows = read_checked(str(tmp_path / "a" / f"arith_{name}.jsonl"), "chat").rows
+        for r in rows:
+            user, reply = r["messages"]
+            a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\? Answer with the number only\.", user["content"]).groups())
+            assert 10 <= a <= 99 and 10 <= b <= 99 and reply == {"role": "assistant", "content": str(a + b)}
+        split[name] = {r["messages"][0]["content"] for r in rows}
+    assert len(split["test"]) == 200 and len(split["train"]) == 90 * 90 - 200 and not split["train"] & split["test"]
+    capsys.readouterr()
+    for bad, word in ((["--question", "What is {a}?"], "question"), (["--min-operand", "50", "--max-operand", "9"], "min_operand"),
+                      (["--max-operand", "3", "--test-size", "16"], "test_size")):
+        assert main(["data", "arithmetic", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.integration
 def test_ray_data_and_the_driver_write_the_same_shards(tiny_model, arith, tmp_path, ray_local):
     """`data.prepare_with`: a Ray Data job and the driver tokenize and pack into the same shards and counts."""
@@ -184,8 +213,12 @@ def test_columns_template_fills_from_the_row(tmp_path):
     assert rows.first_skipped == [f"{p}:2: missing column 'source' named in `data.columns`"]
 
 
-def test_shipped_smollm2_jobs_read_their_rows(monkeypatch):
-    """The SmolLM2 jobs' columns (templates included) turn every shared train and test row into their format."""
+def test_shipped_smollm2_jobs_read_their_rows(monkeypatch, tmp_path):
+    """The SmolLM2 jobs' columns (templates included) turn every shared train and test row into their format; a job
+    on generated rows reads what the `ftray data arithmetic` command of its own comment writes."""
+    import shlex
+
+    from ftray.cli import main
     from ftray.config import load_spec
     from ftray.data.prepare import check_data
     from tests._specs import needs_shared
@@ -194,7 +227,18 @@ def test_shipped_smollm2_jobs_read_their_rows(monkeypatch):
     needs_shared()
     monkeypatch.chdir(root)  # the jobs' paths are relative to the repository root
     jobs = sorted((root / "jobs").glob("*_smollm2.yaml"))
-    assert len(jobs) == 6
+    assert len(jobs) == 7
+    generated = 0
     for job in jobs:
-        train, ev = check_data(load_spec(job))
+        comment = " ".join(x[1:].strip().rstrip("\\") for x in job.read_text().splitlines() if x.startswith("#"))
+        over = []
+        if "ftray data arithmetic" in comment:
+            cmd = shlex.split(comment.split("ftray data arithmetic", 1)[1].split("ftray ", 1)[0])
+            out = tmp_path / job.stem
+            assert main(["data", "arithmetic", str(out), *cmd[1:]]) == 0
+            spec = load_spec(job)
+            assert spec.data.train.endswith(f"{cmd[0]}/arith_train.jsonl") and spec.data.eval.endswith(f"{cmd[0]}/arith_test.jsonl")
+            over, generated = [f"data.train={out}/arith_train.jsonl", f"data.eval={out}/arith_test.jsonl"], generated + 1
+        train, ev = check_data(load_spec(job, over))
         assert train.skipped == 0 and ev is not None and ev.rows, job.name
+    assert generated == 1

@@ -1,0 +1,242 @@
+"""`grpo` on a real decoder, SmolLM2-135M-Instruct, with a verifiable reward on answer-only two-digit sums, and
+beside it the SFT control on as many examples (issue 15, item 4). Writes benchmarks/results/grpo_smollm2.md whole
+(figures kept per piece in grpo_smollm2.json, each with the stamp of the script run that measured it).
+
+    ftray models get smollm2-135m-instruct runs/smollm2
+    python benchmarks/grpo_smollm2.py [--steps 40] [--lock /tmp/ray.lock]
+
+The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99, as chat rows (`ftray data
+arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
+the train file (seeded) for validation. No SFT warm start: GRPO starts from the instruct model itself
+(`jobs/grpo_arith_smollm2.yaml`: LoRA, G completions per prompt, reward 1 for the exact answer + 0.5 for a right last
+number + 0.5 for a completion that is one number). The control is SFT (`jobs/sft_chat_smollm2.yaml`, LoRA, the
+same adapter) on labelled rows, as many as the GRPO run generated: steps x prompts per step x G. Each arm's learning
+rate is chosen among its candidates by greedy exact match on the validation split (which its training loop judges
+before and after); the chosen run and the untouched model are judged once on the test split by `ftray eval` (greedy,
+the same `max_new_tokens`). Each training run and evaluation runs in its own process (in-process loop `run_local`:
+one worker, DeepSpeed on one process, no Ray), under `flock LOCK` with `--lock`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _cli import child as run_child  # noqa: E402
+from _cli import stamp  # noqa: E402
+
+BASE = ROOT / "runs" / "smollm2"
+WORK = ROOT / "runs" / "grpo-smollm2"
+QUESTION = "What is {a} + {b}? Answer with the number only."
+TEST_SUMS, VAL_SUMS, MAX_LENGTH = 200, 64, 64
+# arm -> (job, learning-rate candidates). GRPO's LoRA takes a larger step than SFT's: its signal is a few sampled
+# answers a step, SFT's every labelled token.
+ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smollm2.yaml", (1e-4, 5e-4))}
+PROMPTS_PER_STEP = 8
+
+
+def data(seed: int) -> tuple[Path, Path, Path]:
+    """(fit, val, test): the task's train file less a seeded validation split, and its test file."""
+    from ftray.data.synthetic import write_arithmetic
+
+    out = WORK / "data"
+    train, test = write_arithmetic(out, max_operand=99, min_operand=10, test_size=TEST_SUMS, seed=0, question=QUESTION)
+    lines = train.read_text().splitlines()
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:VAL_SUMS])
+    fit, held = out / f"fit_seed{seed}.jsonl", out / f"val_seed{seed}.jsonl"
+    fit.write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in val))
+    held.write_text("".join(x + "\n" for i, x in enumerate(lines) if i in val))
+    return fit, held, test
+
+
+def group_size() -> int:
+    from ftray.config import load_spec
+
+    return load_spec(ROOT / "jobs" / ARMS["grpo"][0]).method.group_size
+
+
+def sft_steps(a) -> int:
+    """SFT's steps: as many labelled rows (8 a step) as the GRPO run samples completions."""
+    return a.steps * group_size()
+
+
+def run_dir(arm: str, lr: float, a) -> Path:
+    return WORK / f"{arm}-lr{lr:g}-s{a.steps}-seed{a.seed}"
+
+
+def overrides(arm: str, lr: float, a) -> list[str]:
+    fit, val, _ = data(a.seed)
+    common = [
+        f"model.path={BASE}", f"data.train={fit}", f"data.eval={val}", "data.eval_max_rows=null",
+        f"data.max_length={MAX_LENGTH}", f"train.lr={lr}", f"train.global_batch_size={PROMPTS_PER_STEP}",
+        "train.warmup_steps=0", "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=5",
+        f"train.seed={a.seed}", "scaling.num_workers=1", f"output.dir={run_dir(arm, lr, a)}",
+    ]
+    if arm == "grpo":
+        return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4"]
+    return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
+            "method.max_new_tokens=16", "data.packing=false"]
+
+
+# ---- the pieces, each in a fresh process ----
+
+def train_one(arm: str, lr: float, a) -> dict:
+    from ftray.config import load_spec
+    from ftray.train.local import run_local
+
+    t0 = time.time()
+    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a)))
+    steps = [json.loads(x) for x in (run_dir(arm, lr, a) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    out = {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
+           "final_loss": rec["train"]["final_loss"], "rows": rec["data"]["train"]["rows"],
+           "val_before": rec["eval"]["before"], "val_after": rec["eval"]["after"], "wall_seconds": time.time() - t0}
+    if arm == "grpo":
+        k = max(1, len(steps) // 5)  # the first and last fifth of the steps
+        for key in ("reward_exact_match", "reward_numeric_match", "reward_format", "completion_len", "generate_share"):
+            out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
+            out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
+        out["completions"] = a.steps * PROMPTS_PER_STEP * group_size()
+    return out
+
+
+def eval_one(model: str, data_file: str, a) -> dict:
+    """`ftray eval` of a run folder, or of the untouched base judged as a grpo job of the same cut and length."""
+    from ftray.eval.evaluate import evaluate
+
+    t0 = time.time()
+    if Path(model).resolve() == BASE.resolve():
+        got = evaluate(model, data_file, method="grpo", fmt="chat", max_length=MAX_LENGTH)
+    else:
+        got = evaluate(model, data_file)
+    return {**got, "seconds": time.time() - t0}
+
+
+def child(piece: list[str], a) -> dict:
+    return run_child(__file__, piece, ["--steps", str(a.steps), "--seed", str(a.seed)], a.lock, WORK / "logs")
+
+
+# ---- the driver ----
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help=f"GRPO steps of {PROMPTS_PER_STEP} prompts")
+    ap.add_argument("--seed", type=int, default=0, help="validation split, data order, sampling")
+    ap.add_argument("--lock", default=None, help="run each training run and evaluation under `flock LOCK`")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grpo_smollm2.json"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
+    a = ap.parse_args()
+    if a.one:
+        kind, *args = json.loads(a.one)
+        print(json.dumps(train_one(args[0], float(args[1]), a) if kind == "train" else eval_one(*args, a)))
+        return
+    if not (BASE / "config.json").exists():
+        sys.exit(f"{BASE}: missing; `ftray models get smollm2-135m-instruct runs/smollm2` writes it")
+    t0, load0 = time.time(), os.getloadavg()
+    path = Path(a.results)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    tag = f"s{a.steps}-seed{a.seed}"
+    _, _, test = data(a.seed)
+
+    def piece(key: str, fn, *args) -> dict:
+        """One figure, measured once (a rerun keeps what an earlier run of the same settings measured)."""
+        if key not in saved:
+            t, load = time.time(), os.getloadavg()
+            saved[key] = {**fn(*args), "stamp": stamp(t, load)}
+            path.write_text(json.dumps(saved, indent=1))
+        return saved[key]
+
+    piece("before/test", child, ["eval", str(BASE), str(test)], a)
+    for arm, (_, lrs) in ARMS.items():
+        for lr in lrs:
+            piece(f"train/{arm}/lr{lr:g}/{tag}", child, ["train", arm, str(lr)], a)
+        # exact match on validation; a tie goes to the smaller lr
+        best = max(lrs, key=lambda lr: (saved[f"train/{arm}/lr{lr:g}/{tag}"]["val_after"]["exact_match"], -lr))  # noqa: B023
+        saved[f"chosen/{arm}/{tag}"] = best
+        piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
+    path.write_text(json.dumps(saved, indent=1))
+    write_markdown(saved, a, stamp(t0, load0))
+
+
+def write_markdown(saved: dict, a, stamped: str) -> None:
+    tag = f"s{a.steps}-seed{a.seed}"
+    before, g = saved["before/test"], group_size()
+    lines = [
+        "# `grpo` on SmolLM2-135M-Instruct: answer-only two-digit sums, beside the SFT control "
+        "(benchmarks/grpo_smollm2.py)",
+        "",
+        f"Written by {stamped}",
+        "",
+        f"The prompt: \"{QUESTION}\" for 10 <= a, b <= 99, the instruct model's chat template; {TEST_SUMS} sums held "
+        f"out for the test, {VAL_SUMS} for validation, neither trained on. Judged by greedy decoding (16 new tokens): "
+        "*exact* is the stripped completion equal to the sum; *numeric* its last number equal to the sum. No SFT "
+        f"warm start. GRPO (`jobs/grpo_arith_smollm2.yaml`): LoRA r 16 on all linear layers, G = {g}, temperature "
+        f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "
+        "0.5 for a completion that is one number. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
+        f"{sft_steps(a)} steps of {PROMPTS_PER_STEP} labelled rows, as many rows as GRPO sampled completions "
+        f"({a.steps} x {PROMPTS_PER_STEP} x {g}). Both trained by the in-process loop (one worker, DeepSpeed ZeRO-2 on "
+        "one process, fp32, 2 CPUs). Learning rate chosen by exact match on validation (a tie goes to the smaller), "
+        "then the chosen run judged once on the test split.",
+        "",
+        "| arm | lr (chosen on validation) | steps | examples | train s | test exact before | test exact after "
+        "| test numeric before | test numeric after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        best = saved.get(f"chosen/{arm}/{tag}")
+        if best is None:
+            continue
+        tr, after = saved[f"train/{arm}/lr{best:g}/{tag}"], saved[f"test/{arm}/lr{best:g}/{tag}"]
+        n = tr.get("completions", tr["steps"] * PROMPTS_PER_STEP)
+        what = "sampled completions" if arm == "grpo" else "labelled rows"
+        lines.append(f"| {arm} | {best:g} | {tr['steps']} | {n} {what} | {tr['train_seconds']:.0f} "
+                     f"| {before['exact_match']:.3f} | {after['exact_match']:.3f} "
+                     f"| {before['numeric_match']:.3f} | {after.get('numeric_match', float('nan')):.3f} |")
+    lines += [
+        "",
+        "SFT's evaluation reports exact match only (`sft`'s `method.exact_match`); its numeric column is blank (nan).",
+        "",
+        "## Validation (the split the learning rate is chosen on)",
+        "",
+        "| arm | lr | train s | final train loss | val exact before | val exact after | val answer NLL before -> after "
+        "| GRPO sampled exact share, first -> last fifth of steps | sampled one-number share | completion tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, (_, lrs) in ARMS.items():
+        for lr in lrs:
+            tr = saved.get(f"train/{arm}/lr{lr:g}/{tag}")
+            if tr is None:
+                continue
+            roll = (f"{tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} | "
+                    f"{tr['first_reward_format']:.3f} -> {tr['last_reward_format']:.3f} | "
+                    f"{tr['first_completion_len']:.1f} -> {tr['last_completion_len']:.1f}") if arm == "grpo" else " | | "
+            lines.append(f"| {arm} | {lr:g} | {tr['train_seconds']:.0f} | {tr['final_loss']:.4f} "
+                         f"| {tr['val_before']['exact_match']:.3f} | {tr['val_after']['exact_match']:.3f} "
+                         f"| {tr['val_before']['eval_loss']:.3f} -> {tr['val_after']['eval_loss']:.3f} | {roll} |")
+    lines += ["", "*Answer NLL*: the loss of the reference answer's tokens (each method's own eval_loss: `grpo` ends the "
+              "answer with EOS, `sft` with the chat template's end of turn, so the arms' figures do not compare). A "
+              "GRPO run whose NLL jumps has left the answers behind: at lr 1e-3 every greedy answer on validation is "
+              "one number (reward 0.5 each) and none is the sum."]
+    gr = saved.get(f"train/grpo/lr{saved.get(f'chosen/grpo/{tag}', 0):g}/{tag}")
+    if gr:
+        lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
+                  f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
+                  f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
+    lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
+    lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
+              and (tag in k or k == "before/test")]
+    out = Path(a.results).with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
