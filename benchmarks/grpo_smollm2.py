@@ -3,7 +3,7 @@ beside it the SFT control on as many examples (issue 15, item 4). Writes benchma
 (figures kept per piece in grpo_smollm2.json, each with the stamp of the script run that measured it).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/grpo_smollm2.py [--steps 40] [--lock /tmp/ray.lock]
+    python benchmarks/grpo_smollm2.py [--steps 40] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
 
 The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99, as chat rows (`ftray data
 arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
@@ -89,6 +89,29 @@ def overrides(arm: str, lr: float, a) -> list[str]:
 
 # ---- the pieces, each in a fresh process ----
 
+def gsm8k_one(a) -> dict:
+    """`jobs/grpo_gsm8k.yaml` as shipped, on SmolLM2, in process for `--gsm8k-steps` steps; GSM8K test before and
+    after (the job's `eval_max_rows` first test problems, greedy, numeric match of the last number)."""
+    from ftray.config import load_spec
+    from ftray.train.local import run_local
+
+    t0 = time.time()
+    out = WORK / f"gsm8k-s{a.gsm8k_steps}-seed{a.seed}"
+    spec = load_spec(ROOT / "jobs" / "grpo_gsm8k.yaml", [
+        f"model.path={BASE}", f"train.max_steps={a.gsm8k_steps}", f"train.seed={a.seed}", "scaling.num_workers=1",
+        f"output.dir={out}"])
+    rec = run_local(spec)
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
+            "eval_rows": spec.data.eval_max_rows, "max_new_tokens": spec.method.max_new_tokens,
+            "group_size": spec.method.group_size, "lr": spec.train.lr, "prompts_per_step": spec.train.global_batch_size,
+            "before": rec["eval"]["before"], "after": rec["eval"]["after"],
+            "sampled_reward": [s["train/reward_mean"] for s in steps],
+            "generate_share": sum(s["train/generate_share"] for s in steps) / max(1, len(steps)),
+            "completion_len": sum(s["train/completion_len"] for s in steps) / max(1, len(steps)),
+            "wall_seconds": time.time() - t0}
+
+
 def train_one(arm: str, lr: float, a) -> dict:
     from ftray.config import load_spec
     from ftray.train.local import run_local
@@ -121,7 +144,8 @@ def eval_one(model: str, data_file: str, a) -> dict:
 
 
 def child(piece: list[str], a) -> dict:
-    return run_child(__file__, piece, ["--steps", str(a.steps), "--seed", str(a.seed)], a.lock, WORK / "logs")
+    args = ["--steps", str(a.steps), "--seed", str(a.seed), "--gsm8k-steps", str(a.gsm8k_steps)]
+    return run_child(__file__, piece, args, a.lock, WORK / "logs")
 
 
 # ---- the driver ----
@@ -132,11 +156,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="validation split, data order, sampling")
     ap.add_argument("--lock", default=None, help="run each training run and evaluation under `flock LOCK`")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grpo_smollm2.json"))
+    ap.add_argument("--gsm8k-steps", type=int, default=0, help="also run jobs/grpo_gsm8k.yaml on SmolLM2 this many steps")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
         kind, *args = json.loads(a.one)
-        print(json.dumps(train_one(args[0], float(args[1]), a) if kind == "train" else eval_one(*args, a)))
+        fn = {"train": lambda arm, lr: train_one(arm, float(lr), a), "eval": lambda *x: eval_one(*x, a),
+              "gsm8k": lambda: gsm8k_one(a)}[kind]
+        print(json.dumps(fn(*args)))
         return
     if not (BASE / "config.json").exists():
         sys.exit(f"{BASE}: missing; `ftray models get smollm2-135m-instruct runs/smollm2` writes it")
@@ -162,6 +189,8 @@ def main() -> None:
         best = max(lrs, key=lambda lr: (saved[f"train/{arm}/lr{lr:g}/{tag}"]["val_after"]["exact_match"], -lr))  # noqa: B023
         saved[f"chosen/{arm}/{tag}"] = best
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
+    if a.gsm8k_steps:
+        piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     path.write_text(json.dumps(saved, indent=1))
     write_markdown(saved, a, stamp(t0, load0))
 
@@ -230,9 +259,30 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
+    for k in sorted(k for k in saved if k.startswith("gsm8k/")):
+        g = saved[k]
+        b, af = g["before"], g["after"]
+        lines += [
+            "",
+            f"## `jobs/grpo_gsm8k.yaml` on SmolLM2 ({g['steps']} steps)",
+            "",
+            f"The shipped job with `model.path` SmolLM2 and one in-process worker: GSM8K word problems as "
+            f"`prompt_completion` (the question as is, no chat template), G = {g['group_size']}, "
+            f"{g['max_new_tokens']} new tokens, reward 1 when the last number is the answer, lr {g['lr']:g}, "
+            f"{g['prompts_per_step']} prompts a step. Judged on the first {g['eval_rows']} GSM8K test problems, greedy, "
+            f"the same {g['max_new_tokens']} tokens (too few for most worked solutions: the figure is what this budget "
+            "gives, not the model's GSM8K score).",
+            "",
+            "| steps | train s | test numeric match before | after | answer NLL before | after | sampled reward by step "
+            "| generating share | mean completion tokens |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {g['steps']} | {g['train_seconds']:.0f} | {b['numeric_match']:.3f} | {af['numeric_match']:.3f} "
+            f"| {b['eval_loss']:.3f} | {af['eval_loss']:.3f} | {' '.join(f'{x:.2f}' for x in g['sampled_reward'])} "
+            f"| {100 * g['generate_share']:.0f} % | {g['completion_len']:.1f} |",
+        ]
     lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
     lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
-              and (tag in k or k == "before/test")]
+              and (tag in k or k == "before/test" or k.startswith("gsm8k/"))]
     out = Path(a.results).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())

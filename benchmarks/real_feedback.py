@@ -354,10 +354,12 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
                 f"| {'**met**' if j['accuracy'] > 0.5 else 'missed'} |")
         retrained = [k for k in saved if k.startswith("retrain/") and k.endswith(tag)]
         if retrained:
+            first = {k: saved["train/" + k.removeprefix("retrain/")]["final_loss"] for k in retrained}
             lines += ["", "The judge's run folder was gone when the win rate was measured; it was trained again with the "
-                      "same settings and seed (" + "; ".join(f"`{k}`: final loss {saved[k]['final_loss']:.4f}"
-                                                             for k in retrained) + "): its test accuracy above is "
-                      "the first training's."]
+                      "same settings and seed (" + "; ".join(
+                          f"`{k}`: final train loss {saved[k]['final_loss']!r}, the first training's {first[k]!r}"
+                          + (", the same to the last digit" if saved[k]["final_loss"] == first[k] else ": they differ")
+                          for k in retrained) + "). Its test accuracy in the first table is the first training's."]
     lines += [
         "",
         "## Choosing the learning rate (validation split of the train file)",
