@@ -76,3 +76,33 @@ def child(script: str, piece: list[str], args: list[str], lock: str | None, logs
         sys.exit(f"{piece} failed (exit {proc.returncode}); see {log}")
     print(line, flush=True)
     return json.loads(line)
+
+
+class Pieces:
+    """A benchmark's figures in one JSON file, by key: each piece measured once, stamped with the script run that
+    measured it (a rerun keeps what an earlier run of the same settings measured). `saved`: the figures so far."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.saved: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def __call__(self, key: str, fn, *args) -> dict:
+        if key not in self.saved:
+            t, load = time.time(), os.getloadavg()
+            self.saved[key] = {**fn(*args), "stamp": stamp(t, load)}
+            self.save()
+        return self.saved[key]
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.saved, indent=1))
+
+
+def one_piece(piece: str, fns: dict) -> None:
+    """In a child process: run the piece `[kind, *args]` (JSON) by `fns[kind](*args)`, print its figures as JSON."""
+    kind, *args = json.loads(piece)
+    print(json.dumps(fns[kind](*args)))
+
+
+def need_smollm2(base: Path) -> None:
+    if not (base / "config.json").exists():
+        sys.exit(f"{base}: missing; `ftray models get smollm2-135m-instruct {base.relative_to(ROOT)}` writes it")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _cli import Pieces, need_smollm2, one_piece, stamp  # noqa: E402
 from _cli import child as run_child  # noqa: E402
-from _cli import stamp  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
 WORK = ROOT / "runs" / "grpo-smollm2"
@@ -160,26 +160,14 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
-        kind, *args = json.loads(a.one)
-        fn = {"train": lambda arm, lr: train_one(arm, float(lr), a), "eval": lambda *x: eval_one(*x, a),
-              "gsm8k": lambda: gsm8k_one(a)}[kind]
-        print(json.dumps(fn(*args)))
-        return
-    if not (BASE / "config.json").exists():
-        sys.exit(f"{BASE}: missing; `ftray models get smollm2-135m-instruct runs/smollm2` writes it")
+        return one_piece(a.one, {"train": lambda arm, lr: train_one(arm, float(lr), a),
+                                  "eval": lambda *x: eval_one(*x, a), "gsm8k": lambda: gsm8k_one(a)})
+    need_smollm2(BASE)
     t0, load0 = time.time(), os.getloadavg()
-    path = Path(a.results)
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    piece = Pieces(a.results)
+    saved = piece.saved
     tag = f"s{a.steps}-seed{a.seed}"
     _, _, test = data(a.seed)
-
-    def piece(key: str, fn, *args) -> dict:
-        """One figure, measured once (a rerun keeps what an earlier run of the same settings measured)."""
-        if key not in saved:
-            t, load = time.time(), os.getloadavg()
-            saved[key] = {**fn(*args), "stamp": stamp(t, load)}
-            path.write_text(json.dumps(saved, indent=1))
-        return saved[key]
 
     piece("before/test", child, ["eval", str(BASE), str(test)], a)
     for arm, (_, lrs) in ARMS.items():
@@ -191,7 +179,7 @@ def main() -> None:
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
-    path.write_text(json.dumps(saved, indent=1))
+    piece.save()
     write_markdown(saved, a, stamp(t0, load0))
 
 
