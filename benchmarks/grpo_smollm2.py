@@ -58,15 +58,16 @@ def data(seed: int) -> tuple[Path, Path, Path]:
     return fit, held, test
 
 
-def group_size() -> int:
+def grpo_job():
+    """The shipped GRPO job's method: G and the generation length every arm is judged at."""
     from ftray.config import load_spec
 
-    return load_spec(ROOT / "jobs" / ARMS["grpo"][0]).method.group_size
+    return load_spec(ROOT / "jobs" / ARMS["grpo"][0]).method
 
 
 def sft_steps(a) -> int:
     """SFT's steps: as many labelled rows (8 a step) as the GRPO run samples completions."""
-    return a.steps * group_size()
+    return a.steps * grpo_job().group_size
 
 
 def run_dir(arm: str, lr: float, a) -> Path:
@@ -84,7 +85,7 @@ def overrides(arm: str, lr: float, a) -> list[str]:
     if arm == "grpo":
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4"]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
-            "method.max_new_tokens=16", "data.packing=false"]
+            f"method.max_new_tokens={grpo_job().max_new_tokens}", "data.packing=false"]
 
 
 # ---- the pieces, each in a fresh process ----
@@ -127,7 +128,7 @@ def train_one(arm: str, lr: float, a) -> dict:
         for key in ("reward_exact_match", "reward_numeric_match", "reward_format", "completion_len", "generate_share"):
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
-        out["completions"] = a.steps * PROMPTS_PER_STEP * group_size()
+        out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size
     return out
 
 
@@ -137,6 +138,12 @@ def eval_one(model: str, data_file: str, a) -> dict:
 
     t0 = time.time()
     if Path(model).resolve() == BASE.resolve():
+        from ftray.config import GRPOMethod
+
+        # `ftray eval` of a base model judges at the method's default length: the job's must be it
+        if grpo_job().max_new_tokens != GRPOMethod().max_new_tokens:
+            sys.exit(f"{ARMS['grpo'][0]}: max_new_tokens differs from grpo's default; the untouched model would be "
+                     "judged at another length")
         got = evaluate(model, data_file, method="grpo", fmt="chat", max_length=MAX_LENGTH)
     else:
         got = evaluate(model, data_file)
@@ -185,7 +192,7 @@ def main() -> None:
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
     tag = f"s{a.steps}-seed{a.seed}"
-    before, g = saved["before/test"], group_size()
+    before, g, new = saved["before/test"], grpo_job().group_size, grpo_job().max_new_tokens
     lines = [
         "# `grpo` on SmolLM2-135M-Instruct: answer-only two-digit sums, beside the SFT control "
         "(benchmarks/grpo_smollm2.py)",
@@ -193,7 +200,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         f"Written by {stamped}",
         "",
         f"The prompt: \"{QUESTION}\" for 10 <= a, b <= 99, the instruct model's chat template; {TEST_SUMS} sums held "
-        f"out for the test, {VAL_SUMS} for validation, neither trained on. Judged by greedy decoding (16 new tokens): "
+        f"out for the test, {VAL_SUMS} for validation, neither trained on. Judged by greedy decoding ({new} new tokens): "
         "*exact* is the stripped completion equal to the sum; *numeric* its last number equal to the sum. No SFT "
         f"warm start. GRPO (`jobs/grpo_arith_smollm2.yaml`): LoRA r 16 on all linear layers, G = {g}, temperature "
         f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "

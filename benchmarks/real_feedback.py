@@ -129,6 +129,7 @@ def generate_one(run: str, data: str, out: str, a) -> dict:
     its pairwise accuracy is the policy's win rate (a tie counts half)."""
     import torch
 
+    from ftray.config import PEFT_KINDS
     from ftray.data.rows import read_checked
     from ftray.methods import get_method, load_run_model, run_spec
     from ftray.models.load import load_tokenizer, resolve
@@ -136,6 +137,8 @@ def generate_one(run: str, data: str, out: str, a) -> dict:
 
     t0 = time.time()
     spec, resolved = run_spec(RunFolder(run)), resolve(run, None, "RUN")
+    if spec.adapter.kind not in PEFT_KINDS:  # the untouched side is the same model with its adapter disabled
+        sys.exit(f"{run}: a {spec.adapter.kind} run; the win rate needs an adapter run (its base is the untouched model)")
     model = load_run_model(spec, resolved, torch.float32, method=get_method(spec.method.kind)).eval()
     tok = load_tokenizer(resolved.tokenizer)
     tok.padding_side = "left"
