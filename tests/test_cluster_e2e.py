@@ -347,9 +347,11 @@ def test_worker_node_lost_mid_run_restarts_from_checkpoint(cluster, tiny_model, 
     """3 worker nodes, a 2-worker STRICT_SPREAD job; a node running a worker is lost (SIGKILL) after the
     first checkpoint: Ray Train restarts the worker group on the 2 nodes left and the job finishes from it."""
     # The kill lands once Ray Train has registered the first checkpoint (the driver's "stored" line, after its
-    # background upload and the controller's next 2 s poll; the job driver's log lags a second or more): near
-    # step 15-25 at ~0.3 s a step, but past step 64 on a machine 3x as fast (a fresh clone, 2026-12-03), so 192.
-    steps, every = 192, 8
+    # background upload and the controller's next 2 s poll; the job driver's log lags a second or more):
+    # 30-60 steps after it here, so 320 steps leave room on a machine 3x as fast. A checkpoint every 32 steps,
+    # not 8: the controller registers one report per 2 s poll, and after the restart (~0.035 s a step) 39
+    # checkpoints of 8 steps queued up and the run ended 40 s after its last step (2026-12-03).
+    steps, every = 320, 32
     authed, cluster_dir = cluster.authed, cluster.dir
     out = tmp_path / "run"  # one machine: every node sees this folder (a cluster would use s3://)
     sid = f"ftray-nodeloss-{uuid.uuid4().hex[:6]}"
