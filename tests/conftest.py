@@ -157,7 +157,7 @@ def ray_local(s3):  # noqa: F811 - s3 first: its endpoint and credentials are in
         # The jobs this process fits (and the `ftray train` / `ftray tune` drivers it spawns, and the Tune trials
         # it starts) poll at 0.25 s, as `ftray train` does on an embedded Ray (ftray/train/launch.py
         # `ensure_ray`): Ray Train passes the variable from the driver to its controller. ~4 s less per fit
-        # here. The PBT test takes it away for its trials (tests/test_tune.py says why).
+        # here.
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
     return ray
 

@@ -58,7 +58,10 @@ def _get(src: _Source, out: str) -> bool:
                          "or choose another folder")
     item = _package_dir(src.package, src.pip) / src.item
     if item.suffix == ".gguf":
-        _publish(out, lambda tmp: _from_gguf(item, tmp))
+        # Through the conversion cache that validation and the workers read (`gguf_folder`): a GGUF already
+        # dequantized there is copied (~1 s), not dequantized again (~15 s).
+        cached = gguf_folder(str(item))
+        _publish(out, lambda tmp: shutil.copytree(cached, tmp, ignore=shutil.ignore_patterns(".complete")))
     else:
         # .gitattributes is the hub repository's, not the model's.
         _publish(out, lambda tmp: shutil.copytree(item, tmp, ignore=shutil.ignore_patterns(".gitattributes")))
