@@ -20,6 +20,7 @@ one worker, DeepSpeed on one process, no Ray), under `flock LOCK` with `--lock`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -58,6 +59,7 @@ def data(seed: int) -> tuple[Path, Path, Path]:
     return fit, held, test
 
 
+@functools.cache
 def grpo_job():
     """The shipped GRPO job's method: G and the generation length every arm is judged at."""
     from ftray.config import load_spec
@@ -137,14 +139,9 @@ def eval_one(model: str, data_file: str, a) -> dict:
     from ftray.eval.evaluate import evaluate
 
     t0 = time.time()
-    if Path(model).resolve() == BASE.resolve():
-        from ftray.config import GRPOMethod
-
-        # `ftray eval` of a base model judges at the method's default length: the job's must be it
-        if grpo_job().max_new_tokens != GRPOMethod().max_new_tokens:
-            sys.exit(f"{ARMS['grpo'][0]}: max_new_tokens differs from grpo's default; the untouched model would be "
-                     "judged at another length")
-        got = evaluate(model, data_file, method="grpo", fmt="chat", max_length=MAX_LENGTH)
+    if Path(model).resolve() == BASE.resolve():  # judged at the shipped job's generation length, as the runs are
+        got = evaluate(model, data_file, method="grpo", fmt="chat", max_length=MAX_LENGTH,
+                       method_options={"max_new_tokens": grpo_job().max_new_tokens})
     else:
         got = evaluate(model, data_file)
     return {**got, "seconds": time.time() - t0}

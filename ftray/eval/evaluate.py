@@ -8,13 +8,16 @@ from ftray import storage
 __all__ = ["evaluate"]
 
 
-def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_length: int | None = None):
+def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_length: int | None = None,
+              method_options: dict | None = None):
     from ftray.config import SpecError, resolve_paths, spec_from_dict
     from ftray.methods import REGISTRY, run_spec
     from ftray.runs import RunFolder
 
     spec = run_spec(RunFolder(run))
     if spec is not None:
+        if method_options:
+            raise SpecError(f"{run}: a run is judged with its own `method` fields; method options are for a base model")
         if method and method != spec.method.kind:
             raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")
         if fmt and fmt != spec.data.format:
@@ -31,7 +34,7 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_leng
         "model": {"path": run},
         # A base model has no training file: `data` stands in for it (e.g. classify's label names).
         "data": {"train": data, "format": fmt or REGISTRY[method].formats[0], **({"max_length": max_length} if max_length else {})},
-        "method": {"kind": method},
+        "method": {"kind": method, **(method_options or {})},  # e.g. a generation length: validated with the spec
         "adapter": {"kind": "full"},
         "train": {"max_steps": 1, "global_batch_size": 1, "micro_batch_size": 1},
         "scaling": {"num_workers": 1},
@@ -41,9 +44,10 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_leng
 
 
 def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = None, max_rows: int | None = None,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, method_options: dict | None = None) -> dict:
     """`max_length`: tokens per sequence, as `data.max_length` (default: the run's own; 512 for a base model), so
-    that a base model is judged on the same cut as a run trained with another one."""
+    that a base model is judged on the same cut as a run trained with another one. `method_options`: a base
+    model's `method` fields beyond its kind (e.g. `{"max_new_tokens": 16}`), so it is judged as a run's job was."""
     import torch
 
     from ftray.data.encode import ensure_chat_template
@@ -53,7 +57,7 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     from ftray.progress import bar
     from ftray.train.held_out import evaluate_held_out
 
-    spec = _spec_for(run, data, method, fmt, max_length)
+    spec = _spec_for(run, data, method, fmt, max_length, method_options)
     m = get_method(spec.method.kind)
     resolved = resolve(run, None, "RUN")
     rows = read_checked(data, spec.data.format, spec.data.on_bad_rows, limit=max_rows, columns=spec.data.columns).rows

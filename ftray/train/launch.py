@@ -273,6 +273,8 @@ def fit_job(plan: Plan, callbacks=None, log=print, resume_from: str | None = Non
     )
     t1 = time.time()
     result = trainer.fit()
+    if not result.error:  # every caller's run (`ftray train`, a Tune trial): no attempt can still be writing one
+        prune_unregistered(storage.join(spec.output.dir, run_name), log)
     return result, meta, {"prepare_s": t_prep, "fit_s": time.time() - t1}
 
 
@@ -341,7 +343,7 @@ def prune_unregistered(run_dir: str, log=print) -> list[str]:
     """Remove the checkpoint folders of the Ray Train run `run_dir` that Ray Train never registered (an attempt
     killed after writing one, before its report reached the controller): Ray deletes only the ones it knows, so
     each such kill would leave a whole checkpoint behind, past `output.keep_checkpoints`. Called once the run
-    has finished (the folder's lease held): no attempt can still be writing one. Returns the names removed."""
+    has finished (`fit_job`, for every caller): no attempt can still be writing one. Returns the names removed."""
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
     if not storage.exists(snapshot):
         return []
@@ -366,7 +368,6 @@ def train(spec: JobSpec, log=print) -> dict:
             finish_run(plan.tracking, None, "FAILED")
             raise result.error
         timings["total_s"] = time.time() - t0
-        prune_unregistered(storage.join(spec.output.dir, "checkpoints"), log)
         record = write_run_json(plan, result, meta, timings)
     nodes = [f"rank {r['rank']} on {r['hostname']} ({r['node_ip']}, node {r['node_id'][:8]})" for r in record["placement"]["ranks"]]
     log(f"[ftray] placement {spec.scaling.placement_strategy}: {'; '.join(nodes)}", flush=True)

@@ -77,7 +77,7 @@ def run_trial(config: dict, sweep: dict, tracking_parent: dict | None = None) ->
     from ray import tune
     from ray.util.queue import Empty, Queue
 
-    from ftray.train.launch import check_job, fit_job, prune_unregistered, write_run_json
+    from ftray.train.launch import check_job, fit_job, write_run_json
     from ftray.tune.spec import SweepSpec, trial_spec
 
     sw = SweepSpec.model_validate(sweep)
@@ -126,9 +126,6 @@ def run_trial(config: dict, sweep: dict, tracking_parent: dict | None = None) ->
     result, meta, timings = out["fit"]
     if result.error:
         raise result.error
-    # As `ftray train` does once its run ends: the checkpoints an attempt wrote but Ray Train never registered
-    # (a worker group restarted within the trial) would stay past `output.keep_checkpoints`.
-    prune_unregistered(storage.join(spec.output.dir, run_name))
     record = write_run_json(plan, result, meta, timings)
     final = {k: v for k, v in (result.metrics or {}).items() if _scalar(v)}
     tune.report({**final, "train_seconds": record["train"]["train_seconds"] or 0.0, COMPLETED: 1})
