@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import ROOT, ftray  # noqa: E402
+from _cli import ROOT, ftray, stamp  # noqa: E402
 
 # Per kind: the overrides beyond `adapter.kind` (the quickstart's LoRA fields do not apply to the others).
 NOT_LORA = ["adapter.target_modules=null", "adapter.modules_to_save=null"]
@@ -34,8 +36,6 @@ KINDS: dict[str, list[str]] = {
 }
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated names of KINDS")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapters.md"))
     a = ap.parse_args(argv)
+    t0, load0 = time.time(), os.getloadavg()
     w = Path(a.work)
     data, model = w / "data", w / "tiny-micro"
     if not (data / "arith_train.jsonl").exists():
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rec['eval']['before']['eval_loss']:.3f} | {rec['eval']['after']['eval_loss']:.3f} | {wall:.0f} |")
     text = "\n".join([
         f"# Adapters on one SFT job ({a.steps} steps)",
+        "",
+        f"Written by {stamp(t0, load0)}.",
         "",
         "`jobs/quickstart_tiny.yaml` (arithmetic, micro Llama, 2 CPU workers, ZeRO-2, global batch 16) with each "
         "`adapter.kind`; prompt-family kinds unpacked (they refuse packing). The LoRA-family rows keep the quickstart's `modules_to_save` (embeddings and output layer of the random-init base trained in full); the others train only their own parameters. Peak memory: the larger of the two "

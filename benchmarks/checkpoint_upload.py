@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
     import s3fs
 
-    from benchmarks._cli import count_params, ftray
+    from benchmarks._cli import count_params, ftray, stamp
     from ftray.models.tiny import build_tiny
     from tests._specs import free_port
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)  # `ftray train` and its Ray workers inherit them
     moto = start_moto(port, work / "moto.log")
-    t_all = time.time()
+    t_all, load0 = time.time(), os.getloadavg()
     rows: dict[str, dict] = {}
     try:
         boto3.client("s3").create_bucket(Bucket="bench")
@@ -126,13 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     n_ckpt = (a.steps - 1) // a.every  # the intermediate ones; the final one is stored synchronously in every arm
     s, y, z = rows["sync"], rows["async"], rows["none"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     saved = s["train_s"] - y["train_s"]
     lines = [
         "# Checkpoint upload off the step path (`output.checkpoint_upload`)",
         "",
-        f"`python benchmarks/checkpoint_upload.py --steps {a.steps} --every {a.every}` (commit {commit}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, 2 CPUs, total {time.time() - t_all:.0f} s)",
+        f"Written by {stamp(t_all, load0)}.",
         "",
         f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters), full fine-tuning, fp32, ZeRO-2, 2 Ray Train workers x 1 CPU, "
         f"{a.steps} steps of 8 sequences (max length 128); run folder on S3 (`moto_server` on loopback). "

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import ROOT, done, ftray, record  # noqa: E402
+from _cli import ROOT, done, ftray, record, stamp  # noqa: E402
 
 
 def steps(run: Path) -> list[dict]:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     w = Path(a.work)
     data, model = w / "data", w / "tiny-micro"
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     if not (data / "arith_train.jsonl").exists():
         ftray("data", "arithmetic", str(data))
     if not (model / "config.json").exists():
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# GRPO on arithmetic: exact match after a warm start",
         "",
-        f"`python benchmarks/grpo_arith.py --sft-steps {a.sft_steps} --steps {a.steps}` "
-        f"({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, total {time.time() - t0:.0f} s)",
+        f"Written by {stamp(t0, load0)}.",
         "",
         f"Tiny Llama `micro` (random init, tokenizer trained on the task), SFT warm start of {a.sft_steps} steps "
         "(`jobs/quickstart_tiny.yaml`), merged; then two arms from the merged model on 2 Ray Train workers, ZeRO-2, LoRA:",
