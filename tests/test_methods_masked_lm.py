@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftray.config import load_spec, resolve_paths, spec_from_dict
 from ftray.methods import check_method, get_method
+from ftray.methods.losses import masked_token_cross_entropy
 from tests._specs import ONE_RANK, ROOT, fit, method_spec, needs_shared, step_and_compare
 
 M = get_method("masked_lm")
@@ -60,7 +62,18 @@ def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, corpus, tmp_pat
     spec = spec_from_dict(spec_for(tiny_bert, corpus[0], None, tmp_path, adapters[adapter]))
     tok = load_tokenizer(str(tiny_bert))
     examples = M.examples({"text": TEXT}, tok, spec)
-    step_and_compare(M, spec, examples, tok.pad_token_id)
+    model = step_and_compare(M, spec, examples, tok.pad_token_id)
+    # The loss projects only the masked positions onto the vocabulary: the same loss and gradients as the
+    # full head's logits at every position (also through peft's copy of `cls` in modules_to_save).
+    batch = M.collate(examples, tok.pad_token_id)
+    loss, _ = M.loss(model, batch)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert full.shape[:2] == batch["input_ids"].shape
+    ref, _ = masked_token_cross_entropy(full, batch["labels"])
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref_grads, strict=True))
 
 
 def test_refuses_a_model_without_mask_token(tiny_bert, tiny_model, corpus, tmp_path):
