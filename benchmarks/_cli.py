@@ -40,10 +40,10 @@ def _git(*args: str) -> str:
 
 def stamp(t0: float, load0: tuple[float, float, float]) -> str:
     """The line under a results file's title: the command as typed, the commit (and whether tracked files had
-    changes beyond it), the date, the CPUs, the load average before the run (`load0`: what else was running) and at its
+    changes beyond it, results files aside), the date, the CPUs, the load average before the run (`load0`: what else was running) and at its
     end, the wall seconds since `t0`."""
     commit = _git("rev-parse", "--short", "HEAD") + (
-        " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
+        " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else ""
     )
     cmd = " ".join(["python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
     before, end = ("/".join(f"{x:.1f}" for x in la) for la in (load0, os.getloadavg()))
