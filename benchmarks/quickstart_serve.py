@@ -13,7 +13,7 @@ Writes benchmarks/results/quickstart_serve.md (commit, date, command, both figur
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ def main() -> None:
     from openai import OpenAI
     from ray import serve
 
+    from benchmarks._cli import stamp
     from ftray.serve import build_app, config_from_runs
     from tests._specs import free_port
 
@@ -36,7 +37,7 @@ def main() -> None:
         sys.exit(f"{RUN}: no finished run; `make quickstart` trains it")
     record = json.loads((RUN / "run.json").read_text())
     rows = [json.loads(x) for x in TEST.read_text().splitlines() if x.strip()]
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     cfg = config_from_runs([str(RUN)])
     cfg["auth"] = {"api_keys_env": None, "allow_no_keys": True}
     (gen,) = cfg["generation"]
@@ -57,15 +58,13 @@ def main() -> None:
         results[model] = (exact, answers)
     serve.shutdown()
     ray.shutdown()
-    wall = time.time() - t0
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     before, after = record["eval"]["before"]["exact_match"], record["eval"]["after"]["exact_match"]
     base_m, tuned_m = gen["name"], f"{gen['name']}:quickstart"
     lines = [
         "# The quickstart's adapter, served",
         "",
-        f"`python benchmarks/quickstart_serve.py` (commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}, 2 CPUs, {wall:.0f} s)",
+        f"Written by {stamp(t0, load0)}.",
         "",
         f"`runs/quickstart` (SmolLM2-135M-Instruct + LoRA, `jobs/quickstart.yaml`, {record['train']['steps']} steps) served as "
         f"`ftray serve runs/quickstart` serves it: models {', '.join(f'`{m}`' for m in models)} from one replica. "

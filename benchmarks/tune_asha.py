@@ -13,6 +13,7 @@ The table goes to stdout and to benchmarks/results/tune_asha.md; the two sweep.p
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -33,9 +34,11 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     ap.add_argument("--out", default=None, help="work folder (default: a temp folder, removed at the end)")
     args = ap.parse_args()
+    t_all, load0 = time.time(), os.getloadavg()
 
     import ray
 
+    from benchmarks._cli import stamp
     from ftray.data.synthetic import write_arithmetic
     from ftray.models.tiny import build_tiny
     from ftray.tune import run_sweep, sweep_from_dict
@@ -88,6 +91,8 @@ def main() -> int:
     lines = [
         "# Tune: ASHA vs every trial to full budget",
         "",
+        f"Written by {stamp(t_all, load0)}.",
+        "",
         f"{args.samples} trials (lr log-uniform [3e-4, 3e-2] x LoRA r in {{2, 4, 8}}), nano Llama, arithmetic SFT, "
         f"{args.steps} steps per full trial, eval every {args.eval_every}, 2 Ray Train workers per trial, "
         f"1 trial at a time, {args.cpus} logical CPUs; metric eval/eval_loss (min).",
@@ -99,7 +104,7 @@ def main() -> int:
         f"| (b) full budget | {b['trials']} | {b['stopped_early']} | {b['total_steps']} | {b['wall_s']:.0f} | "
         f"{fmt(b['best_params'])} | {b['best_metric']:.4f} |",
         "",
-        f"ASHA used {100 * share:.0f} % of the full-budget steps (goal <= 40 %) and "
+        f"ASHA used {100 * share:.0f} % of the full-budget steps (goal <= 40 %: {'met' if share <= 0.4 else 'MISSED'}) and "
         f"{100 * a['wall_s'] / b['wall_s']:.0f} % of its wall time. Same winner: {'yes' if same else 'no'}"
         + ("" if same else f"; ASHA's winner scored {a_best_full:.4f} at full budget "
            f"({'within' if within else 'NOT within'} 1 % of {b['best_metric']:.4f})") + ".",
