@@ -13,6 +13,8 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
 
   ftray-packed    ftray.train.launch.train: 2 Ray Train workers x 1 CPU, ZeRO-2, packing on
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
+  ftray-packed-1w the packed job on 1 Ray Train worker x 2 CPUs (2 torch threads, 2 micro-batches accumulated):
+                  no gradient exchange, the shape of the single-process arms; what a user on one CPU node picks
   trl-packed-mb1  trl.SFTTrainer, packing on (bfd, which TRL runs padding-free), 1 process, 2 torch threads,
                   1 packed row of <= 256 tokens per forward x 16 accumulation, activation checkpointing
                   off: the equal-work TRL arm
@@ -64,7 +66,7 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # flattening never builds one long row: rows of 256 tokens as ftray's, the same attention work. trl-packed
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
-ARMS = ("ftray-packed", "ftray-unpacked", "trl-packed-mb1", "trl-packed", "plain-torch")
+ARMS = ("ftray-packed", "ftray-unpacked", "ftray-packed-1w", "trl-packed-mb1", "trl-packed", "plain-torch")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -101,7 +103,7 @@ def lora_config():
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
 
 
-def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str) -> dict:
+def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS) -> dict:
     return {
         "name": f"bench-{'packed' if packing else 'unpacked'}",
         "model": {"path": str(model)},
@@ -128,9 +130,9 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str) 
             "log_every": 1,
         },
         "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-        "scaling": {"num_workers": WORKERS, "cpus_per_worker": 1, "max_failures": 0},
+        "scaling": {"num_workers": workers, "cpus_per_worker": THREADS // workers, "max_failures": 0},
         "output": {
-            "dir": str(work / ("ftray-packed" if packing else "ftray-unpacked")),
+            "dir": str(work / (f"ftray-{'packed' if packing else 'unpacked'}-{workers}w")),
             "keep_checkpoints": 1,
         },
     }
@@ -170,11 +172,11 @@ def unpacked_padding(prepared: str, steps: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
-def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str) -> dict:
+def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS) -> dict:
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.launch import train
 
-    spec = resolve_paths(spec_from_dict(ftray_job(model, work, packing, steps, adapter)))
+    spec = resolve_paths(spec_from_dict(ftray_job(model, work, packing, steps, adapter, workers)))
     t0 = time.time()
     record = train(spec)
     wall = time.time() - t0
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                 arm = "ftray-packed" if packing else "ftray-unpacked"
                 if arm in arms:
                     attempt(arm, lambda p=packing: run_ftray(model, work, p, steps, a.adapter))
+            if "ftray-packed-1w" in arms:
+                attempt("ftray-packed-1w", lambda: run_ftray(model, work, True, steps, a.adapter, workers=1))
             # The single-process arms run without Ray's daemons beside them.
             ray.shutdown()
         prepared = results.get("ftray-packed", {}).get("prepared")
@@ -552,15 +556,21 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * fp['padding_dataset']:.2f} % over the whole prepared split, {fp['sequences']} rows of {SEQ_LEN}); "
             f"goal <= 5 %: {'met' if pad <= 0.05 else 'MISSED'}"
         )
+    for mine in ("ftray-packed", "ftray-packed-1w"):  # the goals, for each shape of the ftray job that ran
+        if mine not in results:
+            continue
+        fp = results[mine]
         for other, factor in GOAL_RATIOS:
             if other in results:
                 o = results[other]
                 ratio = fp["loop_tokens_per_s"] / o.get("loop_tokens_per_s", o["tokens_per_s"])
                 checks.append(
-                    f"- ftray-packed / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
+                    f"- {mine} / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
                     f"{'met' if ratio >= factor else 'MISSED'}; inside the steps "
                     f"{fp['tokens_per_s'] / o['tokens_per_s']:.2f}"
                 )
+    fp = results.get("ftray-packed")
+    if fp:
         if "trl-packed" in results:
             checks.append(
                 f"- ftray-packed / trl-packed (TRL as it ships: 8 rows flattened into one, ~8x the attention work, and "
@@ -589,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{described}, {trained}, fp32, AdamW lr {LR} constant, clip 1.0; "
         f"gpteacher_code_train (chat template, loss on answers); max length {SEQ_LEN}; "
         f"{GLOBAL_BATCH} sequences per optimizer step, {MICRO_BATCH} per forward pass; {steps} steps per arm, "
-        f"first {WARMUP} excluded. ftray: {WORKERS} Ray Train workers x 1 CPU, ZeRO-2; TRL and plain loop: "
+        f"first {WARMUP} excluded. ftray: {WORKERS} Ray Train workers x 1 CPU, ZeRO-2 (ftray-packed-1w: 1 worker x "
+        f"{THREADS} CPUs); TRL and plain loop: "
         f"1 process, {THREADS} torch threads. Trained tokens = tokens of real examples, padding excluded.",
         f"Versions: {versions()}.",
         "",
