@@ -197,8 +197,6 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     warm_n = sum(h["tokens"] for h in hist[:WARMUP])
     tr = record["train"]
     res["loop_tokens_per_s"] = (tr.get("process_trained_tokens", tr["trained_tokens"]) - warm_n) / max(tr["train_seconds"] - warm_t, 1e-9)
-    # The last step's loss from metrics.jsonl: run.json's `final_loss` is the loss of the step before
-    # the last when the job has no eval set (loop.py reads history[-2]).
     res["final_loss"] = hist[-1]["loss"]
     res["sequences"] = record["data"]["train"]["sequences"]
     res["note"] = (
