@@ -96,11 +96,13 @@ def steady(step_times: list[float], tokens: list[float], warmup: int = WARMUP) -
 # ----------------------------------------------------------------------------------------------- ftray
 
 
-def lora_config():
-    from peft import LoraConfig
+def lora_config(net):
+    """The peft config ftray's own job builds from `adapter: {kind: lora, **LORA}`, for TRL and the plain loop:
+    the same LoRA by construction, not a second description of it."""
+    from ftray.config import AdapterSpec
+    from ftray.models.adapters import peft_config_for
 
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    return peft_config_for(net, AdapterSpec(kind="lora", **LORA), "CAUSAL_LM")
 
 
 def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS) -> dict:
@@ -249,7 +251,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
     if adapter == "lora":
         from peft import get_peft_model
 
-        net = get_peft_model(net, lora_config())
+        net = get_peft_model(net, lora_config(net))
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -350,13 +352,14 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
         activation_checkpointing=recompute,
     )
     torch.manual_seed(SEED)
+    net = load_model(str(model), torch.float32)
     trainer = SFTTrainer(
-        model=load_model(str(model), torch.float32),
+        model=net,
         args=cfg,
         train_dataset=ds,
         processing_class=tok,
         callbacks=[clock],
-        peft_config=lora_config() if adapter == "lora" else None,
+        peft_config=lora_config(net) if adapter == "lora" else None,
     )
     n_seq = len(trainer.train_dataset)
     trainer.train()
@@ -482,11 +485,13 @@ def main(argv: list[str] | None = None) -> int:
             model = work / "model"
             get_model(SMOLLM2, str(model))  # a copy of the converted GGUF once ~/.cache/ftray/gguf holds it
             n_params = count_params(model)
-            described = f"SmolLM2-135M-Instruct ({n_params / 1e6:.1f}M parameters, pre-trained; Q4_1 GGUF dequantized to fp32)"
+            name = "SmolLM2-135M-Instruct"
+            described = f"{name} ({n_params / 1e6:.1f}M parameters, pre-trained; Q4_1 GGUF dequantized to fp32)"
         else:
             model = build_tiny(work / "model", size="small", corpus=[str(DATA)])
             n_params = count_params(model)
-            described = f"Tiny Llama `small` ({n_params / 1e6:.1f}M parameters, random init)"
+            name = "Tiny Llama `small`"
+            described = f"{name} ({n_params / 1e6:.1f}M parameters, random init)"
         trained = (
             f"LoRA (peft; r {LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}, all linear layers, the same in "
             "every arm)" if a.adapter == "lora" else "full fine-tuning"
@@ -557,17 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     for mine in ("ftray-packed", "ftray-packed-1w"):  # the goals, for each shape of the ftray job that ran
         if mine not in results:
             continue
-        fp = results[mine]
+        m = results[mine]
         for other, factor in GOAL_RATIOS:
             if other in results:
                 o = results[other]
-                ratio = fp["loop_tokens_per_s"] / o.get("loop_tokens_per_s", o["tokens_per_s"])
+                ratio = m["loop_tokens_per_s"] / o.get("loop_tokens_per_s", o["tokens_per_s"])
                 checks.append(
                     f"- {mine} / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
                     f"{'met' if ratio >= factor else 'MISSED'}; inside the steps "
-                    f"{fp['tokens_per_s'] / o['tokens_per_s']:.2f}"
+                    f"{m['tokens_per_s'] / o['tokens_per_s']:.2f}"
                 )
-    fp = results.get("ftray-packed")
     if fp:
         if "trl-packed" in results:
             checks.append(
@@ -589,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(total {total:.0f} s)")
 
     md = [
-        f"# Training throughput: ftray vs TRL SFTTrainer vs a plain PyTorch loop ({described.split(' (')[0]}, "
+        f"# Training throughput: ftray vs TRL SFTTrainer vs a plain PyTorch loop ({name}, "
         f"{a.adapter})",
         "",
         stamp(t_all, load_all) + f", {platform.processor() or platform.machine()}",

@@ -74,6 +74,9 @@ def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, corpus, tmp_pat
     ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
     assert torch.allclose(loss, ref, atol=1e-6)
     assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref_grads, strict=True))
+    if adapter == "full":  # a model that names no output embeddings: every position projected, then selected
+        model.get_output_embeddings = lambda: None
+        assert torch.allclose(M.loss(model, batch)[0], ref, atol=1e-6)
 
 
 def test_refuses_a_model_without_mask_token(tiny_bert, tiny_model, corpus, tmp_path):

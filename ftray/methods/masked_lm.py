@@ -45,12 +45,13 @@ def _masked_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     where = labels != IGNORE
     inner = getattr(model, "module", model)  # a DeepSpeed engine holds the model (or the peft model) in .module
     head = inner.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _mod, args: (args[0][where], *args[1:]))
+    hook = None if head is None else head.register_forward_pre_hook(lambda _mod, args: (args[0][where], *args[1:]))
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     finally:
-        hook.remove()
-    if logits.dim() == 3:  # the projection the model ran was not the one it reports (a wrapper's copy): select here
+        if hook is not None:
+            hook.remove()
+    if logits.dim() == 3:  # no output embeddings to hook (or not the projection the model ran): select afterwards
         logits = logits[where]
     return logits, labels[where]
 
