@@ -184,3 +184,53 @@ def test_value_head_is_saved_beside_the_lora_adapter_and_reloads(tiny_model, ari
     assert main(["export", str(out), "--merge", "--out", str(tmp_path / "exported")]) == 0
     exported, merged_file = (load_file(str(p / HEADS_FILE)) for p in (tmp_path / "exported", out / "merged"))
     assert exported.keys() == merged_file.keys() and all(torch.equal(exported[k], merged_file[k]) for k in exported)
+
+
+def test_a_chat_rollout_is_scored_as_the_reward_model_was_trained(tiny_model, arith, tmp_path):
+    """What a served reward model scores for a `chat` row is what a `reward` run trained on (`reward.render`:
+    the chat template over the history, the prompt and the reply, end of turn included), not the rendered
+    prompt wrapped as one more user turn; other formats send {"prompt", "response"}, which the scorer renders
+    as a user turn and an assistant turn. Through one rollout: one input per sampled reply, in order."""
+    from ftray.methods._rollout import Sampler
+    from ftray.methods.reward import render
+    from ftray.models.load import load_tokenizer
+    from ftray.rlhf import build_reward
+
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    convs = [
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Add 4 and 4."}, {"role": "assistant", "content": "8"}],
+    ]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    rm = {"app": "rm", "scorer": "rm"}
+    spec = spec_from_dict(ppo_spec(tiny_model, chat, None, tmp_path, data__format="chat", data__max_length=96,
+                                   method={"rewards": {}, "reward_model": rm, "samples_per_prompt": 2}))
+    batch = M.collate([e for m in convs for e in M.examples({"messages": m}, tok, spec)], tok.pad_token_id)
+    prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_len"].tolist(), strict=True)]
+    seen: list = []
+
+    def scorer(items):
+        seen.extend(items)
+        return [float(len(x)) for x in items]
+
+    sampler = Sampler(spec, tok, reward=build_reward(spec.method, scorer))
+    replies = ["Five.", "It is 8, since 4 + 4 = 8."]
+    want = [render(tok, {"history": m[:-2], "prompt": m[-2]["content"]}, r) for m, r in zip(convs, replies, strict=True)]
+    assert sampler.served_items(prompts, replies) == want
+    assert want[1].endswith(f"It is 8, since 4 + 4 = 8.{tok.eos_token}\n") and "<|user|>\nHi" in want[1]
+
+    torch.manual_seed(0)
+    model = M.load_base(str(tiny_model), torch.float32, spec)
+    r = sampler.rollout(model, batch, n=2)
+    texts = tok.batch_decode(r.comp.masked_fill(r.c_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+    assert seen == sampler.served_items(prompts, texts, n=2) and len(seen) == 4
+    assert r.rewards.tolist() == [float(len(x)) for x in seen]  # `rewards: {}`: the served score alone
+
+    plain = spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"rewards": {}, "reward_model": rm}))
+    row = json.loads(arith[0].read_text().splitlines()[0])
+    (ex,) = M.examples(row, tok, plain)
+    items = Sampler(plain, tok).served_items([ex["input_ids"][: ex["prompt_len"]]], ["7"])
+    assert items == [{"prompt": row["prompt"], "response": "7"}]

@@ -45,8 +45,8 @@ def test_scores_survive_a_killed_replica_and_a_dead_service_fails_clearly(rm_run
     deploy_reward_app(ref, str(rm_run / "model"))
     check_reward_app(ref)
     scorer = ServedReward(ref.app, ref.scorer, timeout_s=60)
-    prompts, answers = ["1+1=", "2+2=", "3+3="], ["2", "5", "6"]
-    want = scorer(prompts, answers)
+    items = [{"prompt": p, "response": a} for p, a in (("1+1=", "2"), ("2+2=", "5"), ("3+3=", "6"))]
+    want = scorer(items)
     assert len(want) == 3 and len(set(want)) > 1
 
     results, errors = [], []
@@ -55,7 +55,7 @@ def test_scores_survive_a_killed_replica_and_a_dead_service_fails_clearly(rm_run
         t_end = time.time() + 8  # a call in flight at the end waits for the new replica (timeout_s 60)
         while time.time() < t_end:
             try:
-                results.append(scorer(prompts, answers))
+                results.append(scorer(items))
             except Exception as e:  # noqa: BLE001 - the test reports it
                 errors.append(e)
                 return
@@ -73,7 +73,7 @@ def test_scores_survive_a_killed_replica_and_a_dead_service_fails_clearly(rm_run
     serve_up.delete(ref.app)
     t0 = time.time()
     with pytest.raises(RewardServiceError, match=r"method.reward_model: Serve app 'rm-kill' deployment 'score-rm' did not answer"):
-        ServedReward(ref.app, ref.scorer, timeout_s=3, call_timeout_s=1)(prompts, answers)
+        ServedReward(ref.app, ref.scorer, timeout_s=3, call_timeout_s=1)(items)
     assert time.time() - t0 < 30
     with pytest.raises(RewardServiceError, match=r"no Serve application 'rm-kill' is running"):
         check_reward_app(ref)

@@ -163,21 +163,42 @@ def rollout_info(r: Rollout, scores: torch.Tensor, clipped: torch.Tensor, kl: fl
 
 
 # ------------------------------------------------------------------ sampling and scoring (a model)
+def turn_end(tokenizer) -> str:
+    """What the chat template writes after an assistant reply (SmolLM2: `<|im_end|>` and a newline)."""
+    mark = "\x00reply\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": mark}], tokenize=False)
+    return text.split(mark, 1)[1]
+
+
 class Sampler:
     """Samples completions from the policy and rewards them; made by the method's `setup` on each worker
-    (with the served reward model's scorer in `ctx.reward_model`), or for an evaluation alone (no reward)."""
+    (with the served reward model's scorer in `ctx.reward_model`), or for an evaluation alone (no reward).
+
+    What the served reward model scores is what a `reward` run trained on (`ftray.methods.reward.render`): for
+    `chat` rows the conversation as the policy saw it, rendered by the chat template (special tokens kept), the
+    sampled reply and the template's end of turn, sent as one rendered string; for the other formats
+    {"prompt", "response"}, which the scorer renders as a user turn and an assistant turn."""
 
     def __init__(self, spec, tokenizer, synced_gpus: bool = False, reward=None):
         self.spec, self.tokenizer, self.synced_gpus, self.reward = spec, tokenizer, synced_gpus, reward
+        self.turn_end = turn_end(tokenizer) if spec.data.format == "chat" else None
 
-    def _texts(self, batch) -> tuple[list[list[int]], list[str], list[str]]:
+    def _texts(self, batch) -> tuple[list[list[int]], list[str]]:
         tok = self.tokenizer
-        prompts, refs, raw = [], [], []
+        prompts, refs = [], []
         for ids, lab, n in zip(batch["input_ids"], batch["labels"], batch["prompt_len"].tolist(), strict=True):
             prompts.append(ids[:n].tolist())
             refs.append(tok.decode([t for t in lab.tolist() if t != IGNORE], skip_special_tokens=True))
-            raw.append(tok.decode(ids[:n].tolist(), skip_special_tokens=True))
-        return prompts, refs, raw
+        return prompts, refs
+
+    def served_items(self, prompts: list[list[int]], texts: list[str], n: int = 1) -> list:
+        """The served reward model's input for each completion (`n` per prompt, in order)."""
+        tok = self.tokenizer
+        if self.turn_end is not None:
+            rendered = [tok.decode(p, skip_special_tokens=False) for p in prompts]
+            return [rendered[i // n] + t + self.turn_end for i, t in enumerate(texts)]
+        raw = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+        return [{"prompt": raw[i // n], "response": t} for i, t in enumerate(texts)]
 
     @torch.no_grad()
     def generate(self, net, prompts: list[list[int]], device, sample: bool, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,12 +233,13 @@ class Sampler:
         """Sample `n` completions per prompt of the batch, decode and reward them."""
         net = getattr(model, "module", model)  # generate on the module (a DeepSpeed engine has no generate)
         device = batch["input_ids"].device
-        prompts, refs, raw = self._texts(batch)
+        prompts, refs = self._texts(batch)
         t0 = time.time()
         p_ids, p_mask, comp = self.generate(net, prompts, device, sample=True, n=n)
         gen_s = time.time() - t0
         c_mask, texts = self._decode(comp)
-        rewards, parts = self.reward([x for x in raw for _ in range(n)], texts, [r for r in refs for _ in range(n)])
+        items = self.served_items(prompts, texts, n) if self.reward.served is not None else None
+        rewards, parts = self.reward(texts, [r for r in refs for _ in range(n)], items)
         attn = torch.cat([p_mask, c_mask], dim=1)
         return Rollout(
             full=torch.cat([p_ids, comp], dim=1), attn=attn, pos=(attn.cumsum(-1) - 1).clamp(min=0),
@@ -244,8 +266,8 @@ class Sampler:
             checks = {"exact_match": 1.0, "numeric_match": 1.0}
             scores = [verifiable_rewards(t, r, checks) for t, r in zip(texts, refs, strict=True)]
             if self.reward is not None:
-                raw = [tok.decode(p, skip_special_tokens=True) for p in prompts]
-                totals, _ = self.reward(raw, texts, refs)
+                items = self.served_items(prompts, texts) if self.reward.served is not None else None
+                totals, _ = self.reward(texts, refs, items)
                 for j, (s, tot) in enumerate(zip(scores, totals, strict=True)):
                     s["reward"] = tot
                     if self.reward.last_served:

@@ -1,5 +1,5 @@
 """Rewards of sampled completions: verifiable functions of (completion, reference) and, optionally, the
-score of a served reward model for (prompt, completion). `build_reward(method_spec, scorer)` combines them."""
+score of a served reward model for each completion in its conversation. `build_reward(method_spec, scorer)` combines them."""
 
 from __future__ import annotations
 
@@ -41,23 +41,26 @@ def verifiable_rewards(
 
 @dataclass
 class RewardFn:
-    """rewards(prompts, completions, references) -> (total reward per completion, per-source means, seconds
-    spent in the served model)."""
+    """rewards(completions, references, served_items) -> (total reward per completion, per-source means and the
+    seconds spent in the served model). `served_items`: the served model's input of each completion (a rendered
+    string or {"prompt", "response"}; see `ftray.serve.engine.ScorerEngine.text`), when it is set."""
 
     weights: dict[str, float]
     format_regex: str | None = None
-    served: Callable[[list[str], list[str]], list[float]] | None = None
+    served: Callable[[list], list[float]] | None = None
     served_weight: float = 1.0
     last_served: list[float] = field(default_factory=list)  # the served model's scores of the last call
 
-    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> tuple[list[float], dict[str, float]]:
+    def __call__(self, completions: list[str], references: list[str], served_items: list | None = None) -> tuple[list[float], dict[str, float]]:
         parts = [verifiable_rewards(c, r, self.weights, self.format_regex) for c, r in zip(completions, references, strict=True)]
         totals = [sum(self.weights[k] * v for k, v in p.items()) for p in parts]
         means = {f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in self.weights} if parts else {}
         served_s = 0.0
         if self.served is not None:
             t0 = time.time()
-            scores = self.served(prompts, completions)
+            if served_items is None or len(served_items) != len(completions):
+                raise ValueError("a served reward model needs one input per completion")
+            scores = self.served(served_items)
             self.last_served = scores
             served_s = time.time() - t0
             totals = [t + self.served_weight * s for t, s in zip(totals, scores, strict=True)]
@@ -66,7 +69,7 @@ class RewardFn:
         return totals, means
 
 
-def build_reward(m, served: Callable[[list[str], list[str]], list[float]] | None = None) -> RewardFn:
+def build_reward(m, served: Callable[[list], list[float]] | None = None) -> RewardFn:
     """The reward of a `grpo` / `ppo` method spec (`rewards`, `format_regex`) plus, weighted by its
     `reward_model.weight`, the scores of `served` (the served reward model's scorer, which the training
     loop builds: `ftray.rlhf.served.ServedReward`)."""

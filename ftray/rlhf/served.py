@@ -32,8 +32,8 @@ class ServedReward:
             self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app)
         return self._handle
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        items = [{"prompt": p, "response": c} for p, c in zip(prompts, completions, strict=True)]
+    def __call__(self, items: list) -> list[float]:
+        """One score per item: a rendered string, {"prompt", "response"} or {"messages"} (`ScorerEngine.text`)."""
         deadline, wait, last = time.time() + self.timeout_s, 0.5, None
         while True:
             try:
