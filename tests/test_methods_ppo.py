@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -234,3 +235,54 @@ def test_a_chat_rollout_is_scored_as_the_reward_model_was_trained(tiny_model, ar
     (ex,) = M.examples(row, tok, plain)
     items = Sampler(plain, tok).served_items([ex["input_ids"][: ex["prompt_len"]]], ["7"])
     assert items == [{"prompt": row["prompt"], "response": "7"}]
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_log_probs_are_those_of_the_sampling_temperature(kind, tiny_model, arith, tmp_path):
+    """Completions are sampled at `method.temperature`; the policy's and the reference's log-probs (the
+    ratio, the KL) are of that distribution, logits / temperature (TRL does the same), not of temperature 1.
+    The adapter is moved off zero so that the policy and the reference (the adapter disabled) differ; the
+    KL the loss reports is recomputed here from the rollout at the sampling temperature."""
+    from ftray.methods.losses import k3_kl, masked_mean
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    T = 0.5
+    method = {"temperature": T, "beta": 0.1} if kind == "grpo" else {"samples_per_prompt": 2, "temperature": T}
+    d = ppo_spec(tiny_model, arith[0], None, tmp_path, method=method) if kind == "ppo" else \
+        method_spec("grpo", tiny_model, arith[0], None, tmp_path, method={"group_size": 2, **method})
+    spec = spec_from_dict(d)
+    meth = get_method(kind)
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:2]]
+    batch = meth.collate([e for r in rows for e in meth.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(meth.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=meth.task_type,
+                          heads=meth.trainable_heads(spec))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    meth.setup(spec, tok, EvalContext())
+    model.eval()  # no dropout: the recomputation below sees the same function
+    prepared = meth.prepare(model, batch)
+    _, info = meth.loss(model, prepared)
+    r = prepared["rollout"]
+    P = r.prompt_len
+
+    def logps(temperature, ref=False):
+        with torch.no_grad(), (model.disable_adapter() if ref else contextlib.nullcontext()):
+            logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False).logits
+        lp = torch.log_softmax(logits[:, P - 1 : -1].float() / temperature, -1)
+        return lp.gather(-1, r.comp.unsqueeze(-1)).squeeze(-1)
+
+    def kl(temperature):
+        pol, ref = logps(temperature), logps(temperature, ref=True)
+        if kind == "ppo":  # the summed per-token log-ratio, per sequence
+            return float(((pol - ref) * r.c_mask).sum() / len(r.comp))
+        return float(masked_mean(k3_kl(pol, ref), r.c_mask))
+
+    want, untempered = kl(T), kl(1.0)
+    assert abs(want - untempered) > 1e-3, (want, untempered)  # the test can tell them apart
+    assert info["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6), (info["kl"], want, untempered)

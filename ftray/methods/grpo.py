@@ -68,11 +68,13 @@ class GRPO(_rollout.PromptRows, MethodBase):
         adv = group_advantages(r.rewards, m.group_size, scale=m.scale_rewards)
         comp, c_mask, P = r.comp, r.c_mask, r.prompt_len
         logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False).logits
-        logp = token_logps(logits[:, P - 1 : -1], comp)
+        # Log-probs under the distribution the completions were sampled from: logits / temperature (as TRL)
+        logp = token_logps(logits[:, P - 1 : -1] / m.temperature, comp)
         per_tok, clipped = clipped_surrogate(logp, logp.detach(), adv[:, None], m.clip_eps)
         kl = torch.zeros_like(logp)
         if m.beta > 0:
-            kl = k3_kl(logp, token_logps(self.reference.logits(model, r.full, r.attn, r.pos)[:, P - 1 : -1], comp))
+            ref = self.reference.logits(model, r.full, r.attn, r.pos)[:, P - 1 : -1] / m.temperature
+            kl = k3_kl(logp, token_logps(ref, comp))
             per_tok = per_tok + m.beta * kl
         n_tok = None
         if m.loss_type == "dapo":

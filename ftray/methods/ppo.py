@@ -84,10 +84,11 @@ class PPO(_rollout.PromptRows, MethodBase):
         device = r.full.device
         full, attn, pos, comp, c_mask, P, scores_t = r.full, r.attn, r.pos, r.comp, r.c_mask, r.prompt_len, r.rewards
         out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
-        logp = token_logps(out.logits[:, P - 1 : -1], comp)
+        # Log-probs under the distribution the completions were sampled from: logits / temperature (as TRL)
+        logp = token_logps(out.logits[:, P - 1 : -1] / m.temperature, comp)
         values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
         with torch.no_grad():
-            ref_logp = token_logps(self.reference.logits(model, full, attn, pos)[:, P - 1 : -1], comp)
+            ref_logp = token_logps(self.reference.logits(model, full, attn, pos)[:, P - 1 : -1] / m.temperature, comp)
             kl_tok = (logp - ref_logp) * c_mask
             rewards = -self.kl_coef * kl_tok
             last = (c_mask.sum(-1) - 1).clamp(min=0)
