@@ -23,6 +23,22 @@ def ppo_spec(model, train, test, out, method=None, **over) -> dict:
     return d
 
 
+def rollout_setup(method, spec, tiny_model, arith, n_rows: int):
+    """The tiny model's tokenizer, a collated batch of the first `n_rows` arithmetic prompts and the method's
+    base with its adapter (and heads), seeded."""
+    from ftray.models.adapters import apply_adapter
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:n_rows]]
+    batch = method.collate([e for r in rows for e in method.examples(r, tok, spec)], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(method.load_base(str(tiny_model), torch.float32, spec), spec.adapter,
+                          task_type=method.task_type, heads=method.trainable_heads(spec))
+    return tok, batch, model
+
+
 def test_spec_refusals(tiny_model, arith, tmp_path):
     with pytest.raises(SpecError, match=r"nothing to learn from"):
         spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"rewards": {}}))
@@ -33,18 +49,10 @@ def test_spec_refusals(tiny_model, arith, tmp_path):
 
 
 def test_rollout_update_on_one_process(tiny_model, arith, tmp_path):
-    from ftray.models.adapters import apply_adapter
-    from ftray.models.load import load_tokenizer
 
     spec = spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path,
                                    method={"samples_per_prompt": 2, "kl_target": 0.01, "kl_horizon": 10}))
-    tok = load_tokenizer(str(tiny_model))
-    ensure_chat_template(tok)
-    rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:4]]
-    batch = M.collate([e for r in rows for e in M.examples(r, tok, spec)], tok.pad_token_id)
-    torch.manual_seed(0)
-    model = apply_adapter(M.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=M.task_type,
-                          heads=M.trainable_heads(spec))
+    tok, batch, model = rollout_setup(M, spec, tiny_model, arith, 4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("ftray_value_head" in n for n in trainable) and all("lora_" in n or "ftray_value_head" in n for n in trainable)
     M.setup(spec, tok, EvalContext())
@@ -244,8 +252,6 @@ def test_log_probs_are_those_of_the_sampling_temperature(kind, tiny_model, arith
     The adapter is moved off zero so that the policy and the reference (the adapter disabled) differ; the
     KL the loss reports is recomputed here from the rollout at the sampling temperature."""
     from ftray.methods.losses import k3_kl, masked_mean
-    from ftray.models.adapters import apply_adapter
-    from ftray.models.load import load_tokenizer
 
     T = 0.5
     method = {"temperature": T, "beta": 0.1} if kind == "grpo" else {"samples_per_prompt": 2, "temperature": T}
@@ -253,13 +259,7 @@ def test_log_probs_are_those_of_the_sampling_temperature(kind, tiny_model, arith
         method_spec("grpo", tiny_model, arith[0], None, tmp_path, method={"group_size": 2, **method})
     spec = spec_from_dict(d)
     meth = get_method(kind)
-    tok = load_tokenizer(str(tiny_model))
-    ensure_chat_template(tok)
-    rows = [json.loads(x) for x in arith[0].read_text().splitlines()[:2]]
-    batch = meth.collate([e for r in rows for e in meth.examples(r, tok, spec)], tok.pad_token_id)
-    torch.manual_seed(0)
-    model = apply_adapter(meth.load_base(str(tiny_model), torch.float32, spec), spec.adapter, task_type=meth.task_type,
-                          heads=meth.trainable_heads(spec))
+    tok, batch, model = rollout_setup(meth, spec, tiny_model, arith, 2)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
