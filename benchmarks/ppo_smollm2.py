@@ -75,11 +75,10 @@ def generate_piece(run: str, data: str, out: str, prompts: str, tokens: str, max
     return rf.generate_one(run, data, out, a)
 
 
-def judge_piece(judge: str, data: str) -> dict:
-    from ftray.eval.evaluate import evaluate
+def judge_piece(judge: str, data: str, max_length: str) -> dict:
+    import real_feedback as rf
 
-    t0 = time.time()
-    return {**evaluate(judge, data), "seconds": time.time() - t0}
+    return rf.eval_one(judge, data, argparse.Namespace(seed=0, max_length=int(max_length)))
 
 
 def main() -> int:
@@ -116,11 +115,11 @@ def main() -> int:
     wall = ftray("train", str(WORK / "ppo_hh.yaml"), lock=a.lock) if not (run / "run.json").exists() else float("nan")
     rec = record(run)
 
-    logs, extra = WORK / "logs", ["--steps", str(a.steps)]
+    logs = WORK / "logs"
     replies = run / "replies.jsonl"  # chosen: the policy's greedy reply; rejected: the untouched model's
     gen = child(__file__, ["generate", str(run), str(test_pref), str(replies), str(a.prompts), str(a.new_tokens),
-                           str(a.max_length)], extra, a.lock, logs)
-    judged = {name: child(__file__, ["judge", str(path), str(replies)], extra, a.lock, logs)
+                           str(a.max_length)], [], a.lock, logs)
+    judged = {name: child(__file__, ["judge", str(path), str(replies), str(a.max_length)], [], a.lock, logs)
               for name, path in (("hh", REWARD), ("oasst", JUDGE))}
 
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train/kl"' in x]

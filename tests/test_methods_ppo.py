@@ -241,8 +241,10 @@ def test_a_chat_rollout_is_scored_as_the_reward_model_was_trained(tiny_model, ar
     plain = spec_from_dict(ppo_spec(tiny_model, arith[0], None, tmp_path, method={"rewards": {}, "reward_model": rm}))
     row = json.loads(arith[0].read_text().splitlines()[0])
     (ex,) = M.examples(row, tok, plain)
-    items = Sampler(plain, tok).served_items([ex["input_ids"][: ex["prompt_len"]]], ["7"])
+    prompt = [ex["input_ids"][: ex["prompt_len"]]]
+    items = Sampler(plain, tok, reward=build_reward(plain.method, scorer)).served_items(prompt, ["7"])
     assert items == [{"prompt": row["prompt"], "response": "7"}]
+    assert Sampler(plain, tok).served_items(prompt, ["7"]) is None  # no served reward model: nothing to send
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])

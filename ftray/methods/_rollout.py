@@ -18,10 +18,10 @@ import torch
 from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
-from ftray.methods.losses import masked_mean, token_cross_entropy
+from ftray.methods.losses import masked_mean, token_cross_entropy, token_logps
 from ftray.progress import bar
 
-__all__ = ["FORMATS", "PromptRows", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_mask",
+__all__ = ["FORMATS", "PromptRows", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_logps", "completion_mask",
            "prompt_examples", "reference_answer_nll", "rollout_info", "rollout_metrics", "served_reward_model"]
 
 FORMATS = ("prompt_completion", "instruction", "chat")
@@ -148,6 +148,12 @@ def reference_answer_nll(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {"target_tokens": float(n)}
 
 
+def completion_logps(logits: torch.Tensor, r: Rollout, temperature: float) -> torch.Tensor:
+    """Per-token log-probs (B, T) of the rollout's completions from the logits of `r.full`, under the distribution
+    they were sampled from: logits / `temperature` (as TRL), for the policy and the reference alike."""
+    return token_logps(logits[:, r.prompt_len - 1 : -1] / temperature, r.comp)
+
+
 def rollout_info(r: Rollout, scores: torch.Tensor, clipped: torch.Tensor, kl: float) -> dict[str, float]:
     """What every rollout step logs (the loop's `train/<key>`)."""
     return {
@@ -191,8 +197,10 @@ class Sampler:
             refs.append(tok.decode([t for t in lab.tolist() if t != IGNORE], skip_special_tokens=True))
         return prompts, refs
 
-    def served_items(self, prompts: list[list[int]], texts: list[str], n: int = 1) -> list:
-        """The served reward model's input for each completion (`n` per prompt, in order)."""
+    def served_items(self, prompts: list[list[int]], texts: list[str], n: int = 1) -> list | None:
+        """The served reward model's input for each completion (`n` per prompt, in order); None without one."""
+        if self.reward is None or self.reward.served is None:
+            return None
         tok = self.tokenizer
         if self.turn_end is not None:
             rendered = [tok.decode(p, skip_special_tokens=False) for p in prompts]
@@ -238,8 +246,7 @@ class Sampler:
         p_ids, p_mask, comp = self.generate(net, prompts, device, sample=True, n=n)
         gen_s = time.time() - t0
         c_mask, texts = self._decode(comp)
-        items = self.served_items(prompts, texts, n) if self.reward.served is not None else None
-        rewards, parts = self.reward(texts, [r for r in refs for _ in range(n)], items)
+        rewards, parts = self.reward(texts, [r for r in refs for _ in range(n)], self.served_items(prompts, texts, n))
         attn = torch.cat([p_mask, c_mask], dim=1)
         return Rollout(
             full=torch.cat([p_ids, comp], dim=1), attn=attn, pos=(attn.cumsum(-1) - 1).clamp(min=0),
@@ -266,8 +273,7 @@ class Sampler:
             checks = {"exact_match": 1.0, "numeric_match": 1.0}
             scores = [verifiable_rewards(t, r, checks) for t, r in zip(texts, refs, strict=True)]
             if self.reward is not None:
-                items = self.served_items(prompts, texts) if self.reward.served is not None else None
-                totals, _ = self.reward(texts, refs, items)
+                totals, _ = self.reward(texts, refs, self.served_items(prompts, texts))
                 for j, (s, tot) in enumerate(zip(scores, totals, strict=True)):
                     s["reward"] = tot
                     if self.reward.last_served:

@@ -30,7 +30,6 @@ from ftray.methods.losses import (
     group_advantages,
     k3_kl,
     masked_mean,
-    token_logps,
 )
 
 __all__ = ["GRPO"]
@@ -66,15 +65,13 @@ class GRPO(_rollout.PromptRows, MethodBase):
             return _rollout.reference_answer_nll(model, batch)
         m = self.sampler.spec.method
         adv = group_advantages(r.rewards, m.group_size, scale=m.scale_rewards)
-        comp, c_mask, P = r.comp, r.c_mask, r.prompt_len
+        c_mask = r.c_mask
         logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False).logits
-        # Log-probs under the distribution the completions were sampled from: logits / temperature (as TRL)
-        logp = token_logps(logits[:, P - 1 : -1] / m.temperature, comp)
+        logp = _rollout.completion_logps(logits, r, m.temperature)
         per_tok, clipped = clipped_surrogate(logp, logp.detach(), adv[:, None], m.clip_eps)
         kl = torch.zeros_like(logp)
         if m.beta > 0:
-            ref = self.reference.logits(model, r.full, r.attn, r.pos)[:, P - 1 : -1] / m.temperature
-            kl = k3_kl(logp, token_logps(ref, comp))
+            kl = k3_kl(logp, _rollout.completion_logps(self.reference.logits(model, r.full, r.attn, r.pos), r, m.temperature))
             per_tok = per_tok + m.beta * kl
         n_tok = None
         if m.loss_type == "dapo":

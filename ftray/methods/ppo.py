@@ -20,7 +20,7 @@ import torch
 from ftray.methods import _rollout
 from ftray.methods._base import MethodBase
 from ftray.methods._lm import Reference, load_causal_lm
-from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, token_logps, whiten
+from ftray.methods.losses import clipped_surrogate, clipped_value_loss, gae, masked_mean, whiten
 from ftray.models.adapters import load_heads
 
 __all__ = ["PPO"]
@@ -84,11 +84,10 @@ class PPO(_rollout.PromptRows, MethodBase):
         device = r.full.device
         full, attn, pos, comp, c_mask, P, scores_t = r.full, r.attn, r.pos, r.comp, r.c_mask, r.prompt_len, r.rewards
         out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
-        # Log-probs under the distribution the completions were sampled from: logits / temperature (as TRL)
-        logp = token_logps(out.logits[:, P - 1 : -1] / m.temperature, comp)
+        logp = _rollout.completion_logps(out.logits, r, m.temperature)
         values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
         with torch.no_grad():
-            ref_logp = token_logps(self.reference.logits(model, full, attn, pos)[:, P - 1 : -1] / m.temperature, comp)
+            ref_logp = _rollout.completion_logps(self.reference.logits(model, full, attn, pos), r, m.temperature)
             kl_tok = (logp - ref_logp) * c_mask
             rewards = -self.kl_coef * kl_tok
             last = (c_mask.sum(-1) - 1).clamp(min=0)
