@@ -168,6 +168,22 @@ class ClusterMethod(_Strict):
     )
     temperature: float = Field(0.05, gt=0, description="SimCSE (InfoNCE over two dropout views) temperature.")
     top_terms: int = Field(8, ge=1, description="Top terms listed per cluster in `<output.dir>/clusters.json`.")
+    contrastive_weight: float = Field(1.0, ge=0, description="Weight of SimCSE's loss (0: one view per text, no SimCSE).")
+    cluster_weight: float = Field(
+        0.0, ge=0, description="Weight of DEC's clustering loss: KL(P || Q) of each text's soft assignment Q to the "
+        "k-means centres of recent training embeddings and its sharpened target P (0: off). Needs `n_clusters`."
+    )
+    cluster_temperature: float = Field(0.1, gt=0, description="Q = softmax(cosine(text, centre) / cluster_temperature).")
+    cluster_memory: int = Field(512, ge=2, description="The centres are k-means over the last this many training embeddings (every rank's).")
+    refresh_every: int = Field(10, ge=1, description="Optimizer steps between two k-means refreshes of the centres.")
+
+    @model_validator(mode="after")
+    def _objective(self):
+        if self.contrastive_weight == 0 and self.cluster_weight == 0:
+            raise ValueError("`contrastive_weight` and `cluster_weight` are both 0: nothing would train")
+        if self.cluster_weight > 0 and self.n_clusters is None:
+            raise ValueError("`cluster_weight` > 0 needs `n_clusters` (the k of the centres it pulls texts towards)")
+        return self
 
 
 class SentenceOrderMethod(_Strict):

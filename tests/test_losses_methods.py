@@ -6,12 +6,32 @@ import math
 
 import torch
 
-from ftray.methods.losses import cosine_similarity_loss, info_nce, mean_pool
+from ftray.methods.losses import cosine_similarity_loss, dec_loss, info_nce, mean_pool
 
 
 def test_mean_pool_ignores_padding():
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     assert torch.allclose(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_dec_loss_hand_computed():
+    # Two texts on two centres at temperature 1: Q rows [a, b] and [b, a] with a = e / (e + 1), b = 1 - a; the
+    # column sums are 1, so P_i = Q_i^2 renormalised: [a^2, b^2] / (a^2 + b^2), and the loss is KL(P_i || Q_i).
+    a = math.e / (math.e + 1)
+    b = 1 - a
+    p = [a * a / (a * a + b * b), b * b / (a * a + b * b)]
+    expected = p[0] * math.log(p[0] / a) + p[1] * math.log(p[1] / b)
+    eye = torch.eye(2)
+    assert abs(dec_loss(eye, eye, temperature=1.0).item() - expected) < 1e-6
+    # Both texts lean to centre 0: f = [2a, 2b] undoes the squaring, P = Q and nothing pulls them further
+    # (DEC's balance: no centre takes every text).
+    both = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert abs(dec_loss(both, eye, temperature=1.0).item()) < 1e-7
+    # The temperature divides the cosines: at 0.5 the logits are [2, 0].
+    a2 = math.e**2 / (math.e**2 + 1)
+    p2 = a2 * a2 / (a2 * a2 + (1 - a2) ** 2)
+    expected2 = p2 * math.log(p2 / a2) + (1 - p2) * math.log((1 - p2) / (1 - a2))
+    assert abs(dec_loss(eye, eye, temperature=0.5).item() - expected2) < 1e-6
 
 
 def test_info_nce_in_batch_negatives_hand_computed():

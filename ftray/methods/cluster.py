@@ -1,6 +1,9 @@
 """cluster: group texts into topics without labels. An encoder + mean pooling is trained with an
 unsupervised contrastive objective (SimCSE: two dropout views of each text are its positive pair, the
-rest of the micro-batch its negatives), then k-means runs on the held-out embeddings.
+rest of the micro-batch its negatives; `method.contrastive_weight`) and/or DEC's clustering loss
+(`method.cluster_weight`: each text pulled towards the centre it already leans to, the centres k-means
+over the last `cluster_memory` training embeddings of every rank, refreshed every `refresh_every` steps;
+SCCL, Zhang et al. 2021, is the two together), then k-means runs on the held-out embeddings.
 
 Rows: `text` (plain text or unlabelled JSONL), or `labels` (text, label), whose labels training never
 sees: they only judge the clusters (NMI and ARI against the labels). After each evaluation the clusters,
@@ -15,6 +18,7 @@ import torch
 
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import (
+    all_gather_with_grad,
     gather_objects,
     gather_rows,
     load_auto,
@@ -22,7 +26,7 @@ from ftray.methods._enc import (
     tokenize,
     write_sentence_transformers,
 )
-from ftray.methods.losses import info_nce, mean_pool
+from ftray.methods.losses import dec_loss, info_nce, mean_pool
 
 __all__ = ["Cluster", "top_terms"]
 
@@ -44,8 +48,57 @@ class Cluster(MethodBase):
     task_type = "FEATURE_EXTRACTION"
     packable = False
 
+    def __init__(self) -> None:
+        # DEC's state on a training worker (`setup`), the same on every rank: the centres, the memory of
+        # recent training embeddings they are fitted on, and the training micro-batches seen.
+        self._dec: dict | None = None
+        self._centres: torch.Tensor | None = None
+        self._memory: torch.Tensor | None = None
+        self._calls = 0
+
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "nmi", "ari"}  # nmi/ari: held-out rows with a `label`
+
+    def setup(self, spec, tokenizer, ctx) -> None:
+        import torch.distributed as dist
+
+        m = spec.method
+        if m.cluster_weight > 0:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            per_step = max(1, spec.train.global_batch_size // (spec.train.micro_batch_size * world))
+            self._dec = {"k": m.n_clusters, "memory": m.cluster_memory, "refresh": m.refresh_every * per_step, "seed": spec.train.seed}
+
+    def state_dict(self) -> dict | None:
+        if self._dec is None:
+            return None
+        return {
+            "calls": self._calls,
+            "centres": None if self._centres is None else self._centres.tolist(),
+            "memory": None if self._memory is None else self._memory.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._calls = int(state["calls"])
+        self._centres = None if state["centres"] is None else torch.tensor(state["centres"], dtype=torch.float32)
+        self._memory = None if state["memory"] is None else torch.tensor(state["memory"], dtype=torch.float32)
+
+    def _remember(self, z: torch.Tensor) -> None:
+        """A training micro-batch's unit embeddings (every rank's) into the memory; the centres refitted
+        (k-means, fixed seed, rank 0's sent to all) before the first DEC term and every `refresh` micro-batches."""
+        import torch.distributed as dist
+        from sklearn.cluster import KMeans
+
+        d = self._dec
+        everything = all_gather_with_grad(z.detach().float())[0].cpu()
+        self._memory = everything if self._memory is None else torch.cat([self._memory, everything])[-d["memory"] :]
+        if (self._centres is None and len(self._memory) >= d["k"]) or (self._calls % d["refresh"] == 0 and self._calls):
+            km = KMeans(n_clusters=d["k"], n_init=3, random_state=d["seed"]).fit(self._memory.numpy())
+            centres = torch.nn.functional.normalize(torch.tensor(km.cluster_centers_, dtype=torch.float32), dim=-1)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                centres = centres.to(z.device)
+                dist.broadcast(centres, src=0)  # the same centres on every rank, whatever each one's BLAS did
+                centres = centres.cpu()
+            self._centres = centres
 
     def load_base(self, path, dtype, spec):
         from transformers import AutoModel
@@ -57,21 +110,40 @@ class Cluster(MethodBase):
 
     def examples(self, row, tokenizer, spec):
         ids, cut = tokenize(tokenizer, row["text"], spec.data.max_length)  # the label (if any) is never used
-        return [{"input_ids": ids, "temperature": spec.method.temperature, "truncated": cut}]
+        m = spec.method
+        weights = {"contrastive_weight": m.contrastive_weight, "cluster_weight": m.cluster_weight, "cluster_temperature": m.cluster_temperature}
+        return [{"input_ids": ids, "temperature": m.temperature, **weights, "truncated": cut}]
 
     def collate(self, examples, pad_id):
         ids, mask = pad([e["input_ids"] for e in examples], pad_id)
-        # The batch twice, in one forward pass: dropout makes the two copies two views (SimCSE).
+        e = examples[0]
+        contrastive = float(e.get("contrastive_weight", 1.0))
+        # SimCSE: the batch twice, in one forward pass: dropout makes the two copies two views.
+        views = 2 if contrastive > 0 else 1
         return {
-            "input_ids": torch.cat([ids, ids]),
-            "attention_mask": torch.cat([mask, mask]),
-            "temperature": torch.tensor(float(examples[0].get("temperature") or 0.05)),
+            "input_ids": torch.cat([ids] * views),
+            "attention_mask": torch.cat([mask] * views),
+            "temperature": torch.tensor(float(e.get("temperature") or 0.05)),
+            "contrastive_weight": torch.tensor(contrastive),
+            "cluster_weight": torch.tensor(float(e.get("cluster_weight", 0.0))),
+            "cluster_temperature": torch.tensor(float(e.get("cluster_temperature", 0.1))),
         }
 
     def loss(self, model, batch):
         z = mean_pool(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state, batch["attention_mask"])
-        b = len(z) // 2
-        return info_nce(z[:b], z[b:], None, float(batch["temperature"])), {"target_tokens": float(b)}
+        contrastive, clustering = float(batch["contrastive_weight"]), float(batch["cluster_weight"])
+        b = len(z) // (2 if contrastive > 0 else 1)
+        loss = z.sum() * 0.0  # a graph through the model on every rank, even before DEC's first centres
+        if contrastive > 0:
+            loss = loss + contrastive * info_nce(z[:b], z[b:], None, float(batch["temperature"]))
+        if clustering > 0:
+            unit = torch.nn.functional.normalize(z[:b].float(), dim=-1)
+            if self._dec is not None and getattr(model, "module", model).training:  # a training step, not the held-out loss
+                self._calls += 1
+                self._remember(unit)
+            if self._centres is not None:  # none yet (or no `setup`: `ftray eval`): the term is left out
+                loss = loss + clustering * dec_loss(unit, self._centres.to(unit.device), float(batch["cluster_temperature"]))
+        return loss, {"target_tokens": float(b)}
 
     @torch.no_grad()
     def score_rows(self, model, tokenizer, rows, spec, ctx):

@@ -21,6 +21,7 @@ __all__ = [
     "masked_mean",
     "token_logps",
     "cosine_similarity_loss",
+    "dec_loss",
     "dpo_loss",
     "info_nce",
     "mask_tokens",
@@ -50,6 +51,18 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token vectors a sequence really has (mask 1), as sentence-transformers' mean pooling."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def dec_loss(z: torch.Tensor, centres: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """DEC's clustering loss (Xie et al. 2016; the clustering half of SCCL, Zhang et al. 2021) over cosine
+    similarity: Q = softmax(z_i . mu_j / temperature) for unit vectors z (B, d) and centres mu (k, d); the target
+    P_ij = Q_ij^2 / f_j renormalised per row, f_j = sum_i Q_ij (sharper than Q, and no centre takes every text);
+    KL(P || Q) per text with P held fixed, mean over the batch."""
+    q = (z @ centres.T / temperature).softmax(-1)
+    with torch.no_grad():
+        p = q.pow(2) / q.sum(0)
+        p = p / p.sum(-1, keepdim=True)
+    return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(-1).mean()
 
 
 def info_nce(
