@@ -60,7 +60,8 @@ def train(name: str, model: str, data: tuple[Path, Path], over: list[str], steps
 
     out = WORK / name
     spec = load_spec(JOB, [f"model.path={model}", f"output.dir={out}", f"data.train={data[0]}", f"data.eval={data[1]}",
-                           "method.n_clusters=4", f"train.max_steps={steps}", f"train.seed={seed}", *over])
+                           "method.n_clusters=4", f"train.max_steps={steps}", f"train.seed={seed}",
+                           "scaling.num_workers=1", *over])  # run_local's one worker, as its run.json records it
     if done(out) and record_of(out)["spec"] == spec.model_dump(mode="json"):
         record = record_of(out)  # measured by an earlier invocation with this very spec: kept
     else:

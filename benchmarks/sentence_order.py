@@ -77,6 +77,7 @@ def train(name: str, model: str, data: tuple[str, str], lr: float, steps: int, e
     spec = load_spec(JOB, [
         f"model.path={model}", f"output.dir={out}", f"data.train={data[0]}", f"data.eval={data[1]}",
         f"train.lr={lr}", f"train.max_steps={steps}", f"train.eval_every={every}", "train.log_every=5",
+        "scaling.num_workers=1",  # what run_local runs, and what its run.json records: a rerun finds the run kept
     ])
     if done(out) and record_of(out)["spec"] == spec.model_dump(mode="json"):
         record = record_of(out)  # measured by an earlier invocation with this very spec: kept
