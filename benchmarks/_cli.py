@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +35,33 @@ def record(run: Path) -> dict:
 def done(run: Path) -> bool:
     """The run folder holds a completed run (so a rerun of the benchmark can skip it)."""
     return (run / "run.json").exists() and record(run).get("status") == "completed"
+
+
+@contextlib.contextmanager
+def held(lock: str | None):
+    """`flock LOCK` held for the block (none without a lock): one CPU-heavy user at a time on a shared machine."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_kept(spec, log: Path, lock: str | None) -> dict:
+    """`run_local(spec)` (in process, one worker) under `lock`, its log to `log`; its run.json. A completed run
+    already in `spec.output.dir` with this very spec (an earlier invocation measured it) is kept, not retrained."""
+    from ftray.train.local import run_local
+
+    out = Path(spec.output.dir)
+    if done(out) and record(out)["spec"] == spec.model_dump(mode="json"):
+        return record(out)
+    shutil.rmtree(out, ignore_errors=True)
+    with held(lock), open(log, "w") as logf:
+        return run_local(spec, log=lambda *a, **k: print(*a, file=logf, flush=True))
 
 
 def _git(*args: str) -> str:

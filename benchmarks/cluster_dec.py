@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import done, stamp  # noqa: E402
-from _cli import record as record_of  # noqa: E402
-from sentence_order import held  # noqa: E402
+from _cli import run_kept, stamp  # noqa: E402
 
 JOB = ROOT / "jobs" / "cluster_ag_news.yaml"
 WORK = ROOT / "runs" / "cluster-dec-bench"
@@ -56,18 +53,12 @@ def carve(train: Path, n_val: int, seed: int) -> tuple[Path, Path, int]:
 
 def train(name: str, model: str, data: tuple[Path, Path], over: list[str], steps: int, seed: int, lock: str | None) -> dict:
     from ftray.config import load_spec
-    from ftray.train.local import run_local
 
     out = WORK / name
     spec = load_spec(JOB, [f"model.path={model}", f"output.dir={out}", f"data.train={data[0]}", f"data.eval={data[1]}",
                            "method.n_clusters=4", f"train.max_steps={steps}", f"train.seed={seed}",
                            "scaling.num_workers=1", *over])  # run_local's one worker, as its run.json records it
-    if done(out) and record_of(out)["spec"] == spec.model_dump(mode="json"):
-        record = record_of(out)  # measured by an earlier invocation with this very spec: kept
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        with held(lock), open(WORK / f"{name}.log", "w") as logf:
-            record = run_local(spec, log=lambda *a, **k: print(*a, file=logf, flush=True))
+    record = run_kept(spec, WORK / f"{name}.log", lock)
     return {"before": record["eval"]["before"], "after": record["eval"]["after"], "seconds": record["timings"]["total_s"],
             "train_s": record["timings"]["fit_s"], "final_loss": record.get("final_loss")}
 

@@ -17,13 +17,10 @@ under runs/sentence-order-bench/ that completed with the same spec is kept, not 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -32,8 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import done, stamp  # noqa: E402
-from _cli import record as record_of  # noqa: E402
+from _cli import run_kept, stamp  # noqa: E402
 
 JOB = ROOT / "jobs" / "sentence_order_wikitext.yaml"
 WORK = ROOT / "runs" / "sentence-order-bench"
@@ -56,22 +52,8 @@ def carve(train: Path, n_val: int, seed: int) -> tuple[Path, Path, int]:
     return fit, val, len(articles)
 
 
-@contextlib.contextmanager
-def held(lock: str | None):
-    if not lock:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def train(name: str, model: str, data: tuple[str, str], lr: float, steps: int, every: int, lock: str | None) -> dict:
     from ftray.config import load_spec
-    from ftray.train.local import run_local
 
     out = WORK / name
     spec = load_spec(JOB, [
@@ -79,12 +61,7 @@ def train(name: str, model: str, data: tuple[str, str], lr: float, steps: int, e
         f"train.lr={lr}", f"train.max_steps={steps}", f"train.eval_every={every}", "train.log_every=5",
         "scaling.num_workers=1",  # what run_local runs, and what its run.json records: a rerun finds the run kept
     ])
-    if done(out) and record_of(out)["spec"] == spec.model_dump(mode="json"):
-        record = record_of(out)  # measured by an earlier invocation with this very spec: kept
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        with held(lock), open(WORK / f"{name}.log", "w") as logf:
-            record = run_local(spec, log=lambda *a, **k: print(*a, file=logf, flush=True))
+    record = run_kept(spec, WORK / f"{name}.log", lock)
     curve = [(h["step"], h["eval/accuracy"]) for h in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "eval/accuracy" in h]
     return {"lr": lr, "steps": steps, "seconds": record["timings"]["total_s"], "train_s": record["timings"]["fit_s"],

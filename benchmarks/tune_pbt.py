@@ -15,24 +15,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import stamp  # noqa: E402
-from sentence_order import held  # noqa: E402
+from _cli import ftray, held, stamp  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "tune_pbt_sweep.md"
 SWEEP = ROOT / "runs" / "sweep-pbt"
-
-
-def ftray(*args: str) -> None:
-    exe = Path(sys.executable).with_name("ftray")
-    env = {**os.environ, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([str(exe), *args], cwd=ROOT, env=env, check=True)
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def write_results(sweep: SweepSpec, grid, wall_s: float) -> dict:
                   + " | ".join(_fmt(x["params"][k]) for k in keys) + f" | {x['why']} |")
     if s.kind == "pbt":
         md += ["", "PBT: the values above are each trial's last ones. Exploits (a trial continuing another's "
-               "checkpoint with perturbed values) and restarts from the trial's own checkpoint (a resumed sweep); "
+               "checkpoint with perturbed values) and restarts from the trial's own checkpoint (a synchronous PBT's wait at a perturbation, or a resumed sweep); "
                "`trials/<id>/segments.json` has each stretch's values:", ""]
         md += [f"- {x['trial']}: " + (", then ".join(x["continued"]) if x["continued"] else "none") for x in rows]
     if best:
