@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,15 @@ def run_kept(spec, log: Path, lock: str | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with held(lock), open(log, "w") as logf:
         return run_local(spec, log=lambda *a, **k: print(*a, file=logf, flush=True))
+
+
+def write_split(items: list[str], n_val: int, seed: int, fit: Path, val: Path) -> None:
+    """`n_val` of `items` (a seeded draw) written to `val`, the rest to `fit`, each in the original order: a
+    validation split carved out of a training file (hyperparameters are chosen on it, never on the test file)."""
+    held_out = set(random.Random(seed).sample(range(len(items)), n_val))
+    fit.parent.mkdir(parents=True, exist_ok=True)
+    fit.write_text("".join(x for i, x in enumerate(items) if i not in held_out))
+    val.write_text("".join(x for i, x in enumerate(items) if i in held_out))
 
 
 def _git(*args: str) -> str:

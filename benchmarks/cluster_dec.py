@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import run_kept, stamp  # noqa: E402
+from _cli import run_kept, stamp, write_split  # noqa: E402
 
 JOB = ROOT / "jobs" / "cluster_ag_news.yaml"
 WORK = ROOT / "runs" / "cluster-dec-bench"
@@ -43,11 +42,8 @@ ARMS = {
 
 def carve(train: Path, n_val: int, seed: int) -> tuple[Path, Path, int]:
     lines = [x for x in train.read_text().splitlines() if x.strip()]
-    held_out = set(random.Random(seed).sample(range(len(lines)), n_val))
-    (WORK / "data").mkdir(parents=True, exist_ok=True)
     fit, val = WORK / "data" / "fit.jsonl", WORK / "data" / "val.jsonl"
-    fit.write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in held_out))
-    val.write_text("".join(x + "\n" for i, x in enumerate(lines) if i in held_out))
+    write_split([x + "\n" for x in lines], n_val, seed, fit, val)
     return fit, val, len(lines)
 
 

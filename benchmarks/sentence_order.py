@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import run_kept, stamp  # noqa: E402
+from _cli import run_kept, stamp, write_split  # noqa: E402
 
 JOB = ROOT / "jobs" / "sentence_order_wikitext.yaml"
 WORK = ROOT / "runs" / "sentence-order-bench"
@@ -44,11 +43,8 @@ def carve(train: Path, n_val: int, seed: int) -> tuple[Path, Path, int]:
         if _ARTICLE.match(line.rstrip("\n")) or not articles:
             articles.append([])
         articles[-1].append(line)
-    held = set(random.Random(seed).sample(range(len(articles)), n_val))
-    (WORK / "data").mkdir(parents=True, exist_ok=True)
     fit, val = WORK / "data" / "fit.txt", WORK / "data" / "val.txt"
-    fit.write_text("".join("".join(a) + "\n \n" for i, a in enumerate(articles) if i not in held))
-    val.write_text("".join("".join(a) + "\n \n" for i, a in enumerate(articles) if i in held))
+    write_split(["".join(a) + "\n \n" for a in articles], n_val, seed, fit, val)
     return fit, val, len(articles)
 
 

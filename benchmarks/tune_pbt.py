@@ -38,9 +38,7 @@ def main() -> None:
         if not (ROOT / "runs" / "tiny-micro" / "config.json").exists():
             ftray("models", "tiny", "runs/tiny-micro", "--size", "micro", "--corpus", "runs/data/arith_train.jsonl")
         shutil.rmtree(SWEEP, ignore_errors=True)
-        t_sweep = time.time()
-        ftray("tune", "jobs/sweep_pbt.yaml")
-        took = time.time() - t_sweep
+        took = ftray("tune", "jobs/sweep_pbt.yaml")
     exploits = []
     for seg_file in sorted((SWEEP / "trials").glob("*/segments.json")):
         for seg in json.loads(seg_file.read_text())[1:]:

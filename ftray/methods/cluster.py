@@ -91,7 +91,7 @@ class Cluster(MethodBase):
         d = self._dec
         everything = all_gather_with_grad(z.detach().float())[0].cpu()
         self._memory = everything if self._memory is None else torch.cat([self._memory, everything])[-d["memory"] :]
-        if (self._centres is None and len(self._memory) >= d["k"]) or (self._calls % d["refresh"] == 0 and self._calls):
+        if (self._centres is None and len(self._memory) >= d["k"]) or self._calls % d["refresh"] == 0:
             km = KMeans(n_clusters=d["k"], n_init=3, random_state=d["seed"]).fit(self._memory.numpy())
             centres = torch.nn.functional.normalize(torch.tensor(km.cluster_centers_, dtype=torch.float32), dim=-1)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
