@@ -74,7 +74,8 @@ def test_endpoint_answers_follow_the_adapter_a_running_job_publishes(ray_local, 
     # publishes (the check below) needs a version to stay up longer than one request.
     steps, every = 96, 16
     job = job_dict(tiny_model, arith[0], None, out, cache_dir, train__max_steps=steps, train__checkpoint_every=every,
-                   train__lr=1e-2, train__log_every=every, output__publish_to=str(pub), output__publish_name="live")
+                   train__lr=1e-2, train__log_every=every, output__publish_to=str(pub), output__publish_name="live",
+                   scaling__num_workers=1)  # rank 0 publishes: one Ray Train worker shows it
 
     live = pub / "live"
     answers: list[tuple[int, str]] = []  # (published step before and after the request, the endpoint's answer)

@@ -129,8 +129,10 @@ def one_worker_zero3(equivalence_runs):
     return run
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-@pytest.mark.parametrize("direction", ["2to1", "1to2"])
+# 1 -> 2 under ZeRO-3 only: each 2-worker resume is a Ray Train start (~25 s on this machine); ZeRO-2's
+# partitioned optimizer state is resharded by the same universal-checkpoint load (2 -> 1 here, 2 -> 2 after a
+# node is lost: tests/test_cluster_e2e.py).
+@pytest.mark.parametrize(("zero", "direction"), [(2, "2to1"), (3, "2to1"), (3, "1to2")])
 def test_resume_on_another_number_of_workers(equivalence_runs, one_worker_zero3, tmp_path, ray_local, zero, direction):
     """Issue 16 item 1: a checkpoint taken on 2 workers resumes on 1 and one taken on 1 resumes on 2, under ZeRO-2
     and ZeRO-3 (the partitioned optimizer state is resharded through DeepSpeed's universal checkpoint). The
@@ -211,7 +213,9 @@ def _wait_for(cond, proc: subprocess.Popen, log: Path, what: str, timeout: float
 
 
 STEPS, EVERY = 32, 4  # the first attempt is killed ~8 steps after its first checkpoint is stored
-RESUME = dict(train__max_steps=STEPS, train__checkpoint_every=EVERY, adapter__dropout=0.1)
+# 1 Ray Train worker: the rerun's resume is ftray's (the newest checkpoint in output.dir); 2 ranks' state
+# resumed exactly: the resumes on another number of workers above, and the node lost in tests/test_cluster_e2e.py.
+RESUME = dict(train__max_steps=STEPS, train__checkpoint_every=EVERY, adapter__dropout=0.1, scaling__num_workers=1)
 
 
 def _past_checkpoint(after: int = 0):
@@ -238,7 +242,7 @@ def uninterrupted(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
 
 
 def test_killed_driver_rerun_resumes_to_the_same_weights(tmp_path, tiny_model, arith, cache_dir, uninterrupted, ray_local):
-    """A job on 2 Ray workers whose driver is SIGKILLed after a checkpoint: rerunning the same command resumes
+    """A job on a Ray Train worker whose driver is SIGKILLed after a checkpoint: rerunning the same command resumes
     from the newest checkpoint in output.dir, and the adapter at the end equals the uninterrupted run's (1e-6):
     a resume that ignored the checkpoint, the optimizer state, the data position or the RNG (adapter dropout
     0.1 draws from it) would end elsewhere. Its checkpoints are uploaded in the background

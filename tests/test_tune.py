@@ -1,6 +1,8 @@
 """Sweeps: the sweep spec's checks (no Ray), then real Tune sweeps whose trials are Ray Train jobs on the
-nano model (ASHA early stopping and best.yaml reproducing its trial on 1-worker trials, PBT's exploit,
-resume after a kill on 2-worker trials, bad input refused before any trial starts)."""
+nano model (ASHA early stopping, best.yaml reproducing its trial, PBT's exploit, resume after a kill, bad
+input refused before any trial starts). Their trials run 1 Ray Train worker each: what they check is Tune's,
+and each start of a 2-worker trial costs ~10-45 s more on this 2-core machine (PBT with 2-worker trials took
+175 s, with 1 82 s). Sweeps of 2-worker trials: `benchmarks/tune_pbt.py` (jobs/sweep_pbt.yaml)."""
 
 from __future__ import annotations
 
@@ -296,7 +298,7 @@ def asha_sweep(tmp_path_factory, tiny_model, arith, cache_dir, ray_local, mlflow
     # cut to the order in which their step-2 results arrived: bad trials first, none was stopped (CI,
     # 2026-12-03). The machine's speed does not matter: a trial's report to Tune blocks until Tune has taken it
     # (and ASHA decided), so no trial reports its end before the rung's decision. Multi-worker trials: the
-    # killed sweep below. Every trial reports to MLflow as a
+    # module docstring. Every trial reports to MLflow as a
     # child of the sweep's run, and to W&B (offline, into out/../wandb) in the sweep's group: from Tune's
     # trial actors and Ray Train workers, whose environment is not this process's.
     base = real_base(tiny_model, arith, cache_dir)
@@ -434,8 +436,7 @@ def test_pbt_trial_continues_the_better_trials_checkpoint_with_a_perturbed_lr(tm
     # Synchronous: asynchronous PBT compares live trials only, and a trial that starts late (its Ray Train
     # workers and DeepSpeed come up seconds after the other's) may find the other finished: no exploit in
     # 1 of about 20 runs, CI's among them. Here each trial waits at step 4 until both are there. 1 worker per
-    # trial: PBT's exploit is Tune's and the loop's (2-worker trials: the killed sweep below); with 2 the four
-    # Ray Train starts (each trial before and after step 4) took 175 s on this machine, with 1 82 s.
+    # trial (the module docstring).
     from ftray.train.loop import lr_lambda
     from ftray.tune import run_sweep
 
@@ -525,10 +526,9 @@ def _finished_in_state(tune_dir: Path) -> set[str]:
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model, arith, cache_dir, ray_local):
     address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "resumed"
-    # 2 workers per trial: each trial a multi-worker Ray Train job, as users run them (the other sweeps here
-    # run 1-worker trials: each start of a 2-worker one costs ~10 s more on this 2-core machine).
+    # 1 worker per trial keeps this test short: what it checks is Tune's restore, not Train's workers.
     d = sweep_dict(real_base(tiny_model, arith, cache_dir), out, num_samples=2, max_concurrent_trials=1,
-                   scheduler={"kind": "none"}, resources={"workers": 2, "cpus_per_worker": 0.9})
+                   scheduler={"kind": "none"}, resources={"workers": 1, "cpus_per_worker": 1.0})
     d["fixed"] = {"train.max_steps": 4, "train.eval_every": 2, "train.log_every": 2}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(d))
     first = _spawn(tmp_path / "sweep.yaml", tmp_path / "first.log", address)
