@@ -129,13 +129,12 @@ def one_worker_zero3(equivalence_runs):
     return run
 
 
-# 1 -> 2 under ZeRO-3 only: each 2-worker resume is a Ray Train start (~25 s on this machine); ZeRO-2's
-# partitioned optimizer state is resharded by the same universal-checkpoint load (2 -> 1 here, 2 -> 2 after a
-# node is lost: tests/test_cluster_e2e.py).
+# 1 -> 2 under ZeRO-3 only: each 2-worker resume is a Ray Train start (~25 s on this machine). A ZeRO-2 state
+# saved on another world size goes through the same branch of ftray/train/checkpoint.py (`_load_resharded`; 2 -> 1 here).
 @pytest.mark.parametrize(("zero", "direction"), [(2, "2to1"), (3, "2to1"), (3, "1to2")])
 def test_resume_on_another_number_of_workers(equivalence_runs, one_worker_zero3, tmp_path, ray_local, zero, direction):
-    """Issue 16 item 1: a checkpoint taken on 2 workers resumes on 1 and one taken on 1 resumes on 2, under ZeRO-2
-    and ZeRO-3 (the partitioned optimizer state is resharded through DeepSpeed's universal checkpoint). The
+    """Issue 16 item 1: a checkpoint taken on 2 workers resumes on 1 (ZeRO-2 and ZeRO-3) and one taken on 1 resumes
+    on 2 (ZeRO-3) (the partitioned optimizer state is resharded through DeepSpeed's universal checkpoint). The
     optimizer's state came along (its step count), each later step trained on the examples the uninterrupted
     run at the new size trained on (a step's loss is a function of its examples: a skipped or repeated one
     changes it), and the adapter at the end is that run's (1e-5). A resume that failed to load would stop
