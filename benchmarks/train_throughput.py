@@ -11,7 +11,10 @@ AdamW, constant lr, gradient clipping 1.0, no activation checkpointing in the eq
 format rendered with the tokenizer's chat template, loss on the answer only), the same sequence length
 and the same global batch (16 sequences per optimizer step, 8 per forward pass), on the same 2 cores:
 
-  ftray-packed    ftray.train.launch.train: 2 Ray Train workers x 1 CPU, ZeRO-2, packing on
+  ftray-packed    ftray.train.launch.train: 2 Ray Train workers x 1 CPU, ZeRO-2, packing on, rows of about one
+                  length per micro-batch, each cut to its longest (`train.group_by_length`, the default)
+  ftray-packed-ungrouped  the same with `train.group_by_length: false`: the seeded shuffle, packed rows
+                  padded to 256 (what ftray did before)
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
   ftray-packed-1w the packed job on 1 Ray Train worker x 2 CPUs (2 torch threads, 2 micro-batches accumulated):
                   no gradient exchange, the shape of the single-process arms; what a user on one CPU node picks
@@ -21,8 +24,8 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
   trl-packed      TRL as it ships: 8 packed rows per forward, which TRL flattens into one row of <= 2,048
                   tokens (~8x the attention work on CPU), and SFTConfig's default activation
                   checkpointing (the forward runs twice): what a user gets, not equal work
-  plain-torch     a plain PyTorch loop, 1 process, 2 torch threads, over exactly ftray's packed batches
-                  (same prepared shards, same order) with ftray's collate and loss
+  plain-torch     a plain PyTorch loop, 1 process, 2 torch threads, over exactly ftray-packed's batches
+                  (same prepared shards, same grouped order) with ftray's collate and loss
 
 The goals are ratios of trained tokens per second on the wall clock of the steps including the work
 between them (ftray: tokens over its loop's `train_seconds`), from one run. Tokens are those of real
@@ -66,7 +69,8 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # flattening never builds one long row: rows of 256 tokens as ftray's, the same attention work. trl-packed
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
-ARMS = ("ftray-packed", "ftray-unpacked", "ftray-packed-1w", "trl-packed-mb1", "trl-packed", "plain-torch")
+ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "trl-packed-mb1", "trl-packed",
+        "plain-torch")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -154,31 +158,39 @@ def worker_threads() -> str:
     return f"OMP_NUM_THREADS={omp}, torch threads={n}"
 
 
-def unpacked_padding(prepared: str, steps: int) -> float:
-    """Share of padding in the micro-batches ftray's unpacked arm actually ran (replays its data order)."""
+def replay_padding(prepared: str, steps: int, grouped: bool, workers: int) -> float:
+    """Share of padding in the micro-batches an ftray arm actually ran: its data order replayed, each
+    micro-batch padded to its longest row (unpacked rows; packed rows are cut to it: `collate_tokens`), or to
+    SEQ_LEN for packed rows without `train.group_by_length` (then stored and run at SEQ_LEN)."""
     from ftray.data.prepare import load_split
     from ftray.train.loop import _Order, sample_index
 
-    lengths = load_split(prepared, "train")["tokens"]
-    order = _Order(len(lengths), SEED)
+    split = load_split(prepared, "train")
+    lengths, packed = split["tokens"], split["position_ids"] is not None
+    order = _Order(len(lengths), SEED, lengths if grouped else None, GLOBAL_BATCH)
     real = padded = 0
     for step in range(WARMUP, steps):
-        for rank in range(WORKERS):
-            for m in range(GLOBAL_BATCH // (MICRO_BATCH * WORKERS)):
+        for rank in range(workers):
+            for m in range(GLOBAL_BATCH // (MICRO_BATCH * workers)):
                 ls = [
-                    lengths[order(sample_index(step, m, rank, j, WORKERS, MICRO_BATCH, GLOBAL_BATCH))]
+                    lengths[order(sample_index(step, m, rank, j, workers, MICRO_BATCH, GLOBAL_BATCH))]
                     for j in range(MICRO_BATCH)
                 ]
                 real += sum(ls)
-                padded += max(ls) * len(ls)
+                padded += (SEQ_LEN if packed and not grouped else max(ls)) * len(ls)
     return 1 - real / padded if padded else 0.0
 
 
-def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS) -> dict:
+def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS,
+              grouped: bool = True) -> dict:
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.launch import train
 
-    spec = resolve_paths(spec_from_dict(ftray_job(model, work, packing, steps, adapter, workers)))
+    job = ftray_job(model, work, packing, steps, adapter, workers)
+    if not grouped:
+        job["train"]["group_by_length"] = False
+        job["output"]["dir"] += "-ungrouped"
+    spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = train(spec)
     wall = time.time() - t0
@@ -187,12 +199,9 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     res = steady([h["step_time"] for h in hist], [h["tokens"] for h in hist])
     prepared = record["data"]["path"]
     res["prepared"] = prepared
+    res["padding"] = replay_padding(prepared, steps, grouped, workers)
     if packing:
-        cap = GLOBAL_BATCH * SEQ_LEN * res["steps"]
-        res["padding"] = 1 - res["tokens"] / cap
         res["padding_dataset"] = record["data"]["train"]["padding_share"]
-    else:
-        res["padding"] = unpacked_padding(prepared, steps)
     # The whole training loop (train_seconds) also holds what happens between steps (ray.train.report,
     # the progress line): tokens/s over it, warm-up steps subtracted, shows what step_time leaves out.
     warm_t = sum(h["step_time"] for h in hist[:WARMUP])
@@ -244,7 +253,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
     torch.set_num_threads(THREADS)
     split = packed_rows(model, prepared)
     n = len(split["input_ids"])
-    order = _Order(n, SEED)
+    order = _Order(n, SEED, split["tokens"], GLOBAL_BATCH)  # ftray-packed's order (`train.group_by_length`)
     pad_id = load_tokenizer(str(model)).pad_token_id
     torch.manual_seed(SEED)
     net = load_model(str(model), torch.float32)
@@ -256,7 +265,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     accum = GLOBAL_BATCH // MICRO_BATCH
-    times, tokens, cpu, loss_v = [], [], [], float("nan")
+    times, tokens, cpu, widths, loss_v = [], [], [], [], float("nan")
     for step in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         n_real, loss_v = 0, 0.0
@@ -265,8 +274,10 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
             idx = [
                 order(sample_index(step, m, 0, j, 1, MICRO_BATCH, GLOBAL_BATCH)) for j in range(MICRO_BATCH)
             ]
-            ex = [{k: split[k][i] for k in ("input_ids", "labels", "position_ids")} for i in idx]
-            loss, _ = lm_loss(net, collate_tokens(ex, pad_id))
+            ex = [{k: split[k][i] for k in ("input_ids", "labels", "position_ids", "tokens")} for i in idx]
+            batch = collate_tokens(ex, pad_id)
+            widths.append((step, batch["input_ids"].numel()))
+            loss, _ = lm_loss(net, batch)
             (loss / accum).backward()
             loss_v += float(loss.detach()) / accum
             n_real += sum(split["tokens"][i] for i in idx)
@@ -278,7 +289,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
         tokens.append(n_real)
         log(f"plain-torch step {step + 1}/{steps} loss {loss_v:.4f} {times[-1]:.2f} s")
     res = steady(times, tokens)
-    res["padding"] = 1 - res["tokens"] / (GLOBAL_BATCH * SEQ_LEN * res["steps"])
+    res["padding"] = 1 - res["tokens"] / sum(w for st, w in widths if st >= WARMUP)
     res["final_loss"] = loss_v
     res["sequences"] = n
     busy = sum(cpu[WARMUP:]) / sum(times[WARMUP:])
@@ -531,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                 arm = "ftray-packed" if packing else "ftray-unpacked"
                 if arm in arms:
                     attempt(arm, lambda p=packing: run_ftray(model, work, p, steps, a.adapter))
+            if "ftray-packed-ungrouped" in arms:
+                attempt("ftray-packed-ungrouped", lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False))
             if "ftray-packed-1w" in arms:
                 attempt("ftray-packed-1w", lambda: run_ftray(model, work, True, steps, a.adapter, workers=1))
             # The single-process arms run without Ray's daemons beside them.
@@ -556,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         pad = fp["padding"]
         checks.append(
             f"- ftray packed batches: {100 * pad:.2f} % padding in the measured steps "
-            f"({100 * fp['padding_dataset']:.2f} % over the whole prepared split, {fp['sequences']} rows of {SEQ_LEN}); "
+            f"(its rows stored at {SEQ_LEN} tokens: {100 * fp['padding_dataset']:.2f} % over the whole prepared split, "
+            f"{fp['sequences']} rows); "
             f"goal <= 5 %: {'met' if pad <= 0.05 else 'MISSED'}"
         )
     for mine in ("ftray-packed", "ftray-packed-1w"):  # the goals, for each shape of the ftray job that ran

@@ -418,6 +418,13 @@ class TrainSpec(_Strict):
     global_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step, over all workers.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
     seed: int = Field(0, description="Seeds model init, data order and dropout.")
+    group_by_length: bool = Field(
+        True,
+        description="sft and causal_lm: put rows of about one length in each micro-batch (sorted within windows of "
+        "8 optimizer steps, those steps' batches shuffled) and pad each micro-batch to its longest row, not to "
+        "`data.max_length` (packed rows too: 11 % padding became 3 % on gpteacher at 256 tokens). false: the "
+        "seeded shuffle alone. Other methods always use the shuffle alone.",
+    )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(None, ge=0, le=1, description="Warmup as a share of total steps.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")

@@ -48,6 +48,7 @@ class Method(Protocol):
     formats: tuple[str, ...]  # data formats (see ftray.data.rows) this method reads
     task_type: str  # peft TaskType of its adapters (CAUSAL_LM, SEQ_CLS, FEATURE_EXTRACTION, SEQ_2_SEQ_LM)
     packable: bool  # whether its examples may be packed into one sequence
+    group_by_length: bool  # whether `train.group_by_length` orders its rows (MethodBase: False)
 
     def load_base(self, path: str, dtype: torch.dtype, spec) -> torch.nn.Module:
         """The pre-trained model, with whatever head the method adds (e.g. a classifier)."""

@@ -7,6 +7,10 @@ __all__ = ["MethodBase"]
 
 
 class MethodBase:
+    # Whether `train.group_by_length` applies: its collate pads a micro-batch to its longest row and its loss is
+    # a sum over tokens, so rows of about one length per micro-batch only cut padding (sft, causal_lm).
+    group_by_length = False
+
     def metrics(self, spec) -> set[str]:
         """The keys its evaluation reports for this job (`summarize`), each logged as `eval/<key>`: what a
         sweep's `metric` may name."""

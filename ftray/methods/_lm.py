@@ -28,14 +28,12 @@ def load_causal_lm(path, dtype, spec):
 
 
 def collate_tokens(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows (with position_ids, all the same length) stack as they are and carry no attention
-    mask; unpacked rows are right-padded to the longest and masked."""
+    """Packed rows (with position_ids, padded to `data.max_length` as their own segment) carry no attention
+    mask and are cut to the longest row's real tokens (`tokens`): what follows is padding in every row.
+    Unpacked rows are right-padded to the longest and masked."""
     if examples and examples[0].get("position_ids") is not None:
-        return {
-            "input_ids": torch.tensor([e["input_ids"] for e in examples]),
-            "labels": torch.tensor([e["labels"] for e in examples]),
-            "position_ids": torch.tensor([e["position_ids"] for e in examples]),
-        }
+        n = max(e.get("tokens") or len(e["input_ids"]) for e in examples)
+        return {k: torch.tensor([e[k][:n] for e in examples]) for k in ("input_ids", "labels", "position_ids")}
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)

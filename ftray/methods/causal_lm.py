@@ -14,6 +14,7 @@ class CausalLM(MethodBase):
     formats = ("text",)
     task_type = "CAUSAL_LM"
     packable = True
+    group_by_length = True
 
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "perplexity"}

@@ -42,6 +42,7 @@ class SFT(MethodBase):
     formats = ("instruction", "chat", "prompt_completion")
     task_type = "CAUSAL_LM"
     packable = True
+    group_by_length = True
 
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "perplexity"} | ({"exact_match"} if spec.method.exact_match else set())

@@ -71,17 +71,36 @@ def lr_lambda(spec: JobSpec, steps: int):
 
 class _Order:
     """The data order: an endless stream of seeded permutations, one per epoch. A sample's place
-    in it depends only on (seed, global sample index), so resume and world-size changes are exact."""
+    in it depends only on (seed, global sample index), so resume and world-size changes are exact.
 
-    def __init__(self, n: int, seed: int):
+    With `lengths` (`train.group_by_length`), each window of `window` optimizer steps (`batch` rows each)
+    of that stream is sorted by length, cut into its steps' batches and the batches shuffled (seeded): a
+    micro-batch then holds rows of about one length and is padded to its longest, not to `max_length`
+    (transformers' `group_by_length` does the same over 50 batches). Still a function of (seed, position)."""
+
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch: int = 1, window: int = 8):
         self.n, self.seed, self._perms = n, seed, {}
+        self.lengths, self.span, self.batch = lengths, batch * window, batch
+        self._window: tuple[int, list[int]] = (-1, [])
 
-    def __call__(self, g: int) -> int:
+    def _stream(self, g: int) -> int:
         epoch, i = divmod(g, self.n)
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
         return self._perms[epoch][i]
+
+    def __call__(self, g: int) -> int:
+        if self.lengths is None:
+            return self._stream(g)
+        w, i = divmod(g, self.span)
+        if self._window[0] != w:
+            rows = sorted((self._stream(p) for p in range(w * self.span, (w + 1) * self.span)),
+                          key=lambda r: -self.lengths[r])
+            batches = [rows[k : k + self.batch] for k in range(0, self.span, self.batch)]
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * (w + 1))
+            self._window = (w, [r for b in torch.randperm(len(batches), generator=gen).tolist() for r in batches[b]])
+        return self._window[1][i]
 
 
 def sample_index(step: int, micro: int, rank: int, j: int, world: int, micro_bs: int, global_bs: int) -> int:
@@ -425,7 +444,8 @@ def run_worker(config: dict, session) -> dict:
         else []
     )
     steps = total_steps(spec, n_train)
-    order = _Order(n_train, spec.train.seed)
+    grouped = spec.train.group_by_length and method.group_by_length
+    order = _Order(n_train, spec.train.seed, train_split["tokens"] if grouped else None, spec.train.global_batch_size)
     fields = training_fields(spec)  # recorded in every checkpoint: a later run on the folder is checked against it
 
     # Same seed on every rank: identical init of new weights (heads, adapters) everywhere.
