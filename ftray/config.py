@@ -422,8 +422,8 @@ class TrainSpec(_Strict):
         True,
         description="sft and causal_lm: put rows of about one length in each micro-batch (sorted within windows of "
         "8 optimizer steps, those steps' batches shuffled) and pad each micro-batch to its longest row, not to "
-        "`data.max_length` (packed rows too: 11 % padding became 3 % on gpteacher at 256 tokens). false: the "
-        "seeded shuffle alone. Other methods always use the shuffle alone.",
+        "`data.max_length` (packed rows too: over an epoch of gpteacher code at 256 tokens, 11.3 % of the tokens run "
+        "were padding, 1.4 % grouped). false: the seeded shuffle alone. Other methods always use the shuffle alone.",
     )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(None, ge=0, le=1, description="Warmup as a share of total steps.")
