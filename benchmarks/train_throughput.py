@@ -81,9 +81,11 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
-def steady(step_times: list[float], tokens: list[float], warmup: int = WARMUP) -> dict:
-    """Tokens/s over the steps after `warmup` (sum of tokens / sum of step times), and the median of the
-    per-step rates (less moved by a burst of load from other processes)."""
+def steady(step_times: list[float], tokens: list[float], warmup: int | None = None) -> dict:
+    """Tokens/s over the steps after `warmup` (default WARMUP, read when called: gpu_throughput sets it) (sum of
+    tokens / sum of step times), and the median of the per-step rates (less moved by a burst of load from
+    other processes)."""
+    warmup = WARMUP if warmup is None else warmup
     t, n = step_times[warmup:], tokens[warmup:]
     if not t:
         raise RuntimeError(f"only {len(step_times)} steps recorded; need more than {warmup} (raise --steps)")
@@ -244,25 +246,32 @@ def packed_rows(model: Path, prepared: str | None) -> dict[str, list]:
     return {k: [p[k] for p in packed] for k in ("input_ids", "labels", "position_ids", "tokens")}
 
 
-def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> dict:
+def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, device: str = "cpu") -> dict:
+    """device "cuda": the model's weights in fp32 on the GPU under bf16 autocast (what a plain GPU loop and
+    TRL's `bf16=True` do); on CPU fp32 with THREADS torch threads."""
+    import contextlib
+
     import torch
 
     from ftray.methods._lm import collate_tokens, lm_loss
     from ftray.models.load import load_model, load_tokenizer
     from ftray.train.loop import _Order, sample_index
 
-    torch.set_num_threads(THREADS)
+    cuda = device == "cuda"
+    if not cuda:
+        torch.set_num_threads(THREADS)
     split = packed_rows(model, prepared)
     n = len(split["input_ids"])
     order = _Order(n, SEED, split["tokens"], GLOBAL_BATCH)  # ftray-packed's order (`train.group_by_length`)
     pad_id = load_tokenizer(str(model)).pad_token_id
     torch.manual_seed(SEED)
-    net = load_model(str(model), torch.float32)
+    net = load_model(str(model), torch.float32).to(device)
     if adapter == "lora":
         from peft import get_peft_model
 
         net = get_peft_model(net, lora_config(net))
     net.train()
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     accum = GLOBAL_BATCH // MICRO_BATCH
@@ -276,26 +285,31 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
                 order(sample_index(step, m, 0, j, 1, MICRO_BATCH, GLOBAL_BATCH)) for j in range(MICRO_BATCH)
             ]
             ex = [{k: split[k][i] for k in ("input_ids", "labels", "position_ids", "tokens")} for i in idx]
-            batch = collate_tokens(ex, pad_id)
+            batch = {k: v.to(device) for k, v in collate_tokens(ex, pad_id).items()}
             widths.append((step, batch["input_ids"].numel()))
-            loss, _ = lm_loss(net, batch)
+            with amp():
+                loss, _ = lm_loss(net, batch)
             (loss / accum).backward()
             loss_v += float(loss.detach()) / accum
             n_real += sum(split["tokens"][i] for i in idx)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         tokens.append(n_real)
-        log(f"plain-torch step {step + 1}/{steps} loss {loss_v:.4f} {times[-1]:.2f} s")
+        log(f"plain-torch step {step + 1}/{steps} loss {loss_v:.4f} {times[-1]:.2f} s, "
+            f"widest micro-batch {max(w for st, w in widths if st == step) // MICRO_BATCH} tokens")
     res = steady(times, tokens)
     res["padding"] = 1 - res["tokens"] / sum(w for st, w in widths if st >= WARMUP)
     res["final_loss"] = loss_v
     res["sequences"] = n
     busy = sum(cpu[WARMUP:]) / sum(times[WARMUP:])
     res["note"] = (
-        f"{THREADS} torch threads, {'ftray prepared shards' if prepared else 'packed here'}; "
+        f"{'bf16 autocast on the GPU' if cuda else f'{THREADS} torch threads'}, "
+        f"{'ftray prepared shards' if prepared else 'packed here'}; "
         f"CPU time / wall time {busy:.2f} in the measured steps"
     )
     return res
@@ -304,7 +318,8 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str) -> di
 # ------------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICRO_BATCH, recompute: bool = False) -> dict:
+def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICRO_BATCH, recompute: bool = False,
+            device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -313,7 +328,9 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
     from ftray.data.rows import read_checked
     from ftray.models.load import load_model, load_tokenizer
 
-    torch.set_num_threads(THREADS)
+    cuda = device == "cuda"
+    if not cuda:
+        torch.set_num_threads(THREADS)
     # The same rows ftray reads, as TRL's conversational prompt/completion (loss on the completion).
     rows = read_checked(str(DATA), "instruction").rows
     ds = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
@@ -346,8 +363,8 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
         max_grad_norm=1.0,
         optim="adamw_torch",
         seed=SEED,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not cuda,
+        bf16=cuda,  # autocast over fp32 weights, as the plain loop on a GPU
         fp16=False,
         packing=True,
         packing_strategy="bfd",
@@ -385,7 +402,7 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
     res["final_loss"] = losses[-1] if losses else float("nan")
     res["sequences"] = n_seq
     res["note"] = (
-        f"{THREADS} torch threads, {micro} x {GLOBAL_BATCH // micro} accumulation, activation checkpointing "
+        f"{'bf16 on the GPU' if cuda else f'{THREADS} torch threads'}, {micro} x {GLOBAL_BATCH // micro} accumulation, activation checkpointing "
         f"{'on (TRL default)' if recompute else 'off'}; padding-free: {micro} packed "
         f"row(s) flattened into one row of <= {micro * SEQ_LEN} tokens per forward ({n_seq} packed rows); "
         f"CPU time / wall time {busy:.2f} in the measured steps"

@@ -456,6 +456,13 @@ class DeepSpeedSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."
     )
+    fused_adam: bool = Field(
+        False,
+        description="On GPU, DeepSpeed's FusedAdam: a CUDA op JIT-built with nvcc on first use, so every GPU worker "
+        "needs the CUDA toolkit (DeepSpeed 0.19.8's build also fails where TORCH_CUDA_ARCH_LIST holds an "
+        "arch-specific entry such as `9.0a`). Off: torch's fused AdamW (`torch.optim.AdamW(fused=True)`), no build. "
+        "CPU runs use torch's AdamW either way; an offloaded optimizer uses DeepSpeed's CPU Adam.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedSpec:

@@ -514,25 +514,3 @@ def test_every_adapter_run_reloads_in_one_fresh_process(tiny_model, arith, cache
     fresh = [json.loads(x)["eval_loss"] for x in out.stdout.strip().splitlines()[-len(got):]]
     for (record, run), loss in zip(got, fresh, strict=True):
         assert abs(loss - record["eval"]["after"]["eval_loss"]) < 1e-5, (run, loss, record["eval"]["after"])
-
-
-@pytest.mark.gpu
-@pytest.mark.integration
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="qlora needs an NVIDIA GPU (bitsandbytes 4-bit kernels)")
-@pytest.mark.parametrize("zero", [0, 2])
-def test_qlora_on_a_gpu(zero, tiny_model, arith, cache_dir, tmp_path, ray_local):
-    """qlora: the base loaded in 4 bits (bitsandbytes), LoRA on top, one GPU worker, ZeRO 0 and 2 (ZeRO-3 is
-    refused at validation). Skips without CUDA: no GPU machine has run it yet (`pytest -m gpu` on one)."""
-    pytest.importorskip("bitsandbytes", reason="qlora needs the bitsandbytes package")
-    from safetensors.torch import load_file
-
-    from ftray.train.launch import train
-
-    run = tmp_path / "run"
-    d = job_dict(tiny_model, arith[0], arith[1], run, cache_dir, train__max_steps=10, train__lr=5e-3,
-                 deepspeed__zero_stage=zero, data__eval_max_rows=32, scaling__use_gpu=True, scaling__num_workers=1)
-    d["adapter"] = {"kind": "qlora", "r": 4, "alpha": 8, "target_modules": TARGETS}
-    record = train(resolve_paths(spec_from_dict(d)))
-    assert record["eval"]["after"]["eval_loss"] < record["eval"]["before"]["eval_loss"], record["eval"]
-    w = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert w and all(k.endswith(("lora_A.weight", "lora_B.weight")) and v.numel() > 0 for k, v in w.items())

@@ -139,3 +139,22 @@ def test_placement_strategy_default_and_bad_value(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{tmp_path / 'job.yaml'}:14: `scaling.placement_strategy`"), msg
     assert "'SPREAD_OUT'" in msg and "STRICT_SPREAD" in msg
+
+
+@pytest.mark.parametrize(
+    ("gpu", "fused_adam", "offload", "want"),
+    [
+        (False, False, False, {"torch_adam": True}),  # CPU: torch's AdamW
+        (True, False, False, {"torch_adam": True, "fused": True}),  # GPU: torch's fused kernel, no nvcc build
+        (True, True, False, {}),  # GPU, asked for: DeepSpeed's FusedAdam (JIT-built)
+        (False, False, True, {}),  # offloaded: DeepSpeed's CPU Adam
+    ],
+)
+def test_the_optimizer_deepspeed_builds(tmp_path, gpu, fused_adam, offload, want):
+    from ftray.train.ds_config import deepspeed_config
+
+    text = GOOD + f"scaling:\n  num_workers: 2\n  use_gpu: {str(gpu).lower()}\n"
+    text = text.replace("scaling:\n  num_workers: 2\noutput", "output")
+    text += f"deepspeed:\n  zero_stage: 2\n  offload_optimizer: {str(offload).lower()}\n  fused_adam: {str(fused_adam).lower()}\n"
+    params = deepspeed_config(load_spec(write(tmp_path, text)), 2)["optimizer"]["params"]
+    assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == want

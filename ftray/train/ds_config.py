@@ -40,9 +40,12 @@ def deepspeed_config(spec, world_size: int, precision: str = "fp32") -> dict:
         "steps_per_print": 10**9,  # progress is ours (rank 0, one line per step)
         "wall_clock_breakdown": False,
     }
-    if not on_gpu and not ds.offload_optimizer:
-        # FusedAdam is a CUDA kernel; on CPU DeepSpeed then uses torch.optim.AdamW.
+    if not ds.offload_optimizer and not (on_gpu and ds.fused_adam):
+        # torch.optim.AdamW instead of DeepSpeed's FusedAdam, a CUDA op JIT-built with nvcc (`deepspeed.fused_adam`):
+        # on CPU there is no such kernel; on GPU torch's own fused kernel needs no toolkit and no build.
         cfg["optimizer"]["params"]["torch_adam"] = True
+        if on_gpu:
+            cfg["optimizer"]["params"]["fused"] = True
     if ds.offload_optimizer and not on_gpu:
         cfg["zero_force_ds_cpu_optimizer"] = True
     if spec.train.max_grad_norm is not None:
