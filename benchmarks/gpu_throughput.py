@@ -25,11 +25,9 @@ Every arm skips its first --warmup steps. Ratios on the wall clock of the steps 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -55,20 +53,8 @@ def run_ftray_local(model: Path, work: Path, steps: int, adapter: str, zero: int
     spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = run_local(spec)
-    wall = time.time() - t0
-    hist = [json.loads(x) for x in Path(spec.output.dir, "metrics.jsonl").read_text().splitlines()]
-    hist = [h for h in hist if "step_time" in h]
-    res = tt.steady([h["step_time"] for h in hist], [h["tokens"] for h in hist])
-    res["prepared"] = record["data"]["path"]
-    res["padding"] = tt.replay_padding(res["prepared"], steps, True, 1)
-    tr = record["train"]
-    warm_t = sum(h["step_time"] for h in hist[: tt.WARMUP])
-    warm_n = sum(h["tokens"] for h in hist[: tt.WARMUP])
-    res["loop_tokens_per_s"] = (tr["trained_tokens"] - warm_n) / max(tr["train_seconds"] - warm_t, 1e-9)
-    res["final_loss"] = hist[-1]["loss"]
-    res["note"] = (
-        f"DeepSpeed ZeRO-{zero}, {job['deepspeed']['precision']}; prepare {record['timings']['prepare_s']:.0f} s, fit {record['timings']['fit_s']:.0f} s, whole job {wall:.0f} s"
-    )
+    res = tt.run_figures(spec, record, time.time() - t0, steps, True, 1)
+    res["note"] = f"DeepSpeed ZeRO-{zero}, {job['deepspeed']['precision']}; {res['note']}"
     return res
 
 
@@ -151,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results = {}
-    for arm, rs in rounds.items():
-        results[arm] = dict(rs[0])
-        for k in ("tokens_per_s", "loop_tokens_per_s", "median_tokens_per_s", "s_per_step"):
-            if k in rs[0]:
-                results[arm][k] = statistics.median(r[k] for r in rs)
-        results[arm]["per_round"] = [r.get("loop_tokens_per_s", r["tokens_per_s"]) for r in rs]
+    results = tt.over_rounds(rounds)
     base = results.get("ftray")
     rows = [
         "| arm | trained tokens/s (in steps) | ratio ftray / arm | tokens/s incl. between-step work | median step tokens/s "

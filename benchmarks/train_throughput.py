@@ -196,21 +196,26 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = train(spec)
-    wall = time.time() - t0
+    res = run_figures(spec, record, time.time() - t0, steps, grouped, workers)
+    if packing:
+        res["padding_dataset"] = record["data"]["train"]["padding_share"]
+    return res
+
+
+def run_figures(spec, record: dict, wall: float, steps: int, grouped: bool, workers: int) -> dict:
+    """An ftray run's figures from its metrics.jsonl and run.json (Ray Train's or run_local's)."""
     hist = [json.loads(x) for x in Path(spec.output.dir, "metrics.jsonl").read_text().splitlines()]
     hist = [h for h in hist if "step_time" in h]
     res = steady([h["step_time"] for h in hist], [h["tokens"] for h in hist])
-    prepared = record["data"]["path"]
-    res["prepared"] = prepared
-    res["padding"] = replay_padding(prepared, steps, grouped, workers)
-    if packing:
-        res["padding_dataset"] = record["data"]["train"]["padding_share"]
+    res["prepared"] = record["data"]["path"]
+    res["padding"] = replay_padding(res["prepared"], steps, grouped, workers)
     # The whole training loop (train_seconds) also holds what happens between steps (ray.train.report,
     # the progress line): tokens/s over it, warm-up steps subtracted, shows what step_time leaves out.
     warm_t = sum(h["step_time"] for h in hist[:WARMUP])
     warm_n = sum(h["tokens"] for h in hist[:WARMUP])
     tr = record["train"]
-    res["loop_tokens_per_s"] = (tr.get("process_trained_tokens", tr["trained_tokens"]) - warm_n) / max(tr["train_seconds"] - warm_t, 1e-9)
+    res["loop_tokens_per_s"] = (tr.get("process_trained_tokens") or tr["trained_tokens"]) - warm_n
+    res["loop_tokens_per_s"] /= max(tr["train_seconds"] - warm_t, 1e-9)
     res["final_loss"] = hist[-1]["loss"]
     res["sequences"] = record["data"]["train"]["sequences"]
     res["note"] = (
@@ -413,6 +418,18 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
 # ------------------------------------------------------------------------------------------------ main
 
 
+def over_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each arm's figures as the median over its rounds; `per_round`: its tokens/s in each."""
+    results = {}
+    for arm, rs in rounds.items():
+        results[arm] = dict(rs[0])
+        for k in ("tokens_per_s", "loop_tokens_per_s", "median_tokens_per_s", "s_per_step"):
+            if k in rs[0]:
+                results[arm][k] = statistics.median(r[k] for r in rs)
+        results[arm]["per_round"] = [r.get("loop_tokens_per_s", r["tokens_per_s"]) for r in rs]
+    return results
+
+
 def table(results: dict[str, dict], errors: dict[str, str]) -> list[str]:
     """Columns: tokens/s over the measured steps (ftray: its own `step_time`); the same including the
     work between steps (ftray: from its loop's `train_seconds`, which also holds ray.train.report and
@@ -596,12 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                 ftray_arms(rnd, backward)
             if not backward:
                 single_arms(False)
-        for arm, rs in rounds.items():
-            results[arm] = dict(rs[0])
-            for k in ("tokens_per_s", "loop_tokens_per_s", "median_tokens_per_s", "s_per_step"):
-                if k in rs[0]:
-                    results[arm][k] = statistics.median(r[k] for r in rs)
-            results[arm]["per_round"] = [r.get("loop_tokens_per_s", r["tokens_per_s"]) for r in rs]
+        results.update(over_rounds(rounds))
     finally:
         if a.keep:
             log(f"kept {work}")

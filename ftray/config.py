@@ -189,6 +189,14 @@ class ClusterMethod(_Strict):
 class SentenceOrderMethod(_Strict):
     kind: Literal["sentence_order"] = "sentence_order"
     n_sentences: int = Field(3, ge=2, le=5, description="Sentences per shuffled window; n! classes (3 -> 6).")
+    orders_per_window: int = Field(
+        1,
+        ge=1,
+        le=120,
+        description="How many of the window's n! orders become examples (distinct, drawn from the text; capped at "
+        "n!). More than 1 shows the same sentences under different labels, so only order tells them apart; held-out "
+        "accuracy is then scored over the same number of orders per window.",
+    )
 
 
 class Seq2SeqMethod(_Strict):

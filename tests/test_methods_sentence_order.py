@@ -67,6 +67,32 @@ def test_long_windows_keep_every_sentence(tmp_path):
     assert not whole["truncated"]
 
 
+def test_orders_per_window_shows_each_window_under_distinct_orders(tiny_model):
+    """`method.orders_per_window: k`: k distinct orders of every window, each example its sentences in the order
+    its label names (k = n! gives every label once per window); k = 1 keeps one drawn order."""
+    from types import SimpleNamespace
+
+    from ftray.methods._enc import tokenize
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    text = "One is here. Two is there. Three is near. Four is far. Five is up. Six is down. Seven."
+    sents = split_sentences(text)
+    orders = list(itertools.permutations(range(3)))
+    sep = f" {tok.sep_token} " if tok.sep_token else " "
+    for k in (1, 2, 6, 24):
+        spec = SimpleNamespace(method=SimpleNamespace(n_sentences=3, orders_per_window=k), data=SimpleNamespace(max_length=64))
+        ex = M.examples({"text": text}, tok, spec)
+        per = min(k, 6)
+        assert len(ex) == 2 * per  # two whole windows of 3 in 7 sentences
+        for w in range(2):
+            got = ex[w * per : (w + 1) * per]
+            assert len({e["label"] for e in got}) == per
+            for e in got:
+                order = orders[e["label"]]
+                assert e["input_ids"] == tokenize(tok, sep.join(sents[3 * w + i] for i in order), 64)[0]
+
+
 @pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
 def test_trainable_params_move_frozen_do_not(adapter, tiny_bert, docs, tmp_path):
     from ftray.models.load import load_tokenizer

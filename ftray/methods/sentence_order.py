@@ -78,12 +78,18 @@ class SentenceOrder(MethodBase):
         sents = split_sentences(row["text"])
         sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
         out = []
+        k = min(spec.method.orders_per_window, math.factorial(n))
         for j in range(0, len(sents) - n + 1, n):
             gen = torch.Generator().manual_seed(zlib.crc32(row["text"].encode()) + j)  # the text alone: the data cache key knows it
-            order = torch.randperm(n, generator=gen).tolist()
-            window, cut = _fit(tokenizer, [sents[j + k] for k in order], sep, spec.data.max_length)
-            ids, over = tokenize(tokenizer, sep.join(window), spec.data.max_length)
-            out.append({"input_ids": ids, "label": sentence_order_label(order), "truncated": cut or over})
+            if k == 1:
+                orders = [torch.randperm(n, generator=gen).tolist()]
+            else:  # k distinct orders of the n! (itertools order), drawn the same way
+                every = list(itertools.permutations(range(n)))
+                orders = [list(every[i]) for i in torch.randperm(len(every), generator=gen)[:k].tolist()]
+            for order in orders:
+                window, cut = _fit(tokenizer, [sents[j + i] for i in order], sep, spec.data.max_length)
+                ids, over = tokenize(tokenizer, sep.join(window), spec.data.max_length)
+                out.append({"input_ids": ids, "label": sentence_order_label(order), "truncated": cut or over})
         return out
 
     def collate(self, examples, pad_id):
