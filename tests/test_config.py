@@ -150,11 +150,11 @@ def test_placement_strategy_default_and_bad_value(tmp_path):
         (False, False, True, {}),  # offloaded: DeepSpeed's CPU Adam
     ],
 )
-def test_the_optimizer_deepspeed_builds(tmp_path, gpu, fused_adam, offload, want):
+def test_the_optimizer_deepspeed_builds(gpu, fused_adam, offload, want):
     from ftray.train.ds_config import deepspeed_config
 
-    text = GOOD + f"scaling:\n  num_workers: 2\n  use_gpu: {str(gpu).lower()}\n"
-    text = text.replace("scaling:\n  num_workers: 2\noutput", "output")
-    text += f"deepspeed:\n  zero_stage: 2\n  offload_optimizer: {str(offload).lower()}\n  fused_adam: {str(fused_adam).lower()}\n"
-    params = deepspeed_config(load_spec(write(tmp_path, text)), 2)["optimizer"]["params"]
+    d = yaml.safe_load(GOOD)
+    d["scaling"]["use_gpu"] = gpu
+    d["deepspeed"] = {"zero_stage": 2, "offload_optimizer": offload, "fused_adam": fused_adam}
+    params = deepspeed_config(spec_from_dict(d), 2)["optimizer"]["params"]
     assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == want

@@ -78,13 +78,13 @@ class SentenceOrder(MethodBase):
         sents = split_sentences(row["text"])
         sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
         out = []
-        k = min(spec.method.orders_per_window, math.factorial(n))
+        every = list(itertools.permutations(range(n)))  # label i is every[i] (`losses.sentence_order_label`)
+        k = min(spec.method.orders_per_window, len(every))
         for j in range(0, len(sents) - n + 1, n):
             gen = torch.Generator().manual_seed(zlib.crc32(row["text"].encode()) + j)  # the text alone: the data cache key knows it
             if k == 1:
                 orders = [torch.randperm(n, generator=gen).tolist()]
-            else:  # k distinct orders of the n! (itertools order), drawn the same way
-                every = list(itertools.permutations(range(n)))
+            else:  # k distinct orders of the n!, drawn the same way
                 orders = [list(every[i]) for i in torch.randperm(len(every), generator=gen)[:k].tolist()]
             for order in orders:
                 window, cut = _fit(tokenizer, [sents[j + i] for i in order], sep, spec.data.max_length)
