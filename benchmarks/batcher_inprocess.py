@@ -5,17 +5,21 @@ tokens/s (what the default `deployment.prefill_tokens` is chosen from).
 
     python benchmarks/batcher_inprocess.py                  # concurrency 16, 20 requests, 3 arms (and the first again)
     python benchmarks/batcher_inprocess.py --arms old/dynamic,256/roomy,512/roomy --order 0,1,2,0
+    python benchmarks/batcher_inprocess.py --arms 512/roomy/0,512/roomy/2,512/roomy/inf --order 0,1,2,2,1,0 \
+        --seed 1 --requests 24 --out benchmarks/results/batcher_pause.md
 
-An arm is PREFILL_TOKENS/LAYER: `old` (one prefill for all waiting, git main's scheduling) or a token budget, and
-the cache layer: `dynamic` (transformers' DynamicLayer: `torch.cat` of the whole cache every step, as on main) or
-`roomy` (the batcher's layer with room to decode in place).
+An arm is PREFILL_TOKENS/LAYER[/PAUSE]: `old` (one prefill for all waiting, the first batcher's scheduling) or a
+token budget; the cache layer: `dynamic` (transformers' DynamicLayer: `torch.cat` of the whole cache every step)
+or `roomy` (the batcher's layer with room to decode in place); `deployment.prefill_pause_s` (default 0: a
+decoding step after every prefill group; `inf`: prefill first until none waits).
 
-Requests: `benchmarks/serve_load.py --real`'s list (seed 0), each rendered with the chat template as the server
+Requests: `benchmarks/serve_load.py --real`'s list (`--seed`, default 0, the list serve_load reports on), each rendered with the chat template as the server
 does, greedy, EOS banned by `logit_bias` (so each generates exactly its `max_tokens`), streamed (`emit`): c are
 submitted at once and each one that ends submits the next (closed loop; every arm the same requests, unless
 `--seconds` stops sending); the batch steps
 in this thread (as `Generator._steps` does on the replica's loop). Time to first token: submit to first emitted
-token; time per output token: (last - first) / (tokens - 1). Results to benchmarks/results/batcher_inprocess.md.
+token; time per output token: (last - first) / (tokens - 1). Results to `--out` (default
+benchmarks/results/batcher_inprocess.md); ratios are to the first arm of `--arms`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OLD = 10**9  # a budget no burst reaches: every waiting request in one prefill, as before groups
-MAIN = (OLD, "dynamic")  # git main's batcher
 THREADS_NOTE = (" (fewer than the server's 2: with other work on the 2 cores, 2 OpenMP threads per forward stall each"
                 " other)")
 
@@ -139,7 +142,7 @@ def closed_loop(engine, reqs: list[dict], concurrency: int, seconds: float | Non
     return {"requests": len(ended), "out_tokens": out, "asked": sum(reqs[k]["max_tokens"] for k in ended),
             "prompt_mean": statistics.mean(len(reqs[k]["input_ids"]) for k in ended), "wall_s": wall,
             "steps": steps, "tok_s": out / wall, "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p95_ms": _pct(ttft, 0.95),
-            "tpot_p50_ms": _pct(tpot, 0.5)}
+            "tpot_p50_ms": _pct(tpot, 0.5), "tpot_p95_ms": _pct(tpot, 0.95)}
 
 
 def main() -> None:
@@ -150,7 +153,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=20, help="the first N requests of the list")
     ap.add_argument("--seconds", type=float, default=None, help="no request is submitted after this many seconds of an arm")
-    ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER per arm (see above)")
+    ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER[/PAUSE] per arm (see above)")
+    ap.add_argument("--seed", type=int, default=0, help="the request list's seed (choose settings on another seed than the reported one)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batcher_inprocess.md"))
     ap.add_argument("--order", default="0,1,2,0", help="arm indices in run order (repeats allowed)")
     ap.add_argument("--decode", default="16x400x20x3", help="decoding steps timed ROWSxWIDTHxSTEPSxREPEATS ('' skips)")
     ap.add_argument("--rates", default="1x64,1x128,2x128,2x256,4x256", help="prefill sizes ROWSxWIDTH to time ('' skips)")
@@ -170,11 +175,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.smollm2)
     reqs = []
-    for r in real_requests(a.requests, 0, 16, 128):
+    for r in real_requests(a.requests, a.seed, 16, 128):
         text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         reqs.append({"adapter": None, "input_ids": tok(text, add_special_tokens=False)["input_ids"], "max_tokens": r["max_tokens"],
                      "temperature": 0.0, "logit_bias": {tok.eos_token_id: -100.0}, "stop": None})
-    arms = [(OLD if b == "old" else int(b), layer) for b, layer in (x.split("/") for x in a.arms.split(","))]
+    arms = [(OLD if p[0] == "old" else int(p[0]), p[1], float(p[2]) if len(p) > 2 else 0.0)
+            for p in (x.split("/") for x in a.arms.split(","))]
     order = [int(x) for x in a.order.split(",")]
     engine = LoraEngine(GenerationModel(name="smollm2", base=a.smollm2, deployment=Deployment(max_batch_size=32, num_cpus=a.threads)),
                         device="cpu")
@@ -185,6 +191,7 @@ def main() -> None:
     for i in order:
         engine.batcher.prefill_tokens = arms[i][0]
         engine.batcher._layer = {"dynamic": DynamicLayer, "roomy": _RoomyLayer}[arms[i][1]]
+        engine.batcher.pause_s = arms[i][2]
         r = closed_loop(engine, reqs, a.concurrency, a.seconds)
         runs[i].append(r)
         print(arms[i], r, flush=True)
@@ -192,31 +199,33 @@ def main() -> None:
 
 
 def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
-    def name(arm: tuple[int, str]) -> str:
-        b, layer = arm
+    def name(arm: tuple[int, str, float]) -> str:
+        b, layer, pause = arm
         return ("one prefill for all" if b == OLD else f"groups of <= {b} tokens") + (
-            ", DynamicLayer (torch.cat)" if layer == "dynamic" else ", cache with room (in place)") + (" = main" if arm == MAIN else "")
+            ", DynamicLayer (torch.cat)" if layer == "dynamic" else ", cache with room (in place)") + (
+            "" if not pause else ", prefill first" if pause == float("inf") else f", prefill first up to {pause:g} s")
 
-    lines = ["# The continuous batcher in process: one prefill for all vs token-budgeted groups (SmolLM2-135M)", "", stamped, "",
+    lines = ["# The continuous batcher in process: how a burst is prefilled (SmolLM2-135M)", "", stamped, "",
              f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, in process (no Ray, no HTTP). "
-             f"Requests: `serve_load.py --real`'s list (seed 0, chat template, prompts {min(len(r['input_ids']) for r in reqs)}-"
+             f"Requests: `serve_load.py --real`'s list (seed {a.seed}, chat template, prompts {min(len(r['input_ids']) for r in reqs)}-"
              f"{max(len(r['input_ids']) for r in reqs)} tokens, `max_tokens` 16-128, greedy, EOS banned by `logit_bias`), streamed; "
              f"concurrency {a.concurrency}, closed loop over the first {a.requests}"
              + (f", none submitted after {a.seconds:g} s of an arm (those in flight finish and count)" if a.seconds else "")
              + f". Torch threads: {a.threads}{THREADS_NOTE if a.threads == 1 else ''}. Arms in this order, one process: {'; '.join(name(arms[i]) for i in order)}. "
              "Time to first token (TTFT): submit to first token; time per output token (TPOT): (last - first) / (tokens - 1); "
              "p50/p95 nearest rank. Noisy machine (shared): compare arms of this run only.", "",
-             "| arm | run | requests | out/asked tokens | prompt tokens (mean) | steps | wall s | output tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arm | run | requests | out/asked tokens | prompt tokens (mean) | steps | wall s | output tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, arm in enumerate(arms):
         for k, r in enumerate(runs[i]):
             lines.append(f"| {name(arm)} | {k + 1} | {r['requests']} | {r['out_tokens']}/{r['asked']} | {r['prompt_mean']:.0f} | {r['steps']} | "
-                         f"{r['wall_s']:.1f} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['tpot_p50_ms']:.0f} |")
-    if MAIN in arms:
-        base = runs[arms.index(MAIN)]
-        lines += ["", "Ratios to main's batcher (means over each arm's runs; output tok/s higher is better, the others lower):", ""]
+                         f"{r['wall_s']:.1f} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['tpot_p50_ms']:.0f} | "
+                         f"{r.get('tpot_p95_ms', float('nan')):.0f} |")
+    if runs[0]:
+        base = runs[0]
+        lines += ["", f"Ratios to {name(arms[0])} (means over each arm's runs; output tok/s higher is better, the others lower):", ""]
         for i, arm in enumerate(arms):
-            if arm == MAIN or not runs[i]:
+            if i == 0 or not runs[i]:
                 continue
 
             def mean(rs, key):
@@ -225,7 +234,8 @@ def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
             lines.append(f"- {name(arm)}: output tok/s {mean(runs[i], 'tok_s') / mean(base, 'tok_s'):.2f}x, "
                          f"TTFT p50 {mean(runs[i], 'ttft_p50_ms') / mean(base, 'ttft_p50_ms'):.2f}x, "
                          f"TTFT p95 {mean(runs[i], 'ttft_p95_ms') / mean(base, 'ttft_p95_ms'):.2f}x, "
-                         f"TPOT p50 {mean(runs[i], 'tpot_p50_ms') / mean(base, 'tpot_p50_ms'):.2f}x")
+                         f"TPOT p50 {mean(runs[i], 'tpot_p50_ms') / mean(base, 'tpot_p50_ms'):.2f}x, "
+                         f"TPOT p95 {mean(runs[i], 'tpot_p95_ms') / mean(base, 'tpot_p95_ms'):.2f}x")
     if dec:
         rows, width, steps, repeats = (int(v) for v in a.decode.split("x"))
         med = {k: statistics.median(v) for k, v in dec.items()}
@@ -239,7 +249,7 @@ def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
                   "largest rate: larger groups prefill no faster per token and only delay first tokens):", "",
                   "| rows x width | tokens | s | tokens/s |", "|---|---|---|---|"]
         lines += [f"| {r['rows']} x {r['width']} | {r['tokens']} | {r['s']:.2f} | {r['tok_s']:.0f} |" for r in rates]
-    out = ROOT / "benchmarks" / "results" / "batcher_inprocess.md"
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]) + f"\n\nwrote {out}")

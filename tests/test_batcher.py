@@ -184,18 +184,16 @@ def test_an_unexpected_error_fails_every_request_once_and_the_batcher_goes_on(ti
     assert len(engine.generate([_req(engine, PROMPTS[0], "ad-a", max_tokens=8)])[0]["token_ids"]) > 0
 
 
-def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(tiny_model, runs):
-    """Five prompts arrive at once (longest first), then a sixth, the shortest, one step later. With a budget of
-    2 x the fourth prompt's length they are prefilled in groups {1st, 2nd shortest}, {3rd, 4th}, {the longest
-    alone: it exceeds the budget}, each at its own step while the earlier rows decode; the late one comes after all
-    of them (older requests first), and every answer is the one it gets alone."""
+def _burst(tiny_model, runs, pause_s: float):
+    """Five prompts of 12, 5, 4, 2 and 1 units ("1+1="), EOS banned, and a budget of 2 x the 5-unit prompt's
+    length: (engine, requests, calls, first step each request got a token at, lengths, budget)."""
     from ftray.models.load import load_tokenizer
 
     unit = load_tokenizer(str(tiny_model))("1+1=", add_special_tokens=False)["input_ids"]
     reps = {"n12": 12, "n5": 5, "n4": 4, "n2": 2, "n1": 1}  # submitted in this order
     lengths = {k: 1 + n * len(unit) for k, n in reps.items()}
     budget = 2 * lengths["n5"]
-    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": budget})
+    engine = _engine(tiny_model, runs, deployment={"prefill_tokens": budget, "prefill_pause_s": pause_s})
     eos = min(engine.eos_ids)
 
     def req(n: int, adapter: str | None) -> dict:  # EOS banned: every row decodes all of its max_tokens
@@ -214,6 +212,15 @@ def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(ti
 
     for k in reps:
         engine.submit(reqs[k], calls.finish(k), emit(k))
+    return engine, reqs, calls, first, emit, lengths, budget
+
+
+def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(tiny_model, runs):
+    """Five prompts arrive at once (longest first), then a sixth, the shortest, one step later. With a budget of
+    2 x the fourth prompt's length they are prefilled in groups {1st, 2nd shortest}, {3rd, 4th}, {the longest
+    alone: it exceeds the budget}, each at its own step while the earlier rows decode (`prefill_pause_s` 0); the
+    late one comes after all of them (older requests first), and every answer is the one it gets alone."""
+    engine, reqs, calls, first, emit, lengths, budget = _burst(tiny_model, runs, 0.0)
     _steps(engine, calls, 1)
     assert len(engine.batcher.rows) == 2 and engine.batcher.mask.shape[1] == lengths["n2"] + 1
     engine.submit(reqs["late"], calls.finish("late"), emit("late"))
@@ -223,6 +230,25 @@ def test_a_burst_is_prefilled_shortest_first_in_groups_under_the_token_budget(ti
     for k, r in reqs.items():
         assert calls.tokens[k] == engine.generate([r])[0]["token_ids"] and len(calls.tokens[k]) == 6, k
     assert calls.done["n1"]["finish_reason"] == "length" and not engine.batcher.busy()
+
+
+def test_prefill_first_admits_the_whole_burst_before_the_running_rows_decode(tiny_model, runs):
+    """The same burst with `prefill_pause_s` longer than it: the same groups, one per step, and no decoding step
+    until none waits: after the second step every admitted row has its first token only; the step that admits
+    the last group decodes every row; the answers are the ones they get alone. (With 0, the test above: the first
+    group has decoded a token by the end of the first step.)"""
+    engine, reqs, calls, first, emit, lengths, budget = _burst(tiny_model, runs, 1e9)
+    _steps(engine, calls, 2)
+    assert {k: len(v) for k, v in calls.tokens.items()} == {"n1": 1, "n2": 1, "n4": 1, "n5": 1}
+    assert engine.batcher.mask.shape[1] == lengths["n5"]  # prefilled columns only: nothing decoded yet
+    _steps(engine, calls, 1)
+    assert {k: len(v) for k, v in calls.tokens.items()} == {"n1": 2, "n2": 2, "n4": 2, "n5": 2, "n12": 2}
+    engine.submit(reqs["late"], calls.finish("late"), emit("late"))
+    _steps(engine, calls)
+    assert first == {"n1": 0, "n2": 0, "n4": 1, "n5": 1, "n12": 2, "late": 3}
+    for k, r in reqs.items():
+        assert calls.tokens[k] == engine.generate([r])[0]["token_ids"] and len(calls.tokens[k]) == 6, k
+    assert not engine.batcher.busy()
 
 
 def test_a_huge_budget_prefills_the_whole_burst_at_once(tiny_model, runs):

@@ -173,3 +173,35 @@ def test_grouped_order_puts_rows_of_one_length_in_a_micro_batch_and_is_a_functio
     assert [again(g) for g in reversed(range(4 * span))] == [grouped(g) for g in reversed(range(4 * span))]
     other = _Order(n, seed=6, lengths=lengths, batch=gbs)
     assert [other(g) for g in range(span)] != [grouped(g) for g in range(span)]
+
+
+def test_checkpoint_folders_left_by_dead_workers_are_swept(tmp_path):
+    """A worker killed between writing a checkpoint and storing it leaves its temporary folder (a whole checkpoint)
+    behind; the next worker's start on the node removes the folders of processes that are gone, never a live
+    process's (this one's, or a running sibling's) nor a folder it cannot attribute."""
+    import os
+    import subprocess
+    import sys
+
+    from ftray.train.loop import checkpoint_tmpdir, sweep_orphan_checkpoints
+
+    make = f"from ftray.train.loop import checkpoint_tmpdir; print(checkpoint_tmpdir(1, {str(tmp_path)!r}))"
+    dead = subprocess.run([sys.executable, "-c", make], capture_output=True, text=True, check=True)
+    orphan = dead.stdout.strip().splitlines()[-1]
+    sibling = subprocess.Popen([sys.executable, "-c", make + "; import time; time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        live = sibling.stdout.readline().strip()
+        mine = checkpoint_tmpdir(0, str(tmp_path))
+        unknown = tmp_path / "ftray-ckpt-r0-x1y2z3"  # the naming before pids: kept
+        for d in (orphan, live, mine, unknown):
+            os.makedirs(os.path.join(d, "ds"), exist_ok=True)
+            with open(os.path.join(d, "ds", "mp_rank_00_model_states.pt"), "wb") as f:
+                f.write(b"\0" * 1024)
+        assert sweep_orphan_checkpoints(str(tmp_path)) == [orphan]
+        assert not os.path.exists(orphan)
+        assert all(os.path.exists(d) for d in (live, mine, unknown))
+        assert sweep_orphan_checkpoints(str(tmp_path)) == []
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert sweep_orphan_checkpoints(str(tmp_path)) == [live]  # the sibling is gone now

@@ -16,7 +16,12 @@ both select by the batch dimension). This schedules over transformers' model for
   prompt tokens padding included (rows x longest prompt; a longer prompt alone): a burst of newcomers is
   prefilled over several steps with little padding, the running rows decode between its groups, and the
   shortest prompts get their first token after one group rather than after the whole burst.
-- Then one decoding step for every row, each row on its own adapter. The cache's layers keep spare columns
+- Then one decoding step for every row, each row on its own adapter, unless requests still wait and the running
+  rows have had a token within the last `pause_s` seconds: then the step ends after its group, and the next step
+  admits the next group (prefill first, as vLLM's default scheduler). A burst is prefilled nearly back to back, so
+  its last first token is not delayed by a decoding step after every group; the running streams pause for at most
+  about `pause_s` plus one group. Each group is its own step, so a server sends its first tokens between groups.
+  The cache's layers keep spare columns
   (`_RoomyLayer`): a step writes its keys and values in place instead of copying the whole cache.
 - A row that ends is dropped from the cache, and the leading columns that are padding for every remaining row
   are cut, so a long finished prompt stops costing attention.
@@ -36,6 +41,7 @@ versions.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -146,8 +152,9 @@ def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
 class Batcher:
     """The running batch of one engine. `submit` from any thread; `step` from one thread at a time."""
 
-    def __init__(self, engine, max_rows: int, prefill_tokens: int):
-        self.engine, self.max_rows, self.prefill_tokens = engine, max_rows, prefill_tokens
+    def __init__(self, engine, max_rows: int, prefill_tokens: int, pause_s: float = 0.0):
+        self.engine, self.max_rows, self.prefill_tokens, self.pause_s = engine, max_rows, prefill_tokens, pause_s
+        self._token_at = 0.0  # when the running rows last got a token (monotonic): a decoding step or their admission
         self.waiting: deque[_Seq] = deque()
         self.rows: list[_Seq] = []
         self.cache = None  # the rows' DynamicCache, left-padded to one length
@@ -182,8 +189,8 @@ class Batcher:
                 s.finish = "cancelled"
             if gone:
                 self._retire()
-            self._admit()
-            if self.rows:
+            admitted = self._admit()
+            if self.rows and not (admitted and self._prefill_next()):
                 self._decode()
         except Exception as e:  # noqa: BLE001 - told to every request below
             with self._lock:
@@ -197,6 +204,12 @@ class Batcher:
     def drain(self) -> None:
         while self.busy():
             self.step()
+
+    def _prefill_next(self) -> bool:
+        """Whether the next step should admit another group before the running rows decode: requests wait, there
+        is room, and the rows have not gone `pause_s` without a token."""
+        return (bool(self.waiting) and len(self.rows) < self.max_rows and self.joinable is not False
+                and time.monotonic() - self._token_at < self.pause_s)
 
     # admission ------------------------------------------------------------------------------------
     def _take(self) -> list[_Seq]:
@@ -236,11 +249,12 @@ class Batcher:
         self._admitting = taken
         return taken
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Prefill one group of waiting requests into the batch; whether any joined."""
         eng = self.engine
         taken = self._take()
         if not taken:
-            return
+            return False
         wanted = {s.adapter for s in taken if s.adapter}
         failed = eng.load_errors(wanted) if wanted else {}
         ok = []
@@ -262,13 +276,16 @@ class Batcher:
             ok = []
         if not ok:
             self._admitting = []
-            return
+            return False
+        if not self.rows:  # an idle batch: its rows' clock starts with their first token
+            self._token_at = time.monotonic()
         self._join(cache, mask)
         self.rows += ok
         self._admitting = []
         self._choose(ok, logits)
         self._count()
         self._retire()
+        return True
 
     def _prefill(self, seqs: list[_Seq]):
         eng = self.engine
@@ -314,6 +331,7 @@ class Batcher:
             self.rows, self.cache, self.mask = [], None, None
             return
         self._choose(self.rows, logits[:, -1])
+        self._token_at = time.monotonic()
         self._retire()
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> None:

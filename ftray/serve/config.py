@@ -49,6 +49,12 @@ class Deployment(_Strict):
         " forward up, and 512 gave more output tokens/s and a lower p50 first-token time than 256 at concurrency 16, the same p95"
         " (benchmarks/results/batcher_inprocess.md)"
     )
+    prefill_pause_s: float = Field(
+        2.0, ge=0, description="generator: while requests wait, prefill groups run back to back (each its own step,"
+        " so first tokens go out between them) until the running rows have gone this long without a token, then"
+        " every row decodes one; 0 decodes after every group. Prefill first, as vLLM's default scheduler: a burst's"
+        " last first token comes sooner, at a pause of the running streams (benchmarks/results/batcher_pause.md)"
+    )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="scorer: how long a batch waits to fill (a generator does not wait: requests join"
         " its running batch at the next decoding step)"

@@ -61,7 +61,8 @@ class LoraEngine:
         self.loaded: OrderedDict[str, str] = OrderedDict()
         self._released: set[str] = set()
         self._stale: set[str] = set()  # rewritten in the registry since loaded, not reloaded yet (in use)
-        self.batcher = Batcher(self, max_rows=cfg.deployment.max_batch_size, prefill_tokens=cfg.deployment.prefill_tokens)
+        self.batcher = Batcher(self, max_rows=cfg.deployment.max_batch_size, prefill_tokens=cfg.deployment.prefill_tokens,
+                               pause_s=cfg.deployment.prefill_pause_s)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)

@@ -213,11 +213,45 @@ def _row(split: dict, i: int) -> dict:
     return {k: (v[i] if v is not None else None) for k, v in split.items()}
 
 
+CKPT_PREFIX = "ftray-ckpt-"
+
+
+def sweep_orphan_checkpoints(root: str | None = None) -> list[str]:
+    """Remove the temporary checkpoint folders (`ftray-ckpt-r<rank>-p<pid>-*`) of worker processes that are gone:
+    Ray deletes a folder once uploaded, but a worker killed between writing and uploading (a lost node, an OOM
+    kill, a killed job) leaves it, a whole checkpoint each time, until the disk fills. A live process's folders
+    (its pid answers signal 0) are never touched. Returns what was removed."""
+    gone = []
+    base = Path(root or tempfile.gettempdir())
+    for d in base.glob(f"{CKPT_PREFIX}r*-p*-*"):
+        pid = d.name[len(CKPT_PREFIX):].split("-")[1][1:]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (ours or another user's: PermissionError below)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OSError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            gone.append(str(d))
+    return gone
+
+
+def checkpoint_tmpdir(rank: int, root: str | None = None) -> Path:
+    """A new temporary folder for one checkpoint of `rank`, named with this process's pid."""
+    return Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}r{rank}-p{os.getpid()}-", dir=root))
+
+
 def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict,
                            spec_fields: dict, background: bool = False) -> None:
-    """A checkpoint written on every rank into a temporary folder, handed to the session with `metrics`; the
-    session removes the folder once it is stored (`background`: stored while the next steps train)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"ftray-ckpt-r{rank}-"))
+    """A checkpoint written on every rank into a temporary folder (named with this process's pid, so that a
+    later worker on the node removes it if this one dies before it is stored: `sweep_orphan_checkpoints`),
+    handed to the session with `metrics`; the session removes the folder once it is stored (`background`:
+    stored while the next steps train)."""
+    tmp = checkpoint_tmpdir(rank)
     try:
         checkpoint.save(engine, tmp, rank, step, history, method.state_dict(), spec_fields, world=session.world)
     except BaseException:
@@ -416,12 +450,16 @@ def run_worker(config: dict, session) -> dict:
 
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     _clear_stale_build_locks()
+    orphans = sweep_orphan_checkpoints()
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
     _unlink_shm_buffer(rank, world)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if spec.scaling.use_gpu else torch.device("cpu")
     # Ray Train patches print() to tee into its logger, which shows every line twice; the
     # process's real stdout is what `ray job logs` and the driver console stream.
     log = (lambda *a, **k: print(*a, **{**k, "file": sys.__stdout__})) if rank == 0 else (lambda *a, **k: None)
+    if orphans:
+        print(f"[ftray] rank {rank}: removed {len(orphans)} checkpoint folder(s) left by workers that died before "
+              f"storing them ({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''})", file=sys.__stdout__, flush=True)
 
     method = get_method(spec.method.kind)
     resolved = Resolved(**config["resolved"])
