@@ -205,3 +205,21 @@ def test_checkpoint_folders_left_by_dead_workers_are_swept(tmp_path):
         sibling.kill()
         sibling.wait()
     assert sweep_orphan_checkpoints(str(tmp_path)) == [live]  # the sibling is gone now
+
+
+def test_a_checkpoint_waits_for_the_one_before_to_finish_uploading(tmp_path):
+    """At most one checkpoint per worker uploads in the background: the next due one waits until Ray Train has
+    deleted the previous folder (uploaded), so a slow store cannot queue checkpoints behind the steps; a folder
+    that never goes (a failed upload, which Ray raises at the next report) holds it `timeout_s` at most."""
+    import threading
+
+    from ftray.train.loop import checkpoint_tmpdir, wait_for_upload
+
+    assert wait_for_upload(None) < 0.05
+    folder = checkpoint_tmpdir(0, str(tmp_path))
+    (folder / "state.json").write_text("{}")
+    threading.Timer(0.6, lambda: __import__("shutil").rmtree(folder)).start()
+    waited = wait_for_upload(folder)
+    assert 0.5 < waited < 5 and not folder.exists()
+    stuck = checkpoint_tmpdir(0, str(tmp_path))
+    assert 0.3 <= wait_for_upload(stuck, timeout_s=0.3) < 2 and stuck.exists()

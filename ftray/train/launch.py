@@ -314,6 +314,7 @@ def write_run_json(plan: Plan, result, meta: dict, timings: dict) -> dict:
             "train_seconds": m.get("train_seconds"),
             "finish_seconds": m.get("finish_seconds"),
             "checkpoint_seconds": m.get("checkpoint_seconds"),
+            "checkpoint_upload_wait_seconds": m.get("checkpoint_upload_wait_seconds"),
             "resumed_from_step": m.get("resumed_from_step"),
             "resumed_optimizer_steps": m.get("resumed_optimizer_steps"),
             "publish": m.get("publish"),

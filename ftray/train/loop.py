@@ -245,8 +245,20 @@ def checkpoint_tmpdir(rank: int, root: str | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}r{rank}-p{os.getpid()}-", dir=root))
 
 
+def wait_for_upload(folder: Path | None, timeout_s: float = 120.0, poll_s: float = 0.05) -> float:
+    """Wait until the checkpoint folder handed to the background upload is gone (Ray Train deletes it once
+    uploaded), at most `timeout_s` (an upload that failed leaves it; Ray raises that at the next report).
+    Seconds waited. At most one checkpoint per worker is then uploading: on a machine whose uploads cannot keep
+    up with `train.checkpoint_every`, a queue of them would grow behind the steps and a failure would resume
+    from a checkpoint many steps old (the chaos benchmark once redid 96 steps after a kill)."""
+    t0 = time.monotonic()
+    while folder is not None and folder.exists() and time.monotonic() - t0 < timeout_s:
+        time.sleep(poll_s)
+    return time.monotonic() - t0
+
+
 def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[dict], method, metrics: dict,
-                           spec_fields: dict, background: bool = False) -> None:
+                           spec_fields: dict, background: bool = False) -> Path:
     """A checkpoint written on every rank into a temporary folder (named with this process's pid, so that a
     later worker on the node removes it if this one dies before it is stored: `sweep_orphan_checkpoints`),
     handed to the session with `metrics`; the session removes the folder once it is stored (`background`:
@@ -258,6 +270,7 @@ def _checkpoint_and_report(session, engine, rank: int, step: int, history: list[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     session.report(metrics, str(tmp), background=background)
+    return tmp
 
 
 class RayTrainSession:
@@ -581,7 +594,8 @@ def run_worker(config: dict, session) -> dict:
     # Reports during training (a checkpoint's, an eval step's) go through Ray Train's upload thread: the
     # step path waits neither for the upload nor for the controller's poll. The final report is synchronous.
     background = spec.output.checkpoint_upload == "async"
-    t_start, tokens_done, stored_s = time.time(), 0, 0.0
+    t_start, tokens_done, stored_s, upload_wait_s = time.time(), 0, 0.0, 0.0
+    uploading: Path | None = None  # the last checkpoint folder handed to the background upload
     step = start_step
     last_eval: dict = {}
     for step in range(start_step, steps):
@@ -610,7 +624,8 @@ def run_worker(config: dict, session) -> dict:
         due = spec.train.checkpoint_every and done % spec.train.checkpoint_every == 0
         if due and not is_last:
             t_ckpt = time.time()
-            _checkpoint_and_report(session, engine, rank, done, history, method, metrics, fields, background)
+            upload_wait_s += wait_for_upload(uploading)
+            uploading = _checkpoint_and_report(session, engine, rank, done, history, method, metrics, fields, background)
             stored_s += time.time() - t_ckpt
             if publisher:
                 publisher.publish(engine, done)
@@ -653,6 +668,7 @@ def run_worker(config: dict, session) -> dict:
         # What saving and storing the checkpoints taken while training cost the step path (rank 0's
         # seconds); with `output.checkpoint_upload: async` the upload itself is not in it.
         "checkpoint_seconds": stored_s,
+        "checkpoint_upload_wait_seconds": upload_wait_s,  # of checkpoint_seconds: waiting for the one before
         # Every step's tokens, the steps before a resume included (their records came with the checkpoint); this
         # process's share is what it trained in `train_seconds` (the step lines' tok/s).
         "trained_tokens": sum(h["tokens"] for h in history if "tokens" in h),
