@@ -78,13 +78,21 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def stamp(t0: float, load0: tuple[float, float, float]) -> str:
-    """The line under a results file's title: the command as typed, the commit (and whether tracked files had
-    changes beyond it, results files aside), the date, the CPUs, the load average before the run (`load0`: what else was running) and at its
-    end, the wall seconds since `t0`."""
-    commit = _git("rev-parse", "--short", "HEAD") + (
+def _commit() -> str:
+    return _git("rev-parse", "--short", "HEAD") + (
         " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else ""
     )
+
+
+_STARTED_ON = _commit()  # the code a run imports is the code at its start: later edits or commits do not change it
+
+
+def stamp(t0: float, load0: tuple[float, float, float]) -> str:
+    """The line under a results file's title: the command as typed, the commit the run started on (and whether
+    tracked files had changes beyond it then, results files aside; taken when this module is imported, at the
+    script's start), the date, the CPUs, the load average before the run (`load0`: what else was running) and at
+    its end, the wall seconds since `t0`."""
+    commit = _STARTED_ON
     cmd = " ".join(["python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
     before, end = ("/".join(f"{x:.1f}" for x in la) for la in (load0, os.getloadavg()))
     return (
