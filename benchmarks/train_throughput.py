@@ -18,6 +18,9 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
   ftray-packed-1w the packed job on 1 Ray Train worker x 2 CPUs (2 torch threads, 2 micro-batches accumulated):
                   no gradient exchange, the shape of the single-process arms; what a user on one CPU node picks
+  ftray-inprocess the packed job in this process without Ray (`run_local`: the same loop, 1 worker, ZeRO-2,
+                  2 torch threads): ftray-packed-1w minus Ray, to split the gap to the plain loop
+  ftray-inprocess-z0  the same at ZeRO stage 0 (DeepSpeed's engine without ZeRO's gradient partitioning)
   trl-packed-mb1  trl.SFTTrainer, packing on (bfd, which TRL runs padding-free), 1 process, 2 torch threads,
                   1 packed row of <= 256 tokens per forward x 16 accumulation, activation checkpointing
                   off: the equal-work TRL arm
@@ -69,8 +72,8 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # flattening never builds one long row: rows of 256 tokens as ftray's, the same attention work. trl-packed
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
-ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "trl-packed-mb1", "trl-packed",
-        "plain-torch")
+ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-inprocess",
+        "ftray-inprocess-z0", "trl-packed-mb1", "trl-packed", "plain-torch")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -222,6 +225,25 @@ def run_figures(spec, record: dict, wall: float, steps: int, grouped: bool, work
         f"prepare {record['timings']['prepare_s']:.0f} s, fit {record['timings']['fit_s']:.0f} s, "
         f"whole job {wall:.0f} s"
     )
+    return res
+
+
+def run_ftray_inprocess(model: Path, work: Path, steps: int, adapter: str, zero: int, tag: str = "") -> dict:
+    """The packed job through `ftray.train.local.run_local` in this process (no Ray), THREADS torch threads."""
+    import torch
+
+    from ftray.config import resolve_paths, spec_from_dict
+    from ftray.train.local import run_local
+
+    torch.set_num_threads(THREADS)
+    job = ftray_job(model, work, True, steps, adapter, workers=1)
+    job["deepspeed"]["zero_stage"] = zero
+    job["output"]["dir"] += f"-inprocess-z{zero}{tag}"
+    spec = resolve_paths(spec_from_dict(job))
+    t0 = time.time()
+    record = run_local(spec, log=lambda *a, **k: None)
+    res = run_figures(spec, record, time.time() - t0, steps, True, 1)
+    res["note"] = f"in process, ZeRO-{zero}, {THREADS} torch threads; {res['note']}"
     return res
 
 
@@ -600,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
                 "trl-packed": lambda: run_trl(model, work, steps, a.adapter, recompute=True),
                 "trl-packed-mb1": lambda: run_trl(model, work, steps, a.adapter, micro=1),
                 "plain-torch": lambda: run_plain(model, prepared, steps, a.adapter),
+                "ftray-inprocess": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 2, tag=f"-{len(rounds.get('ftray-inprocess', []))}"),
+                "ftray-inprocess-z0": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 0,
+                                                                  tag=f"-{len(rounds.get('ftray-inprocess-z0', []))}"),
             }
             for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
