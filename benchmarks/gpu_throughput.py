@@ -42,22 +42,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "gpu_throughput.md"
 ARMS = ("ftray", "plain-torch", "trl-packed", "trl-packed-mb1")
 
 
-def run_ftray_local(model: Path, work: Path, steps: int, adapter: str, zero: int, tag: str, cuda: bool = True) -> dict:
-    from ftray.config import resolve_paths, spec_from_dict
-    from ftray.train.local import run_local
-
-    job = tt.ftray_job(model, work, True, steps, adapter, workers=1)
-    job["scaling"] = {"num_workers": 1, "use_gpu": cuda, "max_failures": 0}
-    job["deepspeed"] = {"zero_stage": zero, "precision": "bf16" if cuda else "fp32"}
-    job["output"]["dir"] += f"-gpu{tag}"
-    spec = resolve_paths(spec_from_dict(job))
-    t0 = time.time()
-    record = run_local(spec)
-    res = tt.run_figures(spec, record, time.time() - t0, steps, True, 1)
-    res["note"] = f"DeepSpeed ZeRO-{zero}, {job['deepspeed']['precision']}; {res['note']}"
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("tiny", "smollm2"), default="smollm2")
@@ -109,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             name = "Tiny Llama `small`"
             described = f"{name} ({count_params(model) / 1e6:.1f}M parameters, random init)"
         runs = {
-            "ftray": lambda r: run_ftray_local(model, work, a.steps, a.adapter, a.zero, f"-r{r}", a.device == "cuda"),
+            "ftray": lambda r: tt.run_ftray_inprocess(model, work, a.steps, a.adapter, a.zero, f"-r{r}", a.device == "cuda"),
             "plain-torch": lambda r: tt.run_plain(model, rounds["ftray"][0]["prepared"] if "ftray" in rounds else None,
                                                   a.steps, a.adapter, device=a.device),
             "trl-packed": lambda r: tt.run_trl(model, work, a.steps, a.adapter, micro=a.micro_batch, device=a.device),

@@ -228,22 +228,27 @@ def run_figures(spec, record: dict, wall: float, steps: int, grouped: bool, work
     return res
 
 
-def run_ftray_inprocess(model: Path, work: Path, steps: int, adapter: str, zero: int, tag: str = "") -> dict:
-    """The packed job through `ftray.train.local.run_local` in this process (no Ray), THREADS torch threads."""
+def run_ftray_inprocess(model: Path, work: Path, steps: int, adapter: str, zero: int, tag: str = "",
+                        cuda: bool = False) -> dict:
+    """The packed job through `ftray.train.local.run_local` in this process (no Ray): on CPU fp32 with THREADS
+    torch threads, or on the GPU in bf16 (`benchmarks/gpu_throughput.py`)."""
     import torch
 
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.local import run_local
 
-    torch.set_num_threads(THREADS)
+    if not cuda:
+        torch.set_num_threads(THREADS)
     job = ftray_job(model, work, True, steps, adapter, workers=1)
-    job["deepspeed"]["zero_stage"] = zero
-    job["output"]["dir"] += f"-inprocess-z{zero}{tag}"
+    job["scaling"] = {"num_workers": 1, "use_gpu": cuda, "max_failures": 0}
+    job["deepspeed"] = {"zero_stage": zero, "precision": "bf16" if cuda else "fp32"}
+    job["output"]["dir"] += f"-{'gpu' if cuda else 'inprocess'}-z{zero}{tag}"
     spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = run_local(spec, log=lambda *a, **k: None)
     res = run_figures(spec, record, time.time() - t0, steps, True, 1)
-    res["note"] = f"in process, ZeRO-{zero}, {THREADS} torch threads; {res['note']}"
+    res["note"] = (f"in process, DeepSpeed ZeRO-{zero}, {job['deepspeed']['precision']}"
+                   f"{'' if cuda else f', {THREADS} torch threads'}; {res['note']}")
     return res
 
 

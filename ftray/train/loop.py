@@ -250,7 +250,11 @@ def wait_for_upload(folder: Path | None, timeout_s: float = 120.0, poll_s: float
     uploaded), at most `timeout_s` (an upload that failed leaves it; Ray raises that at the next report).
     Seconds waited. At most one checkpoint per worker is then uploading: on a machine whose uploads cannot keep
     up with `train.checkpoint_every`, a queue of them would grow behind the steps and a failure would resume
-    from a checkpoint many steps old (the chaos benchmark once redid 96 steps after a kill)."""
+    from a checkpoint many steps old (the chaos benchmark once redid 96 steps after a kill). Not Ray's
+    `ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED)`: that waits for the controller
+    to register every report so far, eval-only ones too (up to a poll, 2 s on a cluster, at every checkpoint even
+    when the upload is long done), and `run_local`'s session has no controller; the folder is the same signal in
+    both, uploaded or stored."""
     t0 = time.monotonic()
     while folder is not None and folder.exists() and time.monotonic() - t0 < timeout_s:
         time.sleep(poll_s)
