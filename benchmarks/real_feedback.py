@@ -186,6 +186,19 @@ def pairs_info(data: Path, max_length: int) -> dict:
     return {"pairs": len(rows), "truncated_pairs": cut, "length_heuristic": heuristic, "balanced_pairs": len(balanced)}
 
 
+def right_cut_ties(data: Path, max_length: int) -> dict:
+    """Pairs whose two replies a cut on the right at `max_length` leaves the same tokens (the conversation fills the
+    budget before the replies start): how `reward` cut before it kept the end (`ftray.methods.reward.cut_ids`)."""
+    from ftray.data.rows import read_checked
+    from ftray.methods.reward import render
+    from ftray.models.load import load_tokenizer
+
+    rows = read_checked(str(data), "preference", "skip").rows
+    tok = load_tokenizer(str(BASE))
+    ids = lambda r, k: tok(render(tok, r, r[k]))["input_ids"][:max_length]  # noqa: E731
+    return {"pairs": len(rows), "tied": sum(ids(r, "chosen") == ids(r, "rejected") for r in rows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -215,6 +228,7 @@ def main() -> None:
         _, val = split(ds, a.seed)
         piece(f"info/{ds}/test/len{a.max_length}", pairs_info, test, a.max_length)
         piece(f"info/{ds}/val/len{a.max_length}-seed{a.seed}", pairs_info, val, a.max_length)
+        piece(f"ties/{ds}/test/len{a.max_length}", right_cut_ties, test, a.max_length)
         if method == "reward":  # DPO's untouched policy is its reference: implicit reward 0, every pair a tie
             piece(f"before/{ds}/test/len{a.max_length}-seed{a.seed}", child, ["eval", str(BASE), str(test)], a)
         for lr in lrs:
@@ -251,26 +265,36 @@ def _both(after: dict, acc: str) -> str:
     return "yes" if after[acc] > max(h := after["length_heuristic_accuracy"], 1 - h) else "**no**"
 
 
-def _chosen(saved: dict, arm: str, a) -> tuple[str, str, float, dict, dict, dict]:
-    """An arm's data set, adapter, chosen lr, its test split's info, the chosen run's training and test figures."""
-    tag = f"s{a.steps}-len{a.max_length}-seed{a.seed}"
+def _chosen(saved: dict, arm: str, tag: str, a) -> tuple[str, str, float, dict, dict, dict]:
+    """An arm's data set, adapter, chosen lr, its test split's info, the chosen run's training and test figures, for
+    the runs of one `tag` (steps, cut, seed)."""
     ds, adapter, _, _ = ARMS[arm]
     best = saved[f"chosen/{arm}/{tag}"]
     return (ds, adapter, best, saved[f"info/{ds}/test/len{a.max_length}"], saved[f"train/{arm}/lr{best:g}/{tag}"],
             saved[f"test/{arm}/lr{best:g}/{tag}"])
 
 
+def _tags(saved: dict, a) -> list[str]:
+    """Every run length measured at this cut and seed (`s{steps}-len{cut}-seed{seed}`), fewest steps first."""
+    end = f"-len{a.max_length}-seed{a.seed}"
+    found = {k.rsplit("/", 1)[1] for k in saved if k.startswith("chosen/") and k.endswith(end)}
+    return sorted(found, key=lambda t: int(t[1:].split("-")[0]))
+
+
 def write_markdown(saved: dict, a, stamped: str) -> None:
-    tag = f"s{a.steps}-len{a.max_length}-seed{a.seed}"
-    arms = [arm for arm in ARMS if f"chosen/{arm}/{tag}" in saved]
+    tags = _tags(saved, a)
+    # (arm, tag) of every chosen run: an arm's runs of different lengths side by side
+    arms = [(arm, tag) for arm in ARMS for tag in tags if f"chosen/{arm}/{tag}" in saved]
+    steps = sorted({int(t[1:].split("-")[0]) for t in tags})
     lines = [
         "# `reward` and `dpo` on SmolLM2-135M-Instruct against the length heuristic (benchmarks/real_feedback.py)",
         "",
         f"Written by {stamped}",
         "",
         "SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`), trained by the in-process loop "
-        f"(`run_local`: one worker, DeepSpeed ZeRO-2 on one process, fp32, CPU), {a.steps} optimizer steps of 8 pairs "
-        f"(micro-batch 4, 2 warm-up steps), conversations cut at {a.max_length} tokens (history + prompt + reply). "
+        f"(`run_local`: one worker, DeepSpeed ZeRO-2 on one process, fp32, CPU), {' or '.join(map(str, steps))} "
+        "optimizer steps of 8 pairs (micro-batch 4, 2 warm-up steps; the steps column says which, each length "
+        f"chooses its own lr), conversations cut at {a.max_length} tokens (history + prompt + reply). "
         "The learning rate is chosen by pairwise accuracy on a validation split carved from the train file (seed "
         f"{a.seed}: {VAL_PAIRS['hh']} HH pairs, {VAL_PAIRS['oasst']} oasst1 pairs), which the run does not train on; "
         "the test split is judged once, by the chosen run (a tie on validation goes to the smaller lr). *Length heuristic*: the longer reply is the chosen one "
@@ -291,8 +315,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "| shorter wins | balanced n | balanced before | balanced after | margin after | goal | above both length rules |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in (x for x in arms if ARMS[x][3] == "reward"):
-        ds, adapter, best, info, tr, after = _chosen(saved, arm, a)
+    for arm, tag in (x for x in arms if ARMS[x[0]][3] == "reward"):
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
         before = saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
         lines.append(
             f"| {adapter}, {DATASETS[ds][1]} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
@@ -301,6 +325,13 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"| {before['balanced_accuracy']:.3f} | {after['balanced_accuracy']:.3f} | {after['margin']:+.3f} "
             f"| {_goal(after, 'accuracy')} | {_both(after, 'accuracy')} |"
         )
+    ties = {ds: saved[k] for ds in DATASETS if (k := f"ties/{ds}/test/len{a.max_length}") in saved}
+    if ties:
+        lines += ["", "Every `reward` run here cut a conversation on the right, as `reward` did until it kept the end "
+                  "(`ftray.methods.reward.cut_ids`, after these runs; not rerun yet): a pair whose conversation fills "
+                  f"{a.max_length} tokens before its replies begin was scored on the same tokens for both replies, a tie "
+                  "(counted half) that no training could move: " + "; ".join(
+                      f"{t['tied']} of the {t['pairs']} {DATASETS[ds][1]} test pairs" for ds, t in ties.items()) + "."]
     lines += [
         "",
         "## `dpo`: the policy itself, judged by its implicit reward",
@@ -315,15 +346,15 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "| shorter wins | balanced n | balanced accuracy | implicit-reward margin | goal | above both length rules |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in (x for x in arms if ARMS[x][3] == "dpo"):
-        ds, adapter, best, info, tr, after = _chosen(saved, arm, a)
+    for arm, tag in (x for x in arms if ARMS[x[0]][3] == "dpo"):
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
         lines.append(
             f"| dpo {LOSS_TYPE.get(arm, 'sigmoid')} {adapter}, {DATASETS[ds][1]} | {info['pairs']} | {best:g} | {tr['steps']} | {tr['train_seconds']:.0f} "
             f"| {after['reward_accuracy']:.3f} | {after['length_heuristic_accuracy']:.3f} "
             f"| {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} | {after['balanced_accuracy']:.3f} "
             f"| {after['reward_margin']:+.4f} | {_goal(after, 'reward_accuracy')} | {_both(after, 'reward_accuracy')} |"
         )
-    wins = sorted(k for k in saved if k.startswith("win/") and k.endswith("/judge") and f"/{tag}/" in k)
+    wins = sorted(k for k in saved if k.startswith("win/") and k.endswith("/judge") and k.split("/")[2] in tags)
     if wins:
         lines += [
             "",
@@ -336,19 +367,19 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "same share for the rule \"the longer reply is better\", to show how much of the win is length. Goal "
             "(item 3): above 50 %.",
             "",
-            "| arm | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | longer reply "
+            "| arm | steps | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | longer reply "
             "wins | balanced n | win rate on balanced | goal |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in wins:
-            arm, n_t = k.split("/")[1], k.split("/")[3]
+            arm, tag, n_t = k.split("/")[1:4]
             g, j = saved[k.removesuffix("/judge") + "/generate"], saved[k]
             lines.append(
-                f"| {arm} | {g['prompts']} | {n_t.split('-t')[1]} | {g['identical_replies']} "
+                f"| {arm} | {tag[1:].split('-')[0]} | {g['prompts']} | {n_t.split('-t')[1]} | {g['identical_replies']} "
                 f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {j['accuracy']:.3f} "
                 f"| {j['length_heuristic_accuracy']:.3f} | {round(j['balanced_pairs'] * g['prompts'])} | {j['balanced_accuracy']:.3f} "
                 f"| {'**met**' if j['accuracy'] > 0.5 else 'missed'} |")
-        retrained = [k for k in saved if k.startswith("retrain/") and k.endswith(tag)]
+        retrained = [k for k in saved if k.startswith("retrain/") and k.rsplit("/", 1)[1] in tags]
         if retrained:
             first = {k: saved["train/" + k.removeprefix("retrain/")]["final_loss"] for k in retrained}
             lines += ["", "The judge's run folder was gone when the win rate was measured; it was trained again with the "
@@ -360,11 +391,11 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "",
         "## Choosing the learning rate (validation split of the train file)",
         "",
-        "| arm | validation pairs (cut) | lr | train s | final train loss | validation accuracy | length heuristic there "
+        "| arm | steps | validation pairs (cut) | lr | train s | final train loss | validation accuracy | length heuristic there "
         "| balanced n | balanced accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in arms:
+    for arm, tag in arms:
         ds, _, lrs, method = ARMS[arm]
         acc = ACCURACY[method]
         vinfo = saved[f"info/{ds}/val/len{a.max_length}-seed{a.seed}"]
@@ -373,24 +404,24 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             v = saved.get(f"val/{arm}/lr{lr:g}/{tag}")
             figs = (f"{v[acc]:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
-            lines.append(f"| {arm} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
+            lines.append(f"| {arm} | {tag[1:].split('-')[0]} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
-    chosen = {arm: _chosen(saved, arm, a)[4] for arm in arms}
-    tested = {arm: _chosen(saved, arm, a)[5] for arm in arms}
+    chosen = {f"{arm} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
+    tested = {f"{arm} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
     untouched = {ds: saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
-                 for ds in dict.fromkeys(ARMS[x][0] for x in arms if ARMS[x][3] == "reward")}
+                 for ds in dict.fromkeys(ARMS[x][0] for x, _ in arms if ARMS[x][3] == "reward")}
     lines += ["", f"Training pairs with a reply cut at {a.max_length} tokens (chosen runs): "
               + "; ".join(f"{arm} {c['truncated']} of {c['rows']}" for arm, c in chosen.items()) + "."]
     lines += ["", "Test evaluation seconds (`ftray eval`, one process, batches of 16 pairs; DPO's include the "
               "reference's forward): "
               + "; ".join([f"untouched + fresh head, {ds}: {u['seconds']:.0f}" for ds, u in untouched.items()]
                           + [f"{arm}: {t['seconds']:.0f}" for arm, t in tested.items()]) + "."]
-    missing = [arm for arm in ARMS if arm not in arms]
+    missing = [arm for arm in ARMS if arm not in {x for x, _ in arms}]
     if missing:
         lines += ["", "Not measured (in no `--arms` run so far): " + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
     lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
-              and (tag in k or f"len{a.max_length}" in k)]
+              and (any(t in k for t in tags) or f"len{a.max_length}" in k)]
     out = Path(a.results).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
