@@ -145,14 +145,43 @@ def test_shipped_job_validates(tiny_model):
 
 
 def test_ftray_eval_max_length_cuts_a_base_model_like_a_run(tiny_model, prefs):
-    """`ftray eval --max-length`: a base model is judged on the cut a run was trained with. At 8 tokens every
-    reply is cut inside the shared chat prefix, so both replies of a pair score the same (all ties: 0.5)."""
+    """`ftray eval --max-length`: a base model is judged on the cut a run was trained with: at 8 tokens each reply
+    keeps its last 8 (its end, not the shared chat prefix: the pairs still differ), so the scores move."""
     from ftray.eval.evaluate import evaluate
+    from ftray.methods.reward import cut_ids, render
+    from ftray.models.load import load_tokenizer
 
+    tok = load_tokenizer(str(tiny_model))
+    rows = read_checked(str(prefs[1]), "preference").rows
+    cuts = [[cut_ids(tok, render(tok, r, r[k]), 8) for k in ("chosen", "rejected")] for r in rows]
+    assert all(c[1] and len(c[0]) == 8 for pair in cuts for c in pair)  # every reply cut
+    assert all(pair[0][0] != pair[1][0] for pair in cuts)  # and no pair left the same tokens
     torch.manual_seed(0)
     full = evaluate(str(tiny_model), str(prefs[1]), method="reward")
     torch.manual_seed(0)
     cut = evaluate(str(tiny_model), str(prefs[1]), method="reward", max_length=8)
-    assert full["margin"] != 0.0, full
-    assert cut["accuracy"] == 0.5 and cut["margin"] == 0.0, cut
+    assert full["margin"] != 0.0 and cut["margin"] != 0.0 and cut["margin"] != full["margin"], (full, cut)
     assert cut["length_heuristic_accuracy"] == full["length_heuristic_accuracy"]  # the same pairs, only cut
+
+
+def test_a_long_conversation_loses_its_start_never_the_replies(tiny_model):
+    """A pair whose history alone fills max_length: a cut on the right left both replies the same tokens (a forced
+    tie); the cut keeps the end, so the two differ, each ends as its whole render does, and the Serve scorer's
+    tokenizer cut (truncation on the left) gives the same ids."""
+    from ftray.methods.reward import cut_ids, render
+    from ftray.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    row = {"history": [{"role": "user", "content": "tell me " * 40}, {"role": "assistant", "content": "sure " * 40}],
+           "prompt": "2+2=", "chosen": "4", "rejected": "5"}
+    spec = spec_from_dict(spec_for(tiny_model, "x.jsonl", None, "out", data__max_length=24))
+    (e,) = get_method("reward").examples(row, tok, spec)
+    assert e["truncated"] and len(e["input_ids"]) == len(e["rejected_ids"]) == 24
+    assert e["input_ids"] != e["rejected_ids"]
+    for ids, reply in ((e["input_ids"], "4"), (e["rejected_ids"], "5")):
+        whole = tok(render(tok, row, reply))["input_ids"]
+        assert ids[-20:] == whole[-20:] and len(whole) > 24  # the end kept (special tokens the tokenizer adds stay)
+        tok.truncation_side = "left"  # as ScorerEngine sets it for a reward scorer
+        assert tok(render(tok, row, reply), truncation=True, max_length=24)["input_ids"] == ids
+        tok.truncation_side = "right"
+    assert cut_ids(tok, "short", 24) == (tok("short")["input_ids"], False)

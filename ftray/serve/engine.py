@@ -230,6 +230,8 @@ class ScorerEngine:
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(resolved.tokenizer)
         self.tokenizer.padding_side = "right"
+        if cfg.kind == "reward":  # keep the reply: a long conversation loses its start, as `reward` trained on it
+            self.tokenizer.truncation_side = "left"
         ensure_chat_template(self.tokenizer)
         if cfg.kind != "embedding":
             n = self.model.config.num_labels
