@@ -197,6 +197,14 @@ class SentenceOrderMethod(_Strict):
         "n!). More than 1 shows the same sentences under different labels, so only order tells them apart; held-out "
         "accuracy is then scored over the same number of orders per window.",
     )
+    objective: Literal["permutation", "pairwise"] = Field(
+        "permutation",
+        description="permutation: one n!-way head reads the whole shuffled window and names its order. pairwise: a "
+        "2-way head reads two of the window's sentences and says whether the first comes before the second (ALBERT's "
+        "sentence-order prediction), trained on every ordered pair of every window; a window's order is the one "
+        "whose pairs score highest (the sum of log-probabilities over its n(n-1)/2 pairs, each pair read both ways). "
+        "Held-out accuracy is the same exact-order figure either way.",
+    )
 
 
 class Seq2SeqMethod(_Strict):

@@ -81,7 +81,8 @@ def test_orders_per_window_shows_each_window_under_distinct_orders(tiny_model):
     orders = list(itertools.permutations(range(3)))
     sep = f" {tok.sep_token} " if tok.sep_token else " "
     for k in (1, 2, 6, 24):
-        spec = SimpleNamespace(method=SimpleNamespace(n_sentences=3, orders_per_window=k), data=SimpleNamespace(max_length=64))
+        spec = SimpleNamespace(method=SimpleNamespace(n_sentences=3, orders_per_window=k, objective="permutation"),
+                               data=SimpleNamespace(max_length=64))
         ex = M.examples({"text": text}, tok, spec)
         per = min(k, 6)
         assert len(ex) == 2 * per  # two whole windows of 3 in 7 sentences
@@ -91,6 +92,43 @@ def test_orders_per_window_shows_each_window_under_distinct_orders(tiny_model):
             for e in got:
                 order = orders[e["label"]]
                 assert e["input_ids"] == tokenize(tok, sep.join(sents[3 * w + i] for i in order), 64)[0]
+
+
+def test_pairwise_examples_read_every_ordered_pair_of_every_window(tiny_bert, docs, tmp_path):
+    """`method.objective: pairwise`: each window of 3 gives its 6 ordered pairs, sentence i shown before k, labelled
+    "before" (1) when i precedes k in the text."""
+    from ftray.methods._enc import tokenize
+    from ftray.models.load import load_tokenizer
+
+    spec = spec_from_dict(spec_for(tiny_bert, docs[0], None, tmp_path, {"kind": "full"}, method__objective="pairwise"))
+    tok = load_tokenizer(str(tiny_bert))
+    sents, sep = split_sentences(DOC), f" {tok.sep_token} " if tok.sep_token else " "
+    ex = M.examples({"text": DOC}, tok, spec)
+    pairs = list(itertools.permutations(range(3), 2))
+    assert len(ex) == 2 * len(pairs) == 12
+    for n, e in enumerate(ex):
+        w, (i, k) = divmod(n, 6)[0], pairs[n % 6]
+        assert e["input_ids"] == tokenize(tok, sents[3 * w + i] + sep + sents[3 * w + k], 64)[0]
+        assert e["label"] == int(i < k)
+    assert sum(e["label"] for e in ex) == 6  # as many "before" as "after"
+
+
+def test_best_orders_sum_both_readings_of_each_pair_and_keep_ties():
+    """Hand values: sentence 2 is confidently first, 0 before 1 weakly; read both ways. A model that says the same
+    for every pair ties all 6 orders (so the text's order is 1/6 right, not right by default)."""
+    import math
+
+    from ftray.methods.sentence_order import best_orders
+
+    p = {(2, 0): 0.9, (2, 1): 0.8, (0, 1): 0.6}  # P(first before second), as read in that order
+    before = {(i, k): math.log(p[i, k]) if (i, k) in p else math.log(1 - p[k, i]) for i, k in itertools.permutations(range(3), 2)}
+    after = {ik: math.log(1 - math.exp(v)) for ik, v in before.items()}
+    assert best_orders(before, after, 3) == [(2, 0, 1)]
+    # 1 before 0 when read as (1, 0) outweighs 0 before 1 read as (0, 1): both readings count
+    before[1, 0], after[1, 0] = math.log(0.95), math.log(0.05)
+    assert best_orders(before, after, 3) == [(2, 1, 0)]
+    flat = {ik: math.log(0.5) for ik in before}
+    assert sorted(best_orders(flat, flat, 3)) == sorted(itertools.permutations(range(3)))
 
 
 @pytest.mark.parametrize("adapter", ["full", "freeze", "lora"])
@@ -133,3 +171,19 @@ def test_runs(place, tiny_bert, docs, cache_dir, tmp_path, request):
     assert a["eval_loss"] != b["eval_loss"]
     cfg = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).config
     assert cfg.id2label[0] == "0-1-2" and len(cfg.id2label) == 6
+
+
+def test_pairwise_runs_and_scores_whole_windows(tiny_bert, docs, cache_dir, tmp_path, request):
+    """pairwise on one rank: a 2-way head, trained on pairs; held-out accuracy is the exact order of each window
+    (chance 1/6), beside the pairs' own accuracy."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    d = spec_for(tiny_bert, docs[0], docs[1], out, {"kind": "full"}, train__max_steps=4, data__cache_dir=str(cache_dir),
+                 method__objective="pairwise")
+    record = fit(d, (2, False), request)
+    b, a = record["eval"]["before"], record["eval"]["after"]
+    assert set(a) == {"eval_loss", "accuracy", "chance", "pair_accuracy"} and abs(a["chance"] - 1 / 6) < 1e-9
+    assert 0 <= a["accuracy"] <= 1 and 0 <= a["pair_accuracy"] <= 1 and a["eval_loss"] != b["eval_loss"]
+    cfg = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).config
+    assert cfg.id2label == {0: "after", 1: "before"}
