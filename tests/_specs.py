@@ -24,7 +24,8 @@ def free_port() -> int:
 
 def shm_buffers_since(t0: float) -> list[str]:
     """DeepSpeed's shared-memory allreduce buffers (this user's) created at or after `t0` that still have a name:
-    a run must unlink its own (`loop._unlink_shm_buffer`), or each fit leaves ~64 MiB of RAM per rank behind."""
+    a run makes none (`loop._skip_shm_allreduce_op`); DeepSpeed never unlinks one, so each would leave ~64 MiB of
+    RAM per rank behind."""
     import os
     import time
 

@@ -5,6 +5,7 @@ That it gives Ray Train's loss curve: tests/test_train.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,10 +28,14 @@ def test_in_process_cli_trains_without_importing_ray(tiny_model, arith, cache_di
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(job_dict(tiny_model, arith[0], arith[1], tmp_path / "run", cache_dir, train__max_steps=2)))
     t0 = time.time()
+    # An empty torch extensions folder, as on a fresh machine: DeepSpeed's CPU backend would JIT-build its
+    # shared-memory all-reduce op there (a C++ compile of 30-60 s), which training never calls.
+    ext = tmp_path / "torch_extensions"
     r = subprocess.run([sys.executable, "-c", NO_RAY, "train", str(job), "--in-process"], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
+                       text=True, timeout=300, cwd=ROOT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert shm_buffers_since(t0) == []  # the process's DeepSpeed buffer was unlinked (it exited without doing so)
+    assert not list(ext.glob("**/*.so")) and "built successfully" not in r.stdout + r.stderr, r.stdout[-2000:]
+    assert shm_buffers_since(t0) == []  # no DeepSpeed shared-memory buffer left in /dev/shm
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "ray modules: []" and lines[-2] == f"run: {tmp_path / 'run'}", lines[-5:]
     assert "1 worker instead of scaling.num_workers 2" in r.stdout

@@ -68,13 +68,14 @@ def test_checkpoint_restores_weights_optimizer_rng_and_state(sft, tiny_model, tm
     from ftray.models.load import resolve
     from ftray.train import checkpoint
     from ftray.train.local import one_rank_environment
-    from ftray.train.loop import build_engine, lr_lambda, train_step
+    from ftray.train.loop import _skip_shm_allreduce_op, build_engine, lr_lambda, train_step
 
     spec, tok, _, examples = sft
     for e in examples:
         e["tokens"] = len(e["input_ids"])
     m = get_method("sft")
     with one_rank_environment():
+        _skip_shm_allreduce_op()  # as run_worker: no JIT build of an op training never calls
         deepspeed.init_distributed(dist_backend="gloo")
         torch.manual_seed(0)
         engine, scheduler, groups, summary = build_engine(m, spec, resolve(str(tiny_model)), torch.float32, 4, 1, "fp32",

@@ -424,30 +424,17 @@ def _clear_stale_build_locks(max_age_s: float = 600.0) -> None:
             pass
 
 
-SHM_DIR = Path("/dev/shm")
+def _skip_shm_allreduce_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds its shared-memory all-reduce op (`deepspeed_shm_comm`: a C++ compile of
+    30-60 s in the first job on a machine, again after each change of venv or `ninja`, and a compiler on every
+    node) and maps a 64 MiB /dev/shm buffer per rank, for `inference_all_reduce` alone (DeepSpeed's
+    tensor-parallel inference, `module_inject`). ZeRO training's collectives go through torch.distributed
+    (gloo) whether it is built or not. Marked incompatible (the dict DeepSpeed probes once and keeps,
+    `deepspeed/ops/__init__.py`), it is neither built nor mapped (DeepSpeed never unlinked that buffer: RAM
+    left in tmpfs by every in-process run)."""
+    import deepspeed.ops
 
-
-def _shm_buffer_name(rank: int) -> str:
-    """The POSIX shared-memory file DeepSpeed's CPU allreduce (ops/csrc/cpu/comm/shm.cpp) creates for `rank`
-    when every rank is on one machine, from the same variables it reads."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def _unlink_shm_buffer(rank: int, world: int) -> None:
-    """DeepSpeed never unlinks its 66 MiB shared-memory buffer per rank: RAM (tmpfs) that outlives the process,
-    left by every `ftray train --in-process` and every process that ran `run_local`. (Ray Train's workers set no
-    LOCAL_SIZE, so DeepSpeed makes none there.) Each rank maps every peer's buffer while `init_distributed`
-    runs; once all have (the barrier), the names can go and the mappings stay until each process exits, so
-    nothing is left behind whatever way the run ends."""
-    import torch.distributed as dist
-
-    if world > 1:
-        dist.barrier()
-    try:
-        (SHM_DIR / _shm_buffer_name(rank)).unlink()
-    except OSError:
-        pass  # not created (ranks on several machines, the op not built) or another OS
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -468,8 +455,9 @@ def run_worker(config: dict, session) -> dict:
     storage.configure(spec.storage.endpoint_url, spec.storage.region)
     _clear_stale_build_locks()
     orphans = sweep_orphan_checkpoints()
+    if not spec.scaling.use_gpu:
+        _skip_shm_allreduce_op()
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
-    _unlink_shm_buffer(rank, world)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if spec.scaling.use_gpu else torch.device("cpu")
     # Ray Train patches print() to tee into its logger, which shows every line twice; the
     # process's real stdout is what `ray job logs` and the driver console stream.
