@@ -32,7 +32,7 @@ quickstart-tiny: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check ftray tests benchmarks
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q --durations=25 tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftray tests benchmarks

@@ -4,7 +4,8 @@ the run farm, the shared data.
 Test order (`pytest_collection_modifyitems`): first everything that needs no Ray (unit tests, in-process
 runs, and the checks that a refused job never started Ray), then every test on the session's one local
 Ray (started once, on first use), then the modules that need a cluster of their own (a `ray start` head,
-`cluster/local.sh`, an S3 endpoint in Ray's environment): they shut the session's Ray down first."""
+`cluster/local.sh`, an S3 endpoint in Ray's environment): they shut the session's Ray down first. With
+`-n 2 --dist loadgroup` the first part runs in one pytest-xdist worker and the rest, in order, in the other."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def _group(item) -> int:
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_group)  # stable: the file order holds within each group
+    # Under `pytest -n 2 --dist loadgroup` (`make test`): the tests that need no Ray in one worker, everything
+    # on Ray (the session's Ray, then the own-cluster modules) in order in the other, side by side. One
+    # Ray-using process at a time on the machine, as before; the first stream mostly waits on Ray's processes.
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("ray" if _group(item) else "no-ray"))
 
 
 @pytest.fixture(scope="session")

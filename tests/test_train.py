@@ -231,12 +231,14 @@ def _past_checkpoint(after: int = 0):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model, arith, cache_dir, ray_local):
+def uninterrupted(tmp_path_factory, tiny_model, arith, cache_dir):
     tmp = tmp_path_factory.mktemp("resume")
-    # Checkpoints stored before the next step here; the interrupted run below uploads them in the background
-    # (the default): the same weights show that neither the upload mode nor where it resumed changes a step.
+    # The same 1-rank loop in this process (a 1-worker Ray Train run gives its curve to 1e-6:
+    # tests/test_tune.py `test_best_yaml_reproduces_the_trial`), checkpoints stored before the next step; the
+    # interrupted run below is a Ray Train job uploading them in the background (the default): the same weights
+    # show that neither where it ran, the upload mode nor where it resumed changes a step.
     d = job_dict(tiny_model, arith[0], None, tmp / "straight", cache_dir, output__checkpoint_upload="sync", **RESUME)
-    run_job(d)
+    run_here(d)
     return adapter_weights(tmp / "straight")
 
 
