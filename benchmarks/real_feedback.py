@@ -89,8 +89,24 @@ def overrides(arm: str, lr: float, a) -> list[str]:
     ]
 
 
+def tag_of(arm: str, a) -> str:
+    """The runs of one arm at one length, cut and seed. `reward` runs made since the conversation keeps its end
+    (`ftray.methods.reward.cut_ids`) say `-left`; those without cut it on the right (`right_cut_ties`). A `dpo`
+    prompt always kept its end."""
+    return f"s{a.steps}{'-left' if ARMS[arm][3] == 'reward' else ''}-len{a.max_length}-seed{a.seed}"
+
+
+def cut_of(tag: str) -> str:
+    return "left" if "-left-" in tag else "right"
+
+
+def before_key(ds: str, a, cut: str = "left") -> str:
+    """The untouched model with a fresh head, as `ftray eval` cuts now (`left`) or cut before (`right`)."""
+    return f"before/{ds}/test/len{a.max_length}-seed{a.seed}" + ("-left" if cut == "left" else "")
+
+
 def run_dir(arm: str, lr: float, a) -> Path:
-    return WORK / f"{arm}-lr{lr:g}-s{a.steps}-len{a.max_length}-seed{a.seed}"
+    return WORK / f"{arm}-lr{lr:g}-{tag_of(arm, a)}"
 
 
 # ---- the pieces, each in a fresh process ----
@@ -220,17 +236,16 @@ def main() -> None:
     t0, load0 = time.time(), os.getloadavg()
     piece = Pieces(a.results)
     saved = piece.saved
-    tag = f"s{a.steps}-len{a.max_length}-seed{a.seed}"
-
     for arm in a.arms.split(","):
         ds, _, lrs, method = ARMS[arm]
+        tag = tag_of(arm, a)
         test = PREF / f"{DATASETS[ds][0]}_test.jsonl"
         _, val = split(ds, a.seed)
         piece(f"info/{ds}/test/len{a.max_length}", pairs_info, test, a.max_length)
         piece(f"info/{ds}/val/len{a.max_length}-seed{a.seed}", pairs_info, val, a.max_length)
         piece(f"ties/{ds}/test/len{a.max_length}", right_cut_ties, test, a.max_length)
         if method == "reward":  # DPO's untouched policy is its reference: implicit reward 0, every pair a tie
-            piece(f"before/{ds}/test/len{a.max_length}-seed{a.seed}", child, ["eval", str(BASE), str(test)], a)
+            piece(before_key(ds, a), child, ["eval", str(BASE), str(test)], a)
         for lr in lrs:
             piece(f"train/{arm}/lr{lr:g}/{tag}", child, ["train", arm, str(lr)], a)
             if len(lrs) > 1:
@@ -241,11 +256,11 @@ def main() -> None:
         saved[f"chosen/{arm}/{tag}"] = best
         piece.save()
     for arm in filter(None, a.win.split(",")):
-        ds, judge = ARMS[arm][0], f"lora-{ARMS[arm][0]}"
-        policy, rm_lr = run_dir(arm, saved[f"chosen/{arm}/{tag}"], a), saved[f"chosen/{judge}/{tag}"]
+        ds, judge, tag = ARMS[arm][0], f"lora-{ARMS[arm][0]}", tag_of(arm, a)
+        policy, rm_lr = run_dir(arm, saved[f"chosen/{arm}/{tag}"], a), saved[f"chosen/{judge}/{tag_of(judge, a)}"]
         rm = run_dir(judge, rm_lr, a)
         if not (rm / "run.json").exists():  # the judge's folder is gone: trained again, the same settings and seed
-            piece(f"retrain/{judge}/lr{rm_lr:g}/{tag}", child, ["train", judge, str(rm_lr)], a)
+            piece(f"retrain/{judge}/lr{rm_lr:g}/{tag_of(judge, a)}", child, ["train", judge, str(rm_lr)], a)
         out = WORK / "data" / f"win-{arm}-{tag}-n{a.win_prompts}-t{a.win_tokens}.jsonl"
         key = f"win/{arm}/{tag}/n{a.win_prompts}-t{a.win_tokens}"
         piece(f"{key}/generate", child, ["generate", str(policy), str(PREF / f"{DATASETS[ds][0]}_test.jsonl"), str(out)], a)
@@ -274,11 +289,16 @@ def _chosen(saved: dict, arm: str, tag: str, a) -> tuple[str, str, float, dict, 
             saved[f"test/{arm}/lr{best:g}/{tag}"])
 
 
+def _label(arm: str, tag: str) -> str:
+    return f"{arm}, {cut_of(tag)} cut" if ARMS[arm][3] == "reward" else arm
+
+
 def _tags(saved: dict, a) -> list[str]:
-    """Every run length measured at this cut and seed (`s{steps}-len{cut}-seed{seed}`), fewest steps first."""
+    """Every run length measured at this length and seed (`s{steps}[-left]-len{length}-seed{seed}`), fewest steps
+    first, a right cut before a left one."""
     end = f"-len{a.max_length}-seed{a.seed}"
     found = {k.rsplit("/", 1)[1] for k in saved if k.startswith("chosen/") and k.endswith(end)}
-    return sorted(found, key=lambda t: int(t[1:].split("-")[0]))
+    return sorted(found, key=lambda t: (int(t[1:].split("-")[0]), cut_of(t) == "left"))
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -311,15 +331,15 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "template, as `/v1/rewards` does; Bradley-Terry loss. *Before*: the untouched model with a fresh head (seed "
         f"{a.seed}) on the same pairs and cut.",
         "",
-        "| arm | test pairs | lr (chosen on validation) | steps | train s | accuracy before | accuracy after | length heuristic "
+        "| arm | cut | test pairs | lr (chosen on validation) | steps | train s | accuracy before | accuracy after | length heuristic "
         "| shorter wins | balanced n | balanced before | balanced after | margin after | goal | above both length rules |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in (x for x in arms if ARMS[x[0]][3] == "reward"):
         ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
-        before = saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
+        before = saved[before_key(ds, a, cut_of(tag))]
         lines.append(
-            f"| {adapter}, {DATASETS[ds][1]} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
+            f"| {adapter}, {DATASETS[ds][1]} | {cut_of(tag)} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
             f"| {tr['train_seconds']:.0f} | {before['accuracy']:.3f} | {after['accuracy']:.3f} "
             f"| {after['length_heuristic_accuracy']:.3f} | {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} "
             f"| {before['balanced_accuracy']:.3f} | {after['balanced_accuracy']:.3f} | {after['margin']:+.3f} "
@@ -327,10 +347,10 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         )
     ties = {ds: saved[k] for ds in DATASETS if (k := f"ties/{ds}/test/len{a.max_length}") in saved}
     if ties:
-        lines += ["", "Every `reward` run here cut a conversation on the right, as `reward` did until it kept the end "
-                  "(`ftray.methods.reward.cut_ids`, after these runs; not rerun yet): a pair whose conversation fills "
-                  f"{a.max_length} tokens before its replies begin was scored on the same tokens for both replies, a tie "
-                  "(counted half) that no training could move: " + "; ".join(
+        lines += ["", "*Cut* `right`: the run (and its *before*) cut a conversation on the right, as `reward` did until it "
+                  "kept the end (`ftray.methods.reward.cut_ids`; `left`: runs since, training and evaluation alike): a "
+                  f"pair whose conversation fills {a.max_length} tokens before its replies begin was scored on the same "
+                  "tokens for both replies, a tie (counted half) that no training could move: " + "; ".join(
                       f"{t['tied']} of the {t['pairs']} {DATASETS[ds][1]} test pairs" for ds, t in ties.items()) + "."]
     lines += [
         "",
@@ -404,12 +424,12 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             v = saved.get(f"val/{arm}/lr{lr:g}/{tag}")
             figs = (f"{v[acc]:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
-            lines.append(f"| {arm} | {tag[1:].split('-')[0]} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
+            lines.append(f"| {_label(arm, tag)} | {tag[1:].split('-')[0]} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
-    chosen = {f"{arm} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
-    tested = {f"{arm} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
-    untouched = {ds: saved[f"before/{ds}/test/len{a.max_length}-seed{a.seed}"]
-                 for ds in dict.fromkeys(ARMS[x][0] for x, _ in arms if ARMS[x][3] == "reward")}
+    chosen = {f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
+    tested = {f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
+    untouched = {f"{ds}, {cut_of(t)} cut": saved[before_key(ds, a, cut_of(t))]
+                 for ds, t in dict.fromkeys((ARMS[x][0], t) for x, t in arms if ARMS[x][3] == "reward")}
     lines += ["", f"Training pairs with a reply cut at {a.max_length} tokens (chosen runs): "
               + "; ".join(f"{arm} {c['truncated']} of {c['rows']}" for arm, c in chosen.items()) + "."]
     lines += ["", "Test evaluation seconds (`ftray eval`, one process, batches of 16 pairs; DPO's include the "
