@@ -36,8 +36,21 @@ def pytest_collection_modifyitems(session, config, items):
     # Under `pytest -n 2 --dist loadgroup` (`make test`): the tests that need no Ray in one worker, everything
     # on Ray (the session's Ray, then the own-cluster modules) in order in the other, side by side. One
     # Ray-using process at a time on the machine, as before; the first stream mostly waits on Ray's processes.
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray" if _group(item) else "no-ray"))
+    # The group is the `@name` suffix of a node id that loadgroup schedules by, set here as pytest-xdist 3.8 sets
+    # it for an `xdist_group` mark: it writes `item._nodeid`, which pytest 9 no longer reads (the id is a NodeId
+    # in `item._id`), so its marks were ignored and both streams ran on Ray.
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            _set_nodeid(item, f"{item.nodeid}@{'ray' if _group(item) else 'no-ray'}")
+
+
+def _set_nodeid(item, nodeid: str) -> None:
+    if hasattr(item, "_id"):  # pytest >= 9
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(nodeid)
+    else:
+        item._nodeid = nodeid
 
 
 @pytest.fixture(scope="session")
