@@ -35,7 +35,8 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_group)  # stable: the file order holds within each group
     # Under `pytest -n 2 --dist loadgroup` (`make test`): the tests that need no Ray in one worker, everything
     # on Ray (the session's Ray, then the own-cluster modules) in order in the other, side by side. One
-    # Ray-using process at a time on the machine, as before; the first stream mostly waits on Ray's processes.
+    # Ray-using process at a time on the machine, as before; the Ray stream spends much of its time waiting on
+    # Ray's processes to start, which leaves a core to the other.
     # The group is the `@name` suffix of a node id that loadgroup schedules by, set here as pytest-xdist 3.8 sets
     # it for an `xdist_group` mark: it writes `item._nodeid`, which pytest 9 no longer reads (the id is a NodeId
     # in `item._id`), so its marks were ignored and both streams ran on Ray.
