@@ -242,3 +242,36 @@ def test_shipped_smollm2_jobs_read_their_rows(monkeypatch, tmp_path):
         train, ev = check_data(load_spec(job, over))
         assert train.skipped == 0 and ev is not None and ev.rows, job.name
     assert generated == 1
+
+
+def test_the_cache_key_follows_the_code_that_makes_examples(tmp_path, tiny_model, arith, monkeypatch):
+    """Shards prepared by other code are never reused: the key hashes the source of `ftray/data` and every
+    method's module. (A hand-bumped version was there; `reward` changed its cut without a bump and the cache
+    kept serving the old cut's shards.)"""
+    import inspect
+    import shutil
+
+    from ftray.config import spec_from_dict
+    from ftray.data import prepare
+    from ftray.methods import REGISTRY, get_method
+    from tests._specs import job_dict
+
+    files = prepare._code_files()
+    for kind in REGISTRY:
+        assert Path(inspect.getsourcefile(type(get_method(kind)))) in files, kind
+    assert Path(prepare.__file__) in files and Path(inspect.getsourcefile(pack_examples)) in files
+    # One line added to a copy of reward.py: another fingerprint.
+    copies = {d: tuple(tmp_path / d / f.parent.name / f.name for f in files) for d in ("a", "b")}
+    for paths in copies.values():
+        for f, c in zip(files, paths, strict=True):
+            c.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, c)
+    reward = tmp_path / "b" / "methods" / "reward.py"
+    reward.write_text(reward.read_text() + "\n# cut on the left\n")
+    same, edited = (prepare.code_fingerprint(copies[d]) for d in ("a", "b"))
+    assert same == prepare.code_fingerprint(tuple(files)) and edited != same
+    # ... and the fingerprint is part of the key.
+    spec = spec_from_dict(job_dict(tiny_model, arith[0], arith[1], tmp_path / "run", tmp_path / "cache"))
+    key = prepare.cache_key(spec, str(tiny_model))
+    monkeypatch.setattr(prepare, "code_fingerprint", lambda: edited)
+    assert prepare.cache_key(spec, str(tiny_model)) != key

@@ -1,6 +1,6 @@
 """Prepare a job's data: check rows (driver, before any Ray resource), tokenize and pack (Ray Data),
 write token shards (Parquet) cached by a hash of (data bytes, tokenizer files, format, max length,
-packing, method).
+packing, method, and the source of the code that makes examples: `code_fingerprint`).
 
 Layout of one prepared folder:
     train/*.parquet   input_ids, labels[, position_ids], key  (rows sorted by `key` give the order)
@@ -11,8 +11,10 @@ Layout of one prepared folder:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 from ftray import storage
 from ftray.data import hub
@@ -20,9 +22,27 @@ from ftray.data.encode import ensure_chat_template, pack_examples
 from ftray.data.rows import Checked, data_files, read_checked
 from ftray.progress import bar
 
-__all__ = ["PREP_VERSION", "cache_key", "check_data", "load_split", "prepare"]
+__all__ = ["cache_key", "check_data", "code_fingerprint", "load_split", "prepare"]
 
-PREP_VERSION = "4"  # bumped when a method's examples change for the same data and spec (sentence_order: cut to fit)
+
+def _code_files() -> list[Path]:
+    """Everything that turns rows into a method's examples: `ftray/data` and `ftray/methods`."""
+    import ftray.data
+    import ftray.methods
+
+    return sorted(p for pkg in (ftray.data, ftray.methods) for p in Path(pkg.__file__).parent.glob("*.py"))
+
+
+@functools.lru_cache(maxsize=8)
+def code_fingerprint(files: tuple[Path, ...] | None = None) -> str:
+    """A hash of the source files that make examples (`_code_files`), part of the cache key: shards prepared by
+    other code are never reused. (A hand-bumped version number was here; `reward`'s cut changed without a bump
+    and the cache served the old cut's shards to every later run.)"""
+    h = hashlib.sha256()
+    for p in files if files is not None else _code_files():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def check_data(spec) -> tuple[Checked, Checked | None]:
@@ -52,7 +72,7 @@ def cache_key(spec, tokenizer_dir: str) -> str:
     d = spec.data
     h.update(
         json.dumps(
-            [PREP_VERSION, d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, d.columns,
+            [code_fingerprint(), d.format, d.max_length, d.packing, d.on_bad_rows, d.eval_max_rows, d.columns,
              spec.method.model_dump(mode="json")]
         ).encode()
     )
