@@ -26,11 +26,10 @@ __all__ = ["cache_key", "check_data", "code_fingerprint", "load_split", "prepare
 
 
 def _code_files() -> list[Path]:
-    """Everything that turns rows into a method's examples: `ftray/data` and `ftray/methods`."""
-    import ftray.data
-    import ftray.methods
-
-    return sorted(p for pkg in (ftray.data, ftray.methods) for p in Path(pkg.__file__).parent.glob("*.py"))
+    """Everything that turns rows into a method's examples: `ftray/data` and `ftray/methods` (found by path:
+    `data` sits below `methods` and imports nothing of it)."""
+    pkg = Path(__file__).resolve().parents[1]
+    return sorted(p for sub in ("data", "methods") for p in (pkg / sub).glob("*.py"))
 
 
 @functools.lru_cache(maxsize=8)
