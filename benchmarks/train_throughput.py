@@ -73,7 +73,7 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
 ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-inprocess",
-        "ftray-inprocess-z0", "trl-packed-mb1", "trl-packed", "plain-torch")
+        "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "trl-packed-mb1", "trl-packed", "plain-torch")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -147,6 +147,58 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
             "keep_checkpoints": 1,
         },
     }
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process on the machine: pid -> (what it is, user + system CPU seconds so far). Ray names its
+    processes (`ray::RayTrainWorker`, `raylet`, `gcs_server`); a Python one is named by its script."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        try:
+            name, cmd, t = p.info["name"] or "?", p.info["cmdline"] or [], p.info["cpu_times"]
+            if t is None:
+                continue
+            if p.pid == os.getpid():
+                name = "this benchmark (driver)"
+            elif name.startswith("python") and len(cmd) > 1:
+                script = next((c for c in cmd[1:] if not c.startswith("-")), cmd[1])
+                name = f"python {Path(script).name}"[:60]
+            out[p.pid] = (name, t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+class CpuWatch:
+    """CPU seconds each kind of process spends while it runs: `cpu_seconds` read every `every` s on a thread,
+    the last reading of each process kept, so one that exits before the end (a Ray Train worker) still counts
+    up to its last reading. A process already running counts from the first reading."""
+
+    def __init__(self, every: float = 2.0):
+        import threading
+
+        self.first, self.last, self.every = cpu_seconds(), {}, every
+        self.last.update(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.last.update(cpu_seconds())
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(cpu_seconds())
+        spent: dict[str, float] = {}
+        for pid, (name, t) in self.last.items():
+            t0 = self.first[pid][1] if pid in self.first and self.first[pid][0] == name else 0.0
+            if t - t0 > 0.05:
+                spent[name] = spent.get(name, 0.0) + t - t0
+        return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
 def worker_threads() -> str:
@@ -578,13 +630,15 @@ def main(argv: list[str] | None = None) -> int:
 
         def attempt(arm: str, fn) -> None:
             log(f"--- {arm}")
-            t0, load0 = time.time(), os.getloadavg()[0]
+            t0, load0, watch = time.time(), os.getloadavg()[0], CpuWatch()
             try:
                 res = fn()
                 res["load"] = (load0, os.getloadavg()[0])
+                res["cpu"], res["arm_s"] = watch.stop(), time.time() - t0
                 rounds.setdefault(arm, []).append(res)
                 log(f"{arm}: {res['tokens_per_s']:,.0f} trained tokens/s ({time.time() - t0:.0f} s)")
             except Exception as e:  # one failing arm still leaves the others' figures
+                watch.stop()
                 errors[arm] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 log(f"{arm} FAILED: {errors[arm]}")
 
@@ -614,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ftray-packed-ungrouped": lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False, tag=tag),
                 "ftray-unpacked": lambda: run_ftray(model, work, False, steps, a.adapter, tag=tag),
                 "ftray-packed-1w": lambda: run_ftray(model, work, True, steps, a.adapter, workers=1, tag=tag),
+                # The in-process loop with this idle local Ray beside it: how much its daemons alone take.
+                "ftray-inprocess-ray-idle": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 2, tag=f"-idle{tag}"),
             }
             for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
@@ -694,6 +750,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if threads_note:
         notes.append(f"- a 1-CPU Ray worker gets {threads_note}")
+    if results:
+        notes.append("- CPU seconds by process over each arm (its first round, read every 2 s; its wall seconds first; "
+                     "every process on the machine, the 6 that took most): " + "; ".join(
+                         f"{arm} {r['arm_s']:.0f} s wall: " + ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu"].items())[:6])
+                         for arm, r in results.items() if "cpu" in r))
 
     print()
     print("\n".join(rows))

@@ -501,16 +501,25 @@ def test_two_workers(case, tiny_model, arith, cache_dir, runs, ray_local):
     _check_adapter_run(RAY_CASES[case][0], record, run)
 
 
-@pytest.mark.integration
-def test_every_adapter_run_reloads_in_one_fresh_process(tiny_model, arith, cache_dir, runs, ray_local):
-    """A fresh process (one for all runs): PeftModel.from_pretrained + the held-out data -> the eval loss each
-    run measured at its end. The runs are the farm's (fitted by the tests above)."""
-    jobs = [(_case_job(c, DS_CASES, tiny_model, arith, cache_dir), False) for c in sorted(DS_CASES)]
-    jobs += [(_case_job(c, RAY_CASES, tiny_model, arith, cache_dir), True) for c in sorted(RAY_CASES)]
-    got = [runs.get(d, on_ray=on_ray) for d, on_ray in jobs]
+def _reload_in_fresh_process(tiny_model, got: list) -> None:
+    """A fresh process (one for all `got` runs): PeftModel.from_pretrained + the held-out data -> the eval loss
+    each run measured at its end."""
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "_reload_eval.py"), str(tiny_model), *(str(r) for _, r in got)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     fresh = [json.loads(x)["eval_loss"] for x in out.stdout.strip().splitlines()[-len(got):]]
     for (record, run), loss in zip(got, fresh, strict=True):
         assert abs(loss - record["eval"]["after"]["eval_loss"]) < 1e-5, (run, loss, record["eval"]["after"])
+
+
+def test_every_in_process_adapter_run_reloads_in_one_fresh_process(tiny_model, arith, cache_dir, runs):
+    """The farm's one-process DeepSpeed runs (fitted by the tests above), reloaded with no Ray: a test of its own
+    so it runs beside the in-process runs, not in the Ray stream (which would fit them again)."""
+    _reload_in_fresh_process(tiny_model, [runs.get(_case_job(c, DS_CASES, tiny_model, arith, cache_dir)) for c in sorted(DS_CASES)])
+
+
+@pytest.mark.integration
+def test_every_ray_adapter_run_reloads_in_one_fresh_process(tiny_model, arith, cache_dir, runs, ray_local):
+    """The farm's two-worker Ray runs (fitted by `test_two_workers`), reloaded in one fresh process."""
+    _reload_in_fresh_process(tiny_model, [runs.get(_case_job(c, RAY_CASES, tiny_model, arith, cache_dir), on_ray=True)
+                                          for c in sorted(RAY_CASES)])
