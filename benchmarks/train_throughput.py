@@ -73,7 +73,7 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
 ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-inprocess",
-        "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "trl-packed-mb1", "trl-packed", "plain-torch")
+        "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "ftray-inprocess-ray-apart", "trl-packed-mb1", "trl-packed", "plain-torch")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -199,6 +199,39 @@ class CpuWatch:
             if t - t0 > 0.05:
                 spent[name] = spent.get(name, 0.0) + t - t0
         return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
+SETTLE_S = 15  # a Ray just started still imports in its dashboard and agent processes
+
+
+def run_inprocess_beside_ray(model: Path, work: Path, steps: int, adapter: str, joined: bool, tag: str) -> dict:
+    """The in-process loop (`run_ftray_inprocess`, ZeRO-2) beside an idle local Ray, SETTLE_S after its start:
+    `joined`, this process is its driver (`ray.init`: Ray's core-worker threads live in it, as in a Ray Train
+    worker); else it runs apart (`ray start --head` in another process, this one not connected). Against
+    `ftray-inprocess` (no Ray): what the daemons cost, and what a core worker in the training process costs."""
+    import subprocess
+
+    import ray
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if joined:
+        ray.init(num_cpus=THREADS, configure_logging=False, log_to_driver=False)
+    else:
+        subprocess.run([ray_bin, "start", "--head", "--num-cpus", str(THREADS),
+                        "--disable-usage-stats", "--temp-dir", str(work / "ray-apart")], check=True, env=env,
+                       capture_output=True, timeout=300)
+    try:
+        time.sleep(SETTLE_S)
+        res = run_ftray_inprocess(model, work, steps, adapter, 2, tag=f"-{'joined' if joined else 'apart'}{tag}")
+    finally:
+        if joined:
+            ray.shutdown()
+        else:
+            subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=300)
+    res["note"] += (f"; beside an idle local Ray ({'ray.init in this process' if joined else 'ray start in another process'},"
+                    f" {SETTLE_S} s after its start)")
+    return res
 
 
 def worker_threads() -> str:
@@ -668,8 +701,6 @@ def main(argv: list[str] | None = None) -> int:
                 "ftray-packed-ungrouped": lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False, tag=tag),
                 "ftray-unpacked": lambda: run_ftray(model, work, False, steps, a.adapter, tag=tag),
                 "ftray-packed-1w": lambda: run_ftray(model, work, True, steps, a.adapter, workers=1, tag=tag),
-                # The in-process loop with this idle local Ray beside it: how much its daemons alone take.
-                "ftray-inprocess-ray-idle": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 2, tag=f"-idle{tag}"),
             }
             for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
@@ -686,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
                 "ftray-inprocess": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 2, tag=f"-{len(rounds.get('ftray-inprocess', []))}"),
                 "ftray-inprocess-z0": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 0,
                                                                   tag=f"-{len(rounds.get('ftray-inprocess-z0', []))}"),
+                "ftray-inprocess-ray-idle": lambda: run_inprocess_beside_ray(
+                    model, work, steps, a.adapter, True, tag=f"-{len(rounds.get('ftray-inprocess-ray-idle', []))}"),
+                "ftray-inprocess-ray-apart": lambda: run_inprocess_beside_ray(
+                    model, work, steps, a.adapter, False, tag=f"-{len(rounds.get('ftray-inprocess-ray-apart', []))}"),
             }
             for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
