@@ -10,7 +10,7 @@ Judged on held-out prompts (the first `--prompts` of the HH test file, which nei
 policy trained on): the served reward model's mean score of greedy replies before and after (the job's own
 evaluation), the KL per step against its target, and, so that reward hacking shows, the win rate of the policy's
 greedy reply over the untouched model's judged twice: by the reward model it was trained against and by a second
-reward model it never saw (the oasst1 `reward` run), beside the share that the longer reply would win and the
+reward model it was not trained against (`--judge`: the oasst1 `reward` run by default), beside the share that the longer reply would win and the
 replies' mean length. One setting, fixed before the run (nothing is chosen on the held-out prompts). Writes
 benchmarks/results/ppo_smollm2.md whole.
 """
@@ -33,8 +33,20 @@ BASE = ROOT / "runs" / "smollm2"
 WORK = ROOT / "runs" / "ppo-smollm2"
 PREF = ROOT.parent / "shared" / "data" / "preference"
 FEEDBACK = ROOT / "runs" / "real-feedback"
-REWARD = FEEDBACK / "lora-hh-lr0.0005-s20-len256-seed0"  # trained on HH harmless: the reward PPO maximises
-JUDGE = FEEDBACK / "lora-oasst-lr0.0005-s20-len256-seed0"  # trained on oasst1: a judge the policy never saw
+# The reward PPO maximises: the best HH harmless `reward` run (100 steps, left cut, held-out 0.656).
+REWARD = FEEDBACK / "lora-hh-lr0.0005-s100-left-len256-seed0"
+# A second judge the policy was not trained against: the oasst1 `reward` run where it is there, else `--judge`.
+JUDGE = FEEDBACK / "lora-oasst-lr0.0005-s20-len256-seed0"
+FEEDBACK_JSON = ROOT / "benchmarks" / "results" / "real_feedback.json"
+
+
+def held_out(run: Path) -> dict:
+    """The test-split figures benchmarks/real_feedback.py measured for a `reward` run folder."""
+    saved = json.loads(FEEDBACK_JSON.read_text()) if FEEDBACK_JSON.exists() else {}
+    got = [v for k, v in saved.items() if k.startswith("test/") and Path(v.get("run", "")).name == run.name]
+    if not got:
+        sys.exit(f"{run}: no held-out figure in {FEEDBACK_JSON.relative_to(ROOT)}; benchmarks/real_feedback.py measures it")
+    return got[-1]
 
 
 def chat_rows(src: Path, dst: Path, limit: int | None = None) -> int:
@@ -54,7 +66,7 @@ def job(a, train: Path, test: Path, out: Path) -> dict:
         "method": {
             "kind": "ppo", "samples_per_prompt": 2, "max_new_tokens": a.new_tokens, "temperature": 0.7,
             "rewards": {},  # the served reward model only
-            "reward_model": {"path": str(REWARD / "merged"), "app": "ftray-reward", "scorer": "rm", "num_cpus": 0.5},
+            "reward_model": {"path": str(Path(a.reward) / "merged"), "app": "ftray-reward", "scorer": "rm", "num_cpus": 0.5},
             "kl_coef": 0.1, "kl_target": a.kl_target, "kl_horizon": 64, "vf_coef": 0.1,
         },
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
@@ -91,15 +103,19 @@ def main() -> int:
     ap.add_argument("--kl-target", type=float, default=1.0, help="nats per reply")
     ap.add_argument("--lock", default=None, help="flock this file around each CPU-heavy piece")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo_smollm2.md"))
+    ap.add_argument("--reward", default=str(REWARD), help="the `reward` run folder (merged) the job serves and PPO maximises")
+    ap.add_argument("--judge", default=str(JUDGE), help="a second `reward` run folder that judges the win rate")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         one_piece(a.one, {"generate": generate_piece, "judge": judge_piece})
         return 0
     need_smollm2(BASE)
-    for run in (REWARD, JUDGE):
+    reward, judge = Path(a.reward).resolve(), Path(a.judge).resolve()
+    for run in (reward, judge):
         if not (run / "merged" / "config.json").exists():
             sys.exit(f"{run}: missing; `python benchmarks/real_feedback.py --arms lora-hh,lora-oasst` trains it")
+    acc = {name: held_out(run) for name, run in (("reward", reward), ("judge", judge))}
     t0, load0 = time.time(), os.getloadavg()
     data = WORK / "data"
     import real_feedback as rf
@@ -109,7 +125,7 @@ def main() -> int:
     test_pref = data / "hh_test_prompts.jsonl"
     test_pref.write_text("".join(x + "\n" for x in (PREF / "hh_rlhf_harmless_test.jsonl").read_text().splitlines()[: a.prompts]))
     chat_rows(test_pref, data / "hh_test_chat.jsonl")
-    run = WORK / f"ppo-lr{a.lr:g}-s{a.steps}-kl{a.kl_target:g}"
+    run = WORK / f"ppo-lr{a.lr:g}-s{a.steps}-kl{a.kl_target:g}-{reward.name}"
     spec = job(a, data / "hh_fit_chat.jsonl", data / "hh_test_chat.jsonl", run)
     (WORK / "ppo_hh.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     wall = ftray("train", str(WORK / "ppo_hh.yaml"), lock=a.lock) if not (run / "run.json").exists() else float("nan")
@@ -120,7 +136,7 @@ def main() -> int:
     gen = child(__file__, ["generate", str(run), str(test_pref), str(replies), str(a.prompts), str(a.new_tokens),
                            str(a.max_length)], [], a.lock, logs)
     judged = {name: child(__file__, ["judge", str(path), str(replies), str(a.max_length)], [], a.lock, logs)
-              for name, path in (("hh", REWARD), ("oasst", JUDGE))}
+              for name, path in (("hh", reward), ("oasst", judge))}
 
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train/kl"' in x]
     kls = [h["train/kl"] for h in hist]
@@ -141,8 +157,9 @@ def main() -> int:
         f"{a.new_tokens} new tokens, prompt cut from its start to {a.max_length - a.new_tokens} tokens), lr {a.lr:g}, "
         f"adaptive KL control (initial coefficient 0.1, `kl_target` {a.kl_target:g} nats per reply, horizon 64 replies). "
         f"Prompts: the {n_train} HH-RLHF harmless train conversations the reward model trained on. Reward: the served "
-        f"score alone (`rewards: {{}}`) of `{REWARD.relative_to(ROOT)}` (benchmarks/results/real_feedback.md: held-out "
-        "pairwise accuracy 0.532, length heuristic 0.432), deployed by the job as Serve app `ftray-reward` (0.5 CPU); "
+        f"score alone (`rewards: {{}}`) of `{reward.relative_to(ROOT)}` (benchmarks/results/real_feedback.md: held-out "
+        f"pairwise accuracy {acc['reward']['accuracy']:.3f} on {acc['reward']['rows']} pairs, length heuristic "
+        f"{acc['reward']['length_heuristic_accuracy']:.3f}), deployed by the job as Serve app `ftray-reward` (0.5 CPU); "
         "each reply is scored in its conversation as the reward model was trained (the chat template over the "
         "history, the prompt and the reply). One setting, fixed before the run; nothing chosen on the held-out prompts.",
         "",
@@ -168,7 +185,9 @@ def main() -> int:
         "| judge | win rate | longer reply wins | balanced n | win rate on balanced |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, label in (("hh", "the reward model PPO maximised (HH harmless)"), ("oasst", "a reward model it never saw (oasst1)")):
+    for name, label in (("hh", f"the reward model PPO maximised (`{reward.name}`, held-out {acc['reward']['accuracy']:.3f})"),
+                        ("oasst", f"a reward model it was not trained against (`{judge.name}`, held-out "
+                                  f"{acc['judge']['accuracy']:.3f} on {acc['judge']['rows']} pairs of its own test file)")):
         j = judged[name]
         md.append(f"| {label} | {j['accuracy']:.3f} | {j['length_heuristic_accuracy']:.3f} | "
                   f"{round(j['balanced_pairs'] * gen['prompts'])} | {j['balanced_accuracy']:.3f} |")
