@@ -154,3 +154,19 @@ def one_piece(piece: str, fns: dict) -> None:
 def need_smollm2(base: Path) -> None:
     if not (base / "config.json").exists():
         sys.exit(f"{base}: missing; `ftray models get smollm2-135m-instruct {base.relative_to(ROOT)}` writes it")
+
+
+def win_rate(prompts: int, judged: dict) -> dict:
+    """A judge's `ftray eval` of (policy reply, untouched reply) pairs -> the policy's win rate over every prompt.
+    The judge scores only the pairs whose replies differ (`ftray.data.rows` refuses a pair of the same text), so
+    its accuracy is the win rate over those; a prompt it skipped (the same reply on both sides) is a tie and
+    counts half here, for the win rate and for the rule "the longer reply wins" alike. The balanced subset is
+    of the scored pairs."""
+    n = judged["rows"]
+    ties = prompts - n
+    return {
+        "win": (judged["accuracy"] * n + 0.5 * ties) / prompts,
+        "longer": (judged["length_heuristic_accuracy"] * n + 0.5 * ties) / prompts,
+        "scored": n, "ties": ties, "win_scored": judged["accuracy"],
+        "balanced_n": round(judged["balanced_pairs"] * n), "balanced_win": judged["balanced_accuracy"],
+    }

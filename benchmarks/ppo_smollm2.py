@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import ROOT, child, ftray, need_smollm2, one_piece, record, stamp  # noqa: E402
+from _cli import ROOT, child, ftray, need_smollm2, one_piece, record, stamp, win_rate  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
 WORK = ROOT / "runs" / "ppo-smollm2"
@@ -178,19 +178,21 @@ def main() -> int:
         "",
         f"The trained policy (adapter on) and the untouched model (adapter off) answer the same {gen['prompts']} "
         f"held-out prompts greedily; a judge scores both replies; *win rate*: the share where it scores the policy's "
-        f"higher (a tie, e.g. the same reply, counts half). *Longer reply wins*: the same share for the rule \"the "
-        f"longer reply is better\". {gen['identical_replies']} of {gen['prompts']} replies are the same on both sides; "
-        f"mean characters: policy {gen['policy_chars']:.0f}, untouched {gen['untouched_chars']:.0f}.",
+        f"higher, an identical reply (which the judge does not score) a tie counted half (`benchmarks/_cli.py` "
+        f"`win_rate`); *over the scored*: the share among the prompts whose replies differ. *Longer reply wins*: the "
+        f"same share for the rule \"the longer reply is better\" (ties half). *Balanced*: the scored prompts whose "
+        f"replies' lengths differ by at most 20 %. {gen['identical_replies']} of {gen['prompts']} replies are the same "
+        f"on both sides; mean characters: policy {gen['policy_chars']:.0f}, untouched {gen['untouched_chars']:.0f}.",
         "",
-        "| judge | win rate | longer reply wins | balanced n | win rate on balanced |",
-        "|---|---:|---:|---:|---:|",
+        "| judge | win rate | over the scored (n) | longer reply wins | balanced n | win rate on balanced |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, label in (("hh", f"the reward model PPO maximised (`{reward.name}`, held-out {acc['reward']['accuracy']:.3f})"),
                         ("oasst", f"a reward model it was not trained against (`{judge.name}`, held-out "
                                   f"{acc['judge']['accuracy']:.3f} on {acc['judge']['rows']} pairs of its own test file)")):
-        j = judged[name]
-        md.append(f"| {label} | {j['accuracy']:.3f} | {j['length_heuristic_accuracy']:.3f} | "
-                  f"{round(j['balanced_pairs'] * gen['prompts'])} | {j['balanced_accuracy']:.3f} |")
+        w = win_rate(gen["prompts"], judged[name])
+        md.append(f"| {label} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) | {w['longer']:.3f} | "
+                  f"{w['balanced_n']} | {w['balanced_win']:.3f} |")
     md += ["", f"Wall seconds: training job {wall:.0f} (with the reward app's deployment and both evaluations), "
            f"replies {gen['seconds']:.0f}, judges {judged['hh']['seconds']:.0f} + {judged['oasst']['seconds']:.0f}.", ""]
     out = Path(a.out)

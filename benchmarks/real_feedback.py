@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import Pieces, need_smollm2, one_piece, stamp  # noqa: E402
+from _cli import Pieces, need_smollm2, one_piece, stamp, win_rate  # noqa: E402
 from _cli import child as run_child  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
@@ -260,6 +260,10 @@ def main() -> None:
         piece.save()
     for arm in filter(None, a.win.split(",")):
         ds, judge, tag = ARMS[arm][0], f"lora-{ARMS[arm][0]}", tag_of(arm, a)
+        for need, t in ((arm, tag), (judge, tag_of(judge, a))):
+            if f"chosen/{need}/{t}" not in saved:
+                sys.exit(f"--win {arm}: no chosen `{need}` run at {t} in {a.results}; run `--arms {need}` at these "
+                         "--steps first (the judge is the reward run of the same data set, steps and cut)")
         policy, rm_lr = run_dir(arm, saved[f"chosen/{arm}/{tag}"], a), saved[f"chosen/{judge}/{tag_of(judge, a)}"]
         rm = run_dir(judge, rm_lr, a)
         if not (rm / "run.json").exists():  # the judge's folder is gone: trained again, the same settings and seed
@@ -388,22 +392,25 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "The chosen DPO run's policy (adapter on) and the untouched model (adapter off) each answer the first test "
             "prompts greedily, the same number of new tokens, the prompt cut to keep its end. The chosen `reward` run "
             "of the same data set (LoRA, above) scores both replies; *win rate* is the share of prompts where it "
-            "scores the policy's reply higher (a tie, e.g. the same reply, counts half). *Longer reply wins*: the "
-            "same share for the rule \"the longer reply is better\", to show how much of the win is length. Goal "
-            "(item 3): above 50 %.",
+            "scores the policy's reply higher, an identical reply (which the judge does not score) a tie counted half "
+            "(`benchmarks/_cli.py` `win_rate`); *over the scored*: the share among the prompts whose replies differ. "
+            "*Longer reply wins*: the same share for the rule \"the longer reply is better\" (ties half), to show how "
+            "much of the win is length. *Balanced*: the scored prompts whose replies' lengths differ by at most 20 %. "
+            "Goal (item 3): a win rate above 50 %.",
             "",
-            "| arm | steps | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | longer reply "
-            "wins | balanced n | win rate on balanced | goal |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | steps | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | over the "
+            "scored (n) | longer reply wins | balanced n | win rate on balanced | goal |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in wins:
             arm, tag, n_t = k.split("/")[1:4]
-            g, j = saved[k.removesuffix("/judge") + "/generate"], saved[k]
+            g = saved[k.removesuffix("/judge") + "/generate"]
+            w = win_rate(g["prompts"], saved[k])
             lines.append(
                 f"| {arm} | {tag[1:].split('-')[0]} | {g['prompts']} | {n_t.split('-t')[1]} | {g['identical_replies']} "
-                f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {j['accuracy']:.3f} "
-                f"| {j['length_heuristic_accuracy']:.3f} | {round(j['balanced_pairs'] * g['prompts'])} | {j['balanced_accuracy']:.3f} "
-                f"| {'**met**' if j['accuracy'] > 0.5 else 'missed'} |")
+                f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) "
+                f"| {w['longer']:.3f} | {w['balanced_n']} | {w['balanced_win']:.3f} "
+                f"| {'**met**' if w['win'] > 0.5 else 'missed'} |")
         retrained = [k for k in saved if k.startswith("retrain/") and k.rsplit("/", 1)[1] in tags]
         if retrained:
             first = {k: saved["train/" + k.removeprefix("retrain/")]["final_loss"] for k in retrained}
