@@ -128,8 +128,11 @@ def main() -> int:
     run = WORK / f"ppo-lr{a.lr:g}-s{a.steps}-kl{a.kl_target:g}-{reward.name}"
     spec = job(a, data / "hh_fit_chat.jsonl", data / "hh_test_chat.jsonl", run)
     (WORK / "ppo_hh.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    wall = ftray("train", str(WORK / "ppo_hh.yaml"), lock=a.lock) if not (run / "run.json").exists() else float("nan")
+    trained_here = not (run / "run.json").exists()  # a finished run is judged again, not trained again
+    wall = ftray("train", str(WORK / "ppo_hh.yaml"), lock=a.lock) if trained_here else float("nan")
     rec = record(run)
+    if not trained_here:
+        wall = rec["timings"]["total_s"]  # the job's own clock: prepare + fit (deployment and evaluations inside)
 
     logs = WORK / "logs"
     replies = run / "replies.jsonl"  # chosen: the policy's greedy reply; rejected: the untouched model's
@@ -193,7 +196,8 @@ def main() -> int:
         w = win_rate(gen["prompts"], judged[name])
         md.append(f"| {label} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) | {w['longer']:.3f} | "
                   f"{w['balanced_n']} | {w['balanced_win']:.3f} |")
-    md += ["", f"Wall seconds: training job {wall:.0f} (with the reward app's deployment and both evaluations), "
+    md += ["", f"Wall seconds: training job {wall:.0f} (with the reward app's deployment and both evaluations"
+           f"{'' if trained_here else '; trained by an earlier run of this script, its run.json total_s'}), "
            f"replies {gen['seconds']:.0f}, judges {judged['hh']['seconds']:.0f} + {judged['oasst']['seconds']:.0f}.", ""]
     out = Path(a.out)
     out.write_text("\n".join(md))
