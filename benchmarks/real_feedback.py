@@ -270,6 +270,11 @@ def main() -> None:
             piece(f"retrain/{judge}/lr{rm_lr:g}/{tag_of(judge, a)}", child, ["train", judge, str(rm_lr)], a)
         out = WORK / "data" / f"win-{arm}-{tag}-n{a.win_prompts}-t{a.win_tokens}.jsonl"
         key = f"win/{arm}/{tag}/n{a.win_prompts}-t{a.win_tokens}"
+        judged = saved.get(f"{key}/judge")
+        if judged and Path(judged["run"]).name != rm.name:  # a verdict by another reward run: judged again
+            saved.pop(f"{key}/judge")
+            if not out.exists():  # ... on the same replies, generated again where their file is gone
+                saved.pop(f"{key}/generate")
         piece(f"{key}/generate", child, ["generate", str(policy), str(PREF / f"{DATASETS[ds][0]}_test.jsonl"), str(out)], a)
         piece(f"{key}/judge", child, ["eval", str(rm), str(out)], a)
     write_markdown(saved, a, stamp(t0, load0))
@@ -391,23 +396,25 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "",
             "The chosen DPO run's policy (adapter on) and the untouched model (adapter off) each answer the first test "
             "prompts greedily, the same number of new tokens, the prompt cut to keep its end. The chosen `reward` run "
-            "of the same data set (LoRA, above) scores both replies; *win rate* is the share of prompts where it "
+            "of the same data set (LoRA, above; the *judge* column names it) scores both replies; *win rate* is the "
+            "share of prompts where it "
             "scores the policy's reply higher, an identical reply (which the judge does not score) a tie counted half "
             "(`benchmarks/_cli.py` `win_rate`); *over the scored*: the share among the prompts whose replies differ. "
             "*Longer reply wins*: the same share for the rule \"the longer reply is better\" (ties half), to show how "
             "much of the win is length. *Balanced*: the scored prompts whose replies' lengths differ by at most 20 %. "
             "Goal (item 3): a win rate above 50 %.",
             "",
-            "| arm | steps | prompts | new tokens | identical replies | mean chars policy / untouched | win rate | over the "
-            "scored (n) | longer reply wins | balanced n | win rate on balanced | goal |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | steps | judge | prompts | new tokens | identical replies | mean chars policy / untouched | win rate "
+            "| over the scored (n) | longer reply wins | balanced n | win rate on balanced | goal |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in wins:
             arm, tag, n_t = k.split("/")[1:4]
             g = saved[k.removesuffix("/judge") + "/generate"]
             w = win_rate(g["prompts"], saved[k])
             lines.append(
-                f"| {arm} | {tag[1:].split('-')[0]} | {g['prompts']} | {n_t.split('-t')[1]} | {g['identical_replies']} "
+                f"| {arm} | {tag[1:].split('-')[0]} | `{Path(saved[k]['run']).name}` | {g['prompts']} | {n_t.split('-t')[1]} "
+                f"| {g['identical_replies']} "
                 f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) "
                 f"| {w['longer']:.3f} | {w['balanced_n']} | {w['balanced_win']:.3f} "
                 f"| {'**met**' if w['win'] > 0.5 else 'missed'} |")

@@ -228,6 +228,7 @@ def run_inprocess_beside_ray(model: Path, work: Path, steps: int, adapter: str, 
         if joined:
             ray.shutdown()
         else:
+            # Stops every Ray on the machine: this benchmark runs alone (its ftray arms' Ray is shut down by now).
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=300)
     res["note"] += (f"; beside an idle local Ray ({'ray.init in this process' if joined else 'ray start in another process'},"
                     f" {SETTLE_S} s after its start)")
