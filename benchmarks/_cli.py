@@ -164,9 +164,20 @@ def win_rate(prompts: int, judged: dict) -> dict:
     of the scored pairs."""
     n = judged["rows"]
     ties = prompts - n
+    win = (judged["accuracy"] * n + 0.5 * ties) / prompts
+    # each prompt scores 1, 0.5 or 0: the standard error of their mean
+    square = (judged["accuracy"] * n + 0.25 * ties) / prompts
     return {
-        "win": (judged["accuracy"] * n + 0.5 * ties) / prompts,
+        "win": win, "se": max(square - win * win, 0.0) ** 0.5 / prompts**0.5,
         "longer": (judged["length_heuristic_accuracy"] * n + 0.5 * ties) / prompts,
         "scored": n, "ties": ties, "win_scored": judged["accuracy"],
         "balanced_n": round(judged["balanced_pairs"] * n), "balanced_win": judged["balanced_accuracy"],
     }
+
+
+def win_goal(w: dict) -> str:
+    """"A win rate above 50 %", said with its noise: met when it clears 0.5 by two standard errors."""
+    k = (w["win"] - 0.5) / w["se"] if w["se"] else float("inf")
+    if k > 2:
+        return "**met**"
+    return f"not shown: {w['win'] - 0.5:+.3f} from 0.5, {k:+.1f} standard errors"

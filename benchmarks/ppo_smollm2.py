@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import ROOT, child, ftray, need_smollm2, one_piece, record, stamp, win_rate  # noqa: E402
+from _cli import ROOT, child, ftray, need_smollm2, one_piece, record, stamp, win_goal, win_rate  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
 WORK = ROOT / "runs" / "ppo-smollm2"
@@ -187,15 +187,16 @@ def main() -> int:
         f"replies' lengths differ by at most 20 %. {gen['identical_replies']} of {gen['prompts']} replies are the same "
         f"on both sides; mean characters: policy {gen['policy_chars']:.0f}, untouched {gen['untouched_chars']:.0f}.",
         "",
-        "| judge | win rate | over the scored (n) | longer reply wins | balanced n | win rate on balanced |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| judge | win rate ± se | over the scored (n) | longer reply wins | balanced n | win rate on balanced "
+        "| above 0.5 (by two standard errors) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, label in (("hh", f"the reward model PPO maximised (`{reward.name}`, held-out {acc['reward']['accuracy']:.3f})"),
                         ("oasst", f"a reward model it was not trained against (`{judge.name}`, held-out "
                                   f"{acc['judge']['accuracy']:.3f} on {acc['judge']['rows']} pairs of its own test file)")):
         w = win_rate(gen["prompts"], judged[name])
-        md.append(f"| {label} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) | {w['longer']:.3f} | "
-                  f"{w['balanced_n']} | {w['balanced_win']:.3f} |")
+        md.append(f"| {label} | {w['win']:.3f} ± {w['se']:.3f} | {w['win_scored']:.3f} ({w['scored']}) | {w['longer']:.3f} | "
+                  f"{w['balanced_n']} | {w['balanced_win']:.3f} | {win_goal(w)} |")
     md += ["", f"Wall seconds: training job {wall:.0f} (with the reward app's deployment and both evaluations"
            f"{'' if trained_here else '; trained by an earlier run of this script, its run.json total_s'}), "
            f"replies {gen['seconds']:.0f}, judges {judged['hh']['seconds']:.0f} + {judged['oasst']['seconds']:.0f}.", ""]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _cli import Pieces, need_smollm2, one_piece, stamp, win_rate  # noqa: E402
+from _cli import Pieces, need_smollm2, one_piece, stamp, win_goal, win_rate  # noqa: E402
 from _cli import child as run_child  # noqa: E402
 
 BASE = ROOT / "runs" / "smollm2"
@@ -227,6 +227,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_feedback.json"))
     ap.add_argument("--win", default="", help="DPO arms whose win rate over the untouched model to judge, by the "
                     "chosen reward run of the same data set (e.g. dpo-hh)")
+    ap.add_argument("--judge-steps", type=int, default=None, help="the judging reward run's steps (default: --steps): "
+                    "a policy of 20 steps judged by the reward model of 100")
     ap.add_argument("--win-prompts", type=int, default=128, help="test prompts of the win rate")
     ap.add_argument("--win-tokens", type=int, default=64, help="new tokens of each greedy reply (both sides)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
@@ -260,23 +262,31 @@ def main() -> None:
         piece.save()
     for arm in filter(None, a.win.split(",")):
         ds, judge, tag = ARMS[arm][0], f"lora-{ARMS[arm][0]}", tag_of(arm, a)
-        for need, t in ((arm, tag), (judge, tag_of(judge, a))):
+        ja = argparse.Namespace(**{**vars(a), "steps": a.judge_steps or a.steps})  # the judge's own length
+        jtag = tag_of(judge, ja)
+        for need, t, steps in ((arm, tag, a.steps), (judge, jtag, ja.steps)):
             if f"chosen/{need}/{t}" not in saved:
-                sys.exit(f"--win {arm}: no chosen `{need}` run at {t} in {a.results}; run `--arms {need}` at these "
-                         "--steps first (the judge is the reward run of the same data set, steps and cut)")
-        policy, rm_lr = run_dir(arm, saved[f"chosen/{arm}/{tag}"], a), saved[f"chosen/{judge}/{tag_of(judge, a)}"]
-        rm = run_dir(judge, rm_lr, a)
-        if not (rm / "run.json").exists():  # the judge's folder is gone: trained again, the same settings and seed
-            piece(f"retrain/{judge}/lr{rm_lr:g}/{tag_of(judge, a)}", child, ["train", judge, str(rm_lr)], a)
+                sys.exit(f"--win {arm}: no chosen `{need}` run at {t} in {a.results}; run `--arms {need} --steps "
+                         f"{steps}` first (the judge is the reward run of the same data set and cut, at --judge-steps)")
+        lr, rm_lr = saved[f"chosen/{arm}/{tag}"], saved[f"chosen/{judge}/{jtag}"]
+        policy, rm = run_dir(arm, lr, a), run_dir(judge, rm_lr, ja)
+        # A run folder that is gone is trained again, the same settings and seed (the table compares the losses).
+        if not (rm / "run.json").exists():
+            piece(f"retrain/{judge}/lr{rm_lr:g}/{jtag}", child, ["train", judge, str(rm_lr)], ja)
         out = WORK / "data" / f"win-{arm}-{tag}-n{a.win_prompts}-t{a.win_tokens}.jsonl"
         key = f"win/{arm}/{tag}/n{a.win_prompts}-t{a.win_tokens}"
-        judged = saved.get(f"{key}/judge")
+        jkey = f"{key}/judge" + ("" if ja.steps == a.steps else f"@{jtag}")
+        judged = saved.get(jkey)
         if judged and Path(judged["run"]).name != rm.name:  # a verdict by another reward run: judged again
-            saved.pop(f"{key}/judge")
-            if not out.exists():  # ... on the same replies, generated again where their file is gone
-                saved.pop(f"{key}/generate")
+            saved.pop(jkey)
+        if jkey not in saved and not out.exists():
+            # The replies are generated again; every verdict on the old ones goes with them.
+            for k in [k for k in saved if k.startswith(f"{key}/")]:
+                saved.pop(k)
+            if not (policy / "run.json").exists():
+                piece(f"retrain/{arm}/lr{lr:g}/{tag}", child, ["train", arm, str(lr)], a)
         piece(f"{key}/generate", child, ["generate", str(policy), str(PREF / f"{DATASETS[ds][0]}_test.jsonl"), str(out)], a)
-        piece(f"{key}/judge", child, ["eval", str(rm), str(out)], a)
+        piece(jkey, child, ["eval", str(rm), str(out)], a)
     write_markdown(saved, a, stamp(t0, load0))
 
 
@@ -388,7 +398,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"| {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} | {after['balanced_accuracy']:.3f} "
             f"| {after['reward_margin']:+.4f} | {_goal(after, 'reward_accuracy')} | {_both(after, 'reward_accuracy')} |"
         )
-    wins = sorted(k for k in saved if k.startswith("win/") and k.endswith("/judge") and k.split("/")[2] in tags)
+    # a verdict: `win/{arm}/{tag}/{n}-{t}/judge` (the judge at the policy's steps) or `.../judge@{judge's tag}`
+    wins = sorted(k for k in saved if k.startswith("win/") and k.split("/")[4].split("@")[0] == "judge"
+                  and k.split("/")[2] in tags)
     if wins:
         lines += [
             "",
@@ -402,7 +414,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "(`benchmarks/_cli.py` `win_rate`); *over the scored*: the share among the prompts whose replies differ. "
             "*Longer reply wins*: the same share for the rule \"the longer reply is better\" (ties half), to show how "
             "much of the win is length. *Balanced*: the scored prompts whose replies' lengths differ by at most 20 %. "
-            "Goal (item 3): a win rate above 50 %.",
+            "± one standard error over the prompts (each scores 1, 0.5 or 0). Goal (item 3): a win rate above 50 %, met "
+            "when it clears 0.5 by two standard errors (less is not told apart from a coin flip on this many prompts).",
             "",
             "| arm | steps | judge | prompts | new tokens | identical replies | mean chars policy / untouched | win rate "
             "| over the scored (n) | longer reply wins | balanced n | win rate on balanced | goal |",
@@ -410,22 +423,24 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         ]
         for k in wins:
             arm, tag, n_t = k.split("/")[1:4]
-            g = saved[k.removesuffix("/judge") + "/generate"]
+            g = saved[k.rsplit("/", 1)[0] + "/generate"]
             w = win_rate(g["prompts"], saved[k])
             lines.append(
                 f"| {arm} | {tag[1:].split('-')[0]} | `{Path(saved[k]['run']).name}` | {g['prompts']} | {n_t.split('-t')[1]} "
                 f"| {g['identical_replies']} "
-                f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {w['win']:.3f} | {w['win_scored']:.3f} ({w['scored']}) "
+                f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {w['win']:.3f} ± {w['se']:.3f} | {w['win_scored']:.3f} ({w['scored']}) "
                 f"| {w['longer']:.3f} | {w['balanced_n']} | {w['balanced_win']:.3f} "
-                f"| {'**met**' if w['win'] > 0.5 else 'missed'} |")
+                f"| {win_goal(w)} |")
         retrained = [k for k in saved if k.startswith("retrain/") and k.rsplit("/", 1)[1] in tags]
         if retrained:
             first = {k: saved["train/" + k.removeprefix("retrain/")]["final_loss"] for k in retrained}
-            lines += ["", "The judge's run folder was gone when the win rate was measured; it was trained again with the "
+            lines += ["", "A run folder the win rate needed (the judge's, or the policy's whose replies were generated "
+                      "again) was gone; it was trained again with the "
                       "same settings and seed (" + "; ".join(
                           f"`{k}`: final train loss {saved[k]['final_loss']!r}, the first training's {first[k]!r}"
                           + (", the same to the last digit" if saved[k]["final_loss"] == first[k] else ": they differ")
-                          for k in retrained) + "). Its test accuracy in the first table is the first training's."]
+                          for k in retrained) + "). The training and test figures in the tables above are the first training's; a "
+                      "retrained policy's replies are those its win rate judges."]
     lines += [
         "",
         "## Choosing the learning rate (validation split of the train file)",
