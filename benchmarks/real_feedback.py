@@ -5,7 +5,8 @@ benchmarks/results/real_feedback.md whole (figures kept per piece in real_feedba
 script run that measured them).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/real_feedback.py [--arms lora-hh,lora-oasst,full-hh,dpo-hh,dpo-oasst] [--steps 20] [--lock /tmp/ray.lock]
+    python benchmarks/real_feedback.py [--arms lora-hh,lora-oasst,full-hh,dpo-hh,dpo-oasst] [--steps 20]
+        [--max-length 256] [--lock /tmp/ray.lock]
 
 Arms: LoRA (r 16, all linear layers; peft trains and saves the `score` head in full) on HH-RLHF harmless and on
 oasst1, and full fine-tuning on HH-RLHF harmless; DPO (`loss_type` sigmoid, beta 0.1, LoRA r 16 on all linear
@@ -14,7 +15,8 @@ layers) on both sets, judged by its implicit reward beta x (log pi - log ref). E
 split carved from it (seeded); the learning rate is chosen among the arm's candidates by pairwise accuracy on that
 validation split, never on the test split. The chosen run and the untouched model with a fresh head (seeded) are
 then judged on the whole test file by `ftray eval` (`ftray.eval.evaluate`: the method's own metric, with the length
-heuristic and the length-balanced subset of `ftray.metrics`). Each training run and each evaluation runs in its
+heuristic and the length-balanced subset of `ftray.metrics`). Runs at every `--max-length` (tokens a conversation is cut at) share the
+results file: each table has a tokens column. Each training run and each evaluation runs in its
 own process, under `flock LOCK` with `--lock` (one CPU-heavy user at a time).
 """
 
@@ -100,9 +102,15 @@ def cut_of(tag: str) -> str:
     return "left" if "-left-" in tag else "right"
 
 
-def before_key(ds: str, a, cut: str = "left") -> str:
-    """The untouched model with a fresh head, as `ftray eval` cuts now (`left`) or cut before (`right`)."""
-    return f"before/{ds}/test/len{a.max_length}-seed{a.seed}" + ("-left" if cut == "left" else "")
+def before_key(ds: str, a, cut: str = "left", length: int | None = None) -> str:
+    """The untouched model with a fresh head, as `ftray eval` cuts now (`left`) or cut before (`right`), at `length`
+    tokens (default `--max-length`)."""
+    return f"before/{ds}/test/len{length or a.max_length}-seed{a.seed}" + ("-left" if cut == "left" else "")
+
+
+def len_of(tag: str) -> int:
+    """The tokens a conversation is cut at in the runs of `tag` (`...-len{n}-seed{seed}`)."""
+    return int(tag.split("-len")[1].split("-")[0])
 
 
 def run_dir(arm: str, lr: float, a) -> Path:
@@ -307,7 +315,7 @@ def _chosen(saved: dict, arm: str, tag: str, a) -> tuple[str, str, float, dict, 
     the runs of one `tag` (steps, cut, seed)."""
     ds, adapter, _, _ = ARMS[arm]
     best = saved[f"chosen/{arm}/{tag}"]
-    return (ds, adapter, best, saved[f"info/{ds}/test/len{a.max_length}"], saved[f"train/{arm}/lr{best:g}/{tag}"],
+    return (ds, adapter, best, saved[f"info/{ds}/test/len{len_of(tag)}"], saved[f"train/{arm}/lr{best:g}/{tag}"],
             saved[f"test/{arm}/lr{best:g}/{tag}"])
 
 
@@ -316,11 +324,11 @@ def _label(arm: str, tag: str) -> str:
 
 
 def _tags(saved: dict, a) -> list[str]:
-    """Every run length measured at this length and seed (`s{steps}[-left]-len{length}-seed{seed}`), fewest steps
-    first, a right cut before a left one."""
-    end = f"-len{a.max_length}-seed{a.seed}"
+    """Every run length and cut measured at this seed (`s{steps}[-left]-len{length}-seed{seed}`), the shortest cut
+    first, then the fewest steps, a right cut before a left one."""
+    end = f"-seed{a.seed}"
     found = {k.rsplit("/", 1)[1] for k in saved if k.startswith("chosen/") and k.endswith(end)}
-    return sorted(found, key=lambda t: (int(t[1:].split("-")[0]), cut_of(t) == "left"))
+    return sorted(found, key=lambda t: (len_of(t), int(t[1:].split("-")[0]), cut_of(t) == "left"))
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -328,6 +336,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
     # (arm, tag) of every chosen run: an arm's runs of different lengths side by side
     arms = [(arm, tag) for arm in ARMS for tag in tags if f"chosen/{arm}/{tag}" in saved]
     steps = sorted({int(t[1:].split("-")[0]) for t in tags})
+    lengths = sorted({len_of(t) for t in tags})
     lines = [
         "# `reward` and `dpo` on SmolLM2-135M-Instruct against the length heuristic (benchmarks/real_feedback.py)",
         "",
@@ -336,7 +345,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`), trained by the in-process loop "
         f"(`run_local`: one worker, DeepSpeed ZeRO-2 on one process, fp32, CPU), {' or '.join(map(str, steps))} "
         "optimizer steps of 8 pairs (micro-batch 4, 2 warm-up steps; the steps column says which, each length "
-        f"chooses its own lr), conversations cut at {a.max_length} tokens (history + prompt + reply). "
+        f"chooses its own lr), conversations cut at {' or '.join(map(str, lengths))} tokens (history + prompt + reply; "
+        "the tokens column says which). "
         "The learning rate is chosen by pairwise accuracy on a validation split carved from the train file (seed "
         f"{a.seed}: {VAL_PAIRS['hh']} HH pairs, {VAL_PAIRS['oasst']} oasst1 pairs), which the run does not train on; "
         "the test split is judged once, by the chosen run (a tie on validation goes to the smaller lr; an arm run with "
@@ -355,27 +365,31 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "template, as `/v1/rewards` does; Bradley-Terry loss. *Before*: the untouched model with a fresh head (seed "
         f"{a.seed}) on the same pairs and cut.",
         "",
-        "| arm | cut | test pairs | lr (chosen on validation) | steps | train s | accuracy before | accuracy after | length heuristic "
-        "| shorter wins | balanced n | balanced before | balanced after | margin after | goal | above both length rules |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | cut | tokens | test pairs | lr (chosen on validation) | steps | train s | accuracy before | accuracy after "
+        "| length heuristic | shorter wins | balanced n | balanced before | balanced after | margin after | goal "
+        "| above both length rules |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in (x for x in arms if ARMS[x[0]][3] == "reward"):
         ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
-        before = saved[before_key(ds, a, cut_of(tag))]
+        before = saved[before_key(ds, a, cut_of(tag), len_of(tag))]
         lines.append(
-            f"| {adapter}, {DATASETS[ds][1]} | {cut_of(tag)} | {info['pairs']} ({info['truncated_pairs']} cut) | {best:g} | {tr['steps']} "
+            f"| {adapter}, {DATASETS[ds][1]} | {cut_of(tag)} | {len_of(tag)} | {info['pairs']} ({info['truncated_pairs']} cut) "
+            f"| {best:g} | {tr['steps']} "
             f"| {tr['train_seconds']:.0f} | {before['accuracy']:.3f} | {after['accuracy']:.3f} "
             f"| {after['length_heuristic_accuracy']:.3f} | {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} "
             f"| {before['balanced_accuracy']:.3f} | {after['balanced_accuracy']:.3f} | {after['margin']:+.3f} "
             f"| {_goal(after, 'accuracy')} | {_both(after, 'accuracy')} |"
         )
-    ties = {ds: saved[k] for ds in DATASETS if (k := f"ties/{ds}/test/len{a.max_length}") in saved}
+    right = sorted({len_of(t) for _, t in arms if cut_of(t) == "right"})  # right-cut reward runs exist at these
+    ties = {(ds, n): saved[k] for n in right for ds in DATASETS if (k := f"ties/{ds}/test/len{n}") in saved}
     if ties:
         lines += ["", "*Cut* `right`: the run (and its *before*) cut a conversation on the right, as `reward` did until it "
                   "kept the end (`ftray.methods.reward.cut_ids`; `left`: runs since, training and evaluation alike): a "
-                  f"pair whose conversation fills {a.max_length} tokens before its replies begin was scored on the same "
+                  "pair whose conversation fills the tokens before its replies begin was scored on the same "
                   "tokens for both replies, a tie (counted half) that no training could move: " + "; ".join(
-                      f"{t['tied']} of the {t['pairs']} {DATASETS[ds][1]} test pairs" for ds, t in ties.items()) + "."]
+                      f"{t['tied']} of the {t['pairs']} {DATASETS[ds][1]} test pairs at {n} tokens"
+                      for (ds, n), t in ties.items()) + "."]
     lines += [
         "",
         "## `dpo`: the policy itself, judged by its implicit reward",
@@ -386,14 +400,16 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "each reply's tokens. Before training every implicit reward is 0: every pair a tie, accuracy 0.5 by "
         "construction, so no *before* run.",
         "",
-        "| arm | test pairs | lr (chosen on validation) | steps | train s | implicit-reward accuracy | length heuristic "
-        "| shorter wins | balanced n | balanced accuracy | implicit-reward margin | goal | above both length rules |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | tokens | test pairs | lr (chosen on validation) | steps | train s | implicit-reward accuracy "
+        "| length heuristic | shorter wins | balanced n | balanced accuracy | implicit-reward margin | goal "
+        "| above both length rules |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in (x for x in arms if ARMS[x[0]][3] == "dpo"):
         ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
         lines.append(
-            f"| dpo {LOSS_TYPE.get(arm, 'sigmoid')} {adapter}, {DATASETS[ds][1]} | {info['pairs']} | {best:g} | {tr['steps']} | {tr['train_seconds']:.0f} "
+            f"| dpo {LOSS_TYPE.get(arm, 'sigmoid')} {adapter}, {DATASETS[ds][1]} | {len_of(tag)} | {info['pairs']} | {best:g} "
+            f"| {tr['steps']} | {tr['train_seconds']:.0f} "
             f"| {after['reward_accuracy']:.3f} | {after['length_heuristic_accuracy']:.3f} "
             f"| {1 - after['length_heuristic_accuracy']:.3f} | {info['balanced_pairs']} | {after['balanced_accuracy']:.3f} "
             f"| {after['reward_margin']:+.4f} | {_goal(after, 'reward_accuracy')} | {_both(after, 'reward_accuracy')} |"
@@ -445,26 +461,28 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "",
         "## Choosing the learning rate (validation split of the train file)",
         "",
-        "| arm | steps | validation pairs (cut) | lr | train s | final train loss | validation accuracy | length heuristic there "
-        "| balanced n | balanced accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | steps | tokens | validation pairs (cut) | lr | train s | final train loss | validation accuracy "
+        "| length heuristic there | balanced n | balanced accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in arms:
         ds, _, lrs, method = ARMS[arm]
         acc = ACCURACY[method]
-        vinfo = saved[f"info/{ds}/val/len{a.max_length}-seed{a.seed}"]
+        vinfo = saved[f"info/{ds}/val/len{len_of(tag)}-seed{a.seed}"]
         for lr in (lr for lr in lrs if f"train/{arm}/lr{lr:g}/{tag}" in saved):  # --lrs may have run fewer
             tr = saved[f"train/{arm}/lr{lr:g}/{tag}"]
             v = saved.get(f"val/{arm}/lr{lr:g}/{tag}")
             figs = (f"{v[acc]:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
-            lines.append(f"| {_label(arm, tag)} | {tag[1:].split('-')[0]} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) | {lr:g} | {tr['train_seconds']:.0f} "
+            lines.append(f"| {_label(arm, tag)} | {tag[1:].split('-')[0]} | {len_of(tag)} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) "
+                         f"| {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
-    chosen = {f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
-    tested = {f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps)": _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
-    untouched = {f"{ds}, {cut_of(t)} cut": saved[before_key(ds, a, cut_of(t))]
+    name = lambda arm, tag: f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps, {len_of(tag)} tokens)"  # noqa: E731
+    chosen = {name(arm, tag): _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
+    tested = {name(arm, tag): _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
+    untouched = {f"{ds}, {cut_of(t)} cut, {len_of(t)} tokens": saved[before_key(ds, a, cut_of(t), len_of(t))]
                  for ds, t in dict.fromkeys((ARMS[x][0], t) for x, t in arms if ARMS[x][3] == "reward")}
-    lines += ["", f"Training pairs with a reply cut at {a.max_length} tokens (chosen runs): "
+    lines += ["", "Training pairs with a reply cut at the run's tokens (chosen runs): "
               + "; ".join(f"{arm} {c['truncated']} of {c['rows']}" for arm, c in chosen.items()) + "."]
     lines += ["", "Test evaluation seconds (`ftray eval`, one process, batches of 16 pairs; DPO's include the "
               "reference's forward): "
@@ -475,7 +493,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines += ["", "Not measured (in no `--arms` run so far): " + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
     lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
-              and (any(t in k for t in tags) or f"len{a.max_length}" in k)]
+              and (any(t in k for t in tags) or any(k.endswith(f"len{n}") or f"len{n}-" in k for n in lengths))]
     out = Path(a.results).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
