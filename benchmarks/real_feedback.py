@@ -15,9 +15,9 @@ layers) on both sets, judged by its implicit reward beta x (log pi - log ref). E
 split carved from it (seeded); the learning rate is chosen among the arm's candidates by pairwise accuracy on that
 validation split, never on the test split. The chosen run and the untouched model with a fresh head (seeded) are
 then judged on the whole test file by `ftray eval` (`ftray.eval.evaluate`: the method's own metric, with the length
-heuristic and the length-balanced subset of `ftray.metrics`). Runs at every `--max-length` (tokens a conversation is cut at) share the
-results file: each table has a tokens column. Each training run and each evaluation runs in its
-own process, under `flock LOCK` with `--lock` (one CPU-heavy user at a time).
+heuristic and the length-balanced subset of `ftray.metrics`). Runs at every `--max-length` (the tokens a
+conversation is cut at) share the results file: each table has a tokens column. Each training run and each
+evaluation runs in its own process, under `flock LOCK` with `--lock` (one CPU-heavy user at a time).
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ def before_key(ds: str, a, cut: str = "left", length: int | None = None) -> str:
 def len_of(tag: str) -> int:
     """The tokens a conversation is cut at in the runs of `tag` (`...-len{n}-seed{seed}`)."""
     return int(tag.split("-len")[1].split("-")[0])
+
+
+def steps_of(tag: str) -> int:
+    """The optimizer steps of the runs of `tag` (`s{steps}-...`)."""
+    return int(tag[1:].split("-")[0])
 
 
 def run_dir(arm: str, lr: float, a) -> Path:
@@ -328,14 +333,14 @@ def _tags(saved: dict, a) -> list[str]:
     first, then the fewest steps, a right cut before a left one."""
     end = f"-seed{a.seed}"
     found = {k.rsplit("/", 1)[1] for k in saved if k.startswith("chosen/") and k.endswith(end)}
-    return sorted(found, key=lambda t: (len_of(t), int(t[1:].split("-")[0]), cut_of(t) == "left"))
+    return sorted(found, key=lambda t: (len_of(t), steps_of(t), cut_of(t) == "left"))
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
     tags = _tags(saved, a)
     # (arm, tag) of every chosen run: an arm's runs of different lengths side by side
     arms = [(arm, tag) for arm in ARMS for tag in tags if f"chosen/{arm}/{tag}" in saved]
-    steps = sorted({int(t[1:].split("-")[0]) for t in tags})
+    steps = sorted({steps_of(t) for t in tags})
     lengths = sorted({len_of(t) for t in tags})
     lines = [
         "# `reward` and `dpo` on SmolLM2-135M-Instruct against the length heuristic (benchmarks/real_feedback.py)",
@@ -442,7 +447,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             g = saved[k.rsplit("/", 1)[0] + "/generate"]
             w = win_rate(g["prompts"], saved[k])
             lines.append(
-                f"| {arm} | {tag[1:].split('-')[0]} | `{Path(saved[k]['run']).name}` | {g['prompts']} | {n_t.split('-t')[1]} "
+                f"| {arm} | {steps_of(tag)} | `{Path(saved[k]['run']).name}` | {g['prompts']} | {n_t.split('-t')[1]} "
                 f"| {g['identical_replies']} "
                 f"| {g['policy_chars']:.0f} / {g['untouched_chars']:.0f} | {w['win']:.3f} ± {w['se']:.3f} | {w['win_scored']:.3f} ({w['scored']}) "
                 f"| {w['longer']:.3f} | {w['balanced_n']} | {w['balanced_win']:.3f} "
@@ -474,10 +479,12 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             v = saved.get(f"val/{arm}/lr{lr:g}/{tag}")
             figs = (f"{v[acc]:.3f} | {v['length_heuristic_accuracy']:.3f} | {vinfo['balanced_pairs']} | "
                     f"{v['balanced_accuracy']:.3f}") if v else "one candidate: not evaluated | | |"
-            lines.append(f"| {_label(arm, tag)} | {tag[1:].split('-')[0]} | {len_of(tag)} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) "
+            lines.append(f"| {_label(arm, tag)} | {steps_of(tag)} | {len_of(tag)} | {vinfo['pairs']} ({vinfo['truncated_pairs']}) "
                          f"| {lr:g} | {tr['train_seconds']:.0f} "
                          f"| {tr['final_loss']:.4f} | {figs} |")
-    name = lambda arm, tag: f"{_label(arm, tag)} ({tag[1:].split('-')[0]} steps, {len_of(tag)} tokens)"  # noqa: E731
+    def name(arm: str, tag: str) -> str:
+        return f"{_label(arm, tag)} ({steps_of(tag)} steps, {len_of(tag)} tokens)"
+
     chosen = {name(arm, tag): _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
     tested = {name(arm, tag): _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
     untouched = {f"{ds}, {cut_of(t)} cut, {len_of(t)} tokens": saved[before_key(ds, a, cut_of(t), len_of(t))]
