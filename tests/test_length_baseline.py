@@ -113,3 +113,41 @@ def test_ftray_eval_prints_the_baselines(kind, tiny_model, tmp_path, capsys):
     assert got["rows"] == 7 and got["length_heuristic_accuracy"] == pytest.approx(4 / 7)
     assert got["balanced_pairs"] == pytest.approx(4 / 7) and 0 <= got["balanced_accuracy"] <= 1
     assert got["beats_length_heuristic"] in (0.0, 1.0) and ACCURACY[kind] in got
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+def test_held_out_loss_comes_from_the_forwards_that_score_the_rows(kind, tiny_model, tmp_path):
+    """`scores_carry_loss`: the held-out evaluation of a preference method takes its loss from the forwards that
+    score each pair (one pass over the pairs, not two); the figure is the one the separate loss pass gives."""
+    from ftray.models.load import load_tokenizer
+    from ftray.train.held_out import evaluate_held_out
+
+    m = get_method(kind)
+    assert m.scores_carry_loss
+    data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
+    spec = spec_from_dict(method_spec(kind, tiny_model, data, None, tmp_path, {"kind": "full"}))
+    tok = load_tokenizer(str(tiny_model))
+    ensure_chat_template(tok)
+    torch.manual_seed(0)
+    model = m.load_base(str(tiny_model), torch.float32, spec).eval()
+    with torch.no_grad():  # a policy off its reference (dpo), a head that ranks pairs (reward)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    nets = [model] + ([m.reference.copy] if kind == "dpo" else [])
+    calls = [0]
+    for net in nets:
+        net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    examples = [{**e, "position_ids": None} for r in ROWS for e in m.examples(r, tok, spec)]
+
+    one_pass = evaluate_held_out(m, model, examples, ROWS, tok, spec, EvalContext(), micro_batch=3)
+    calls_one, calls[0] = calls[0], 0
+    m.scores_carry_loss = False  # this instance only: the loss pass over the examples, then the scores
+    two_passes = evaluate_held_out(m, model, examples, ROWS, tok, spec, EvalContext(), micro_batch=3)
+    # Off, the rows' own loss passes through beside the loss pass's figure: the two agree.
+    assert two_passes.pop("loss") == pytest.approx(two_passes["eval_loss"], rel=1e-5)
+    assert one_pass.keys() == two_passes.keys() and "loss" not in one_pass
+    for k, v in two_passes.items():
+        assert one_pass[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert one_pass["eval_loss"] > 0
+    # 7 pairs: the scores run one batch of 16 pairs (per net), the loss pass ceil(7 / 3) = 3 more
+    assert calls_one == len(nets) and calls[0] == 4 * len(nets), (calls_one, calls[0])

@@ -10,6 +10,10 @@ class MethodBase:
     # Whether `train.group_by_length` applies: its collate pads a micro-batch to its longest row and its loss is
     # a sum over tokens, so rows of about one length per micro-batch only cut padding (sft, causal_lm).
     group_by_length = False
+    # Whether `score_rows` gives each row's held-out loss (key `loss`, the mean over rows equal to the loss pass's
+    # over the same examples) from the forward that scores the row: the held-out evaluation then skips its loss
+    # pass, which would run the same forwards again (dpo: policy and reference over every pair, twice).
+    scores_carry_loss = False
 
     def metrics(self, spec) -> set[str]:
         """The keys its evaluation reports for this job (`summarize`), each logged as `eval/<key>`: what a

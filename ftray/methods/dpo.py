@@ -63,6 +63,7 @@ class DPO(MethodBase):
     formats = ("preference",)
     task_type = "CAUSAL_LM"
     packable = False
+    scores_carry_loss = True  # a pair's loss and its accuracy come from the same policy and reference forwards
 
     def __init__(self):
         self.reference = Reference()
@@ -113,7 +114,7 @@ class DPO(MethodBase):
             "label_smoothing": torch.tensor(float(e["label_smoothing"])),
         }
 
-    def _pair(self, model, batch):
+    def _pair(self, model, batch, reduce: bool = True):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         policy, n = sequence_logps(logits, labels)
@@ -127,6 +128,7 @@ class DPO(MethodBase):
             loss_type=LOSS_TYPES[int(batch["loss_type"])],
             label_smoothing=float(batch["label_smoothing"]),
             chosen_tokens=nc, rejected_tokens=nr,
+            reduce=reduce,
         )
         return loss, chosen_reward, rejected_reward, pc.detach(), pr.detach()
 
@@ -141,10 +143,12 @@ class DPO(MethodBase):
             chunk = rows[i : i + 16]
             ex = [e for r in chunk for e in self.examples(r, tokenizer, spec)]
             batch = {k: v.to(ctx.device) for k, v in self.collate(ex, tokenizer.pad_token_id).items()}
-            _, cr, rr, pc, pr = self._pair(model, batch)
-            for row, a, b, c, d in zip(chunk, cr.tolist(), rr.tolist(), pc.tolist(), pr.tolist(), strict=True):
+            losses, cr, rr, pc, pr = self._pair(model, batch, reduce=False)
+            for row, lo, a, b, c, d in zip(chunk, losses.tolist(), cr.tolist(), rr.tolist(), pc.tolist(), pr.tolist(),
+                                           strict=True):
                 acc = float(a > b) + 0.5 * float(a == b)
                 out.append({
+                    "loss": lo,
                     "reward_accuracy": acc,
                     "reward_margin": a - b,
                     "chosen_logps": c,

@@ -137,10 +137,11 @@ def sentence_order_label(order: list[int] | tuple[int, ...]) -> int:
     return label
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Reward-model loss: -log sigmoid(r_chosen - r_rejected), mean over pairs (Bradley-Terry, as in
-    InstructGPT and TRL's RewardTrainer)."""
-    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected), mean over pairs (each pair's when not
+    `reduce`; Bradley-Terry, as in InstructGPT and TRL's RewardTrainer)."""
+    losses = -F.logsigmoid(chosen.float() - rejected.float())
+    return losses.mean() if reduce else losses
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +163,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
+    reduce: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO and its variants on summed response log-probs. d = (pi_c - ref_c) - (pi_r - ref_r):
         sigmoid  -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d)        (DPO; e > 0: cDPO)
@@ -171,7 +173,8 @@ def dpo_loss(
     tests/test_losses_dpo_trl.py; TRL has them only inside the trainer). TRL 1.16's sigmoid and hinge ignore
     `label_smoothing`; ftray keeps cDPO (beta 0.5, e 0.1 on the test batch: 1.1461 here, TRL's sigmoid 1.2303),
     the formula of TRL's `aot_unpaired` taken pair by pair; the smoothed hinge has no TRL counterpart.
-    Returns (mean loss, chosen rewards beta (pi_c - ref_c), rejected rewards beta (pi_r - ref_r))."""
+    Returns (mean loss, or each pair's loss when not `reduce`; chosen rewards beta (pi_c - ref_c), rejected
+    rewards beta (pi_r - ref_r))."""
     chosen_ratio = policy_chosen.float() - ref_chosen.float()
     rejected_ratio = policy_rejected.float() - ref_rejected.float()
     d = chosen_ratio - rejected_ratio
@@ -187,7 +190,7 @@ def dpo_loss(
         losses = (d - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}")
-    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses.mean() if reduce else losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:

@@ -49,6 +49,7 @@ class Reward(MethodBase):
     formats = ("preference",)
     task_type = "SEQ_CLS"
     packable = False
+    scores_carry_loss = True  # a pair's loss and its accuracy come from the same forward
 
     def metrics(self, spec) -> set[str]:
         return {"eval_loss", "accuracy", "margin", "length_heuristic_accuracy", "balanced_accuracy"}
@@ -91,9 +92,10 @@ class Reward(MethodBase):
             ex = [e for r in chunk for e in self.examples(r, tokenizer, spec)]
             batch = {k: v.to(ctx.device) for k, v in self.collate(ex, tokenizer.pad_token_id).items()}
             chosen, rejected = self._rewards(model, batch)
-            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+            losses = bradley_terry_loss(chosen, rejected, reduce=False)
+            for row, lo, c, r in zip(chunk, losses.tolist(), chosen.tolist(), rejected.tolist(), strict=True):
                 acc = float(c > r) + 0.5 * float(c == r)
-                out.append({"accuracy": acc, "margin": c - r, **length_keys(row, acc)})
+                out.append({"loss": lo, "accuracy": acc, "margin": c - r, **length_keys(row, acc)})
         return out
 
     def summarize(self, eval_loss, scores):

@@ -33,17 +33,19 @@ def evaluate_held_out(method, model, examples: list[dict], rows: list[dict], tok
     mine = [i for i in (rank + k * world for k in range(per_rank)) if i < n]
     device = torch.device(ctx.device)
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively); a rank
-    # out of examples runs a copy of example 0 and counts it with weight 0.
+    # out of examples runs a copy of example 0 and counts it with weight 0. A method whose row scores carry
+    # each row's loss (`scores_carry_loss`) is not run twice: its loss is the mean over the scored rows.
     loss_sum, tokens = 0.0, 0.0
-    for s in bar(range(0, math.ceil(per_rank / micro_batch) * micro_batch, micro_batch), "eval loss", unit="batch"):
-        chunk = mine[s : s + micro_batch]
-        weight = 1.0 if chunk else 0.0
-        batch = method.collate([examples[i] for i in (chunk or [0])], tokenizer.pad_token_id)
-        loss, info = method.loss(model, {k: v.to(device) for k, v in batch.items()})
-        count = info.get("target_tokens", float(len(chunk)))
-        loss_sum += weight * float(loss) * count
-        tokens += weight * count
-    loss_sum, tokens = all_sum([loss_sum, tokens])
+    if not method.scores_carry_loss:
+        for s in bar(range(0, math.ceil(per_rank / micro_batch) * micro_batch, micro_batch), "eval loss", unit="batch"):
+            chunk = mine[s : s + micro_batch]
+            weight = 1.0 if chunk else 0.0
+            batch = method.collate([examples[i] for i in (chunk or [0])], tokenizer.pad_token_id)
+            loss, info = method.loss(model, {k: v.to(device) for k, v in batch.items()})
+            count = info.get("target_tokens", float(len(chunk)))
+            loss_sum += weight * float(loss) * count
+            tokens += weight * count
+        loss_sum, tokens = all_sum([loss_sum, tokens])
     # The rows, dealt out the same way; a rank short of rows judges row 0 again and does not count it.
     n_rows = len(rows)
     mine_rows = [rank + k * world for k in range(math.ceil(n_rows / world))]
@@ -54,4 +56,6 @@ def evaluate_held_out(method, model, examples: list[dict], rows: list[dict], tok
     totals = all_sum([sum(sc[k] for sc in real) for k in keys] + [float(len(real))]) if keys else []
     agg = {k: totals[j] / max(totals[-1], 1.0) for j, k in enumerate(keys)}
     model.train(was)
+    if method.scores_carry_loss:
+        return method.summarize(agg.pop("loss", math.nan), agg)
     return method.summarize(loss_sum / tokens if tokens else math.nan, agg)
