@@ -71,21 +71,29 @@ ROWS = [
 ACCURACY = {"reward": "accuracy", "dpo": "reward_accuracy"}  # each method's own pairwise accuracy
 
 
-@pytest.mark.parametrize("kind", ["reward", "dpo"])
-def test_score_rows_and_summarize_report_the_baselines(kind, tiny_model, tmp_path):
+def _scored(kind: str, tiny_model, tmp_path, move: bool):
+    """The method, its spec on ROWS, the tokenizer and the tiny model it loads; `move`: every weight pushed off
+    its start (dpo: the policy off its reference, else every implicit reward ties at 0)."""
     from ftray.models.load import load_tokenizer
 
-    acc_key, m = ACCURACY[kind], get_method(kind)
+    m = get_method(kind)
     data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
     spec = spec_from_dict(method_spec(kind, tiny_model, data, None, tmp_path, {"kind": "full"}))
     tok = load_tokenizer(str(tiny_model))
     ensure_chat_template(tok)
     torch.manual_seed(0)
     model = m.load_base(str(tiny_model), torch.float32, spec).eval()
-    if kind == "dpo":  # move the policy off its reference, else every implicit reward ties at 0
+    if move:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.2)
+    return m, spec, tok, model
+
+
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+def test_score_rows_and_summarize_report_the_baselines(kind, tiny_model, tmp_path):
+    acc_key = ACCURACY[kind]
+    m, spec, tok, model = _scored(kind, tiny_model, tmp_path, move=kind == "dpo")
     scores = m.score_rows(model, tok, ROWS, spec, EvalContext())
     heuristic, balanced = length_baseline(ROWS)
     assert [s["length_correct"] for s in scores] == [0.5, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0]
@@ -119,20 +127,10 @@ def test_ftray_eval_prints_the_baselines(kind, tiny_model, tmp_path, capsys):
 def test_held_out_loss_comes_from_the_forwards_that_score_the_rows(kind, tiny_model, tmp_path):
     """`scores_carry_loss`: the held-out evaluation of a preference method takes its loss from the forwards that
     score each pair (one pass over the pairs, not two); the figure is the one the separate loss pass gives."""
-    from ftray.models.load import load_tokenizer
     from ftray.train.held_out import evaluate_held_out
 
-    m = get_method(kind)
+    m, spec, tok, model = _scored(kind, tiny_model, tmp_path, move=True)  # dpo off its reference; reward ranking
     assert m.scores_carry_loss
-    data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
-    spec = spec_from_dict(method_spec(kind, tiny_model, data, None, tmp_path, {"kind": "full"}))
-    tok = load_tokenizer(str(tiny_model))
-    ensure_chat_template(tok)
-    torch.manual_seed(0)
-    model = m.load_base(str(tiny_model), torch.float32, spec).eval()
-    with torch.no_grad():  # a policy off its reference (dpo), a head that ranks pairs (reward)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
     nets = [model] + ([m.reference.copy] if kind == "dpo" else [])
     calls = [0]
     for net in nets:
