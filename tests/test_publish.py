@@ -70,11 +70,13 @@ def test_endpoint_answers_follow_the_adapter_a_running_job_publishes(ray_local, 
     }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="publish", route_prefix="/")
-    # Six versions, ~0.7 s apart: the tiny model trains 24 steps a second, and an answer read between two
-    # publishes (the check below) needs a version to stay up longer than one request.
+    # Six versions, each up for the time of 16 steps of 32 rows: an answer read between two publishes (the check
+    # below) needs a version to stay up longer than one request. At 8 rows a step the tiny model trained 24 steps
+    # a second, and in a full suite (the other pytest worker busy beside it) the client first saw step 64 of 96.
     steps, every = 96, 16
     job = job_dict(tiny_model, arith[0], None, out, cache_dir, train__max_steps=steps, train__checkpoint_every=every,
-                   train__lr=1e-2, train__log_every=every, output__publish_to=str(pub), output__publish_name="live",
+                   train__lr=1e-2, train__log_every=every, train__global_batch_size=32, train__micro_batch_size=32,
+                   output__publish_to=str(pub), output__publish_name="live",
                    scaling__num_workers=1)  # rank 0 publishes: one Ray Train worker shows it
 
     live = pub / "live"
