@@ -315,7 +315,7 @@ def _both(after: dict, acc: str) -> str:
     return "yes" if after[acc] > max(h := after["length_heuristic_accuracy"], 1 - h) else "**no**"
 
 
-def _chosen(saved: dict, arm: str, tag: str, a) -> tuple[str, str, float, dict, dict, dict]:
+def _chosen(saved: dict, arm: str, tag: str) -> tuple[str, str, float, dict, dict, dict]:
     """An arm's data set, adapter, chosen lr, its test split's info, the chosen run's training and test figures, for
     the runs of one `tag` (steps, cut, seed)."""
     ds, adapter, _, _ = ARMS[arm]
@@ -376,7 +376,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in (x for x in arms if ARMS[x[0]][3] == "reward"):
-        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag)
         before = saved[before_key(ds, a, cut_of(tag), len_of(tag))]
         lines.append(
             f"| {adapter}, {DATASETS[ds][1]} | {cut_of(tag)} | {len_of(tag)} | {info['pairs']} ({info['truncated_pairs']} cut) "
@@ -411,7 +411,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, tag in (x for x in arms if ARMS[x[0]][3] == "dpo"):
-        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag, a)
+        ds, adapter, best, info, tr, after = _chosen(saved, arm, tag)
         lines.append(
             f"| dpo {LOSS_TYPE.get(arm, 'sigmoid')} {adapter}, {DATASETS[ds][1]} | {len_of(tag)} | {info['pairs']} | {best:g} "
             f"| {tr['steps']} | {tr['train_seconds']:.0f} "
@@ -485,8 +485,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
     def name(arm: str, tag: str) -> str:
         return f"{_label(arm, tag)} ({steps_of(tag)} steps, {len_of(tag)} tokens)"
 
-    chosen = {name(arm, tag): _chosen(saved, arm, tag, a)[4] for arm, tag in arms}
-    tested = {name(arm, tag): _chosen(saved, arm, tag, a)[5] for arm, tag in arms}
+    chosen = {name(arm, tag): _chosen(saved, arm, tag)[4] for arm, tag in arms}
+    tested = {name(arm, tag): _chosen(saved, arm, tag)[5] for arm, tag in arms}
     untouched = {f"{ds}, {cut_of(t)} cut, {len_of(t)} tokens": saved[before_key(ds, a, cut_of(t), len_of(t))]
                  for ds, t in dict.fromkeys((ARMS[x][0], t) for x, t in arms if ARMS[x][3] == "reward")}
     lines += ["", "Training pairs with a reply cut at the run's tokens (chosen runs): "

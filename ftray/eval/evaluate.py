@@ -66,7 +66,9 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
     model = load_run_model(spec, resolved, torch.float32, method=m).eval()
     torch.manual_seed(0)
 
-    examples = [e for r in bar(rows, "tokenize", unit="row") for e in m.examples(r, tok, spec) if len(e["input_ids"])]
+    # A method whose row scores carry the loss (dpo, reward) needs no examples: `score_rows` tokenizes its rows.
+    examples = [] if m.scores_carry_loss else [
+        e for r in bar(rows, "tokenize", unit="row") for e in m.examples(r, tok, spec) if len(e["input_ids"])]
     for e in examples:
         e.setdefault("position_ids", None)
     # The training loop's held-out evaluation, on one process.
