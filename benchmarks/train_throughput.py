@@ -28,7 +28,10 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
                   tokens (~8x the attention work on CPU), and SFTConfig's default activation
                   checkpointing (the forward runs twice): what a user gets, not equal work
   plain-torch     a plain PyTorch loop, 1 process, 2 torch threads, over exactly ftray-packed's batches
-                  (same prepared shards, same grouped order) with ftray's collate and loss
+                  (same prepared shards, same grouped order) with ftray's collate and loss (the LM head run
+                  only at the positions that predict a labelled token: `_lm.labelled_logps`)
+  plain-torch-full-logits  the same loop with the loss from every position's logits, as TRL, a hand-written
+                  loop and ftray before `labelled_logps` compute it: the same loss and gradients, more head work
 
 The goals are ratios of trained tokens per second on the wall clock of the steps including the work
 between them (ftray: tokens over its loop's `train_seconds`), from one run. Tokens are those of real
@@ -73,7 +76,8 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
 ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-inprocess",
-        "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "ftray-inprocess-ray-apart", "trl-packed-mb1", "trl-packed", "plain-torch")
+        "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "ftray-inprocess-ray-apart", "trl-packed-mb1", "trl-packed", "plain-torch",
+        "plain-torch-full-logits")
 EQUAL_WORK_TRL = "trl-packed-mb1"
 # Ratios on the wall clock of the steps including the work between them (ftray: its loop's train_seconds).
 GOAL_RATIOS = (("trl-packed-mb1", 1.2), ("plain-torch", 0.95))
@@ -364,14 +368,21 @@ def packed_rows(model: Path, prepared: str | None) -> dict[str, list]:
     return {k: [p[k] for p in packed] for k in ("input_ids", "labels", "position_ids", "tokens")}
 
 
-def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, device: str = "cpu") -> dict:
+def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, device: str = "cpu",
+              full_logits: bool = False) -> dict:
     """device "cuda": the model's weights in fp32 on the GPU under bf16 autocast (what a plain GPU loop and
-    TRL's `bf16=True` do); on CPU fp32 with THREADS torch threads."""
+    TRL's `bf16=True` do); on CPU fp32 with THREADS torch threads. `full_logits`: the loss from every position's
+    logits instead of ftray's `lm_loss` (the head at the labelled positions only)."""
     import contextlib
 
     import torch
 
     from ftray.methods._lm import collate_tokens, lm_loss
+    from ftray.methods.losses import token_cross_entropy
+
+    def full_loss(net, batch):
+        logits = net(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        return token_cross_entropy(logits, batch["labels"])
     from ftray.models.load import load_model, load_tokenizer
     from ftray.train.loop import _Order, sample_index
 
@@ -406,7 +417,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
             batch = {k: v.to(device) for k, v in collate_tokens(ex, pad_id).items()}
             widths.append((step, batch["input_ids"].numel()))
             with amp():
-                loss, _ = lm_loss(net, batch)
+                loss, _ = (full_loss if full_logits else lm_loss)(net, batch)
             (loss / accum).backward()
             loss_v += float(loss.detach()) / accum
             n_real += sum(split["tokens"][i] for i in idx)
@@ -418,7 +429,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         tokens.append(n_real)
-        log(f"plain-torch step {step + 1}/{steps} loss {loss_v:.4f} {times[-1]:.2f} s, "
+        log(f"plain-torch{'-full-logits' if full_logits else ''} step {step + 1}/{steps} loss {loss_v:.4f} {times[-1]:.2f} s, "
             f"widest micro-batch {max(w for st, w in widths if st == step) // MICRO_BATCH} tokens")
     res = steady(times, tokens)
     res["padding"] = 1 - res["tokens"] / sum(w for st, w in widths if st >= WARMUP)
@@ -427,7 +438,8 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
     busy = sum(cpu[WARMUP:]) / sum(times[WARMUP:])
     res["note"] = (
         f"{'bf16 autocast on the GPU' if cuda else f'{THREADS} torch threads'}, "
-        f"{'ftray prepared shards' if prepared else 'packed here'}; "
+        f"{'ftray prepared shards' if prepared else 'packed here'}"
+        f"{', loss from every position' + chr(39) + 's logits' if full_logits else ''}; "
         f"CPU time / wall time {busy:.2f} in the measured steps"
     )
     return res
@@ -715,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                 "trl-packed": lambda: run_trl(model, work, steps, a.adapter, recompute=True),
                 "trl-packed-mb1": lambda: run_trl(model, work, steps, a.adapter, micro=1),
                 "plain-torch": lambda: run_plain(model, prepared, steps, a.adapter),
+                "plain-torch-full-logits": lambda: run_plain(model, prepared, steps, a.adapter, full_logits=True),
                 "ftray-inprocess": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 2, tag=f"-{len(rounds.get('ftray-inprocess', []))}"),
                 "ftray-inprocess-z0": lambda: run_ftray_inprocess(model, work, steps, a.adapter, 0,
                                                                   tag=f"-{len(rounds.get('ftray-inprocess-z0', []))}"),
@@ -773,6 +786,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"- ftray-packed / trl-packed (TRL as it ships: 8 rows flattened into one, ~8x the attention work, and "
                 f"activation checkpointing; not equal work) = "
                 f"{fp['loop_tokens_per_s'] / results['trl-packed']['tokens_per_s']:.2f}"
+            )
+        if "plain-torch-full-logits" in results and "plain-torch" in results:
+            full = results["plain-torch-full-logits"]["tokens_per_s"]
+            checks.append(
+                f"- where the head's work goes: plain-torch / plain-torch-full-logits = "
+                f"{results['plain-torch']['tokens_per_s'] / full:.2f} (the LM head at the labelled positions only, "
+                f"against every position's logits: the same loss); ftray-packed / plain-torch-full-logits = "
+                f"{fp['loop_tokens_per_s'] / full:.2f}"
             )
     notes = [
         f"- {arm}: {r['note']}; 1-min load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} after"

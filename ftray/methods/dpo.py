@@ -19,8 +19,8 @@ from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, ensure_chat_template
 from ftray.methods._base import MethodBase
 from ftray.methods._enc import pad
-from ftray.methods._lm import Reference, load_causal_lm
-from ftray.methods.losses import dpo_loss, sequence_logps
+from ftray.methods._lm import Reference, labelled_logps, load_causal_lm
+from ftray.methods.losses import dpo_loss
 from ftray.metrics import length_keys, length_summary
 
 __all__ = ["DPO", "LOSS_TYPES"]
@@ -116,9 +116,8 @@ class DPO(MethodBase):
 
     def _pair(self, model, batch, reduce: bool = True):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        policy, n = sequence_logps(logits, labels)
-        ref, _ = sequence_logps(self.reference.logits(model, ids, mask), labels)
+        policy, n = labelled_logps(model, labels, input_ids=ids, attention_mask=mask)
+        ref, _ = self.reference.logps(model, labels, input_ids=ids, attention_mask=mask)
         pc, pr = policy.chunk(2)
         rc, rr = ref.chunk(2)
         nc, nr = n.chunk(2)
