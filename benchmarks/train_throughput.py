@@ -153,6 +153,19 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     }
 
 
+def settle(limit_s: float = 90.0, busy: float = 15.0, calm_s: int = 5) -> float:
+    """Wait until the machine has been quiet (under `busy` % of all CPUs) for `calm_s` seconds in a row, at most
+    `limit_s`; returns the seconds waited. Each arm starts on a quiet machine: Ray's processes take seconds to
+    exit after `ray.shutdown()`, and the arm run right after them was slowed (TRL in the forward rounds of the
+    SmolLM2 runs before this: 123 / 150, 138 / 193 tok/s, after Ray / not)."""
+    import psutil
+
+    t0, calm = time.time(), 0
+    while calm < calm_s and time.time() - t0 < limit_s:
+        calm = calm + 1 if psutil.cpu_percent(interval=1.0) < busy else 0
+    return time.time() - t0
+
+
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """Every process on the machine: pid -> (what it is, user + system CPU seconds so far). Ray names its
     processes (`ray::RayTrainWorker`, `raylet`, `gcs_server`); a Python one is named by its script."""
@@ -675,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list[dict]] = {}
 
         def attempt(arm: str, fn) -> None:
-            log(f"--- {arm}")
+            log(f"--- {arm} (after {settle():.0f} s waiting for a quiet machine)")
             t0, load0, watch = time.time(), os.getloadavg()[0], CpuWatch()
             try:
                 res = fn()

@@ -269,8 +269,12 @@ def test_log_probs_are_those_of_the_sampling_temperature(kind, tiny_model, arith
     meth.setup(spec, tok, EvalContext())
     model.eval()  # no dropout: the recomputation below sees the same function
     prepared = meth.prepare(model, batch)
+    widths: list[int] = []  # the LM head runs at the positions that predict the completion only (`Rollout.keep`)
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
     _, info = meth.loss(model, prepared)
+    hook.remove()
     r = prepared["rollout"]
+    assert widths == [r.keep, r.keep] and r.keep < r.full.shape[1]  # the policy's forward and the reference's
     P = r.prompt_len
 
     def logps(temperature, ref=False):

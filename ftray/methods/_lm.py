@@ -77,8 +77,9 @@ def labelled_logps(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor,
     """Per-sequence sum of log p over the labelled tokens and their count, as `sequence_logps`. Where the model
     allows it (`keeps_head_positions`) its LM head runs only at the positions that predict a labelled token: a
     prompt's positions, the last one and padding get no vocabulary-wide logits. With SmolLM2's 49,152-token
-    vocabulary that is a third of a forward and backward of 8 x 256 tokens half of which are labelled (18-20 s ->
-    13 s, 2 threads). Otherwise every position's logits are computed and those of virtual tokens dropped."""
+    vocabulary, full fine-tuning on gpteacher code trains 1.25x the tokens per second of the same loop taking
+    every position's logits (benchmarks/results/train_throughput_smollm2_full.md). Otherwise every position's
+    logits are computed and those of virtual tokens dropped."""
     if keeps_head_positions(model):
         keep = head_positions(labels)
         return kept_sequence_logps(model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels, keep)
@@ -139,11 +140,14 @@ class Reference:
         return self.copy.to(device)
 
     @torch.no_grad()
-    def logits(self, model, ids, mask, position_ids=None) -> torch.Tensor:
+    def logits(self, model, ids, mask, position_ids=None, keep: int = 0) -> torch.Tensor:
+        """The reference's logits of every position, or of the last `keep` (transformers' `logits_to_keep`)."""
         from peft import PeftModel
 
         net = getattr(model, "module", model)  # the DeepSpeed engine's module (maybe a PeftModel)
         extra = {} if position_ids is None else {"position_ids": position_ids}
+        if keep:
+            extra["logits_to_keep"] = keep
         if isinstance(net, PeftModel):
             with net.disable_adapter():
                 return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits

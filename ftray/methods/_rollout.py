@@ -18,7 +18,8 @@ import torch
 from ftray.config import PEFT_KINDS
 from ftray.data.encode import IGNORE, render_prompt
 from ftray.methods._enc import pad
-from ftray.methods.losses import masked_mean, token_cross_entropy, token_logps
+from ftray.methods._lm import lm_loss
+from ftray.methods.losses import masked_mean, token_logps
 from ftray.progress import bar
 
 __all__ = ["FORMATS", "PromptRows", "Rollout", "Sampler", "check_rollout_job", "collate_prompts", "completion_logps", "completion_mask",
@@ -55,6 +56,12 @@ class Rollout:
     prompt_len: int
     rewards: torch.Tensor  # one per completion
     info: dict  # generate_s, score_s and per-source reward means
+
+    @property
+    def keep(self) -> int:
+        """`logits_to_keep` for a forward over `full`: the positions that predict the completion, and the last (the
+        prompt's positions get no vocabulary-wide logits)."""
+        return self.comp.shape[1] + 1
 
 
 # ------------------------------------------------------------------ rows, batches, checks (no model)
@@ -143,15 +150,14 @@ class PromptRows:
 # ------------------------------------------------------------------ losses' shared parts
 def reference_answer_nll(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
     """The held-out loss of a rollout method: the NLL of the reference answers (no sampling)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    loss, n = token_cross_entropy(logits, batch["labels"])
-    return loss, {"target_tokens": float(n)}
+    return lm_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
 
 
 def completion_logps(logits: torch.Tensor, r: Rollout, temperature: float) -> torch.Tensor:
     """Per-token log-probs (B, T) of the rollout's completions from the logits of `r.full`, under the distribution
-    they were sampled from: logits / `temperature` (as TRL), for the policy and the reference alike."""
-    return token_logps(logits[:, r.prompt_len - 1 : -1] / temperature, r.comp)
+    they were sampled from: logits / `temperature` (as TRL), for the policy and the reference alike. `logits` may
+    cover every position of `r.full` or only its last `r.keep` (the forward's `logits_to_keep`)."""
+    return token_logps(logits[:, logits.shape[1] - r.keep : -1] / temperature, r.comp)
 
 
 def rollout_info(r: Rollout, scores: torch.Tensor, clipped: torch.Tensor, kl: float) -> dict[str, float]:

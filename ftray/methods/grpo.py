@@ -66,12 +66,14 @@ class GRPO(_rollout.PromptRows, MethodBase):
         m = self.sampler.spec.method
         adv = group_advantages(r.rewards, m.group_size, scale=m.scale_rewards)
         c_mask = r.c_mask
-        logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False).logits
+        logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False,
+                       logits_to_keep=r.keep).logits
         logp = _rollout.completion_logps(logits, r, m.temperature)
         per_tok, clipped = clipped_surrogate(logp, logp.detach(), adv[:, None], m.clip_eps)
         kl = torch.zeros_like(logp)
         if m.beta > 0:
-            kl = k3_kl(logp, _rollout.completion_logps(self.reference.logits(model, r.full, r.attn, r.pos), r, m.temperature))
+            kl = k3_kl(logp, _rollout.completion_logps(self.reference.logits(model, r.full, r.attn, r.pos, keep=r.keep), r,
+                                                            m.temperature))
             per_tok = per_tok + m.beta * kl
         n_tok = None
         if m.loss_type == "dapo":

@@ -83,11 +83,12 @@ class PPO(_rollout.PromptRows, MethodBase):
         m = self.sampler.spec.method
         device = r.full.device
         full, attn, pos, comp, c_mask, P, scores_t = r.full, r.attn, r.pos, r.comp, r.c_mask, r.prompt_len, r.rewards
-        out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True)
+        out = model(input_ids=full, attention_mask=attn, position_ids=pos, use_cache=False, output_hidden_states=True,
+                    logits_to_keep=r.keep)
         logp = _rollout.completion_logps(out.logits, r, m.temperature)
         values = value_head(model)(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1).float()
         with torch.no_grad():
-            ref_logp = _rollout.completion_logps(self.reference.logits(model, full, attn, pos), r, m.temperature)
+            ref_logp = _rollout.completion_logps(self.reference.logits(model, full, attn, pos, keep=r.keep), r, m.temperature)
             kl_tok = (logp - ref_logp) * c_mask
             rewards = -self.kl_coef * kl_tok
             last = (c_mask.sum(-1) - 1).clamp(min=0)
