@@ -155,9 +155,10 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
 
 def settle(limit_s: float = 90.0, busy: float = 15.0, calm_s: int = 5) -> float:
     """Wait until the machine has been quiet (under `busy` % of all CPUs) for `calm_s` seconds in a row, at most
-    `limit_s`; returns the seconds waited. Each arm starts on a quiet machine: Ray's processes take seconds to
-    exit after `ray.shutdown()`, and the arm run right after them was slowed (TRL in the forward rounds of the
-    SmolLM2 runs before this: 123 / 150, 138 / 193 tok/s, after Ray / not)."""
+    `limit_s`; returns the seconds waited. Each arm starts on a quiet machine, not while Ray's processes exit
+    after `ray.shutdown()`. (TRL's arm ran slower in the forward round, right after Ray, in all four SmolLM2
+    runs before this wait: 115 / 129, 138 / 150, 123 / 150, 138 / 193 tok/s. With it, still: 120 / 157. So not
+    Ray's exit; each figure is the median of the rounds.)"""
     import psutil
 
     t0, calm = time.time(), 0
