@@ -393,12 +393,12 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
 
     from ftray.methods._lm import collate_tokens, lm_loss
     from ftray.methods.losses import token_cross_entropy
-
-    def full_loss(net, batch):
-        logits = net(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-        return token_cross_entropy(logits, batch["labels"])
     from ftray.models.load import load_model, load_tokenizer
     from ftray.train.loop import _Order, sample_index
+
+    def full_loss(net, batch):  # every position's logits, then the labelled ones' cross-entropy
+        logits = net(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        return token_cross_entropy(logits, batch["labels"])
 
     cuda = device == "cuda"
     if not cuda:
@@ -450,10 +450,10 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
     res["final_loss"] = loss_v
     res["sequences"] = n
     busy = sum(cpu[WARMUP:]) / sum(times[WARMUP:])
+    full_note = ", loss from every position's logits" if full_logits else ""
     res["note"] = (
         f"{'bf16 autocast on the GPU' if cuda else f'{THREADS} torch threads'}, "
-        f"{'ftray prepared shards' if prepared else 'packed here'}"
-        f"{', loss from every position' + chr(39) + 's logits' if full_logits else ''}; "
+        f"{'ftray prepared shards' if prepared else 'packed here'}{full_note}; "
         f"CPU time / wall time {busy:.2f} in the measured steps"
     )
     return res

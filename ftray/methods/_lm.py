@@ -3,6 +3,7 @@ frozen reference policy the feedback methods compare against (dpo, grpo, ppo).""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -81,8 +82,8 @@ def labelled_logps(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor,
     taking every position's logits (benchmarks/results/train_throughput_smollm2_full.md). Otherwise every position's
     logits are computed and those of virtual tokens dropped."""
     if keeps_head_positions(model):
-        keep = head_positions(labels)
-        return kept_sequence_logps(model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels, keep)
+        logits = model(**inputs, use_cache=False, logits_to_keep=head_positions(labels)).logits
+        return kept_sequence_logps(logits, labels)
     logits = model(**inputs, use_cache=False).logits
     # Prompt / p-tuning (peft) put their virtual tokens before the input: their logits predict nothing here.
     return sequence_logps(logits[:, logits.shape[1] - labels.shape[1] :], labels)
@@ -123,32 +124,31 @@ class Reference:
         ref = copy.deepcopy(model) if start == str(path) else load_causal_lm(start, dtype, spec)
         self.copy = ref.eval().requires_grad_(False)
 
+    @contextlib.contextmanager
+    def _net(self, model, device):
+        """The reference to call: the peft model with its adapter disabled, or the frozen copy on `device`."""
+        from peft import PeftModel
+
+        net = getattr(model, "module", model)  # the DeepSpeed engine's module (maybe a PeftModel)
+        if isinstance(net, PeftModel):
+            with net.disable_adapter():
+                yield net
+            return
+        if self.copy is None:
+            raise RuntimeError("no reference model: the base was not loaded by this method instance's load_base")
+        yield self.copy.to(device)
+
     @torch.no_grad()
     def logps(self, model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """`labelled_logps` of the reference: per-sequence log-prob sums and counts of the labelled tokens."""
-        from peft import PeftModel
-
-        net = getattr(model, "module", model)
-        if isinstance(net, PeftModel):
-            with net.disable_adapter():
-                return labelled_logps(net, labels, **inputs)
-        return labelled_logps(self._copy_on(inputs["input_ids"].device), labels, **inputs)
-
-    def _copy_on(self, device) -> torch.nn.Module:
-        if self.copy is None:
-            raise RuntimeError("no reference model: the base was not loaded by this method instance's load_base")
-        return self.copy.to(device)
+        with self._net(model, labels.device) as net:
+            return labelled_logps(net, labels, **inputs)
 
     @torch.no_grad()
     def logits(self, model, ids, mask, position_ids=None, keep: int = 0) -> torch.Tensor:
         """The reference's logits of every position, or of the last `keep` (transformers' `logits_to_keep`)."""
-        from peft import PeftModel
-
-        net = getattr(model, "module", model)  # the DeepSpeed engine's module (maybe a PeftModel)
         extra = {} if position_ids is None else {"position_ids": position_ids}
         if keep:
             extra["logits_to_keep"] = keep
-        if isinstance(net, PeftModel):
-            with net.disable_adapter():
-                return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-        return self._copy_on(ids.device)(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        with self._net(model, ids.device) as net:
+            return net(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits

@@ -166,21 +166,21 @@ def head_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tens
 KEPT_CHUNK = 512  # positions per log-softmax: a (512, V) fp32 temporary, 100 MB at SmolLM2's V
 
 
-def kept_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+def kept_sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
                         ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` from the logits of `keep`'s positions only: `logits` is (N, V), one row per True
-    position of `keep` (`head_positions(labels)`) in row-major order, as transformers returns them for a
-    boolean `logits_to_keep`. Returns (sum of log-probs (B,), labelled token count (B,))."""
-    shift = labels[:, 1:]
-    targets = shift[shift != ignore_index]
+    """`sequence_logps` from the logits of `head_positions(labels)` only: `logits` is (N, V), one row per kept
+    position in row-major order, as transformers returns them for a boolean `logits_to_keep`. Returns (sum of
+    log-probs (B,), labelled token count (B,))."""
+    labelled = labels[:, 1:] != ignore_index  # the kept positions, less the last column (never kept)
+    targets = labels[:, 1:][labelled]
     if logits.shape[0] == 0:  # no labelled token: a zero that still depends on the logits (backward reaches every weight)
         lp = logits.sum(-1).float()
     else:
         lp = torch.cat([token_logps(c.unsqueeze(0), t.unsqueeze(0))[0]
                         for c, t in zip(logits.split(KEPT_CHUNK), targets.split(KEPT_CHUNK), strict=True)])
-    rows = keep.nonzero(as_tuple=True)[0]
+    rows = labelled.nonzero(as_tuple=True)[0]
     sums = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
-    return sums, keep.sum(-1)
+    return sums, labelled.sum(-1)
 
 
 def dpo_loss(
