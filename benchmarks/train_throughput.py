@@ -7,7 +7,8 @@ All arms train the same model: by default a tiny Llama (`build_tiny(size="small"
 tokenizer trained on the data file, built once into a temp folder); with `--model smollm2` the real
 SmolLM2-135M-Instruct (`ftray models get smollm2-135m-instruct`, fp32). Full fine-tuning, or with
 `--adapter lora` the same peft LoRA in every arm (r 16, alpha 32, dropout 0, all linear layers); fp32,
-AdamW, constant lr, gradient clipping 1.0, no activation checkpointing in the equal-work arms, on the same SFT rows (../shared/data/sft/gpteacher_code_train.jsonl, `instruction`
+AdamW (torch's fused kernel in every arm: ftray's DeepSpeed config, TRL's default `adamw_torch_fused`, the
+plain loop's `fused=True`), constant lr, gradient clipping 1.0, no activation checkpointing in the equal-work arms, on the same SFT rows (../shared/data/sft/gpteacher_code_train.jsonl, `instruction`
 format rendered with the tokenizer's chat template, loss on the answer only), the same sequence length
 and the same global batch (16 sequences per optimizer step, 8 per forward pass), on the same 2 cores:
 
@@ -18,6 +19,8 @@ and the same global batch (16 sequences per optimizer step, 8 per forward pass),
   ftray-unpacked  the same with packing off (16 examples per step, each micro-batch padded to its longest)
   ftray-packed-1w the packed job on 1 Ray Train worker x 2 CPUs (2 torch threads, 2 micro-batches accumulated):
                   no gradient exchange, the shape of the single-process arms; what a user on one CPU node picks
+  ftray-packed-z0 the packed job on 2 workers at `deepspeed.zero_stage: 0` (data parallel: every rank keeps the
+                  whole optimizer state and steps it; no all-gather of the updated parameters after each step)
   ftray-inprocess the packed job in this process without Ray (`run_local`: the same loop, 1 worker, ZeRO-2,
                   2 torch threads): ftray-packed-1w minus Ray, to split the gap to the plain loop
   ftray-inprocess-z0  the same at ZeRO stage 0 (DeepSpeed's engine without ZeRO's gradient partitioning)
@@ -75,7 +78,7 @@ THREADS = 2  # torch threads of the single-process arms (= the 2 CPUs the ftray 
 # flattening never builds one long row: rows of 256 tokens as ftray's, the same attention work. trl-packed
 # (8 rows per forward) flattens them into one row of up to 2,048 tokens: on CPU attention that is ~8x the
 # attention of 8 rows of 256, so it is not the equal-work comparison (run_trl's note).
-ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-inprocess",
+ARMS = ("ftray-packed", "ftray-packed-ungrouped", "ftray-unpacked", "ftray-packed-1w", "ftray-packed-z0", "ftray-inprocess",
         "ftray-inprocess-z0", "ftray-inprocess-ray-idle", "ftray-inprocess-ray-apart", "trl-packed-mb1", "trl-packed", "plain-torch",
         "plain-torch-full-logits")
 EQUAL_WORK_TRL = "trl-packed-mb1"
@@ -118,7 +121,8 @@ def lora_config(net):
     return peft_config_for(net, AdapterSpec(kind="lora", **LORA), "CAUSAL_LM")
 
 
-def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS) -> dict:
+def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS,
+              zero: int = 2) -> dict:
     return {
         "name": f"bench-{'packed' if packing else 'unpacked'}",
         "model": {"path": str(model)},
@@ -144,10 +148,10 @@ def ftray_job(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
             "max_grad_norm": 1.0,
             "log_every": 1,
         },
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+        "deepspeed": {"zero_stage": zero, "precision": "fp32"},
         "scaling": {"num_workers": workers, "cpus_per_worker": THREADS // workers, "max_failures": 0},
         "output": {
-            "dir": str(work / (f"ftray-{'packed' if packing else 'unpacked'}-{workers}w")),
+            "dir": str(work / (f"ftray-{'packed' if packing else 'unpacked'}-{workers}w-z{zero}")),
             "keep_checkpoints": 1,
         },
     }
@@ -291,11 +295,11 @@ def replay_padding(prepared: str, steps: int, grouped: bool, workers: int) -> fl
 
 
 def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, workers: int = WORKERS,
-              grouped: bool = True, tag: str = "") -> dict:
+              grouped: bool = True, tag: str = "", zero: int = 2) -> dict:
     from ftray.config import resolve_paths, spec_from_dict
     from ftray.train.launch import train
 
-    job = ftray_job(model, work, packing, steps, adapter, workers)
+    job = ftray_job(model, work, packing, steps, adapter, workers, zero)
     if not grouped:
         job["train"]["group_by_length"] = False
         job["output"]["dir"] += "-ungrouped"
@@ -416,7 +420,7 @@ def run_plain(model: Path, prepared: str | None, steps: int, adapter: str, devic
     net.train()
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     accum = GLOBAL_BATCH // MICRO_BATCH
     times, tokens, cpu, widths, loss_v = [], [], [], [], float("nan")
     for step in range(steps):
@@ -505,7 +509,7 @@ def run_trl(model: Path, work: Path, steps: int, adapter: str, micro: int = MICR
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # TRL's default (transformers, torch >= 2.8); ftray's kernel too
         seed=SEED,
         use_cpu=not cuda,
         bf16=cuda,  # autocast over fp32 weights, as the plain loop on a GPU
@@ -618,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="4 steps per arm and no ftray-unpacked or ftray-packed-1w unless --arms names it (about 3 minutes on 2 cores)",
+        help="4 steps per arm and no ftray-unpacked, ftray-packed-1w or ftray-packed-z0 unless --arms names it (about 3 minutes on 2 cores)",
     )
     ap.add_argument(
         "--arms",
@@ -642,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     steps = a.steps or (4 if a.quick else 20)
     if a.arms is None:
-        a.arms = ",".join(x for x in ARMS if not (a.quick and x in ("ftray-unpacked", "ftray-packed-1w")))
+        a.arms = ",".join(x for x in ARMS if not (a.quick and x in ("ftray-unpacked", "ftray-packed-1w", "ftray-packed-z0")))
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
     bad = [x for x in arms if x not in ARMS]
     if bad:
@@ -728,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ftray-packed-ungrouped": lambda: run_ftray(model, work, True, steps, a.adapter, grouped=False, tag=tag),
                 "ftray-unpacked": lambda: run_ftray(model, work, False, steps, a.adapter, tag=tag),
                 "ftray-packed-1w": lambda: run_ftray(model, work, True, steps, a.adapter, workers=1, tag=tag),
+                "ftray-packed-z0": lambda: run_ftray(model, work, True, steps, a.adapter, tag=tag, zero=0),
             }
             for arm in (reversed(list(runs)) if backward else runs):
                 if arm in arms:
@@ -781,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{fp['sequences']} rows); "
             f"goal <= 5 %: {'met' if pad <= 0.05 else 'MISSED'}"
         )
-    for mine in ("ftray-packed", "ftray-packed-1w"):  # the goals, for each shape of the ftray job that ran
+    for mine in ("ftray-packed", "ftray-packed-1w", "ftray-packed-z0"):  # the goals, for each ftray job shape that ran
         if mine not in results:
             continue
         m = results[mine]
@@ -839,11 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         stamp(t_all, load_all) + f", {platform.processor() or platform.machine()}",
         "",
-        f"{described}, {trained}, fp32, AdamW lr {LR} constant, clip 1.0; "
+        f"{described}, {trained}, fp32, AdamW (torch's fused kernel) lr {LR} constant, clip 1.0; "
         f"gpteacher_code_train (chat template, loss on answers); max length {SEQ_LEN}; "
         f"{GLOBAL_BATCH} sequences per optimizer step, {MICRO_BATCH} per forward pass; {steps} steps per arm, "
         f"first {WARMUP} excluded. ftray: {WORKERS} Ray Train workers x 1 CPU, ZeRO-2 (ftray-packed-1w: 1 worker x "
-        f"{THREADS} CPUs); TRL and plain loop: "
+        f"{THREADS} CPUs; ftray-packed-z0: ZeRO-0); TRL and plain loop: "
         f"1 process, {THREADS} torch threads. Trained tokens = tokens of real examples, padding excluded.",
         f"Versions: {versions()}.",
         "",

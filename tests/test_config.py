@@ -144,7 +144,7 @@ def test_placement_strategy_default_and_bad_value(tmp_path):
 @pytest.mark.parametrize(
     ("gpu", "fused_adam", "offload", "want"),
     [
-        (False, False, False, {"torch_adam": True}),  # CPU: torch's AdamW
+        (False, False, False, {"torch_adam": True, "fused": True}),  # CPU: torch's fused AdamW (one pass)
         (True, False, False, {"torch_adam": True, "fused": True}),  # GPU: torch's fused kernel, no nvcc build
         (True, True, False, {}),  # GPU, asked for: DeepSpeed's FusedAdam (JIT-built)
         (False, False, True, {}),  # offloaded: DeepSpeed's CPU Adam
@@ -158,3 +158,16 @@ def test_the_optimizer_deepspeed_builds(gpu, fused_adam, offload, want):
     d["deepspeed"] = {"zero_stage": 2, "offload_optimizer": offload, "fused_adam": fused_adam}
     params = deepspeed_config(spec_from_dict(d), 2)["optimizer"]["params"]
     assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == want
+
+
+@pytest.mark.parametrize(("gpu", "zero", "want"), [(False, 2, False), (False, 1, False), (False, 0, None), (False, 3, None),
+                                                   (True, 2, None)])
+def test_gradients_are_averaged_by_one_all_reduce_on_gloo(gpu, zero, want):
+    """ZeRO-1/2 on CPU (gloo): DeepSpeed's `reduce_scatter: false` (one all-reduce, gloo's fastest collective);
+    on GPU (NCCL) and for the stages without that switch, DeepSpeed's default."""
+    from ftray.train.ds_config import deepspeed_config
+
+    d = yaml.safe_load(GOOD)
+    d["scaling"]["use_gpu"] = gpu
+    d["deepspeed"] = {"zero_stage": zero}
+    assert deepspeed_config(spec_from_dict(d), 2)["zero_optimization"].get("reduce_scatter") is want

@@ -42,10 +42,18 @@ def deepspeed_config(spec, world_size: int, precision: str = "fp32") -> dict:
     }
     if not ds.offload_optimizer and not (on_gpu and ds.fused_adam):
         # torch.optim.AdamW instead of DeepSpeed's FusedAdam, a CUDA op JIT-built with nvcc (`deepspeed.fused_adam`):
-        # on CPU there is no such kernel; on GPU torch's own fused kernel needs no toolkit and no build.
+        # on CPU there is no such kernel; torch's own fused kernel needs no toolkit and no build, on GPU and on CPU.
+        # On CPU it is one pass over memory instead of one per operation: 67M fp32 parameters (a ZeRO-2 rank's
+        # half of SmolLM2-135M), 1 thread, 0.033 s a step against 0.33 s, results within 2.4e-7 (measured here).
+        # transformers' Trainer picks the same kernel by default (`adamw_torch_fused`, torch >= 2.8).
         cfg["optimizer"]["params"]["torch_adam"] = True
-        if on_gpu:
-            cfg["optimizer"]["params"]["fused"] = True
+        cfg["optimizer"]["params"]["fused"] = True
+    if not on_gpu and ds.zero_stage in (1, 2):
+        # gloo: average gradients with one all-reduce, not one `reduce` to each partition's owner (DeepSpeed's
+        # `reduce_scatter`, default true). gloo's all-reduce of 134.5M fp32 between 2 ranks took 0.28-0.33 s here, its
+        # reduce-scatter 0.6-0.65 s; in a ZeRO-2 backward of SmolLM2 on 2 ranks, median 1.0 s against 1.4-1.8 s. The
+        # parameters after 4 steps are identical to the last bit; each rank still keeps only its partition.
+        zero["reduce_scatter"] = False
     if ds.offload_optimizer and not on_gpu:
         cfg["zero_force_ds_cpu_optimizer"] = True
     if spec.train.max_grad_norm is not None:
