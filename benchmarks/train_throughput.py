@@ -347,10 +347,10 @@ def run_ftray_inprocess(model: Path, work: Path, steps: int, adapter: str, zero:
 
     if not cuda:
         torch.set_num_threads(THREADS)
-    job = ftray_job(model, work, True, steps, adapter, workers=1)
+    job = ftray_job(model, work, True, steps, adapter, workers=1, zero=zero)
     job["scaling"] = {"num_workers": 1, "use_gpu": cuda, "max_failures": 0}
-    job["deepspeed"] = {"zero_stage": zero, "precision": "bf16" if cuda else "fp32"}
-    job["output"]["dir"] += f"-{'gpu' if cuda else 'inprocess'}-z{zero}{tag}"
+    job["deepspeed"]["precision"] = "bf16" if cuda else "fp32"
+    job["output"]["dir"] += f"-{'gpu' if cuda else 'inprocess'}{tag}"
     spec = resolve_paths(spec_from_dict(job))
     t0 = time.time()
     record = run_local(spec, log=lambda *a, **k: None)

@@ -50,9 +50,10 @@ def deepspeed_config(spec, world_size: int, precision: str = "fp32") -> dict:
         cfg["optimizer"]["params"]["fused"] = True
     if not on_gpu and ds.zero_stage in (1, 2):
         # gloo: average gradients with one all-reduce, not one `reduce` to each partition's owner (DeepSpeed's
-        # `reduce_scatter`, default true). gloo's all-reduce of 134.5M fp32 between 2 ranks took 0.28-0.33 s here, its
-        # reduce-scatter 0.6-0.65 s; a ZeRO-2 backward of SmolLM2 on 2 ranks with 8 tokens of work, median 1.0 s against
-        # 1.4-1.8 s (at 2 x 2,048 tokens a step the saving is within the noise of ~25 s steps:
+        # `reduce_scatter`, default true; ZeRO-1 and 2 both reduce through that path at the accumulation boundary).
+        # gloo's all-reduce of 134.5M fp32 between 2 ranks took 0.28-0.33 s here, a reduce-scatter of the same
+        # 0.6-0.65 s; through DeepSpeed itself, a ZeRO-2 backward of SmolLM2 on 2 ranks with 8 tokens of work,
+        # median 1.0 s against 1.4-1.8 s (at 2 x 2,048 tokens a step the saving is within the noise of ~25 s steps:
         # benchmarks/results/train_throughput_smollm2_full.md). The parameters after 4 steps are identical to the
         # last bit; each rank still keeps only its partition.
         zero["reduce_scatter"] = False
