@@ -23,6 +23,8 @@ see `real()` for what is measured and benchmarks/results/serve_smollm2.md for th
 
     python benchmarks/serve_load.py --real                # concurrency 1,8,16,32, 2x concurrency (>= 32) requests per cell
     python benchmarks/serve_load.py --real --quick        # concurrency 1,4, 2-8 requests of 8-16 tokens: a smoke test
+    python benchmarks/serve_load.py --real --rounds 2 --cell-seconds 60   # every cell twice, the order reversed in
+                                                          # round 2; each goal from the cells' medians
 """
 
 from __future__ import annotations
@@ -183,6 +185,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="--real: the request list's seed")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="--real: both servers' weights and compute (bfloat16: benchmarks/results/serve_smollm2_bf16.md)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="--real: run every cell this many times, the servers' order and each server's cells reversed in "
+                         "every other round; each figure and goal is the median over rounds (this 2-core machine drifts "
+                         "by 10-30 %% between cells minutes apart)")
     ap.add_argument("--peer-cb-blocks", type=int, default=128,
                     help="--real: `transformers serve --cb-num-blocks` (KV cache of 256-token blocks; 128 holds 32 "
                          "requests of up to 1000 tokens; 0: its default, sized from free memory, GBs on CPU)")
@@ -518,7 +524,8 @@ def ensure_peer_installed() -> Path:
     return exe
 
 
-def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of) -> tuple[list[dict], dict]:
+def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of,
+             backward: bool = False) -> tuple[list[dict], dict]:
     """`transformers serve FOLDER` on CPU, `a.dtype`, `a.threads` threads, with continuous batching; when that cannot
     serve (it fails to start, or its log does not say `CB: True` for the warm-up request), its default mode,
     the reason kept. Returns the cells and what mode ran."""
@@ -556,7 +563,7 @@ def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[
                 print(f"transformers serve ({'continuous batching' if cb else 'default'}) failed: {e}", flush=True)
                 continue
             rows = []
-            for c in conc:
+            for c in reversed(conc) if backward else conc:
                 r = asyncio.run(drive(url + "/v1", reqs[: n_of(c)], [str(folder)], c, eos, a.cell_seconds))
                 rows.append({"server": "transformers serve", "case": "base", **r})
                 print(json.dumps(rows[-1]), flush=True)
@@ -574,8 +581,10 @@ def run_peer(exe: Path, folder: Path, a, reqs: list[dict], eos: int, conc: list[
     return [], {"continuous_batching": None, "failed_modes": tried, "command": None, "warnings": [], "cb_true": False}
 
 
-def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of, c_adapters: int) -> list[dict]:
-    """ftray's app on Ray Serve: the base at every concurrency, then 1 adapter and 8 adapters mixed at `c_adapters`."""
+def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[int], n_of, c_adapters: int,
+              backward: bool = False) -> list[dict]:
+    """ftray's app on Ray Serve: the base at every concurrency, then 1 adapter and 8 adapters mixed at `c_adapters`
+    (`backward`: the same cells in the reverse order)."""
     import ray
     from ray import serve
 
@@ -598,7 +607,7 @@ def run_ftray(base: Path, reg: Path, a, reqs: list[dict], eos: int, conc: list[i
             raise RuntimeError(f"ftray warm-up failed: {w['first_failure']}")
         cells = [("base", ["smollm2"], c) for c in conc]
         cells += [("1 adapter", adapters8[:1], c_adapters), ("8 adapters mixed", adapters8, c_adapters)]
-        for case, models, c in cells:  # the adapter cells send at least 8 requests: each of the 8 adapters has some
+        for case, models, c in reversed(cells) if backward else cells:  # the adapter cells send at least 8 requests: each of the 8 adapters has some
             r = asyncio.run(drive(url, reqs[: max(n_of(c), 8 if case != "base" else 0)], models, c, eos, a.cell_seconds))
             rows.append({"server": "ftray", "case": case, **r})
             print(json.dumps(rows[-1]), flush=True)
@@ -636,11 +645,23 @@ def real(a) -> None:
         work = Path(tempfile.mkdtemp(prefix="ftray-serve-smollm2-"))
         for i in range(8):  # random (non-zero B) r 16 adapters on every linear layer: the project's LoRA set-up
             make_adapter_run(folder, work / "registry" / f"a{i}", seed=200 + i, r=16, targets=ALL_LINEAR)
-        rows += run_ftray(folder, work / "registry", a, reqs, eos, conc, n_of, c_at)
-    if exe is not None:
-        peer_conc = [int(x) for x in (a.peer_concurrency or a.concurrency).split(",")]
-        peer_rows, peer = run_peer(exe, folder, a, reqs, eos, peer_conc, n_of)
-        rows += peer_rows
+    peer_conc = [int(x) for x in (a.peer_concurrency or a.concurrency).split(",")]
+    for rnd in range(a.rounds):  # forward, then backward: each cell's place in the run alternates
+        backward = rnd % 2 == 1
+        order = ["ftray", "transformers"] if not backward else ["transformers", "ftray"]
+        for server in order:
+            if server == "ftray" and "ftray" in servers:
+                got = run_ftray(folder, work / "registry", a, reqs, eos, conc, n_of, c_at, backward)
+            elif server == "transformers" and exe is not None:
+                got, mode = run_peer(exe, folder, a, reqs, eos, peer_conc, n_of, backward)
+                if peer is None:
+                    peer = mode
+                elif mode["continuous_batching"] != peer["continuous_batching"]:  # said, never hidden
+                    peer["failed_modes"][f"round {rnd + 1}"] = (f"ran with continuous_batching="
+                                                                f"{mode['continuous_batching']}: {mode['failed_modes']}")
+            else:
+                continue
+            rows += [{**r, "round": rnd + 1} for r in got]
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows, "peer": peer}, indent=1))
     write_real_markdown(rows, peer, a, conc, c_at, n_of, (lo, hi), stamp(t0, load0))
@@ -650,10 +671,30 @@ DTYPE_WORDS = {"float32": "fp32", "bfloat16": "bf16 weights and compute on both 
 
 
 def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> None:
-    by = {(r["server"], r["case"], r["concurrency"]): r for r in rows}
+    import statistics
+
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["server"], r["case"], r["concurrency"]), []).append(r)
+    # each cell's figures as the median over its rounds (with one round, the cell itself)
+    by = {k: {"requests": min(r["requests"] for r in rs),
+              **{f: statistics.median(r[f] for r in rs) for f in ("tok_s", "ttft_p95_ms")}} for k, rs in cells.items()}
+    rounds = sorted({r.get("round", 1) for r in rows})
 
     def ratio(x, y, key="tok_s"):
         return x[key] / y[key] if x and y and y[key] and x["requests"] and y["requests"] else None
+
+    def per_round(xk, yk, key="tok_s") -> str:
+        """The ratio in each round, when there were several."""
+        if len(rounds) < 2:
+            return ""
+        got = []
+        for n in rounds:
+            x = next((r for r in cells.get(xk, []) if r.get("round", 1) == n), None)
+            y = next((r for r in cells.get(yk, []) if r.get("round", 1) == n), None)
+            v = ratio(x, y, key)
+            got.append("-" if v is None else f"{v:.2f}")
+        return f"; by round {' / '.join(got)}"
 
     def goal(v, want: float, higher: bool = True) -> str:
         if v is None:
@@ -700,29 +741,36 @@ def write_real_markdown(rows, peer, a, conc, c_at, n_of, span, stamped: str) -> 
         "- Time to first token (TTFT): sending to the first chunk with text. Time per output token (TPOT): (last text "
         "chunk - first) / (completion tokens - 1) per request. p50/p95 over a cell's requests (nearest rank).",
         "",
-        "| server | case | concurrency | requests | failed | out/asked tokens | prompt tokens (mean) | wall s | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *([f"{len(rounds)} rounds: every cell ran once a round, in the order ftray's cells then transformers serve's in "
+           "round 1, and the reverse (the servers and each server's cells) in round 2, and so on; each ratio below is "
+           "of the cells' medians over the rounds (output tok/s, p95 TTFT), its value in each round beside it.", ""]
+          if len(rounds) > 1 else []),
+        "| server | case | concurrency | round | requests | failed | out/asked tokens | prompt tokens (mean) | wall s | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r['server']} | {r['case']} | {r['concurrency']} | {r['requests']} | {r['failed']} | "
+    case_order = {"base": 0, "1 adapter": 1, "8 adapters mixed": 2}
+    for r in sorted(rows, key=lambda r: (r["server"] != "ftray", case_order.get(r["case"], 3), r["concurrency"], r.get("round", 1))):
+        lines.append(f"| {r['server']} | {r['case']} | {r['concurrency']} | {r.get('round', 1)} | {r['requests']} | {r['failed']} | "
                      f"{r['out_tokens']}/{r['asked_tokens']} | {r['prompt_tokens_mean']:.0f} | {r['wall_s']:.1f} | "
                      f"{r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
                      f"{r['tpot_p50_ms']:.0f} | {r['tpot_p95_ms']:.0f} |")
     fails = [f"{r['server']} {r['case']} c={r['concurrency']}: {r['first_failure']}" for r in rows if r["failed"]]
     if fails:
         lines += ["", "First failure per cell: " + "; ".join(fails)]
-    f16, p16 = by.get(("ftray", "base", c_at)), by.get(("transformers serve", "base", c_at))
-    f1 = by.get(("ftray", "base", 1))
-    one, mix = by.get(("ftray", "1 adapter", c_at)), by.get(("ftray", "8 adapters mixed", c_at))
+    kf16, kp16 = ("ftray", "base", c_at), ("transformers serve", "base", c_at)
+    kf1, kone, kmix = ("ftray", "base", 1), ("ftray", "1 adapter", c_at), ("ftray", "8 adapters mixed", c_at)
+    f16, p16, f1, one, mix = (by.get(k) for k in (kf16, kp16, kf1, kone, kmix))
     ttft = ratio(f16, p16, "ttft_p95_ms")
     lines += [
-        "", f"Goals (issue 17, set at concurrency 16), read at concurrency {c_at}:", "",
-        f"- ftray / transformers serve, output tokens/s: {goal(ratio(f16, p16), 1.0)}",
+        "", f"Goals (issue 17, set at concurrency 16), read at concurrency {c_at}"
+        + (f", each of the medians over {len(rounds)} rounds" if len(rounds) > 1 else "") + ":", "",
+        f"- ftray / transformers serve, output tokens/s: {goal(ratio(f16, p16), 1.0)}{per_round(kf16, kp16)}",
         f"- ftray / transformers serve, p95 time to first token (no worse): {goal(ttft, 1.0, higher=False)}"
-        + (f" ({f16['ttft_p95_ms']:.0f} ms vs {p16['ttft_p95_ms']:.0f} ms)" if ttft is not None else ""),
+        + (f" ({f16['ttft_p95_ms']:.0f} ms vs {p16['ttft_p95_ms']:.0f} ms)" if ttft is not None else "")
+        + per_round(kf16, kp16, "ttft_p95_ms"),
         f"- ftray at {c_at} / one request at a time (ftray at concurrency 1: each request alone), output tokens/s: "
-        f"{goal(ratio(f16, f1), 4.0)}",
-        f"- 8 adapters mixed / 1 adapter, output tokens/s: {goal(ratio(mix, one), 0.8)}",
+        f"{goal(ratio(f16, f1), 4.0)}{per_round(kf16, kf1)}",
+        f"- 8 adapters mixed / 1 adapter, output tokens/s: {goal(ratio(mix, one), 0.8)}{per_round(kmix, kone)}",
         "", "ftray / transformers serve, output tokens/s per concurrency: " + ", ".join(
             f"{c}: {v:.2f}x" if (v := ratio(by.get(("ftray", "base", c)), by.get(("transformers serve", "base", c))))
             is not None else f"{c}: -" for c in conc) + ".",
