@@ -78,8 +78,9 @@ def labelled_logps(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor,
     """Per-sequence sum of log p over the labelled tokens and their count, as `sequence_logps`. Where the model
     allows it (`keeps_head_positions`) its LM head runs only at the positions that predict a labelled token: a
     prompt's positions, the last one and padding get no vocabulary-wide logits. With SmolLM2's 49,152-token
-    vocabulary, a plain loop fine-tuning it on gpteacher code trains 1.28-1.40x the tokens per second of the same loop
-    taking every position's logits (benchmarks/results/train_throughput_smollm2_{full,lora}.md). Otherwise every position's
+    vocabulary, a plain loop fine-tuning it on gpteacher code trains 1.28x (full) and 1.23x (LoRA) the tokens per
+    second of the same loop taking every position's logits (benchmarks/results/train_throughput_smollm2_{full,lora}.md;
+    1.40x and 1.37x in the runs of 27057e1). Otherwise every position's
     logits are computed and those of virtual tokens dropped."""
     if keeps_head_positions(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=head_positions(labels)).logits
