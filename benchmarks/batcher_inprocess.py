@@ -7,11 +7,14 @@ tokens/s (what the default `deployment.prefill_tokens` is chosen from).
     python benchmarks/batcher_inprocess.py --arms old/dynamic,256/roomy,512/roomy --order 0,1,2,0
     python benchmarks/batcher_inprocess.py --arms 512/roomy/0,512/roomy/2,512/roomy/inf --order 0,1,2,2,1,0 \
         --seed 1 --requests 24 --out benchmarks/results/batcher_pause.md
+    python benchmarks/batcher_inprocess.py --threads 2 --requests 32 --arms 512/roomy/2/0,512/roomy/2/4096 \
+        --order 0,1,1,0,0,1 --decode '' --rates '' --out benchmarks/results/batcher_prefix.md
 
-An arm is PREFILL_TOKENS/LAYER[/PAUSE]: `old` (one prefill for all waiting, the first batcher's scheduling) or a
+An arm is PREFILL_TOKENS/LAYER[/PAUSE[/PREFIX]]: `old` (one prefill for all waiting, the first batcher's scheduling) or a
 token budget; the cache layer: `dynamic` (transformers' DynamicLayer: `torch.cat` of the whole cache every step)
 or `roomy` (the batcher's layer with room to decode in place); `deployment.prefill_pause_s` (default 0: a
-decoding step after every prefill group; `inf`: prefill first until none waits).
+decoding step after every prefill group; `inf`: prefill first until none waits); `deployment.prefix_cache_tokens`
+(default 0: no prefix cache; each run starts with an empty one).
 
 Requests: `benchmarks/serve_load.py --real`'s list (`--seed`, default 0, the list serve_load reports on), each rendered with the chat template as the server
 does, greedy, EOS banned by `logit_bias` (so each generates exactly its `max_tokens`), streamed (`emit`): c are
@@ -153,7 +156,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=20, help="the first N requests of the list")
     ap.add_argument("--seconds", type=float, default=None, help="no request is submitted after this many seconds of an arm")
-    ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER[/PAUSE] per arm (see above)")
+    ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER[/PAUSE[/PREFIX]] per arm (see above)")
     ap.add_argument("--seed", type=int, default=0, help="the request list's seed (choose settings on another seed than the reported one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batcher_inprocess.md"))
     ap.add_argument("--order", default="0,1,2,0", help="arm indices in run order (repeats allowed)")
@@ -170,6 +173,7 @@ def main() -> None:
     from ftray.serve.batcher import _RoomyLayer
     from ftray.serve.config import Deployment, GenerationModel
     from ftray.serve.engine import LoraEngine
+    from ftray.serve.prefixes import Prefixes
 
     t0, load0 = time.time(), os.getloadavg()
     torch.set_num_threads(a.threads)
@@ -179,7 +183,7 @@ def main() -> None:
         text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         reqs.append({"adapter": None, "input_ids": tok(text, add_special_tokens=False)["input_ids"], "max_tokens": r["max_tokens"],
                      "temperature": 0.0, "logit_bias": {tok.eos_token_id: -100.0}, "stop": None})
-    arms = [(OLD if p[0] == "old" else int(p[0]), p[1], float(p[2]) if len(p) > 2 else 0.0)
+    arms = [(OLD if p[0] == "old" else int(p[0]), p[1], float(p[2]) if len(p) > 2 else 0.0, int(p[3]) if len(p) > 3 else 0)
             for p in (x.split("/") for x in a.arms.split(","))]
     order = [int(x) for x in a.order.split(",")]
     engine = LoraEngine(GenerationModel(name="smollm2", base=a.smollm2, deployment=Deployment(max_batch_size=32, num_cpus=a.threads)),
@@ -192,18 +196,21 @@ def main() -> None:
         engine.batcher.prefill_tokens = arms[i][0]
         engine.batcher._layer = {"dynamic": DynamicLayer, "roomy": _RoomyLayer}[arms[i][1]]
         engine.batcher.pause_s = arms[i][2]
+        engine.batcher.prefixes = Prefixes(arms[i][3]) if arms[i][3] else None  # each run starts cold
         r = closed_loop(engine, reqs, a.concurrency, a.seconds)
+        r["from_cache"] = engine.batcher.prefixes.saved if engine.batcher.prefixes is not None else 0
         runs[i].append(r)
         print(arms[i], r, flush=True)
     write(a, arms, order, runs, rates, dec, reqs, stamp(t0, load0))
 
 
 def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
-    def name(arm: tuple[int, str, float]) -> str:
-        b, layer, pause = arm
+    def name(arm: tuple[int, str, float, int]) -> str:
+        b, layer, pause, prefix = arm
         return ("one prefill for all" if b == OLD else f"groups of <= {b} tokens") + (
             ", DynamicLayer (torch.cat)" if layer == "dynamic" else ", cache with room (in place)") + (
-            "" if not pause else ", prefill first" if pause == float("inf") else f", prefill first up to {pause:g} s")
+            "" if not pause else ", prefill first" if pause == float("inf") else f", prefill first up to {pause:g} s") + (
+            f", prefix cache {prefix} tokens" if prefix else "")
 
     lines = ["# The continuous batcher in process: how a burst is prefilled (SmolLM2-135M)", "", stamped, "",
              f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, in process (no Ray, no HTTP). "
@@ -214,11 +221,11 @@ def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
              + f". Torch threads: {a.threads}{THREADS_NOTE if a.threads == 1 else ''}. Arms in this order, one process: {'; '.join(name(arms[i]) for i in order)}. "
              "Time to first token (TTFT): submit to first token; time per output token (TPOT): (last - first) / (tokens - 1); "
              "p50/p95 nearest rank. Noisy machine (shared): compare arms of this run only.", "",
-             "| arm | run | requests | out/asked tokens | prompt tokens (mean) | steps | wall s | output tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arm | run | requests | out/asked tokens | prompt tokens (mean) | prompt tokens from the prefix cache | steps | wall s | output tok/s | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | TPOT p95 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, arm in enumerate(arms):
         for k, r in enumerate(runs[i]):
-            lines.append(f"| {name(arm)} | {k + 1} | {r['requests']} | {r['out_tokens']}/{r['asked']} | {r['prompt_mean']:.0f} | {r['steps']} | "
+            lines.append(f"| {name(arm)} | {k + 1} | {r['requests']} | {r['out_tokens']}/{r['asked']} | {r['prompt_mean']:.0f} | {r.get('from_cache', 0)} | {r['steps']} | "
                          f"{r['wall_s']:.1f} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['tpot_p50_ms']:.0f} | "
                          f"{r.get('tpot_p95_ms', float('nan')):.0f} |")
     if runs[0]:

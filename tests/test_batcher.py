@@ -4,6 +4,7 @@ the tokens it gets alone; finished rows leave the cache, and an adapter in use i
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -287,3 +288,107 @@ def test_the_cache_decodes_in_place_through_growth_joins_and_retires(engine):
     for k, r in (("long", long), ("short", short), ("late", late)):
         assert calls.done[k]["token_ids"] == engine.generate([r])[0]["token_ids"], k
     assert len(calls.done["long"]["token_ids"]) == 60 and calls.at["short"] < calls.at["late"] < calls.at["long"]
+
+
+def test_a_shared_prompt_prefix_is_kept_per_adapter_and_later_rows_prefill_only_the_rest(tiny_model, runs):
+    """Prefix caching (ftray/serve/prefixes.py): prompts that share a preamble of >= 16 tokens, on the base and on
+    an adapter. The first group computes it in full and keeps the preamble's keys and values per adapter from its
+    rows' own prefill (no forward of its own); a later request prefills only what follows it, a longer shared
+    prefix is kept once for the two rows that share it, and an adapter's entries go with its weights. Every answer
+    is the one an engine without the cache gives."""
+    from ftray.serve.prefixes import MIN_TOKENS
+
+    engine = _engine(tiny_model, runs)
+    plain = _engine(tiny_model, runs, deployment={"prefix_cache_tokens": 0})
+    assert plain.batcher.prefixes is None
+    unit = engine.tokenizer("1+1=", add_special_tokens=False)["input_ids"]
+    pre = [engine.tokenizer.bos_token_id] + unit * (MIN_TOKENS // len(unit) + 1)
+
+    def req(tail: str, adapter: str | None) -> dict:
+        ids = pre + engine.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        return {"adapter": adapter, "input_ids": ids, "max_tokens": 8, "temperature": 0.0}
+
+    def same(reqs: list[dict], got: list[dict]) -> None:
+        for r, out in zip(reqs, got, strict=True):
+            assert out["token_ids"] == plain.generate([r])[0]["token_ids"] and len(out["token_ids"]) > 0, r
+
+    fed: list[tuple[int, int]] = []  # (rows, tokens fed) per forward with more than one token: the prefills
+    forward = engine.forward
+
+    def counting(names, **kw):
+        if kw["input_ids"].shape[1] > 1:
+            fed.append(tuple(kw["input_ids"].shape))
+        return forward(names, **kw)
+
+    engine.forward = counting
+    first = [req(p, a) for p in ("12+7=", "3+4=", "7+8=") for a in (None, "ad-a")]  # tails that differ at once
+    same(first, engine.generate(first))
+    prefixes = engine.batcher.prefixes
+    assert fed == [(len(first), max(len(r["input_ids"]) for r in first))] and prefixes.hits == 0
+    assert sorted((str(a), ids) for a, ids in prefixes.entries) == [("None", tuple(pre)), ("ad-a", tuple(pre))]
+
+    fed.clear()
+    late = [req("99+1=", "ad-a")]
+    same(late, engine.generate(late))
+    assert fed == [(1, len(late[0]["input_ids"]) - len(pre))] and prefixes.hits == 1 and prefixes.saved == len(pre)
+    assert len(prefixes.entries) == 2  # a hit learns nothing new
+
+    fed.clear()
+    longer = [req("12+7=" * 6 + t, None) for t in ("7", "8")]  # the preamble and 6 more sums in common
+    same(longer, engine.generate(longer))
+    grown = len(os.path.commonprefix([r["input_ids"] for r in longer]))
+    assert grown - len(pre) >= MIN_TOKENS and fed == [(2, len(longer[0]["input_ids"]) - len(pre))]
+    assert (None, tuple(longer[0]["input_ids"][:grown])) in prefixes.entries and len(prefixes.entries) == 3
+    fed.clear()
+    third = [req("12+7=" * 6 + "9+9", None)]
+    same(third, engine.generate(third))
+    assert fed == [(1, len(third[0]["input_ids"]) - grown)]  # from the longer entry
+
+    engine.release("ad-a")
+    engine.ensure_loaded({"ad-b"})  # ad-a's weights are deleted: so are its prefixes
+    assert "ad-a" not in engine.loaded and {a for a, _ in prefixes.entries} == {None}
+
+
+def test_the_replicas_loop_admits_a_stream_that_arrives_during_a_step_at_the_next_step(engine):
+    """`Generator._steps` runs the batch on the replica's event loop, and a step holds the loop: a stream that
+    arrives meanwhile gets in only through the yields between steps (its task starts in one loop iteration and
+    submits in a later one). Here a second stream's task is made while the first stream decodes: its first token
+    comes from the first step after it, not a step or more later. Without Ray: `Generator`'s own class, its
+    `stream` and `_steps` on this test's event loop."""
+    import asyncio
+
+    from ftray.serve.deployments import Generator
+
+    eos = min(engine.eos_ids)
+    gen = object.__new__(Generator.func_or_class)
+    gen.engine, gen._lock, gen._driver, gen.replica = engine, asyncio.Lock(), None, "r"
+    steps = [0]
+    step = engine.batcher.step
+
+    def counted() -> None:
+        step()
+        steps[0] += 1
+
+    engine.batcher.step = counted
+    got: dict[str, list[int]] = {}  # the step count at each token
+
+    async def consume(key: str, req: dict) -> None:
+        async for item in gen.stream(req):
+            if "token_ids" in item:
+                got.setdefault(key, []).append(steps[0])
+
+    async def main() -> int:
+        first = asyncio.create_task(consume("first", _req(engine, PROMPTS[0], None, max_tokens=12, logit_bias={eos: -100.0})))
+        while steps[0] < 3:
+            await asyncio.sleep(0)
+        at = steps[0]
+        second = asyncio.create_task(consume("second", _req(engine, PROMPTS[1], None, max_tokens=4, logit_bias={eos: -100.0})))
+        await asyncio.gather(first, second)
+        return at
+
+    try:
+        at = asyncio.run(main())
+    finally:
+        del engine.batcher.step
+    assert len(got["first"]) == 12 and len(got["second"]) == 4
+    assert got["second"][0] == at + 1, (at, got)

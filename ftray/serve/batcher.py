@@ -49,6 +49,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ftray.serve.prefixes import Prefixes
 from ftray.serve.sampling import RowSampler, find_stop
 
 __all__ = ["Batcher"]
@@ -152,8 +153,9 @@ def _pad_left(cache, mask: torch.Tensor, n: int) -> torch.Tensor:
 class Batcher:
     """The running batch of one engine. `submit` from any thread; `step` from one thread at a time."""
 
-    def __init__(self, engine, max_rows: int, prefill_tokens: int, pause_s: float = 0.0):
+    def __init__(self, engine, max_rows: int, prefill_tokens: int, pause_s: float = 0.0, prefix_tokens: int = 0):
         self.engine, self.max_rows, self.prefill_tokens, self.pause_s = engine, max_rows, prefill_tokens, pause_s
+        self.prefixes = Prefixes(prefix_tokens) if prefix_tokens else None  # shared prompt prefixes' keys and values
         self._token_at = 0.0  # when the running rows last got a token (monotonic): a decoding step or their admission
         self.waiting: deque[_Seq] = deque()
         self.rows: list[_Seq] = []
@@ -288,20 +290,47 @@ class Batcher:
         return True
 
     def _prefill(self, seqs: list[_Seq]):
+        """One left-padded forward of the group's prompts into a new cache. With prefix caching, each row's cached
+        prefix (`ftray.serve.prefixes`) is copied into the cache's first columns, right-aligned there, and only the
+        rest of its prompt is fed: a row's columns are [padding][its prefix][padding][the rest], the mask hides
+        the padding and the positions count the row's own tokens."""
         eng = self.engine
-        width = max(len(s.prompt) for s in seqs)
+        plan = self.prefixes.plan([(s.adapter, s.prompt) for s in seqs]) if self.prefixes is not None and self.joinable \
+            else [(None, 0)] * len(seqs)
+        found = [e for e, _ in plan]
+        lead = [len(e.ids) if e is not None else 0 for e in found]
+        past = max(lead)
+        width = max(len(s.prompt) - n for s, n in zip(seqs, lead, strict=True))
         ids = torch.full((len(seqs), width), eng.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):  # left padding: every row's last prompt token sits in the last column
-            ids[j, width - len(s.prompt) :] = torch.tensor(s.prompt)
-            mask[j, width - len(s.prompt) :] = 1
+        mask = torch.zeros((len(seqs), past + width), dtype=torch.long)
+        for j, (s, n) in enumerate(zip(seqs, lead, strict=True)):  # every row's last prompt token in the last column
+            rest = s.prompt[n:]
+            ids[j, width - len(rest) :] = torch.tensor(rest)
+            mask[j, past - n : past] = 1
+            mask[j, past + width - len(rest) :] = 1
         ids, mask = ids.to(eng.device), mask.to(eng.device)
         cache = DynamicCache(config=eng.model.config)
         if self.joinable:  # plain DynamicLayers: the same layer with room to decode in place
             cache.layers = [self._layer() for _ in cache.layers]
+        if past:
+            for i, layer in enumerate(cache.layers):
+                k0, v0 = next((e.keys[i], e.values[i]) for e in found if e is not None)
+                keys = k0.new_zeros(len(seqs), k0.shape[1], past, k0.shape[3])
+                values = v0.new_zeros(len(seqs), v0.shape[1], past, v0.shape[3])
+                for j, e in enumerate(found):
+                    if e is not None:
+                        keys[j, :, past - lead[j] :] = e.keys[i][0]
+                        values[j, :, past - lead[j] :] = e.values[i][0]
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
         logits = eng.forward([s.adapter for s in seqs], input_ids=ids, attention_mask=mask,
-                             position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
+                             position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, past:], past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
+        for j, (s, (_, learn)) in enumerate(zip(seqs, plan, strict=True)):
+            if learn:  # the row's columns holding its first `learn` prompt tokens
+                cols = mask[j].nonzero().squeeze(1)[:learn]
+                self.prefixes.keep(s.adapter, tuple(s.prompt[:learn]), [layer.keys[j : j + 1].index_select(2, cols) for layer in cache.layers],
+                                   [layer.values[j : j + 1].index_select(2, cols) for layer in cache.layers])
         return cache, mask, logits[:, -1]
 
     def _join(self, cache, mask: torch.Tensor) -> None:

@@ -55,6 +55,11 @@ class Deployment(_Strict):
         " every row decodes one; 0 decodes after every group. Prefill first, as vLLM's default scheduler: a burst's"
         " last first token comes sooner, at a pause of the running streams (benchmarks/results/batcher_pause.md)"
     )
+    prefix_cache_tokens: int = Field(
+        4096, ge=0, description="generator: prompt tokens whose keys and values are kept for prefixes that recent"
+        " requests share (a system prompt, a few-shot preamble), per adapter, LRU; a request starting with one prefills"
+        " only the rest of its prompt (ftray/serve/prefixes.py). 0 turns prefix caching off"
+    )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="scorer: how long a batch waits to fill (a generator does not wait: requests join"
         " its running batch at the next decoding step)"

@@ -62,7 +62,7 @@ class LoraEngine:
         self._released: set[str] = set()
         self._stale: set[str] = set()  # rewritten in the registry since loaded, not reloaded yet (in use)
         self.batcher = Batcher(self, max_rows=cfg.deployment.max_batch_size, prefill_tokens=cfg.deployment.prefill_tokens,
-                               pause_s=cfg.deployment.prefill_pause_s)
+                               pause_s=cfg.deployment.prefill_pause_s, prefix_tokens=cfg.deployment.prefix_cache_tokens)
         self.eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(self.eos if isinstance(self.eos, list) else [self.eos])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -138,6 +138,8 @@ class LoraEngine:
     def _drop(self, name: str) -> None:
         self.peft.delete_adapter(name)
         self.stacked.invalidate()  # the stacks would keep the deleted adapter's weights
+        if self.batcher.prefixes is not None:
+            self.batcher.prefixes.forget(name)  # its prefixes' keys and values came from its weights
         del self.loaded[name]
         self._stale.discard(name)
 

@@ -79,6 +79,10 @@ class AdapterRegistry:
                 code="invalid_model",
             )
 
+    def known(self, name: str) -> bool:
+        """Whether `lookup(name)` answers from memory (no storage read)."""
+        return name in self._found
+
     def lookup(self, name: str) -> str:
         """The adapter folder for `name`, or AdapterError (404 when no such adapter)."""
         self.validate(name)
