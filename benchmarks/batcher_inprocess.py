@@ -42,6 +42,18 @@ THREADS_NOTE = (" (fewer than the server's 2: with other work on the 2 cores, 2 
                 " other)")
 
 
+def shared_system(tok, n: int) -> str:
+    """A system prompt of about `n` tokens that every request shares (as an app's instructions or a few-shot preamble):
+    serve_load's note sentences in a fixed order."""
+    from benchmarks.serve_load import _NOTES
+
+    text, k = "You answer questions about the town's records. Facts you may use:", 0
+    while len(tok(text, add_special_tokens=False)["input_ids"]) < n:
+        text += " " + _NOTES[k % len(_NOTES)]
+        k += 1
+    return text
+
+
 def prefill_rates(engine, sizes: list[tuple[int, int]], repeats: int = 3) -> list[dict]:
     """Tokens/s of one prefill of `rows` x `width` tokens (no padding), median of `repeats`."""
     import torch
@@ -157,6 +169,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20, help="the first N requests of the list")
     ap.add_argument("--seconds", type=float, default=None, help="no request is submitted after this many seconds of an arm")
     ap.add_argument("--arms", default="old/dynamic,512/dynamic,512/roomy", help="PREFILL_TOKENS/LAYER[/PAUSE[/PREFIX]] per arm (see above)")
+    ap.add_argument("--system-tokens", type=int, default=0,
+                    help="give every request one shared system prompt of about this many tokens (0: the chat template's default)")
     ap.add_argument("--seed", type=int, default=0, help="the request list's seed (choose settings on another seed than the reported one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batcher_inprocess.md"))
     ap.add_argument("--order", default="0,1,2,0", help="arm indices in run order (repeats allowed)")
@@ -179,8 +193,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.smollm2)
     reqs = []
+    system = shared_system(tok, a.system_tokens) if a.system_tokens else None
     for r in real_requests(a.requests, a.seed, 16, 128):
-        text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+        msgs = ([{"role": "system", "content": system}] if system else []) + r["messages"]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         reqs.append({"adapter": None, "input_ids": tok(text, add_special_tokens=False)["input_ids"], "max_tokens": r["max_tokens"],
                      "temperature": 0.0, "logit_bias": {tok.eos_token_id: -100.0}, "stop": None})
     arms = [(OLD if p[0] == "old" else int(p[0]), p[1], float(p[2]) if len(p) > 2 else 0.0, int(p[3]) if len(p) > 3 else 0)
@@ -214,7 +230,9 @@ def write(a, arms, order, runs, rates, dec, reqs, stamped: str) -> None:
 
     lines = ["# The continuous batcher in process: how a burst is prefilled (SmolLM2-135M)", "", stamped, "",
              f"SmolLM2-135M-Instruct (`{a.smollm2}`), fp32, CPU, in process (no Ray, no HTTP). "
-             f"Requests: `serve_load.py --real`'s list (seed {a.seed}, chat template, prompts {min(len(r['input_ids']) for r in reqs)}-"
+             f"Requests: `serve_load.py --real`'s list (seed {a.seed}, chat template"
+             + (f" with one system prompt of ~{a.system_tokens} tokens shared by all (`--system-tokens`)" if a.system_tokens else "")
+             + f", prompts {min(len(r['input_ids']) for r in reqs)}-"
              f"{max(len(r['input_ids']) for r in reqs)} tokens, `max_tokens` 16-128, greedy, EOS banned by `logit_bias`), streamed; "
              f"concurrency {a.concurrency}, closed loop over the first {a.requests}"
              + (f", none submitted after {a.seconds:g} s of an arm (those in flight finish and count)" if a.seconds else "")

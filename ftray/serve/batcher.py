@@ -23,6 +23,10 @@ both select by the batch dimension). This schedules over transformers' model for
   about `pause_s` plus one group. Each group is its own step, so a server sends its first tokens between groups.
   The cache's layers keep spare columns
   (`_RoomyLayer`): a step writes its keys and values in place instead of copying the whole cache.
+- With prefix caching (`deployment.prefix_cache_tokens`, `ftray.serve.prefixes`), a newcomer whose prompt starts
+  with a prefix kept from earlier rows on its adapter (a system prompt, a shared preamble) gets that prefix's keys
+  and values copied into its first columns and prefills only the rest of its prompt; the group's token budget
+  still counts whole prompts.
 - A row that ends is dropped from the cache, and the leading columns that are padding for every remaining row
   are cut, so a long finished prompt stops costing attention.
 Each row's positions count its own tokens only, so padding changes no row's rotary positions; the attention mask
