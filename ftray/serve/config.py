@@ -58,7 +58,8 @@ class Deployment(_Strict):
     prefix_cache_tokens: int = Field(
         4096, ge=0, description="generator: prompt tokens whose keys and values are kept for prefixes that recent"
         " requests share (a system prompt, a few-shot preamble), per adapter, LRU; a request starting with one prefills"
-        " only the rest of its prompt (ftray/serve/prefixes.py). 0 turns prefix caching off"
+        " only the rest of its prompt (ftray/serve/prefixes.py). Memory: these tokens x layers x 2 x KV heads x head"
+        " dim x dtype bytes (SmolLM2-135M in fp32: 46 KB a token, 4096 tokens 188 MB). 0 turns prefix caching off"
     )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="scorer: how long a batch waits to fill (a generator does not wait: requests join"
