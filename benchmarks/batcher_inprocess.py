@@ -9,6 +9,9 @@ tokens/s (what the default `deployment.prefill_tokens` is chosen from).
         --seed 1 --requests 24 --out benchmarks/results/batcher_pause.md
     python benchmarks/batcher_inprocess.py --threads 2 --requests 32 --arms 512/roomy/2/0,512/roomy/2/4096 \
         --order 0,1,1,0,0,1 --decode '' --rates '' --out benchmarks/results/batcher_prefix.md
+    python benchmarks/batcher_inprocess.py --threads 2 --requests 32 --system-tokens 400 \
+        --arms 512/roomy/2/0,512/roomy/2/4096 --order 0,1,1,0 --decode '' --rates '' \
+        --out benchmarks/results/batcher_prefix_system400.md
 
 An arm is PREFILL_TOKENS/LAYER[/PAUSE[/PREFIX]]: `old` (one prefill for all waiting, the first batcher's scheduling) or a
 token budget; the cache layer: `dynamic` (transformers' DynamicLayer: `torch.cat` of the whole cache every step)

@@ -317,8 +317,9 @@ class Batcher:
         if self.joinable:  # plain DynamicLayers: the same layer with room to decode in place
             cache.layers = [self._layer() for _ in cache.layers]
         if past:
+            ref = next(e for e in found if e is not None)  # any entry: the layers' head count, head size and dtype
             for i, layer in enumerate(cache.layers):
-                k0, v0 = next((e.keys[i], e.values[i]) for e in found if e is not None)
+                k0, v0 = ref.keys[i], ref.values[i]
                 keys = k0.new_zeros(len(seqs), k0.shape[1], past, k0.shape[3])
                 values = v0.new_zeros(len(seqs), v0.shape[1], past, v0.shape[3])
                 for j, e in enumerate(found):

@@ -27,15 +27,17 @@ import torch
 
 __all__ = ["Prefixes", "MIN_TOKENS", "RECENT"]
 
-MIN_TOKENS = 16  # a shorter shared prefix saves less than the extra forward that computes it costs
+MIN_TOKENS = 16  # shorter shared prefixes save little prefill and would fill the LRU with near-copies
 RECENT = 64  # prompts remembered per engine to find shared prefixes in
 
 
 class _Entry:
-    __slots__ = ("adapter", "ids", "keys", "values")
+    """A kept prefix (its adapter is in its key in `Prefixes.entries`)."""
 
-    def __init__(self, adapter: str | None, ids: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.adapter, self.ids, self.keys, self.values = adapter, ids, keys, values  # per layer [1, heads, len, dim]
+    __slots__ = ("ids", "keys", "values")
+
+    def __init__(self, ids: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.ids, self.keys, self.values = ids, keys, values  # per layer [1, heads, len, dim]
 
 
 class Prefixes:
@@ -92,6 +94,6 @@ class Prefixes:
         """Keep a prefix's keys and values (per layer [1, heads, len(ids), dim]), taken from a row's prefill."""
         if (adapter, ids) in self.entries:
             return
-        self.entries[(adapter, ids)] = _Entry(adapter, ids, keys, values)
+        self.entries[(adapter, ids)] = _Entry(ids, keys, values)
         while self.cached_tokens() > self.max_tokens and len(self.entries) > 1:
             self.entries.popitem(last=False)
