@@ -313,6 +313,16 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     return res
 
 
+def paired(mine: dict, other: dict) -> str:
+    """The ratio round by round (two arms of one round run within minutes of each other; this machine's speed drifts
+    by 10-15 % over a run, which a ratio of medians over rounds does not cancel): "; per round a / b / ..."."""
+    a, b = mine.get("per_round") or [], other.get("per_round") or []
+    if len(a) < 2 or len(a) != len(b):
+        return ""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return f"; per round {' / '.join(f'{x:.2f}' for x in r)} (median {statistics.median(r):.2f})"
+
+
 def run_figures(spec, record: dict, wall: float, steps: int, grouped: bool, workers: int) -> dict:
     """An ftray run's figures from its metrics.jsonl and run.json (Ray Train's or run_local's)."""
     hist = [json.loads(x) for x in Path(spec.output.dir, "metrics.jsonl").read_text().splitlines()]
@@ -797,8 +807,16 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append(
                     f"- {mine} / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
                     f"{'met' if ratio >= factor else 'MISSED'}; inside the steps "
-                    f"{m['tokens_per_s'] / o['tokens_per_s']:.2f}"
+                    f"{m['tokens_per_s'] / o['tokens_per_s']:.2f}{paired(m, o)}"
                 )
+    if "ftray-inprocess" in results and "plain-torch" in results:
+        # Where a gap to the plain loop lies: ftray's loop itself (DeepSpeed's engine in one process, no Ray), or
+        # Ray Train around it (2 workers, each its own process).
+        ip, pl = results["ftray-inprocess"], results["plain-torch"]
+        checks.append(f"- where a gap to the plain loop lies: ftray-inprocess (the same loop and DeepSpeed, one process, "
+                      f"no Ray) / plain-torch = {ip['loop_tokens_per_s'] / pl['loop_tokens_per_s']:.2f}{paired(ip, pl)}"
+                      + (f"; ftray-packed (Ray Train) / ftray-inprocess = {fp['loop_tokens_per_s'] / ip['loop_tokens_per_s']:.2f}"
+                         f"{paired(fp, ip)}" if fp else ""))
     if fp:
         if "trl-packed" in results:
             checks.append(
