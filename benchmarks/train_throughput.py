@@ -313,6 +313,11 @@ def run_ftray(model: Path, work: Path, packing: bool, steps: int, adapter: str, 
     return res
 
 
+def loop_tokens_per_s(r: dict) -> float:
+    """An arm's tokens/s including the work between steps (the plain and TRL arms have no such work: their one figure)."""
+    return r.get("loop_tokens_per_s", r["tokens_per_s"])
+
+
 def paired(mine: dict, other: dict) -> str:
     """The ratio round by round (two arms of one round run within minutes of each other; this machine's speed drifts
     by 10-15 % over a run, which a ratio of medians over rounds does not cancel): "; per round a / b / ..."."""
@@ -803,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
         for other, factor in GOAL_RATIOS:
             if other in results:
                 o = results[other]
-                ratio = m["loop_tokens_per_s"] / o.get("loop_tokens_per_s", o["tokens_per_s"])
+                ratio = loop_tokens_per_s(m) / loop_tokens_per_s(o)
                 checks.append(
                     f"- {mine} / {other}, including the work between steps = {ratio:.2f} (goal >= {factor:.2f}): "
                     f"{'met' if ratio >= factor else 'MISSED'}; inside the steps "
@@ -813,12 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         # Where a gap to the plain loop lies: ftray's loop itself (DeepSpeed's engine in one process, no Ray), or
         # Ray Train around it (2 workers, each its own process).
         ip, pl = results["ftray-inprocess"], results["plain-torch"]
-        def loop(r: dict) -> float:  # tokens/s including the work between steps (the plain and TRL arms: their only figure)
-            return r.get("loop_tokens_per_s", r["tokens_per_s"])
-
         checks.append(f"- where a gap to the plain loop lies: ftray-inprocess (the same loop and DeepSpeed, one process, "
-                      f"no Ray) / plain-torch = {loop(ip) / loop(pl):.2f}{paired(ip, pl)}"
-                      + (f"; ftray-packed (Ray Train) / ftray-inprocess = {loop(fp) / loop(ip):.2f}{paired(fp, ip)}"
+                      f"no Ray) / plain-torch = {loop_tokens_per_s(ip) / loop_tokens_per_s(pl):.2f}{paired(ip, pl)}"
+                      + (f"; ftray-packed (Ray Train) / ftray-inprocess = {loop_tokens_per_s(fp) / loop_tokens_per_s(ip):.2f}{paired(fp, ip)}"
                          if fp else ""))
     if fp:
         if "trl-packed" in results:
