@@ -584,7 +584,7 @@ def over_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
         for k in ("tokens_per_s", "loop_tokens_per_s", "median_tokens_per_s", "s_per_step"):
             if k in rs[0]:
                 results[arm][k] = statistics.median(r[k] for r in rs)
-        results[arm]["per_round"] = [r.get("loop_tokens_per_s", r["tokens_per_s"]) for r in rs]
+        results[arm]["per_round"] = [loop_tokens_per_s(r) for r in rs]
     return results
 
 
@@ -606,7 +606,7 @@ def table(results: dict[str, dict], errors: dict[str, str]) -> list[str]:
         if arm not in results:
             continue
         r = results[arm]
-        loop = r.get("loop_tokens_per_s", r["tokens_per_s"])
+        loop = loop_tokens_per_s(r)
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "n/a"
         loop_ratio = f"{loop / base['loop_tokens_per_s']:.2f}" if base else "n/a"
         lines.append(
