@@ -48,6 +48,7 @@ The table goes to stdout and to benchmarks/results/train_throughput.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -193,23 +194,55 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
+CPU_EVERY = 2.0  # s between CpuWatch's readings
+
+
 class CpuWatch:
     """CPU seconds each kind of process spends while it runs: `cpu_seconds` read every `every` s on a thread,
     the last reading of each process kept, so one that exits before the end (a Ray Train worker) still counts
     up to its last reading. A process already running counts from the first reading."""
 
-    def __init__(self, every: float = 2.0):
+    def __init__(self, every: float | None = None):
         import threading
 
-        self.first, self.last, self.every = cpu_seconds(), {}, every
+        self.first, self.last, self.every = cpu_seconds(), {}, every or CPU_EVERY
         self.last.update(self.first)
+        self.series = [(time.time(), self.first)]  # every reading, for `in_steps`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.last.update(cpu_seconds())
+            now = cpu_seconds()
+            self.last.update(now)
+            self.series.append((time.time(), now))
+
+    def in_steps(self, skip: int = 1) -> dict | None:
+        """Cores each kind of process took while the arm trained, not over the whole arm: the readings in which
+        the trainer (the Ray Train workers, else this process) took at least one core, less the first `skip` of
+        them (start-up, the first step). Whole-arm CPU seconds mix in start-up (imports, Ray's actors starting),
+        which does not overlap the steps. None when no reading saw the trainer busy."""
+        def trainer(name: str) -> bool:
+            return "RayTrainWorker" in name or name == "this benchmark (driver)"
+
+        busy: list[dict[str, float]] = []
+        for (t0, a), (t1, b) in itertools.pairwise(self.series):
+            rate: dict[str, float] = {}
+            for pid, (name, t) in b.items():
+                if pid in a and a[pid][0] == name and t > a[pid][1]:
+                    key = "trainer" if trainer(name) else name
+                    rate[key] = rate.get(key, 0.0) + (t - a[pid][1]) / (t1 - t0)
+            if rate.get("trainer", 0.0) >= 1.0:
+                busy.append(rate)
+        busy = busy[skip:]
+        if not busy:
+            return None
+        kinds = {k for r in busy for k in r}
+        mean = {k: sum(r.get(k, 0.0) for r in busy) / len(busy) for k in kinds}
+        others = dict(sorted(((k, v) for k, v in mean.items() if k != "trainer"), key=lambda kv: -kv[1]))
+        return {"readings": len(busy), "trainer": mean.get("trainer", 0.0), "others": sum(others.values()),
+                "idle": max(0.0, (os.cpu_count() or 1) - sum(mean.values())), "top": dict(list(others.items())[:5])}
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
@@ -714,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = fn()
                 res["load"] = (load0, os.getloadavg()[0])
                 res["cpu"], res["arm_s"] = watch.stop(), time.time() - t0
+                res["cpu_steps"] = watch.in_steps()
                 rounds.setdefault(arm, []).append(res)
                 log(f"{arm}: {res['tokens_per_s']:,.0f} trained tokens/s ({time.time() - t0:.0f} s)")
             except Exception as e:  # one failing arm still leaves the others' figures
@@ -850,10 +884,19 @@ def main(argv: list[str] | None = None) -> int:
     if threads_note:
         notes.append(f"- a 1-CPU Ray worker gets {threads_note}")
     if results:
-        notes.append("- CPU seconds by process over each arm (its first round, read every 2 s; its wall seconds first; "
+        notes.append(f"- CPU seconds by process over each arm (its first round, read every {CPU_EVERY:g} s; its wall seconds first; "
                      "every process on the machine, the 6 that took most): " + "; ".join(
                          f"{arm} {r['arm_s']:.0f} s wall: " + ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu"].items())[:6])
                          for arm, r in results.items() if "cpu" in r))
+        steps_cpu = [(arm, r["cpu_steps"]) for arm, r in results.items() if r.get("cpu_steps")]
+        if steps_cpu:
+            notes.append(
+                f"- Cores by process while each arm trained (its first round; the {CPU_EVERY:g}-s readings in "
+                f"which the trainer, Ray Train's workers or this process, took at least one core, less the first; "
+                f"{os.cpu_count()} CPUs): " + "; ".join(
+                    f"{arm} ({c['readings']} readings): trainer {c['trainer']:.2f}, every other process {c['others']:.2f}"
+                    + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in c["top"].items() if v >= 0.005) + ")" if c["top"] else "")
+                    + f", idle {c['idle']:.2f}" for arm, c in steps_cpu))
 
     print()
     print("\n".join(rows))

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftray.train.launch import EMBEDDED_RAY_ENV
 from tests._cluster import LIST_NODES, SCRIPT, _ours, _plain_env, _run
 from tests._specs import ROOT, free_port
 
@@ -88,9 +89,10 @@ def cluster(s3, tmp_path_factory):  # noqa: F811 - s3: every node inherits the m
     token = tmp_path_factory.mktemp("auth") / "ray_token"
     gcs, dash = free_port(), free_port()
     env = _plain_env()  # os.environ holds the moto endpoint and credentials (the s3 fixture)
-    # A cluster keeps Ray Train's default controller poll (2 s), whatever an embedded Ray earlier in this
-    # process set (ftray/train/launch.py `ensure_ray`).
-    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    # A cluster keeps Ray Train's defaults (a 2 s controller poll, the preemption watcher), whatever an embedded
+    # Ray earlier in this process set (ftray/train/launch.py `EMBEDDED_RAY_ENV`).
+    for key in EMBEDDED_RAY_ENV:
+        env.pop(key, None)
     env.update(
         FTRAY_CLUSTER_DIR=str(cluster_dir),
         FTRAY_RAY_TOKEN=str(token),
@@ -103,7 +105,8 @@ def cluster(s3, tmp_path_factory):  # noqa: F811 - s3: every node inherits the m
         up = _run([SCRIPT, "up", "3"], env, timeout=600)
         assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
         authed = _plain_env()
-        authed.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        for key in EMBEDDED_RAY_ENV:
+            authed.pop(key, None)
         for line in (cluster_dir / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             authed[key] = value

@@ -92,6 +92,18 @@ def test_zero3_adapter_is_complete_and_reloads_in_fresh_process(equivalence_runs
     assert abs(fresh - record["eval"]["after"]["eval_loss"]) < 1e-5, (fresh, record["eval"]["after"])
 
 
+def test_an_embedded_ray_starts_no_preemption_watcher(equivalence_runs):
+    """The fits above ran on this session's Ray with the settings `ftray train` gives an embedded Ray
+    (`EMBEDDED_RAY_ENV`, tests/conftest.py): their controllers started no preemption watcher. The state API lists
+    finished actors too, and without the variable a 1-worker fit lists one (checked by hand once). Fails when
+    Ray Train renames the variable or stops reading it."""
+    from ray.util.state import list_actors
+
+    classes = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= classes, classes
+    assert "PreemptionWatcher" not in classes, classes
+
+
 def test_run_folder_contents(equivalence_runs):
     record, run = equivalence_runs["zero2"]
     for name in ("run.json", "metrics.jsonl", "curves.png", "adapter/adapter_config.json", "tokenizer/tokenizer.json"):

@@ -140,6 +140,20 @@ def worker_env(environ) -> tuple[dict, list[str]]:
     return {k: v for k, v in wanted.items() if k not in SECRET_ENV}, held
 
 
+# Ray Train settings for a Ray that `ensure_ray` starts in this process (its Train controller inherits this
+# environment; a cluster keeps its own):
+EMBEDDED_RAY_ENV = {
+    # The controller polls its workers every 2 s by default, and a step that reports waits for it: a 4-step job
+    # with a report each step trained 3.5 s at 2 s, 0.7 s at 0.25 s (2 CPU workers, tiny model).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # The preemption watcher is one more actor per worker group, polling Ray's drain state for a node that an
+    # autoscaler or a cloud is about to take away. An embedded Ray has one node and no autoscaler: nothing
+    # drains it. The actor cost ~2 CPU-seconds to start on each fit and its share of a core beside
+    # the workers (benchmarks/train_throughput.py, "cores by process while each arm trained").
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def ensure_ray(spec: JobSpec | None = None) -> bool:
     """Join the running cluster (ray job submit sets RAY_ADDRESS) or start an embedded one; True when
     this process started it (then nothing can be added to it: no autoscaler)."""
@@ -148,10 +162,8 @@ def ensure_ray(spec: JobSpec | None = None) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS", "local") == "local":
-        # An embedded Ray's Train controller (started below, inheriting this environment) polls its workers
-        # every 2 s by default, and a step that reports waits for it: a 4-step job with a report each step
-        # trained 3.5 s at 2 s, 0.7 s at 0.25 s (2 CPU workers, tiny model). A cluster keeps its own setting.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        for key, value in EMBEDDED_RAY_ENV.items():  # a variable the user set wins
+            os.environ.setdefault(key, value)
     env, held = worker_env(os.environ)
     if held and os.environ.get("RAY_ADDRESS", "local") != "local":
         print(f"[ftray] {', '.join(held)} not passed to the cluster's workers (a job's runtime_env shows in the "
