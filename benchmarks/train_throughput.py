@@ -895,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"which the trainer, Ray Train's workers or this process, took at least one core, less the first; "
                 f"{os.cpu_count()} CPUs): " + "; ".join(
                     f"{arm} ({c['readings']} readings): trainer {c['trainer']:.2f}, every other process {c['others']:.2f}"
-                    + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in c["top"].items() if v >= 0.005) + ")" if c["top"] else "")
+                    + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in c["top"].items() if v >= 0.005) + ")"
+                       if any(v >= 0.005 for v in c["top"].values()) else "")
                     + f", idle {c['idle']:.2f}" for arm, c in steps_cpu))
 
     print()
