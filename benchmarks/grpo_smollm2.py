@@ -3,7 +3,7 @@ beside it the SFT control on as many examples (issue 15, item 4). Writes benchma
 (figures kept per piece in grpo_smollm2.json, each with the stamp of the script run that measured it).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/grpo_smollm2.py [--steps 40] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
+    python benchmarks/grpo_smollm2.py [--steps 40] [--longer 120] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
 
 The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99, as chat rows (`ftray data
 arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
@@ -147,6 +147,11 @@ def eval_one(model: str, data_file: str, a) -> dict:
     return {**got, "seconds": time.time() - t0}
 
 
+def at_steps(a, steps) -> argparse.Namespace:
+    """The script's settings with GRPO's steps set to `steps` (None: as given)."""
+    return a if steps is None else argparse.Namespace(**{**vars(a), "steps": int(steps)})
+
+
 def child(piece: list[str], a) -> dict:
     args = ["--steps", str(a.steps), "--seed", str(a.seed), "--gsm8k-steps", str(a.gsm8k_steps)]
     return run_child(__file__, piece, args, a.lock, WORK / "logs")
@@ -161,10 +166,13 @@ def main() -> None:
     ap.add_argument("--lock", default=None, help="run each training run and evaluation under `flock LOCK`")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grpo_smollm2.json"))
     ap.add_argument("--gsm8k-steps", type=int, default=0, help="also run jobs/grpo_gsm8k.yaml on SmolLM2 this many steps")
+    ap.add_argument("--longer", type=int, default=0,
+                    help="also train GRPO this many steps at the lr chosen at --steps (no new choice), judged on the "
+                    "validation and test splits as the chosen run")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
-        return one_piece(a.one, {"train": lambda arm, lr: train_one(arm, float(lr), a),
+        return one_piece(a.one, {"train": lambda arm, lr, steps=None: train_one(arm, float(lr), at_steps(a, steps)),
                                   "eval": lambda *x: eval_one(*x, a), "gsm8k": lambda: gsm8k_one(a)})
     need_smollm2(BASE)
     t0, load0 = time.time(), os.getloadavg()
@@ -181,6 +189,11 @@ def main() -> None:
         best = max(lrs, key=lambda lr: (saved[f"train/{arm}/lr{lr:g}/{tag}"]["val_after"]["exact_match"], -lr))  # noqa: B023
         saved[f"chosen/{arm}/{tag}"] = best
         piece(f"test/{arm}/lr{best:g}/{tag}", child, ["eval", str(run_dir(arm, best, a)), str(test)], a)
+    if a.longer:
+        lr, longer = saved[f"chosen/grpo/{tag}"], at_steps(a, a.longer)
+        ltag = f"s{a.longer}-seed{a.seed}"
+        piece(f"longer/train/grpo/lr{lr:g}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer)], a)
+        piece(f"longer/test/grpo/lr{lr:g}/{ltag}", child, ["eval", str(run_dir("grpo", lr, longer)), str(test)], a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
@@ -251,6 +264,35 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
+    longer = sorted((k for k in saved if k.startswith("longer/train/grpo/") and k.endswith(f"-seed{a.seed}")),
+                    key=lambda k: int(k.rsplit("/s", 1)[1].split("-")[0]))
+    if longer:
+        sft = saved[f"test/sft/lr{saved[f'chosen/sft/{tag}']:g}/{tag}"]["exact_match"]
+        lines += [
+            "",
+            "## GRPO run longer",
+            "",
+            f"The lr chosen at {a.steps} steps on validation, trained again from the untouched model for more steps "
+            "(`--longer`; no new choice: the lr is the one the table above chose, and the test split is judged once per "
+            "length). The SFT control is not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
+            f"{sft:.3f} on the test split.",
+            "",
+            "| steps | lr | sampled completions | train s | val exact before -> after | test exact before -> after "
+            "| test numeric after | GRPO sampled exact share, first -> last fifth of steps | sampled one-number share "
+            "| completion tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k in longer:
+            tr, te = saved[k], saved.get(k.replace("longer/train/", "longer/test/"))
+            lr = k.split("/lr")[1].split("/")[0]
+            test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f} | {te['numeric_match']:.3f}" if te
+                    else "not judged | ")
+            lines.append(
+                f"| {tr['steps']} | {lr} | {tr['completions']} | {tr['train_seconds']:.0f} "
+                f"| {tr['val_before']['exact_match']:.3f} -> {tr['val_after']['exact_match']:.3f} | {test} "
+                f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} "
+                f"| {tr['first_reward_format']:.3f} -> {tr['last_reward_format']:.3f} "
+                f"| {tr['first_completion_len']:.1f} -> {tr['last_completion_len']:.1f} |")
     for k in sorted(k for k in saved if k.startswith("gsm8k/")):
         g = saved[k]
         b, af = g["before"], g["after"]
@@ -274,7 +316,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         ]
     lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
     lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
-              and (tag in k or k == "before/test" or k.startswith("gsm8k/"))]
+              and (tag in k or k == "before/test" or k.startswith(("gsm8k/", "longer/")))]
     out = Path(a.results).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
