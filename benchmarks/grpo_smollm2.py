@@ -275,7 +275,10 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"The lr chosen at {a.steps} steps on validation, trained again from the untouched model for more steps "
             "(`--longer`; no new choice: the lr is the one the table above chose, and the test split is judged once per "
             "length). The SFT control is not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
-            f"{sft:.3f} on the test split.",
+            f"{sft:.3f} on the test split. The lr decays by a cosine over each run's own steps (`train.lr_schedule`), "
+            "so a longer run holds a large lr for longer. *Completion tokens* near 2 with a one-number share near 1: "
+            "the policy answers every prompt with a two-digit number, which the format term pays 0.5 whatever its "
+            "value, and a group whose completions all score the same has no advantage to learn from.",
             "",
             "| steps | lr | sampled completions | train s | val exact before -> after | test exact before -> after "
             "| test numeric after | GRPO sampled exact share, first -> last fifth of steps | sampled one-number share "
