@@ -198,25 +198,22 @@ CPU_EVERY = 2.0  # s between CpuWatch's readings
 
 
 class CpuWatch:
-    """CPU seconds each kind of process spends while it runs: `cpu_seconds` read every `every` s on a thread,
-    the last reading of each process kept, so one that exits before the end (a Ray Train worker) still counts
-    up to its last reading. A process already running counts from the first reading."""
+    """CPU seconds each kind of process spends while it runs: `cpu_seconds` read every `every` s on a thread into
+    `series`. A process that exits before the end (a Ray Train worker) counts up to its last reading; one already
+    running counts from the first reading."""
 
-    def __init__(self, every: float | None = None):
+    def __init__(self, every: float = CPU_EVERY):
         import threading
 
-        self.first, self.last, self.every = cpu_seconds(), {}, every or CPU_EVERY
-        self.last.update(self.first)
-        self.series = [(time.time(), self.first)]  # every reading, for `in_steps`
+        self.every = every
+        self.series = [(time.time(), cpu_seconds())]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            now = cpu_seconds()
-            self.last.update(now)
-            self.series.append((time.time(), now))
+            self.series.append((time.time(), cpu_seconds()))
 
     def in_steps(self, skip: int = 1) -> dict | None:
         """Cores each kind of process took while the arm trained, not over the whole arm: the readings in which
@@ -247,10 +244,13 @@ class CpuWatch:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        self.last.update(cpu_seconds())
+        self.series.append((time.time(), cpu_seconds()))
+        first, last = self.series[0][1], {}
+        for _, reading in self.series:  # each process's last reading
+            last.update(reading)
         spent: dict[str, float] = {}
-        for pid, (name, t) in self.last.items():
-            t0 = self.first[pid][1] if pid in self.first and self.first[pid][0] == name else 0.0
+        for pid, (name, t) in last.items():
+            t0 = first[pid][1] if pid in first and first[pid][0] == name else 0.0
             if t - t0 > 0.05:
                 spent[name] = spent.get(name, 0.0) + t - t0
         return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
