@@ -40,23 +40,34 @@ TEST_SUMS, VAL_SUMS, MAX_LENGTH = 200, 64, 64
 # arm -> (job, learning-rate candidates). GRPO's LoRA takes a larger step than SFT's: its signal is a few sampled
 # answers a step, SFT's every labelled token.
 ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smollm2.yaml", (1e-4, 5e-4))}
-# GRPO's candidates, (lr, weight of the format term): the reward is 1 exact + 0.5 numeric + this weight for a
-# completion that is one number. At 0.5 a wrong bare number earns what a right equation earns, and the policy
-# collapses onto bare numbers; at 0 it never samples one (the untouched model's share, ~6 %, falls to 0 in 3 steps
-# of an ad hoc run) and exact match stays 0; 0.1 keeps correctness first and the bare answer ahead of an equation.
-FORMATS = {"grpo": ((2e-4, 0.5), (1e-3, 0.5), (2e-4, 0.1))}
+# GRPO's candidates: (lr, reward recipe). The reward is 1 exact + 0.5 numeric + w for a completion that is one
+# number (the format term); a recipe sets w and whether advantages are divided by the group's standard deviation
+# (`method.scale_rewards`). At w 0.5 a wrong bare number earns what a right equation earns, and the policy collapses
+# onto bare numbers; at w 0 it never samples one (the untouched model's share, ~6 %, fell to 0 in 3 steps of an ad hoc
+# run) and exact match stays 0. Under the std scaling a smaller w changes little: in a group where no completion is
+# right, the format term is the only spread, and scaling blows it up to the size a right answer gets. Without the
+# scaling (Dr. GRPO's advantages) w 0.1 moves the policy a fifth as far as a right answer's 0.5 to 1.5 does.
+RECIPES = {"": (0.5, True), "format0.1": (0.1, True), "format0.1-noscale": (0.1, False)}
+GRPO_CANDIDATES = ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (5e-4, "format0.1-noscale"))
 PROMPTS_PER_STEP = 8
 
 
 def candidates(arm: str) -> tuple:
-    """(lr, format weight or None) for each run of `arm` that validation chooses among."""
-    return FORMATS.get(arm, tuple((lr, None) for lr in ARMS[arm][1]))
+    """(lr, recipe) for each run of `arm` that validation chooses among (SFT: recipe "", none)."""
+    return GRPO_CANDIDATES if arm == "grpo" else tuple((lr, "") for lr in ARMS[arm][1])
 
 
-def cand(lr: float, fmt: float | None) -> str:
-    """A candidate's name in keys and folders: the lr, and the format weight where it is not the first one (0.5,
-    measured before the weight was a candidate)."""
-    return f"lr{lr:g}" + ("" if fmt is None or fmt == 0.5 else f"-format{fmt:g}")
+def cand(lr: float, recipe: str = "") -> str:
+    """A candidate's name in keys and folders: the lr, and the recipe where it is not the first one (w 0.5, scaled;
+    measured before the recipe was a candidate)."""
+    return f"lr{lr:g}" + (f"-{recipe}" if recipe else "")
+
+
+def show(arm: str, lr: float, recipe: str = "") -> str:
+    if arm != "grpo":
+        return f"{lr:g}"
+    w, scale = RECIPES[recipe]
+    return f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling")
 
 
 def data(seed: int) -> tuple[Path, Path, Path]:
@@ -88,21 +99,22 @@ def sft_steps(a) -> int:
     return a.steps * grpo_job().group_size
 
 
-def run_dir(arm: str, lr: float, a, fmt: float | None = None) -> Path:
-    return WORK / f"{arm}-{cand(lr, fmt)}-s{a.steps}-seed{a.seed}"
+def run_dir(arm: str, lr: float, a, recipe: str = "") -> Path:
+    return WORK / f"{arm}-{cand(lr, recipe)}-s{a.steps}-seed{a.seed}"
 
 
-def overrides(arm: str, lr: float, a, fmt: float | None = None) -> list[str]:
+def overrides(arm: str, lr: float, a, recipe: str = "") -> list[str]:
     fit, val, _ = data(a.seed)
     common = [
         f"model.path={BASE}", f"data.train={fit}", f"data.eval={val}", "data.eval_max_rows=null",
         f"data.max_length={MAX_LENGTH}", f"train.lr={lr}", f"train.global_batch_size={PROMPTS_PER_STEP}",
         "train.warmup_steps=0", "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=5",
-        f"train.seed={a.seed}", "scaling.num_workers=1", f"output.dir={run_dir(arm, lr, a, fmt)}",
+        f"train.seed={a.seed}", "scaling.num_workers=1", f"output.dir={run_dir(arm, lr, a, recipe)}",
     ]
     if arm == "grpo":
+        w, scale = RECIPES[recipe]
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4", "method.rewards.exact_match=1.0",
-                "method.rewards.numeric_match=0.5", f"method.rewards.format={0.5 if fmt is None else fmt}"]
+                "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}"]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
             f"method.max_new_tokens={grpo_job().max_new_tokens}", "data.packing=false"]
 
@@ -132,13 +144,13 @@ def gsm8k_one(a) -> dict:
             "wall_seconds": time.time() - t0}
 
 
-def train_one(arm: str, lr: float, a, fmt: float | None = None) -> dict:
+def train_one(arm: str, lr: float, a, recipe: str = "") -> dict:
     from ftray.config import load_spec
     from ftray.train.local import run_local
 
     t0 = time.time()
-    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a, fmt)))
-    steps = [json.loads(x) for x in (run_dir(arm, lr, a, fmt) / "metrics.jsonl").read_text().splitlines()
+    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a, recipe)))
+    steps = [json.loads(x) for x in (run_dir(arm, lr, a, recipe) / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in x]
     out = {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
            "final_loss": rec["train"]["final_loss"], "rows": rec["data"]["train"]["rows"],
@@ -149,7 +161,7 @@ def train_one(arm: str, lr: float, a, fmt: float | None = None) -> dict:
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
         out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size
-        out["format_weight"] = 0.5 if fmt is None else fmt
+        out["format_weight"], out["scale_rewards"] = RECIPES[recipe]
     return out
 
 
@@ -191,8 +203,8 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
-        def train(arm, lr, steps="", fmt=""):
-            return train_one(arm, float(lr), at_steps(a, steps or None), float(fmt) if fmt else None)
+        def train(arm, lr, steps="", recipe=""):
+            return train_one(arm, float(lr), at_steps(a, steps or None), recipe)
 
         return one_piece(a.one, {"train": train,
                                   "eval": lambda *x: eval_one(*x, a), "gsm8k": lambda: gsm8k_one(a)})
@@ -206,37 +218,31 @@ def main() -> None:
     piece("before/test", child, ["eval", str(BASE), str(test)], a)
     for arm in ARMS:
         cands = candidates(arm)
-        for lr, fmt in cands:
-            piece(f"train/{arm}/{cand(lr, fmt)}/{tag}", child, ["train", arm, str(lr), "", "" if fmt is None else str(fmt)], a)
-        # exact match on validation; a tie goes to the smaller lr, then to the larger format weight (the first one)
+        for lr, recipe in cands:
+            piece(f"train/{arm}/{cand(lr, recipe)}/{tag}", child, ["train", arm, str(lr), "", recipe], a)
+        # exact match on validation; a tie goes to the earlier candidate (the smaller lr, the first recipe)
         best = max(cands, key=lambda c: (saved[f"train/{arm}/{cand(*c)}/{tag}"]["val_after"]["exact_match"],  # noqa: B023
-                                         -c[0], c[1] or 0))
-        saved[f"chosen/{arm}/{tag}"] = list(best) if best[1] is not None else best[0]
+                                         -cands.index(c)))  # noqa: B023
+        saved[f"chosen/{arm}/{tag}"] = list(best)
         piece(f"test/{arm}/{cand(*best)}/{tag}", child, ["eval", str(run_dir(arm, best[0], a, best[1])), str(test)], a)
     if a.longer:
-        lr, fmt = chosen(saved, "grpo", tag)
+        lr, recipe = chosen(saved, "grpo", tag)
         longer, ltag = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}"
-        piece(f"longer/train/grpo/{cand(lr, fmt)}/{ltag}", child,
-              ["train", "grpo", str(lr), str(a.longer), "" if fmt is None else str(fmt)], a)
-        piece(f"longer/test/grpo/{cand(lr, fmt)}/{ltag}", child,
-              ["eval", str(run_dir("grpo", lr, longer, fmt)), str(test)], a)
+        piece(f"longer/train/grpo/{cand(lr, recipe)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), recipe], a)
+        piece(f"longer/test/grpo/{cand(lr, recipe)}/{ltag}", child,
+              ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test)], a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
     write_markdown(saved, a, stamp(t0, load0))
 
 
-def chosen(saved: dict, arm: str, tag: str) -> tuple[float, float | None] | None:
-    """The (lr, format weight) validation chose for `arm` (a bare lr, saved before the weight was a candidate, is
-    the first weight, 0.5)."""
+def chosen(saved: dict, arm: str, tag: str) -> tuple[float, str] | None:
+    """The (lr, recipe) validation chose for `arm` (a bare lr was saved before the recipe was a candidate)."""
     got = saved.get(f"chosen/{arm}/{tag}")
     if got is None:
         return None
-    return (float(got[0]), float(got[1])) if isinstance(got, list) else (float(got), 0.5 if arm in FORMATS else None)
-
-
-def show(lr: float, fmt: float | None) -> str:
-    return f"{lr:g}" if fmt is None else f"{lr:g}, {fmt:g}"
+    return (float(got[0]), got[1]) if isinstance(got, list) else (float(got), "")
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -253,13 +259,15 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "*exact* is the stripped completion equal to the sum; *numeric* its last number equal to the sum. No SFT "
         f"warm start. GRPO (`jobs/grpo_arith_smollm2.yaml`): LoRA r 16 on all linear layers, G = {g}, temperature "
         f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "
-        "*w* for a completion that is one number (the format term; *w* a candidate beside the lr). SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
+        "*w* for a completion that is one number (the format term); the recipe, *w* and whether the group-centred "
+        "rewards are divided by the group's standard deviation (`method.scale_rewards`, on unless the row says *no "
+        "std scaling*), is a candidate beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
         f"{sft_steps(a)} steps of {PROMPTS_PER_STEP} labelled rows, as many rows as GRPO sampled completions "
         f"({a.steps} x {PROMPTS_PER_STEP} x {g}). Both trained by the in-process loop (one worker, DeepSpeed ZeRO-2 on "
-        "one process, fp32, 2 CPUs). Learning rate (and GRPO's *w*) chosen by exact match on validation (a tie goes to "
-        "the smaller lr, then the larger *w*), then the chosen run judged once on the test split.",
+        "one process, fp32, 2 CPUs). Learning rate (and GRPO's recipe) chosen by exact match on validation (a tie goes "
+        "to the candidate listed first in the validation table), then the chosen run judged once on the test split.",
         "",
-        "| arm | lr, *w* (chosen on validation) | steps | examples | train s | test exact before | test exact after "
+        "| arm | lr, recipe (chosen on validation) | steps | examples | train s | test exact before | test exact after "
         "| test numeric before | test numeric after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -270,16 +278,16 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         tr, after = saved[f"train/{arm}/{cand(*best)}/{tag}"], saved[f"test/{arm}/{cand(*best)}/{tag}"]
         n = tr.get("completions", tr["steps"] * PROMPTS_PER_STEP)
         what = "sampled completions" if arm == "grpo" else "labelled rows"
-        lines.append(f"| {arm} | {show(*best)} | {tr['steps']} | {n} {what} | {tr['train_seconds']:.0f} "
+        lines.append(f"| {arm} | {show(arm, *best)} | {tr['steps']} | {n} {what} | {tr['train_seconds']:.0f} "
                      f"| {before['exact_match']:.3f} | {after['exact_match']:.3f} "
                      f"| {before['numeric_match']:.3f} | {after.get('numeric_match', float('nan')):.3f} |")
     lines += [
         "",
         "SFT's evaluation reports exact match only (`sft`'s `method.exact_match`); its numeric column is blank (nan).",
         "",
-        "## Validation (the split the learning rate and *w* are chosen on)",
+        "## Validation (the split the learning rate and recipe are chosen on)",
         "",
-        "| arm | lr, *w* | train s | final train loss | val exact before | val exact after | val numeric after "
+        "| arm | lr, recipe | train s | final train loss | val exact before | val exact after | val numeric after "
         "| val answer NLL before -> after | GRPO sampled exact share, first -> last fifth of steps "
         "| sampled numeric share | sampled one-number share | completion tokens |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -293,14 +301,16 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             if arm == "grpo":
                 roll = " | ".join(f"{tr[f'first_{k}']:.{d}f} -> {tr[f'last_{k}']:.{d}f}" for k, d in (
                     ("reward_exact_match", 3), ("reward_numeric_match", 3), ("reward_format", 3), ("completion_len", 1)))
-            lines.append(f"| {arm} | {show(*c)} | {tr['train_seconds']:.0f} | {tr['final_loss']:.4f} "
+            lines.append(f"| {arm} | {show(arm, *c)} | {tr['train_seconds']:.0f} | {tr['final_loss']:.4f} "
                          f"| {tr['val_before']['exact_match']:.3f} | {tr['val_after']['exact_match']:.3f} "
                          f"| {tr['val_after'].get('numeric_match', float('nan')):.3f} "
                          f"| {tr['val_before']['eval_loss']:.3f} -> {tr['val_after']['eval_loss']:.3f} | {roll} |")
     lines += ["", "*Answer NLL*: the loss of the reference answer's tokens (each method's own eval_loss: `grpo` ends the "
               "answer with EOS, `sft` with the chat template's end of turn, so the arms' figures do not compare). A "
               "GRPO run whose NLL jumps has left the answers behind: at lr 1e-3 every greedy answer on validation is "
-              "one number (reward 0.5 each) and none is the sum."]
+              "one number (reward 0.5 each) and none is the sum. *w* 0.1 under the std scaling goes the same way: in a "
+              "group where no completion is right the format term is the only spread, and the scaling gives it the "
+              "advantage a right answer would get."]
     gr = chosen(saved, "grpo", tag) and saved.get(f"train/grpo/{cand(*chosen(saved, 'grpo', tag))}/{tag}")
     if gr:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
@@ -314,22 +324,23 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "",
             "## GRPO run longer",
             "",
-            f"The lr and *w* validation chose at {a.steps} steps, trained again from the untouched model for more "
-            "steps (`--longer`; no new choice, and the test split is judged once per length; a row whose *w* is not "
-            "the table's choice now was run when validation's candidates did not yet include the others). The SFT control is not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
+            f"The lr and recipe validation chose at {a.steps} steps, trained again from the untouched model for more "
+            "steps (`--longer`; no new choice, and the test split is judged once per length; a row whose recipe is not "
+            "the table's choice now was run before validation's candidates included the others). The SFT control is not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
             f"{sft:.3f} on the test split. The lr decays by a cosine over each run's own steps (`train.lr_schedule`), "
             "so a longer run holds a large lr for longer. *Completion tokens* near 2 with a one-number share near 1 (at "
             "*w* 0.5): the policy answers every prompt with a two-digit number, which the format term pays 0.5 "
             "whatever its value, and a group whose completions all score the same has no advantage to learn from.",
             "",
-            "| steps | lr, *w* | sampled completions | train s | val exact before -> after | test exact before -> after "
+            "| steps | lr, recipe | sampled completions | train s | val exact before -> after | test exact before -> after "
             "| test numeric after | GRPO sampled exact share, first -> last fifth of steps | sampled one-number share "
             "| completion tokens |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in longer:
             tr, te = saved[k], saved.get(k.replace("longer/train/", "longer/test/"))
-            lr = show(float(k.split("/lr")[1].split("/")[0].split("-")[0]), tr.get("format_weight", 0.5))
+            lr, _, recipe = k.split("/lr")[1].split("/")[0].partition("-")
+            lr = show("grpo", float(lr), recipe)
             test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f} | {te['numeric_match']:.3f}" if te
                     else "not judged | ")
             lines.append(
