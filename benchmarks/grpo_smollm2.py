@@ -46,9 +46,15 @@ ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smo
 # onto bare numbers; at w 0 it never samples one (the untouched model's share, ~6 %, fell to 0 in 3 steps of an ad hoc
 # run) and exact match stays 0. Under the std scaling a smaller w changes little: in a group where no completion is
 # right, the format term is the only spread, and scaling blows it up to the size a right answer gets. Without the
-# scaling (Dr. GRPO's advantages) w 0.1 moves the policy a fifth as far as a right answer's 0.5 to 1.5 does.
-RECIPES = {"": (0.5, True), "format0.1": (0.1, True), "format0.1-noscale": (0.1, False)}
-GRPO_CANDIDATES = ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (5e-4, "format0.1-noscale"))
+# scaling (Dr. GRPO's advantages) w 0.1 moves the policy a fifth as far as a right answer's 0.5 to 1.5 does; but then
+# it learns the sums as equations ("47 + 38 = 85", numeric match) and drops bare numbers again. A recipe may also set
+# the generation budget (training and evaluation alike): 4 new tokens hold a three-digit sum and the end of the turn,
+# and no equation, so only an answer that comes first can be right (a cut completion is never an exact match, so a
+# smaller budget can only lower exact match, never raise it).
+RECIPES = {"": (0.5, True, None), "format0.1": (0.1, True, None), "format0.1-noscale": (0.1, False, None),
+           "format0.1-noscale-4tok": (0.1, False, 4)}
+GRPO_CANDIDATES = ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"),
+                   (2e-4, "format0.1-noscale-4tok"))
 PROMPTS_PER_STEP = 8
 
 
@@ -66,8 +72,8 @@ def cand(lr: float, recipe: str = "") -> str:
 def show(arm: str, lr: float, recipe: str = "") -> str:
     if arm != "grpo":
         return f"{lr:g}"
-    w, scale = RECIPES[recipe]
-    return f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling")
+    w, scale, new = RECIPES[recipe]
+    return f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling") + (f", {new} new tokens" if new else "")
 
 
 def data(seed: int) -> tuple[Path, Path, Path]:
@@ -112,9 +118,10 @@ def overrides(arm: str, lr: float, a, recipe: str = "") -> list[str]:
         f"train.seed={a.seed}", "scaling.num_workers=1", f"output.dir={run_dir(arm, lr, a, recipe)}",
     ]
     if arm == "grpo":
-        w, scale = RECIPES[recipe]
+        w, scale, new = RECIPES[recipe]
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4", "method.rewards.exact_match=1.0",
-                "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}"]
+                "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}",
+                f"method.max_new_tokens={new or grpo_job().max_new_tokens}"]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
             f"method.max_new_tokens={grpo_job().max_new_tokens}", "data.packing=false"]
 
@@ -161,7 +168,7 @@ def train_one(arm: str, lr: float, a, recipe: str = "") -> dict:
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
         out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size
-        out["format_weight"], out["scale_rewards"] = RECIPES[recipe]
+        out["format_weight"], out["scale_rewards"], out["max_new_tokens"] = RECIPES[recipe]
     return out
 
 
@@ -261,7 +268,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "
         "*w* for a completion that is one number (the format term); the recipe, *w* and whether the group-centred "
         "rewards are divided by the group's standard deviation (`method.scale_rewards`, on unless the row says *no "
-        "std scaling*), is a candidate beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
+        "std scaling*) and a generation budget where the row names one (in training and in evaluation: a cut "
+        "completion is never exact), is a candidate beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
         f"{sft_steps(a)} steps of {PROMPTS_PER_STEP} labelled rows, as many rows as GRPO sampled completions "
         f"({a.steps} x {PROMPTS_PER_STEP} x {g}). Both trained by the in-process loop (one worker, DeepSpeed ZeRO-2 on "
         "one process, fp32, 2 CPUs). Learning rate (and GRPO's recipe) chosen by exact match on validation (a tie goes "
