@@ -9,12 +9,13 @@ The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99
 arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
 the train file (seeded) for validation. No SFT warm start: GRPO starts from the instruct model itself
 (`jobs/grpo_arith_smollm2.yaml`: LoRA, G completions per prompt, reward 1 for the exact answer + 0.5 for a right last
-number + 0.5 for a completion that is one number). The control is SFT (`jobs/sft_chat_smollm2.yaml`, LoRA, the
+number + w for a completion that is one number). The control is SFT (`jobs/sft_chat_smollm2.yaml`, LoRA, the
 same adapter) on labelled rows, as many as the GRPO run generated: steps x prompts per step x G. Each arm's learning
-rate is chosen among its candidates by greedy exact match on the validation split (which its training loop judges
-before and after); the chosen run and the untouched model are judged once on the test split by `ftray eval` (greedy,
-the same `max_new_tokens`). Each training run and evaluation runs in its own process (in-process loop `run_local`:
-one worker, DeepSpeed on one process, no Ray), under `flock LOCK` with `--lock`.
+rate (GRPO's: with a reward recipe, `RECIPES`) is chosen among its candidates by greedy exact match on the validation
+split (which its training loop judges before and after); the chosen run and the untouched model are judged once on
+the test split by `ftray eval` (greedy; the untouched model at `NEW_TOKENS`, a run at its own job's budget and, where
+its recipe names a smaller one, at `NEW_TOKENS` too). Each training run and evaluation runs in its own process
+(in-process loop `run_local`: one worker, DeepSpeed on one process, no Ray), under `flock LOCK` with `--lock`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ BASE = ROOT / "runs" / "smollm2"
 WORK = ROOT / "runs" / "grpo-smollm2"
 QUESTION = "What is {a} + {b}? Answer with the number only."
 TEST_SUMS, VAL_SUMS, MAX_LENGTH = 200, 64, 64
+# The generation budget the untouched model, the SFT control and a GRPO recipe that names none are judged at (a
+# recipe may name its own; the shipped job takes the chosen recipe's).
+NEW_TOKENS = 16
 # arm -> (job, learning-rate candidates). GRPO's LoRA takes a larger step than SFT's: its signal is a few sampled
 # answers a step, SFT's every labelled token.
 ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smollm2.yaml", (1e-4, 5e-4))}
@@ -49,8 +53,8 @@ ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smo
 # scaling (Dr. GRPO's advantages) w 0.1 moves the policy a fifth as far as a right answer's 0.5 to 1.5 does; but then
 # it learns the sums as equations ("47 + 38 = 85", numeric match) and drops bare numbers again. A recipe may also set
 # the generation budget (training and evaluation alike): 4 new tokens hold a three-digit sum and the end of the turn,
-# and no equation, so only an answer that comes first can be right (a cut completion is never an exact match, so a
-# smaller budget can only lower exact match, never raise it).
+# and no equation, so only an answer that comes first can be right. The chosen run is judged at NEW_TOKENS as well:
+# exact match is the stripped reply equal to the sum, so "85\n" cut there counts where 16 tokens might go on.
 RECIPES = {"": (0.5, True, None), "format0.1": (0.1, True, None), "format0.1-noscale": (0.1, False, None),
            "format0.1-noscale-4tok": (0.1, False, 4)}
 GRPO_CANDIDATES = ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"),
@@ -94,7 +98,7 @@ def data(seed: int) -> tuple[Path, Path, Path]:
 
 @functools.cache
 def grpo_job():
-    """The shipped GRPO job's method: G and the generation length every arm is judged at."""
+    """The shipped GRPO job's method (its G)."""
     from ftray.config import load_spec
 
     return load_spec(ROOT / "jobs" / ARMS["grpo"][0]).method
@@ -121,9 +125,9 @@ def overrides(arm: str, lr: float, a, recipe: str = "") -> list[str]:
         w, scale, new = RECIPES[recipe]
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4", "method.rewards.exact_match=1.0",
                 "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}",
-                f"method.max_new_tokens={new or grpo_job().max_new_tokens}"]
+                f"method.max_new_tokens={new or NEW_TOKENS}"]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
-            f"method.max_new_tokens={grpo_job().max_new_tokens}", "data.packing=false"]
+            f"method.max_new_tokens={NEW_TOKENS}", "data.packing=false"]
 
 
 # ---- the pieces, each in a fresh process ----
@@ -172,16 +176,17 @@ def train_one(arm: str, lr: float, a, recipe: str = "") -> dict:
     return out
 
 
-def eval_one(model: str, data_file: str, a) -> dict:
-    """`ftray eval` of a run folder, or of the untouched base judged as a grpo job of the same cut and length."""
+def eval_one(model: str, data_file: str, a, new_tokens: str = "") -> dict:
+    """`ftray eval` of a run folder (at its own job's generation budget, or at `new_tokens`), or of the untouched base
+    judged as a grpo job of the same cut at `NEW_TOKENS`."""
     from ftray.eval.evaluate import evaluate
 
     t0 = time.time()
-    if Path(model).resolve() == BASE.resolve():  # judged at the shipped job's generation length, as the runs are
+    if Path(model).resolve() == BASE.resolve():
         got = evaluate(model, data_file, method="grpo", fmt="chat", max_length=MAX_LENGTH,
-                       method_options={"max_new_tokens": grpo_job().max_new_tokens})
+                       method_options={"max_new_tokens": NEW_TOKENS})
     else:
-        got = evaluate(model, data_file)
+        got = evaluate(model, data_file, method_options={"max_new_tokens": int(new_tokens)} if new_tokens else None)
     return {**got, "seconds": time.time() - t0}
 
 
@@ -214,7 +219,7 @@ def main() -> None:
             return train_one(arm, float(lr), at_steps(a, steps or None), recipe)
 
         return one_piece(a.one, {"train": train,
-                                  "eval": lambda *x: eval_one(*x, a), "gsm8k": lambda: gsm8k_one(a)})
+                                  "eval": lambda m, d, n="": eval_one(m, d, a, n), "gsm8k": lambda: gsm8k_one(a)})
     need_smollm2(BASE)
     t0, load0 = time.time(), os.getloadavg()
     piece = Pieces(a.results)
@@ -232,12 +237,18 @@ def main() -> None:
                                          -cands.index(c)))  # noqa: B023
         saved[f"chosen/{arm}/{tag}"] = list(best)
         piece(f"test/{arm}/{cand(*best)}/{tag}", child, ["eval", str(run_dir(arm, best[0], a, best[1])), str(test)], a)
+        if arm == "grpo" and RECIPES[best[1]][2]:  # a smaller budget: also judged at the untouched model's
+            piece(f"test{NEW_TOKENS}/{arm}/{cand(*best)}/{tag}", child,
+                  ["eval", str(run_dir(arm, best[0], a, best[1])), str(test), str(NEW_TOKENS)], a)
     if a.longer:
         lr, recipe = chosen(saved, "grpo", tag)
         longer, ltag = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}"
         piece(f"longer/train/grpo/{cand(lr, recipe)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), recipe], a)
         piece(f"longer/test/grpo/{cand(lr, recipe)}/{ltag}", child,
               ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test)], a)
+        if RECIPES[recipe][2]:
+            piece(f"longer/test{NEW_TOKENS}/grpo/{cand(lr, recipe)}/{ltag}", child,
+                  ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test), str(NEW_TOKENS)], a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
@@ -254,7 +265,7 @@ def chosen(saved: dict, arm: str, tag: str) -> tuple[float, str] | None:
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
     tag = f"s{a.steps}-seed{a.seed}"
-    before, g, new = saved["before/test"], grpo_job().group_size, grpo_job().max_new_tokens
+    before, g, new = saved["before/test"], grpo_job().group_size, NEW_TOKENS
     lines = [
         "# `grpo` on SmolLM2-135M-Instruct: answer-only two-digit sums, beside the SFT control "
         "(benchmarks/grpo_smollm2.py)",
@@ -268,8 +279,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "
         "*w* for a completion that is one number (the format term); the recipe, *w* and whether the group-centred "
         "rewards are divided by the group's standard deviation (`method.scale_rewards`, on unless the row says *no "
-        "std scaling*) and a generation budget where the row names one (in training and in evaluation: a cut "
-        "completion is never exact), is a candidate beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
+        "std scaling*) and a generation budget where the row names one (in training and in evaluation), is a candidate "
+        "beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
         f"{sft_steps(a)} steps of {PROMPTS_PER_STEP} labelled rows, as many rows as GRPO sampled completions "
         f"({a.steps} x {PROMPTS_PER_STEP} x {g}). Both trained by the in-process loop (one worker, DeepSpeed ZeRO-2 on "
         "one process, fp32, 2 CPUs). Learning rate (and GRPO's recipe) chosen by exact match on validation (a tie goes "
@@ -289,6 +300,13 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines.append(f"| {arm} | {show(arm, *best)} | {tr['steps']} | {n} {what} | {tr['train_seconds']:.0f} "
                      f"| {before['exact_match']:.3f} | {after['exact_match']:.3f} "
                      f"| {before['numeric_match']:.3f} | {after.get('numeric_match', float('nan')):.3f} |")
+    best = chosen(saved, "grpo", tag)
+    wide = best and saved.get(f"test{NEW_TOKENS}/grpo/{cand(*best)}/{tag}")
+    if wide:
+        lines += ["", f"The chosen GRPO run generates {RECIPES[best[1]][2]} new tokens, as its job says. Judged at "
+                  f"{NEW_TOKENS}, the untouched model's budget, on the same test split: exact {wide['exact_match']:.3f}, "
+                  f"numeric {wide['numeric_match']:.3f}. (Exact match is the stripped reply equal to the sum, so a reply "
+                  "cut after the number and a blank would count where a longer budget might let it go on.)"]
     lines += [
         "",
         "SFT's evaluation reports exact match only (`sft`'s `method.exact_match`); its numeric column is blank (nan).",
@@ -327,14 +345,15 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
     longer = sorted((k for k in saved if k.startswith("longer/train/grpo/") and k.endswith(f"-seed{a.seed}")),
                     key=lambda k: int(k.rsplit("/s", 1)[1].split("-")[0]))
     if longer:
-        sft = saved[f"test/sft/lr{saved[f'chosen/sft/{tag}']:g}/{tag}"]["exact_match"]
+        sft = saved[f"test/sft/{cand(*chosen(saved, 'sft', tag))}/{tag}"]["exact_match"]
         lines += [
             "",
             "## GRPO run longer",
             "",
             f"The lr and recipe validation chose at {a.steps} steps, trained again from the untouched model for more "
             "steps (`--longer`; no new choice, and the test split is judged once per length; a row whose recipe is not "
-            "the table's choice now was run before validation's candidates included the others). The SFT control is not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
+            "the table's choice now was run before validation's candidates included the others). The SFT control is "
+            "not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
             f"{sft:.3f} on the test split. The lr decays by a cosine over each run's own steps (`train.lr_schedule`), "
             "so a longer run holds a large lr for longer. *Completion tokens* near 2 with a one-number share near 1 (at "
             "*w* 0.5): the policy answers every prompt with a two-digit number, which the format term pays 0.5 "
@@ -351,6 +370,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             lr = show("grpo", float(lr), recipe)
             test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f} | {te['numeric_match']:.3f}" if te
                     else "not judged | ")
+            wide = saved.get(k.replace("longer/train/", f"longer/test{NEW_TOKENS}/"))
+            if wide:  # a recipe with a smaller budget, judged at the untouched model's too
+                test = test.replace(" | ", f" ({wide['exact_match']:.3f} at {NEW_TOKENS} tokens) | ", 1)
             lines.append(
                 f"| {tr['steps']} | {lr} | {tr['completions']} | {tr['train_seconds']:.0f} "
                 f"| {tr['val_before']['exact_match']:.3f} -> {tr['val_after']['exact_match']:.3f} | {test} "

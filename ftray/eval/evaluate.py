@@ -16,8 +16,9 @@ def _spec_for(run: str, data: str, method: str | None, fmt: str | None, max_leng
 
     spec = run_spec(RunFolder(run))
     if spec is not None:
-        if method_options:
-            raise SpecError(f"{run}: a run is judged with its own `method` fields; method options are for a base model")
+        if method_options:  # fields that replace the run's own, e.g. a generation budget other than its job's
+            fields = {**spec.method.model_dump(mode="json"), **method_options}
+            spec = spec_from_dict({**spec.model_dump(mode="json"), "method": fields}, f"{run}: method options")
         if method and method != spec.method.kind:
             raise SpecError(f"--method {method}: {run} is a `{spec.method.kind}` run")
         if fmt and fmt != spec.data.format:
@@ -47,7 +48,8 @@ def evaluate(run: str, data: str, method: str | None = None, fmt: str | None = N
              max_length: int | None = None, method_options: dict | None = None) -> dict:
     """`max_length`: tokens per sequence, as `data.max_length` (default: the run's own; 512 for a base model), so
     that a base model is judged on the same cut as a run trained with another one. `method_options`: a base
-    model's `method` fields beyond its kind (e.g. `{"max_new_tokens": 16}`), so it is judged as a run's job was."""
+    model's `method` fields beyond its kind (e.g. `{"max_new_tokens": 16}`), so it is judged as a run's job was;
+    for a run, fields that replace its job's (validated alike), so it is judged as another run or the base was."""
     import torch
 
     from ftray.data.encode import ensure_chat_template
