@@ -357,7 +357,10 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             f"{sft:.3f} on the test split. The lr decays by a cosine over each run's own steps (`train.lr_schedule`), "
             "so a longer run holds a large lr for longer. *Completion tokens* near 2 with a one-number share near 1 (at "
             "*w* 0.5): the policy answers every prompt with a two-digit number, which the format term pays 0.5 "
-            "whatever its value, and a group whose completions all score the same has no advantage to learn from.",
+            "whatever its value, and a group whose completions all score the same has no advantage to learn from. "
+            f"*at {NEW_TOKENS} tokens*: a run whose recipe generates fewer, judged at the untouched model's budget "
+            "too. Where that figure falls below its own budget's, the run learned replies that the cut makes exact: "
+            "the reward pays a cut reply as it pays a finished one, so nothing rewards ending the turn.",
             "",
             "| steps | lr, recipe | sampled completions | train s | val exact before -> after | test exact before -> after "
             "| test numeric after | GRPO sampled exact share, first -> last fifth of steps | sampled one-number share "
