@@ -109,17 +109,19 @@ def sft_steps(a) -> int:
     return a.steps * grpo_job().group_size
 
 
-def run_dir(arm: str, lr: float, a, recipe: str = "") -> Path:
-    return WORK / f"{arm}-{cand(lr, recipe)}-s{a.steps}-seed{a.seed}"
+def run_dir(arm: str, lr: float, a, recipe: str = "", train_seed: int | None = None) -> Path:
+    again = "" if train_seed is None else f"-train{train_seed}"
+    return WORK / f"{arm}-{cand(lr, recipe)}-s{a.steps}-seed{a.seed}{again}"
 
 
-def overrides(arm: str, lr: float, a, recipe: str = "") -> list[str]:
+def overrides(arm: str, lr: float, a, recipe: str = "", train_seed: int | None = None) -> list[str]:
     fit, val, _ = data(a.seed)
     common = [
         f"model.path={BASE}", f"data.train={fit}", f"data.eval={val}", "data.eval_max_rows=null",
         f"data.max_length={MAX_LENGTH}", f"train.lr={lr}", f"train.global_batch_size={PROMPTS_PER_STEP}",
         "train.warmup_steps=0", "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=5",
-        f"train.seed={a.seed}", "scaling.num_workers=1", f"output.dir={run_dir(arm, lr, a, recipe)}",
+        f"train.seed={a.seed if train_seed is None else train_seed}", "scaling.num_workers=1",
+        f"output.dir={run_dir(arm, lr, a, recipe, train_seed)}",
     ]
     if arm == "grpo":
         w, scale, new = RECIPES[recipe]
@@ -155,13 +157,13 @@ def gsm8k_one(a) -> dict:
             "wall_seconds": time.time() - t0}
 
 
-def train_one(arm: str, lr: float, a, recipe: str = "") -> dict:
+def train_one(arm: str, lr: float, a, recipe: str = "", train_seed: int | None = None) -> dict:
     from ftray.config import load_spec
     from ftray.train.local import run_local
 
     t0 = time.time()
-    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a, recipe)))
-    steps = [json.loads(x) for x in (run_dir(arm, lr, a, recipe) / "metrics.jsonl").read_text().splitlines()
+    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a, recipe, train_seed)))
+    steps = [json.loads(x) for x in (run_dir(arm, lr, a, recipe, train_seed) / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in x]
     out = {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
            "final_loss": rec["train"]["final_loss"], "rows": rec["data"]["train"]["rows"],
@@ -212,11 +214,14 @@ def main() -> None:
     ap.add_argument("--longer", type=int, default=0,
                     help="also train GRPO this many steps at the lr chosen at --steps (no new choice), judged on the "
                     "validation and test splits as the chosen run")
+    ap.add_argument("--train-seeds", default="",
+                    help="also train the chosen GRPO run again with these training seeds (data order, sampling; the "
+                    "same validation split), comma-separated, each judged on the validation and test splits")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
-        def train(arm, lr, steps="", recipe=""):
-            return train_one(arm, float(lr), at_steps(a, steps or None), recipe)
+        def train(arm, lr, steps="", recipe="", train_seed=""):
+            return train_one(arm, float(lr), at_steps(a, steps or None), recipe, int(train_seed) if train_seed else None)
 
         return one_piece(a.one, {"train": train,
                                   "eval": lambda m, d, n="": eval_one(m, d, a, n), "gsm8k": lambda: gsm8k_one(a)})
@@ -249,6 +254,14 @@ def main() -> None:
         if RECIPES[recipe][2]:
             piece(f"longer/test{NEW_TOKENS}/grpo/{cand(lr, recipe)}/{ltag}", child,
                   ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test), str(NEW_TOKENS)], a)
+    for ts in (int(x) for x in a.train_seeds.split(",") if x):
+        lr, recipe = chosen(saved, "grpo", tag)
+        key = f"{cand(lr, recipe)}/{tag}-train{ts}"
+        piece(f"seeds/train/grpo/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
+        piece(f"seeds/test/grpo/{key}", child, ["eval", str(run_dir("grpo", lr, a, recipe, ts)), str(test)], a)
+        if RECIPES[recipe][2]:
+            piece(f"seeds/test{NEW_TOKENS}/grpo/{key}", child,
+                  ["eval", str(run_dir("grpo", lr, a, recipe, ts)), str(test), str(NEW_TOKENS)], a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
@@ -342,6 +355,34 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
+    best = chosen(saved, "grpo", tag)
+    again = sorted(k for k in saved if best and k.startswith(f"seeds/train/grpo/{cand(*best)}/{tag}-train"))
+    if again:
+        tr0, te0 = saved[f"train/grpo/{cand(*best)}/{tag}"], saved[f"test/grpo/{cand(*best)}/{tag}"]
+        wide0 = saved.get(f"test{NEW_TOKENS}/grpo/{cand(*best)}/{tag}")
+        rows = [(str(a.seed) + " (the chosen run)", tr0, te0, wide0)]
+        rows += [(k.rsplit("-train", 1)[1], saved[k], saved.get(k.replace("seeds/train/", "seeds/test/")),
+                  saved.get(k.replace("seeds/train/", f"seeds/test{NEW_TOKENS}/"))) for k in again]
+        judged = [te["exact_match"] for _, _, te, _ in rows if te]
+        mean = sum(judged) / len(judged)
+        sd = (sum((x - mean) ** 2 for x in judged) / (len(judged) - 1)) ** 0.5 if len(judged) > 1 else float("nan")
+        lines += [
+            "",
+            "## The chosen GRPO run with other training seeds",
+            "",
+            f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps, trained again from the untouched model "
+            "with another `train.seed` (data order and sampling; the same fit and validation split); no new choice. "
+            f"Test exact over the {len(judged)} seeds: {mean:.3f} +- {sd:.3f} (mean +- sd).",
+            "",
+            f"| train seed | train s | val exact after | test exact after | test exact at {NEW_TOKENS} tokens "
+            "| GRPO sampled exact share, first -> last fifth of steps |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, tr, te, wide in rows:
+            lines.append(f"| {name} | {tr['train_seconds']:.0f} | {tr['val_after']['exact_match']:.3f} "
+                         f"| {te['exact_match'] if te else float('nan'):.3f} "
+                         f"| {wide['exact_match'] if wide else float('nan'):.3f} "
+                         f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} |")
     longer = sorted((k for k in saved if k.startswith("longer/train/grpo/") and k.endswith(f"-seed{a.seed}")),
                     key=lambda k: int(k.rsplit("/s", 1)[1].split("-")[0]))
     if longer:
@@ -405,7 +446,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         ]
     lines += ["", "Measured by (each piece's total includes its wait for the lock):", ""]
     lines += [f"- `{k}`: {v['stamp']}" for k, v in saved.items() if isinstance(v, dict) and "stamp" in v
-              and (tag in k or k == "before/test" or k.startswith(("gsm8k/", "longer/")))]
+              and (tag in k or k == "before/test" or k.startswith(("gsm8k/", "longer/", "seeds/")))]
     out = Path(a.results).with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
