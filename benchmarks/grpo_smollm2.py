@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,10 +42,9 @@ TEST_SUMS, VAL_SUMS, MAX_LENGTH = 200, 64, 64
 # The generation budget the untouched model, the SFT control and a GRPO recipe that names none are judged at (a
 # recipe may name its own; the shipped job takes the chosen recipe's).
 NEW_TOKENS = 16
-# arm -> (job, learning-rate candidates). GRPO's LoRA takes a larger step than SFT's: its signal is a few sampled
-# answers a step, SFT's every labelled token.
-ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smollm2.yaml", (1e-4, 5e-4))}
-# GRPO's candidates: (lr, reward recipe). The reward is 1 exact + 0.5 numeric + w for a completion that is one
+ARMS = {"grpo": "grpo_arith_smollm2.yaml", "sft": "sft_chat_smollm2.yaml"}  # arm -> its job
+# Each arm's candidates: (lr, reward recipe; SFT's recipe is "", none). GRPO's LoRA takes a larger step than SFT's:
+# its signal is a few sampled answers a step, SFT's every labelled token. The reward is 1 exact + 0.5 numeric + w for a completion that is one
 # number (the format term); a recipe sets w and whether advantages are divided by the group's standard deviation
 # (`method.scale_rewards`). At w 0.5 a wrong bare number earns what a right equation earns, and the policy collapses
 # onto bare numbers; at w 0 it never samples one (the untouched model's share, ~6 %, fell to 0 in 3 steps of an ad hoc
@@ -57,14 +57,11 @@ ARMS = {"grpo": ("grpo_arith_smollm2.yaml", (2e-4, 1e-3)), "sft": ("sft_chat_smo
 # exact match is the stripped reply equal to the sum, so "85\n" cut there counts where 16 tokens might go on.
 RECIPES = {"": (0.5, True, None), "format0.1": (0.1, True, None), "format0.1-noscale": (0.1, False, None),
            "format0.1-noscale-4tok": (0.1, False, 4)}
-GRPO_CANDIDATES = ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"),
-                   (2e-4, "format0.1-noscale-4tok"))
+CANDIDATES = {
+    "grpo": ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (2e-4, "format0.1-noscale-4tok")),
+    "sft": ((1e-4, ""), (5e-4, "")),
+}
 PROMPTS_PER_STEP = 8
-
-
-def candidates(arm: str) -> tuple:
-    """(lr, recipe) for each run of `arm` that validation chooses among (SFT: recipe "", none)."""
-    return GRPO_CANDIDATES if arm == "grpo" else tuple((lr, "") for lr in ARMS[arm][1])
 
 
 def cand(lr: float, recipe: str = "") -> str:
@@ -101,7 +98,7 @@ def grpo_job():
     """The shipped GRPO job's method (its G)."""
     from ftray.config import load_spec
 
-    return load_spec(ROOT / "jobs" / ARMS["grpo"][0]).method
+    return load_spec(ROOT / "jobs" / ARMS["grpo"]).method
 
 
 def sft_steps(a) -> int:
@@ -162,7 +159,7 @@ def train_one(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
     from ftray.train.local import run_local
 
     t0 = time.time()
-    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm][0], overrides(arm, lr, a, recipe, train_seed)))
+    rec = run_local(load_spec(ROOT / "jobs" / ARMS[arm], overrides(arm, lr, a, recipe, train_seed)))
     steps = [json.loads(x) for x in (run_dir(arm, lr, a, recipe, train_seed) / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in x]
     out = {"steps": rec["train"]["steps"], "train_seconds": rec["train"]["train_seconds"],
@@ -174,7 +171,6 @@ def train_one(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
         out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size
-        out["format_weight"], out["scale_rewards"], out["max_new_tokens"] = RECIPES[recipe]
     return out
 
 
@@ -234,46 +230,47 @@ def main() -> None:
 
     piece("before/test", child, ["eval", str(BASE), str(test)], a)
     for arm in ARMS:
-        cands = candidates(arm)
+        cands = CANDIDATES[arm]
         for lr, recipe in cands:
             piece(f"train/{arm}/{cand(lr, recipe)}/{tag}", child, ["train", arm, str(lr), "", recipe], a)
         # exact match on validation; a tie goes to the earlier candidate (the smaller lr, the first recipe)
         best = max(cands, key=lambda c: (saved[f"train/{arm}/{cand(*c)}/{tag}"]["val_after"]["exact_match"],  # noqa: B023
                                          -cands.index(c)))  # noqa: B023
         saved[f"chosen/{arm}/{tag}"] = list(best)
-        piece(f"test/{arm}/{cand(*best)}/{tag}", child, ["eval", str(run_dir(arm, best[0], a, best[1])), str(test)], a)
-        if arm == "grpo" and RECIPES[best[1]][2]:  # a smaller budget: also judged at the untouched model's
-            piece(f"test{NEW_TOKENS}/{arm}/{cand(*best)}/{tag}", child,
-                  ["eval", str(run_dir(arm, best[0], a, best[1])), str(test), str(NEW_TOKENS)], a)
+        judge(piece, "", f"{arm}/{cand(*best)}/{tag}", run_dir(arm, best[0], a, best[1]), best[1], test, a)
+    lr, recipe = chosen(saved, "grpo", tag)
     if a.longer:
-        lr, recipe = chosen(saved, "grpo", tag)
         longer, ltag = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}"
         piece(f"longer/train/grpo/{cand(lr, recipe)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), recipe], a)
-        piece(f"longer/test/grpo/{cand(lr, recipe)}/{ltag}", child,
-              ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test)], a)
-        if RECIPES[recipe][2]:
-            piece(f"longer/test{NEW_TOKENS}/grpo/{cand(lr, recipe)}/{ltag}", child,
-                  ["eval", str(run_dir("grpo", lr, longer, recipe)), str(test), str(NEW_TOKENS)], a)
+        judge(piece, "longer/", f"grpo/{cand(lr, recipe)}/{ltag}", run_dir("grpo", lr, longer, recipe), recipe, test, a)
     for ts in (int(x) for x in a.train_seeds.split(",") if x):
-        lr, recipe = chosen(saved, "grpo", tag)
-        key = f"{cand(lr, recipe)}/{tag}-train{ts}"
-        piece(f"seeds/train/grpo/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
-        piece(f"seeds/test/grpo/{key}", child, ["eval", str(run_dir("grpo", lr, a, recipe, ts)), str(test)], a)
-        if RECIPES[recipe][2]:
-            piece(f"seeds/test{NEW_TOKENS}/grpo/{key}", child,
-                  ["eval", str(run_dir("grpo", lr, a, recipe, ts)), str(test), str(NEW_TOKENS)], a)
+        key = f"grpo/{cand(lr, recipe)}/{tag}-train{ts}"
+        piece(f"seeds/train/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
+        judge(piece, "seeds/", key, run_dir("grpo", lr, a, recipe, ts), recipe, test, a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
     write_markdown(saved, a, stamp(t0, load0))
 
 
+def judge(piece, prefix: str, key: str, run: Path, recipe: str, test: Path, a) -> None:
+    """The test split on `run` (pieces `{prefix}test/{key}`), at its own job's budget and, where its recipe names a
+    smaller one, at the untouched model's too (`{prefix}test16/{key}`): exact match strips the reply, so a reply cut
+    after the number and a blank counts where 16 tokens might let it go on."""
+    piece(f"{prefix}test/{key}", child, ["eval", str(run), str(test)], a)
+    if RECIPES[recipe][2]:
+        piece(f"{prefix}test{NEW_TOKENS}/{key}", child, ["eval", str(run), str(test), str(NEW_TOKENS)], a)
+
+
+def judged(saved: dict, prefix: str, key: str) -> tuple[dict | None, dict | None]:
+    """What `judge` measured: (at the run's own budget, at NEW_TOKENS or None)."""
+    return saved.get(f"{prefix}test/{key}"), saved.get(f"{prefix}test{NEW_TOKENS}/{key}")
+
+
 def chosen(saved: dict, arm: str, tag: str) -> tuple[float, str] | None:
-    """The (lr, recipe) validation chose for `arm` (a bare lr was saved before the recipe was a candidate)."""
+    """The (lr, recipe) validation chose for `arm`."""
     got = saved.get(f"chosen/{arm}/{tag}")
-    if got is None:
-        return None
-    return (float(got[0]), got[1]) if isinstance(got, list) else (float(got), "")
+    return None if got is None else (float(got[0]), got[1])
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -313,8 +310,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines.append(f"| {arm} | {show(arm, *best)} | {tr['steps']} | {n} {what} | {tr['train_seconds']:.0f} "
                      f"| {before['exact_match']:.3f} | {after['exact_match']:.3f} "
                      f"| {before['numeric_match']:.3f} | {after.get('numeric_match', float('nan')):.3f} |")
-    best = chosen(saved, "grpo", tag)
-    wide = best and saved.get(f"test{NEW_TOKENS}/grpo/{cand(*best)}/{tag}")
+    best = chosen(saved, "grpo", tag)  # every GRPO section below is about this run
+    chosen_key = best and f"grpo/{cand(*best)}/{tag}"
+    wide = best and judged(saved, "", chosen_key)[1]
     if wide:
         lines += ["", f"The chosen GRPO run generates {RECIPES[best[1]][2]} new tokens, as its job says. Judged at "
                   f"{NEW_TOKENS}, the untouched model's budget, on the same test split: exact {wide['exact_match']:.3f}, "
@@ -332,7 +330,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
-        for c in candidates(arm):
+        for c in CANDIDATES[arm]:
             tr = saved.get(f"train/{arm}/{cand(*c)}/{tag}")
             if tr is None:
                 continue
@@ -350,29 +348,24 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
               "one number (reward 0.5 each) and none is the sum. *w* 0.1 under the std scaling goes the same way: in a "
               "group where no completion is right the format term is the only spread, and the scaling gives it the "
               "advantage a right answer would get."]
-    gr = chosen(saved, "grpo", tag) and saved.get(f"train/grpo/{cand(*chosen(saved, 'grpo', tag))}/{tag}")
+    gr = best and saved.get(f"train/{chosen_key}")
     if gr:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
-    best = chosen(saved, "grpo", tag)
-    again = sorted(k for k in saved if best and k.startswith(f"seeds/train/grpo/{cand(*best)}/{tag}-train"))
+    again = sorted(k.removeprefix("seeds/train/") for k in saved if best and k.startswith(f"seeds/train/{chosen_key}-train"))
     if again:
-        tr0, te0 = saved[f"train/grpo/{cand(*best)}/{tag}"], saved[f"test/grpo/{cand(*best)}/{tag}"]
-        wide0 = saved.get(f"test{NEW_TOKENS}/grpo/{cand(*best)}/{tag}")
-        rows = [(str(a.seed) + " (the chosen run)", tr0, te0, wide0)]
-        rows += [(k.rsplit("-train", 1)[1], saved[k], saved.get(k.replace("seeds/train/", "seeds/test/")),
-                  saved.get(k.replace("seeds/train/", f"seeds/test{NEW_TOKENS}/"))) for k in again]
-        judged = [te["exact_match"] for _, _, te, _ in rows if te]
-        mean = sum(judged) / len(judged)
-        sd = (sum((x - mean) ** 2 for x in judged) / (len(judged) - 1)) ** 0.5 if len(judged) > 1 else float("nan")
+        rows = [(f"{a.seed} (the chosen run)", saved[f"train/{chosen_key}"], *judged(saved, "", chosen_key))]
+        rows += [(k.rsplit("-train", 1)[1], saved[f"seeds/train/{k}"], *judged(saved, "seeds/", k)) for k in again]
+        scores = [te["exact_match"] for _, _, te, _ in rows if te]
+        mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else float("nan")
         lines += [
             "",
             "## The chosen GRPO run with other training seeds",
             "",
             f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps, trained again from the untouched model "
             "with another `train.seed` (data order and sampling; the same fit and validation split); no new choice. "
-            f"Test exact over the {len(judged)} seeds: {mean:.3f} +- {sd:.3f} (mean +- sd).",
+            f"Test exact over the {len(scores)} seeds: {mean:.3f} +- {sd:.3f} (mean +- sd).",
             "",
             f"| train seed | train s | val exact after | test exact after | test exact at {NEW_TOKENS} tokens "
             "| GRPO sampled exact share, first -> last fifth of steps |",
@@ -409,14 +402,12 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k in longer:
-            tr, te = saved[k], saved.get(k.replace("longer/train/", "longer/test/"))
+            tr, (te, wide) = saved[k], judged(saved, "longer/", k.removeprefix("longer/train/"))
             lr, _, recipe = k.split("/lr")[1].split("/")[0].partition("-")
             lr = show("grpo", float(lr), recipe)
-            test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f} | {te['numeric_match']:.3f}" if te
+            at16 = f" ({wide['exact_match']:.3f} at {NEW_TOKENS} tokens)" if wide else ""  # a smaller budget's run
+            test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f}{at16} | {te['numeric_match']:.3f}" if te
                     else "not judged | ")
-            wide = saved.get(k.replace("longer/train/", f"longer/test{NEW_TOKENS}/"))
-            if wide:  # a recipe with a smaller budget, judged at the untouched model's too
-                test = test.replace(" | ", f" ({wide['exact_match']:.3f} at {NEW_TOKENS} tokens) | ", 1)
             lines.append(
                 f"| {tr['steps']} | {lr} | {tr['completions']} | {tr['train_seconds']:.0f} "
                 f"| {tr['val_before']['exact_match']:.3f} -> {tr['val_after']['exact_match']:.3f} | {test} "
