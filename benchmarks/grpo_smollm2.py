@@ -55,10 +55,16 @@ ARMS = {"grpo": "grpo_arith_smollm2.yaml", "sft": "sft_chat_smollm2.yaml"}  # ar
 # the generation budget (training and evaluation alike): 4 new tokens hold a three-digit sum and the end of the turn,
 # and no equation, so only an answer that comes first can be right. The chosen run is judged at NEW_TOKENS as well:
 # exact match is the stripped reply equal to the sum, so "85\n" cut there counts where 16 tokens might go on.
-RECIPES = {"": (0.5, True, None), "format0.1": (0.1, True, None), "format0.1-noscale": (0.1, False, None),
-           "format0.1-noscale-4tok": (0.1, False, 4)}
+# A recipe may also leave out of the loss the completions the budget cut (`method.mask_truncated_completions`, TRL's):
+# at 4 tokens a cut reply ("85\n\nThe") earns what a finished one ("85" and the end of the turn) earns, and 120 steps
+# taught the policy to stop ending its turn (the test split's exact match 0.730 at 4 tokens, 0.000 at 16).
+# recipe -> (w, std scaling, new tokens or None, mask truncated completions)
+RECIPES = {"": (0.5, True, None, False), "format0.1": (0.1, True, None, False),
+           "format0.1-noscale": (0.1, False, None, False), "format0.1-noscale-4tok": (0.1, False, 4, False),
+           "format0.1-noscale-4tok-mask": (0.1, False, 4, True)}
 CANDIDATES = {
-    "grpo": ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (2e-4, "format0.1-noscale-4tok")),
+    "grpo": ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (2e-4, "format0.1-noscale-4tok"),
+             (2e-4, "format0.1-noscale-4tok-mask")),
     "sft": ((1e-4, ""), (5e-4, "")),
 }
 PROMPTS_PER_STEP = 8
@@ -73,8 +79,9 @@ def cand(lr: float, recipe: str = "") -> str:
 def show(arm: str, lr: float, recipe: str = "") -> str:
     if arm != "grpo":
         return f"{lr:g}"
-    w, scale, new = RECIPES[recipe]
-    return f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling") + (f", {new} new tokens" if new else "")
+    w, scale, new, mask = RECIPES[recipe]
+    return (f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling") + (f", {new} new tokens" if new else "")
+            + (", cut replies masked" if mask else ""))
 
 
 def data(seed: int) -> tuple[Path, Path, Path]:
@@ -121,10 +128,10 @@ def overrides(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
         f"output.dir={run_dir(arm, lr, a, recipe, train_seed)}",
     ]
     if arm == "grpo":
-        w, scale, new = RECIPES[recipe]
+        w, scale, new, mask = RECIPES[recipe]
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4", "method.rewards.exact_match=1.0",
                 "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}",
-                f"method.max_new_tokens={new or NEW_TOKENS}"]
+                f"method.max_new_tokens={new or NEW_TOKENS}", f"method.mask_truncated_completions={mask}"]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
             f"method.max_new_tokens={NEW_TOKENS}", "data.packing=false"]
 
@@ -167,7 +174,8 @@ def train_one(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
            "val_before": rec["eval"]["before"], "val_after": rec["eval"]["after"], "wall_seconds": time.time() - t0}
     if arm == "grpo":
         k = max(1, len(steps) // 5)  # the first and last fifth of the steps
-        for key in ("reward_exact_match", "reward_numeric_match", "reward_format", "completion_len", "generate_share"):
+        for key in ("reward_exact_match", "reward_numeric_match", "reward_format", "completion_len", "generate_share",
+                    "truncated"):
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
         out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size

@@ -295,6 +295,12 @@ class GRPOMethod(_RolloutMethod):
         "accumulation step weighs the same; TRL pools them too); `dr_grpo`: sum / (completions x "
         "`method.max_new_tokens`).",
     )
+    mask_truncated_completions: bool = Field(
+        False,
+        description="As TRL's GRPOConfig: a completion that used all `method.max_new_tokens` without ending the turn "
+        "(no EOS) gets no loss, though its reward still counts in its group's advantages. Without it a reply the "
+        "budget cut earns what a finished one earns, and the policy can learn to stop ending its turn.",
+    )
 
 
 class PPOMethod(_RolloutMethod):

@@ -96,7 +96,7 @@ def test_in_process_zero2_lora_logs_rollouts(tiny_model, arith, cache_dir, tmp_p
         for k in ("reward_mean", "reward_min", "reward_max", "kl", "completion_len", "generate_s", "generate_share",
                   "score_s", "reward_exact_match"):
             assert f"train/{k}" in s, (k, s)
-        assert 0 < s["train/generate_share"] < 1
+        assert 0 < s["train/generate_share"] < 1 and 0 <= s["train/truncated"] <= 1
     b, a = record["eval"]["before"], record["eval"]["after"]
     assert {"eval_loss", "exact_match", "numeric_match"} <= set(a)
     assert b["eval_loss"] > 1.0, b  # the reference answers' NLL under a random model, not a rollout loss

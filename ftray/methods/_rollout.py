@@ -53,6 +53,7 @@ class Rollout:
     pos: torch.Tensor
     comp: torch.Tensor  # the completion tokens
     c_mask: torch.Tensor  # 1 up to and including the first EOS
+    ended: torch.Tensor  # (B,) bool: the completion has an EOS (not cut by max_new_tokens)
     prompt_len: int
     rewards: torch.Tensor  # one per completion
     info: dict  # generate_s, score_s and per-source reward means
@@ -169,6 +170,7 @@ def rollout_info(r: Rollout, scores: torch.Tensor, clipped: torch.Tensor, kl: fl
         "reward_max": float(scores.max()),
         "kl": kl,
         "completion_len": float(r.c_mask.sum(-1).float().mean()),
+        "truncated": float((~r.ended).float().mean()),  # cut by max_new_tokens (TRL's completions/clipped_ratio)
         "clipped": float(masked_mean(clipped, r.c_mask)),
         **r.info,
     }
@@ -256,7 +258,7 @@ class Sampler:
         attn = torch.cat([p_mask, c_mask], dim=1)
         return Rollout(
             full=torch.cat([p_ids, comp], dim=1), attn=attn, pos=(attn.cumsum(-1) - 1).clamp(min=0),
-            comp=comp, c_mask=c_mask, prompt_len=p_ids.shape[1],
+            comp=comp, c_mask=c_mask, ended=(comp == self.tokenizer.eos_token_id).any(-1), prompt_len=p_ids.shape[1],
             rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
             info={"generate_s": gen_s, **{k.replace("/", "_"): v for k, v in parts.items()}},
         )

@@ -11,7 +11,8 @@ answer the verifiable rewards check (`data.columns` maps other names, e.g. GSM8K
 copy (as in `dpo`; none is kept when `beta` is 0). The rollout is a step of its own before the loss
 (`prepare`, as TRL's `_generate_and_score_completions` before `compute_loss`); rows, batches, sampling and
 held-out scoring are `_rollout.py`'s, which `ppo` uses too. Logged every step: reward mean/min/max (and per source), KL, completion length, clipped
-share, and seconds spent generating and scoring (the rest of the step is learning).
+share, the share of completions cut by `max_new_tokens` (`truncated`), and seconds spent generating and scoring
+(the rest of the step is learning). `method.mask_truncated_completions` (TRL's) leaves the cut ones out of the loss.
 
 Judged on held-out prompts by greedy decoding: exact match, numeric match, mean verifiable reward, and the
 served reward model's mean score when there is one; eval_loss is the reference answer's NLL.
@@ -66,6 +67,8 @@ class GRPO(_rollout.PromptRows, MethodBase):
         m = self.sampler.spec.method
         adv = group_advantages(r.rewards, m.group_size, scale=m.scale_rewards)
         c_mask = r.c_mask
+        if m.mask_truncated_completions:  # as TRL: a cut completion takes no part in the loss (nor its metrics)
+            c_mask = c_mask * r.ended[:, None].to(c_mask.dtype)
         logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False,
                        logits_to_keep=r.keep).logits
         logp = _rollout.completion_logps(logits, r, m.temperature)
