@@ -3,7 +3,7 @@ beside it the SFT control on as many examples (issue 15, item 4). Writes benchma
 (figures kept per piece in grpo_smollm2.json, each with the stamp of the script run that measured it).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/grpo_smollm2.py [--steps 40] [--longer 120] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
+    python benchmarks/grpo_smollm2.py [--steps 40] [--longer 120 [--longer-recipe R]] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
 
 The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99, as chat rows (`ftray data
 arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--longer", type=int, default=0,
                     help="also train GRPO this many steps at the lr chosen at --steps (no new choice), judged on the "
                     "validation and test splits as the chosen run")
+    ap.add_argument("--longer-recipe", default=None, choices=sorted(RECIPES),
+                    help="the recipe of the --longer run (default: the one chosen at --steps), at the chosen lr")
     ap.add_argument("--train-seeds", default="",
                     help="also train the chosen GRPO run again with these training seeds (data order, sampling; the "
                     "same validation split), comma-separated, each judged on the validation and test splits")
@@ -248,9 +250,9 @@ def main() -> None:
         judge(piece, "", f"{arm}/{cand(*best)}/{tag}", run_dir(arm, best[0], a, best[1]), best[1], test, a)
     lr, recipe = chosen(saved, "grpo", tag)
     if a.longer:
-        longer, ltag = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}"
-        piece(f"longer/train/grpo/{cand(lr, recipe)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), recipe], a)
-        judge(piece, "longer/", f"grpo/{cand(lr, recipe)}/{ltag}", run_dir("grpo", lr, longer, recipe), recipe, test, a)
+        longer, ltag, lrec = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}", a.longer_recipe or recipe
+        piece(f"longer/train/grpo/{cand(lr, lrec)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), lrec], a)
+        judge(piece, "longer/", f"grpo/{cand(lr, lrec)}/{ltag}", run_dir("grpo", lr, longer, lrec), lrec, test, a)
     for ts in (int(x) for x in a.train_seeds.split(",") if x):
         key = f"grpo/{cand(lr, recipe)}/{tag}-train{ts}"
         piece(f"seeds/train/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
@@ -334,18 +336,20 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         "",
         "| arm | lr, recipe | train s | final train loss | val exact before | val exact after | val numeric after "
         "| val answer NLL before -> after | GRPO sampled exact share, first -> last fifth of steps "
-        "| sampled numeric share | sampled one-number share | completion tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sampled numeric share | sampled one-number share | completion tokens | sampled share cut by the budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
         for c in CANDIDATES[arm]:
             tr = saved.get(f"train/{arm}/{cand(*c)}/{tag}")
             if tr is None:
                 continue
-            roll = " | | | "
+            roll = " | | | | "
             if arm == "grpo":
-                roll = " | ".join(f"{tr[f'first_{k}']:.{d}f} -> {tr[f'last_{k}']:.{d}f}" for k, d in (
-                    ("reward_exact_match", 3), ("reward_numeric_match", 3), ("reward_format", 3), ("completion_len", 1)))
+                roll = " | ".join(f"{tr[f'first_{k}']:.{d}f} -> {tr[f'last_{k}']:.{d}f}" if f"first_{k}" in tr
+                                  else "not logged then" for k, d in (
+                    ("reward_exact_match", 3), ("reward_numeric_match", 3), ("reward_format", 3), ("completion_len", 1),
+                    ("truncated", 3)))
             lines.append(f"| {arm} | {show(arm, *c)} | {tr['train_seconds']:.0f} | {tr['final_loss']:.4f} "
                          f"| {tr['val_before']['exact_match']:.3f} | {tr['val_after']['exact_match']:.3f} "
                          f"| {tr['val_after'].get('numeric_match', float('nan')):.3f} "
@@ -355,7 +359,10 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
               "GRPO run whose NLL jumps has left the answers behind: at lr 1e-3 every greedy answer on validation is "
               "one number (reward 0.5 each) and none is the sum. *w* 0.1 under the std scaling goes the same way: in a "
               "group where no completion is right the format term is the only spread, and the scaling gives it the "
-              "advantage a right answer would get."]
+              "advantage a right answer would get. *Cut by the budget*: the completions that used every new token "
+              "without ending the turn (logged since `method.mask_truncated_completions` was added; a recipe marked "
+              "*cut replies masked* leaves them out of the loss, as TRL's option does, though their rewards still "
+              "count in their groups' advantages)."]
     gr = best and saved.get(f"train/{chosen_key}")
     if gr:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
