@@ -253,6 +253,14 @@ def main() -> None:
         longer, ltag, lrec = at_steps(a, a.longer), f"s{a.longer}-seed{a.seed}", a.longer_recipe or recipe
         piece(f"longer/train/grpo/{cand(lr, lrec)}/{ltag}", child, ["train", "grpo", str(lr), str(a.longer), lrec], a)
         judge(piece, "longer/", f"grpo/{cand(lr, lrec)}/{ltag}", run_dir("grpo", lr, longer, lrec), lrec, test, a)
+    # The run the shipped job takes: among the chosen run and every longer one, validation exact at NEW_TOKENS (where a
+    # reply a smaller budget cut after the number counts only if the model ends it there); a tie goes to fewer steps.
+    _, val, _ = data(a.seed)
+    runs = [f"grpo/{cand(lr, recipe)}/{tag}"] + [k.removeprefix("longer/train/") for k in longer_keys(saved, a)]
+    for key in runs:
+        piece(f"{'longer/' if key != runs[0] else ''}val{NEW_TOKENS}/{key}", child,
+              ["eval", str(run_dir_of(key, a)), str(val), str(NEW_TOKENS)], a)
+    saved[f"shipped/grpo/{tag}"] = max(runs, key=lambda k: (val16(saved, k, runs)["exact_match"], -key_steps(k)))
     for ts in (int(x) for x in a.train_seeds.split(",") if x):
         key = f"grpo/{cand(lr, recipe)}/{tag}-train{ts}"
         piece(f"seeds/train/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
@@ -270,6 +278,32 @@ def judge(piece, prefix: str, key: str, run: Path, recipe: str, test: Path, a) -
     piece(f"{prefix}test/{key}", child, ["eval", str(run), str(test)], a)
     if RECIPES[recipe][2]:
         piece(f"{prefix}test{NEW_TOKENS}/{key}", child, ["eval", str(run), str(test), str(NEW_TOKENS)], a)
+
+
+def key_parts(key: str) -> tuple[float, str, int]:
+    """(lr, recipe, steps) of a GRPO run's key `grpo/lr<lr>[-<recipe>]/s<steps>-seed<seed>`."""
+    lr, _, recipe = key.split("/")[1].removeprefix("lr").partition("-")
+    return float(lr), recipe, key_steps(key)
+
+
+def key_steps(key: str) -> int:
+    return int(key.rsplit("/s", 1)[1].split("-")[0])
+
+
+def run_dir_of(key: str, a) -> Path:
+    lr, recipe, steps = key_parts(key)
+    return run_dir("grpo", lr, at_steps(a, steps), recipe)
+
+
+def longer_keys(saved: dict, a) -> list[str]:
+    """The longer runs' train pieces, by steps."""
+    return sorted((k for k in saved if k.startswith("longer/train/grpo/") and k.endswith(f"-seed{a.seed}")),
+                  key=key_steps)
+
+
+def val16(saved: dict, key: str, runs: list[str]) -> dict:
+    """The validation split judged at NEW_TOKENS for run `key` (the first of `runs` is the chosen one)."""
+    return saved[f"{'' if key == runs[0] else 'longer/'}val{NEW_TOKENS}/{key}"]
 
 
 def judged(saved: dict, prefix: str, key: str) -> tuple[dict | None, dict | None]:
@@ -391,8 +425,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
                          f"| {te['exact_match'] if te else float('nan'):.3f} "
                          f"| {wide['exact_match'] if wide else float('nan'):.3f} "
                          f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} |")
-    longer = sorted((k for k in saved if k.startswith("longer/train/grpo/") and k.endswith(f"-seed{a.seed}")),
-                    key=lambda k: int(k.rsplit("/s", 1)[1].split("-")[0]))
+    longer = longer_keys(saved, a)
     if longer:
         sft = saved[f"test/sft/{cand(*chosen(saved, 'sft', tag))}/{tag}"]["exact_match"]
         lines += [
@@ -418,8 +451,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         ]
         for k in longer:
             tr, (te, wide) = saved[k], judged(saved, "longer/", k.removeprefix("longer/train/"))
-            lr, _, recipe = k.split("/lr")[1].split("/")[0].partition("-")
-            lr = show("grpo", float(lr), recipe)
+            lr = show("grpo", *key_parts(k.removeprefix("longer/train/"))[:2])
             at16 = f" ({wide['exact_match']:.3f} at {NEW_TOKENS} tokens)" if wide else ""  # a smaller budget's run
             test = (f"{before['exact_match']:.3f} -> {te['exact_match']:.3f}{at16} | {te['numeric_match']:.3f}" if te
                     else "not judged | ")
@@ -429,6 +461,31 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
                 f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} "
                 f"| {tr['first_reward_format']:.3f} -> {tr['last_reward_format']:.3f} "
                 f"| {tr['first_completion_len']:.1f} -> {tr['last_completion_len']:.1f} |")
+    ship = saved.get(f"shipped/grpo/{tag}")
+    if ship:
+        runs = [chosen_key] + [k.removeprefix("longer/train/") for k in longer]
+        lines += [
+            "",
+            "## The run the shipped job takes",
+            "",
+            f"Among the chosen run and every longer run above: validation exact at {NEW_TOKENS} new tokens, the "
+            "untouched model's budget, where a reply that a smaller budget cut after the number counts only if the "
+            "model ends its turn there (a tie goes to fewer steps). The test split is not read for this choice; its "
+            "figures are those of the tables above. `jobs/grpo_arith_smollm2.yaml` takes the chosen run's lr, recipe "
+            "and steps.",
+            "",
+            f"| steps | lr, recipe | val exact at its own budget | val exact at {NEW_TOKENS} tokens | test exact at its "
+            f"own budget | test exact at {NEW_TOKENS} tokens |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in runs:
+            prefix = "" if k == chosen_key else "longer/"
+            tr, (te, wide) = saved[f"{prefix}train/{k}"], judged(saved, prefix, k)
+            wide = wide or te  # a run at NEW_TOKENS already
+            mark = " (shipped)" if k == ship else ""
+            lines.append(f"| {key_steps(k)}{mark} | {show('grpo', *key_parts(k)[:2])} "
+                         f"| {tr['val_after']['exact_match']:.3f} | {val16(saved, k, runs)['exact_match']:.3f} "
+                         f"| {te['exact_match']:.3f} | {wide['exact_match']:.3f} |")
     for k in sorted(k for k in saved if k.startswith("gsm8k/")):
         g = saved[k]
         b, af = g["before"], g["after"]
