@@ -3,7 +3,8 @@ beside it the SFT control on as many examples (issue 15, item 4). Writes benchma
 (figures kept per piece in grpo_smollm2.json, each with the stamp of the script run that measured it).
 
     ftray models get smollm2-135m-instruct runs/smollm2
-    python benchmarks/grpo_smollm2.py [--steps 40] [--longer 120 [--longer-recipe R]] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
+    python benchmarks/grpo_smollm2.py [--steps 40] [--longer 120 [--longer-recipe R]] [--train-seeds 1,2]
+        [--shipped-seeds 1,2] [--gsm8k-steps 10] [--lock /tmp/ray.lock]
 
 The task: "What is {a} + {b}? Answer with the number only." for 10 <= a, b <= 99, as chat rows (`ftray data
 arithmetic --min-operand 10 --max-operand 99 --question ...`); 200 sums held out for the test, 64 more carved from
@@ -223,6 +224,9 @@ def main() -> None:
     ap.add_argument("--train-seeds", default="",
                     help="also train the chosen GRPO run again with these training seeds (data order, sampling; the "
                     "same validation split), comma-separated, each judged on the validation and test splits")
+    ap.add_argument("--shipped-seeds", default="",
+                    help="also train the run the shipped job takes (chosen at 16 tokens among the chosen and longer "
+                    "runs) again with these training seeds, comma-separated, each judged on the validation and test splits")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a piece, in a child process
     a = ap.parse_args()
     if a.one:
@@ -260,7 +264,13 @@ def main() -> None:
     for key in runs:
         piece(f"{'longer/' if key != runs[0] else ''}val{NEW_TOKENS}/{key}", child,
               ["eval", str(run_dir_of(key, a)), str(val), str(NEW_TOKENS)], a)
-    saved[f"shipped/grpo/{tag}"] = max(runs, key=lambda k: (val16(saved, k, runs)["exact_match"], -key_steps(k)))
+    ship = saved[f"shipped/grpo/{tag}"] = max(runs, key=lambda k: (val16(saved, k, runs)["exact_match"], -key_steps(k)))
+    ship_lr, ship_recipe, ship_steps = key_parts(ship)
+    for ts in (int(x) for x in a.shipped_seeds.split(",") if x):
+        key = f"{ship}-train{ts}"
+        piece(f"seeds/train/{key}", child, ["train", "grpo", str(ship_lr), str(ship_steps), ship_recipe, str(ts)], a)
+        judge(piece, "seeds/", key, run_dir("grpo", ship_lr, at_steps(a, ship_steps), ship_recipe, ts), ship_recipe,
+              test, a)
     for ts in (int(x) for x in a.train_seeds.split(",") if x):
         key = f"grpo/{cand(lr, recipe)}/{tag}-train{ts}"
         piece(f"seeds/train/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
@@ -315,6 +325,35 @@ def chosen(saved: dict, arm: str, tag: str) -> tuple[float, str] | None:
     """The (lr, recipe) validation chose for `arm`."""
     got = saved.get(f"chosen/{arm}/{tag}")
     return None if got is None else (float(got[0]), got[1])
+
+
+def seeds_section(saved: dict, prefix: str, key: str, what: str, title: str) -> list[str]:
+    """The markdown of run `key` (its pieces under `prefix`) and its retrainings with other training seeds."""
+    again = sorted(k.removeprefix("seeds/train/") for k in saved if k.startswith(f"seeds/train/{key}-train"))
+    if not again:
+        return []
+    rows = [(f"{key.rsplit('-seed', 1)[1]} (the run above)", saved[f"{prefix}train/{key}"], *judged(saved, prefix, key))]
+    rows += [(k.rsplit("-train", 1)[1], saved[f"seeds/train/{k}"], *judged(saved, "seeds/", k)) for k in again]
+    scores = [te["exact_match"] for _, _, te, _ in rows if te]
+    mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else float("nan")
+    lines = [
+        "",
+        f"## {title} with other training seeds",
+        "",
+        f"{what}, trained again from the untouched model with another `train.seed` (data order and sampling; the "
+        f"same fit and validation split); no new choice. Test exact over the {len(scores)} seeds: {mean:.3f} +- "
+        f"{sd:.3f} (mean +- sd).",
+        "",
+        f"| train seed | train s | val exact after | test exact after | test exact at {NEW_TOKENS} tokens "
+        "| GRPO sampled exact share, first -> last fifth of steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, tr, te, wide in rows:
+        lines.append(f"| {name} | {tr['train_seconds']:.0f} | {tr['val_after']['exact_match']:.3f} "
+                     f"| {te['exact_match'] if te else float('nan'):.3f} "
+                     f"| {wide['exact_match'] if wide else float('nan'):.3f} "
+                     f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} |")
+    return lines
 
 
 def write_markdown(saved: dict, a, stamped: str) -> None:
@@ -402,29 +441,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         lines += ["", f"GRPO step time of the chosen run: {gr['train_seconds'] / gr['steps']:.1f} s, of which "
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
-    again = sorted(k.removeprefix("seeds/train/") for k in saved if best and k.startswith(f"seeds/train/{chosen_key}-train"))
-    if again:
-        rows = [(f"{a.seed} (the chosen run)", saved[f"train/{chosen_key}"], *judged(saved, "", chosen_key))]
-        rows += [(k.rsplit("-train", 1)[1], saved[f"seeds/train/{k}"], *judged(saved, "seeds/", k)) for k in again]
-        scores = [te["exact_match"] for _, _, te, _ in rows if te]
-        mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else float("nan")
-        lines += [
-            "",
-            "## The chosen GRPO run with other training seeds",
-            "",
-            f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps, trained again from the untouched model "
-            "with another `train.seed` (data order and sampling; the same fit and validation split); no new choice. "
-            f"Test exact over the {len(scores)} seeds: {mean:.3f} +- {sd:.3f} (mean +- sd).",
-            "",
-            f"| train seed | train s | val exact after | test exact after | test exact at {NEW_TOKENS} tokens "
-            "| GRPO sampled exact share, first -> last fifth of steps |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, tr, te, wide in rows:
-            lines.append(f"| {name} | {tr['train_seconds']:.0f} | {tr['val_after']['exact_match']:.3f} "
-                         f"| {te['exact_match'] if te else float('nan'):.3f} "
-                         f"| {wide['exact_match'] if wide else float('nan'):.3f} "
-                         f"| {tr['first_reward_exact_match']:.3f} -> {tr['last_reward_exact_match']:.3f} |")
+    if best:
+        lines += seeds_section(saved, "", chosen_key, f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps",
+                               "The chosen GRPO run")
     longer = longer_keys(saved, a)
     if longer:
         sft = saved[f"test/sft/{cand(*chosen(saved, 'sft', tag))}/{tag}"]["exact_match"]
@@ -434,7 +453,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "",
             f"The lr and recipe validation chose at {a.steps} steps, trained again from the untouched model for more "
             "steps (`--longer`; no new choice, and the test split is judged once per length; a row whose recipe is not "
-            "the table's choice now was run before validation's candidates included the others). The SFT control is "
+            "the table's choice now was run before validation's candidates included the others, or named by "
+            "`--longer-recipe`). The SFT control is "
             "not rerun: at as many labelled rows as the shorter GRPO run sampled it is at "
             f"{sft:.3f} on the test split. The lr decays by a cosine over each run's own steps (`train.lr_schedule`), "
             "so a longer run holds a large lr for longer. *Completion tokens* near 2 with a one-number share near 1 (at "
@@ -442,7 +462,8 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "whatever its value, and a group whose completions all score the same has no advantage to learn from. "
             f"*at {NEW_TOKENS} tokens*: a run whose recipe generates fewer, judged at the untouched model's budget "
             "too. Where that figure falls below its own budget's, the run learned replies that the cut makes exact: "
-            "the reward pays a cut reply as it pays a finished one, so nothing rewards ending the turn.",
+            "the reward pays a cut reply as it pays a finished one, so nothing rewards ending the turn; a recipe marked "
+            "*cut replies masked* gives a cut reply no loss (`method.mask_truncated_completions`).",
             "",
             "| steps | lr, recipe | sampled completions | train s | val exact before -> after | test exact before -> after "
             "| test numeric after | GRPO sampled exact share, first -> last fifth of steps | sampled one-number share "
@@ -486,6 +507,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             lines.append(f"| {key_steps(k)}{mark} | {show('grpo', *key_parts(k)[:2])} "
                          f"| {tr['val_after']['exact_match']:.3f} | {val16(saved, k, runs)['exact_match']:.3f} "
                          f"| {te['exact_match']:.3f} | {wide['exact_match']:.3f} |")
+    if ship and ship != chosen_key:
+        lines += seeds_section(saved, "longer/", ship, f"The shipped run ({show('grpo', *key_parts(ship)[:2])}, "
+                               f"{key_steps(ship)} steps)", "The shipped GRPO run")
     for k in sorted(k for k in saved if k.startswith("gsm8k/")):
         g = saved[k]
         b, af = g["before"], g["after"]
