@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ftray.config import spec_from_dict
+from ftray.config import SpecError, spec_from_dict
 from ftray.data.encode import ensure_chat_template
 from ftray.methods import EvalContext, get_method
 from tests._specs import method_spec
@@ -47,10 +47,9 @@ def biased_model(tiny_model, arith, tmp_path, eos_bias: float):
 
 def test_loss_type_aggregates_the_same_rollout(tiny_model, arith, tmp_path):
     tok, batch, model = biased_model(tiny_model, arith, tmp_path, 6.0)
-    method = METHOD
     losses, infos = {}, {}
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        spec = spec_from_dict(method_spec("grpo", tiny_model, arith[0], None, tmp_path, method={**method, "loss_type": loss_type}))
+        spec = spec_from_dict(method_spec("grpo", tiny_model, arith[0], None, tmp_path, method={**METHOD, "loss_type": loss_type}))
         M.setup(spec, tok, EvalContext())
         torch.manual_seed(1)
         loss, infos[loss_type] = M.loss(model, M.prepare(model, batch))
@@ -67,7 +66,8 @@ def test_loss_type_aggregates_the_same_rollout(tiny_model, arith, tmp_path):
 
 def test_mask_truncated_completions_leaves_the_cut_ones_out(tiny_model, arith, tmp_path):
     """The same rollout with and without `method.mask_truncated_completions`, against -A summed by hand over the
-    completions that ended (their EOS sampled within `max_new_tokens`): a cut completion adds nothing to the loss, though its reward still counts in its group's advantages (as TRL)."""
+    completions that ended (their EOS sampled within `max_new_tokens`): a cut completion adds nothing to the loss,
+    though its reward still counts in its group's advantages (as TRL)."""
     from ftray.methods.losses import group_advantages
 
     tok, batch, model = biased_model(tiny_model, arith, tmp_path, 5.0)
@@ -96,3 +96,6 @@ def test_mask_truncated_completions_leaves_the_cut_ones_out(tiny_model, arith, t
     assert got[True] != pytest.approx(got[False], abs=1e-4), got
     # default off, as TRL's GRPOConfig; a field of grpo only
     assert not spec_from_dict(method_spec("grpo", tiny_model, arith[0], None, tmp_path)).method.mask_truncated_completions
+    with pytest.raises(SpecError, match=r"job.yaml: .*`method.mask_truncated_completions`"):
+        d = method_spec("grpo", tiny_model, arith[0], None, tmp_path)
+        spec_from_dict({**d, "method": {"kind": "ppo", "mask_truncated_completions": True}}, "job.yaml")

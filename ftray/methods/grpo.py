@@ -67,7 +67,7 @@ class GRPO(_rollout.PromptRows, MethodBase):
         m = self.sampler.spec.method
         adv = group_advantages(r.rewards, m.group_size, scale=m.scale_rewards)
         c_mask = r.c_mask
-        if m.mask_truncated_completions:  # as TRL: a cut completion takes no part in the loss (nor its metrics)
+        if m.mask_truncated_completions:  # as TRL: a cut completion takes no part in the loss (nor the logged KL)
             c_mask = c_mask * r.ended[:, None].to(c_mask.dtype)
         logits = model(input_ids=r.full, attention_mask=r.attn, position_ids=r.pos, use_cache=False,
                        logits_to_keep=r.keep).logits
