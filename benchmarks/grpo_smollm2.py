@@ -262,19 +262,12 @@ def main() -> None:
     _, val, _ = data(a.seed)
     runs = [f"grpo/{cand(lr, recipe)}/{tag}"] + [k.removeprefix("longer/train/") for k in longer_keys(saved, a)]
     for key in runs:
-        piece(f"{'longer/' if key != runs[0] else ''}val{NEW_TOKENS}/{key}", child,
+        piece(f"{prefix_of(saved, key)}val{NEW_TOKENS}/{key}", child,
               ["eval", str(run_dir_of(key, a)), str(val), str(NEW_TOKENS)], a)
-    ship = saved[f"shipped/grpo/{tag}"] = max(runs, key=lambda k: (val16(saved, k, runs)["exact_match"], -key_steps(k)))
-    ship_lr, ship_recipe, ship_steps = key_parts(ship)
-    for ts in (int(x) for x in a.shipped_seeds.split(",") if x):
-        key = f"{ship}-train{ts}"
-        piece(f"seeds/train/{key}", child, ["train", "grpo", str(ship_lr), str(ship_steps), ship_recipe, str(ts)], a)
-        judge(piece, "seeds/", key, run_dir("grpo", ship_lr, at_steps(a, ship_steps), ship_recipe, ts), ship_recipe,
-              test, a)
-    for ts in (int(x) for x in a.train_seeds.split(",") if x):
-        key = f"grpo/{cand(lr, recipe)}/{tag}-train{ts}"
-        piece(f"seeds/train/{key}", child, ["train", "grpo", str(lr), "", recipe, str(ts)], a)
-        judge(piece, "seeds/", key, run_dir("grpo", lr, a, recipe, ts), recipe, test, a)
+    ship = saved[f"shipped/grpo/{tag}"] = max(runs, key=lambda k: (val16(saved, k)["exact_match"], -key_steps(k)))
+    for key, seeds in ((ship, a.shipped_seeds), (runs[0], a.train_seeds)):
+        for ts in (int(x) for x in seeds.split(",") if x):
+            retrain(piece, key, ts, test, a)
     if a.gsm8k_steps:
         piece(f"gsm8k/s{a.gsm8k_steps}-seed{a.seed}", child, ["gsm8k"], a)
     piece.save()
@@ -288,6 +281,19 @@ def judge(piece, prefix: str, key: str, run: Path, recipe: str, test: Path, a) -
     piece(f"{prefix}test/{key}", child, ["eval", str(run), str(test)], a)
     if RECIPES[recipe][2]:
         piece(f"{prefix}test{NEW_TOKENS}/{key}", child, ["eval", str(run), str(test), str(NEW_TOKENS)], a)
+
+
+def retrain(piece, key: str, ts: int, test: Path, a) -> None:
+    """GRPO run `key` trained again with training seed `ts` (pieces `seeds/.../{key}-train{ts}`), judged as `judge`."""
+    lr, recipe, steps = key_parts(key)
+    again = f"{key}-train{ts}"
+    piece(f"seeds/train/{again}", child, ["train", "grpo", str(lr), str(steps), recipe, str(ts)], a)
+    judge(piece, "seeds/", again, run_dir("grpo", lr, at_steps(a, steps), recipe, ts), recipe, test, a)
+
+
+def prefix_of(saved: dict, key: str) -> str:
+    """Where GRPO run `key`'s pieces are kept: "" (a candidate at --steps) or "longer/" (a --longer run)."""
+    return "" if f"train/{key}" in saved else "longer/"
 
 
 def key_parts(key: str) -> tuple[float, str, int]:
@@ -311,9 +317,9 @@ def longer_keys(saved: dict, a) -> list[str]:
                   key=key_steps)
 
 
-def val16(saved: dict, key: str, runs: list[str]) -> dict:
-    """The validation split judged at NEW_TOKENS for run `key` (the first of `runs` is the chosen one)."""
-    return saved[f"{'' if key == runs[0] else 'longer/'}val{NEW_TOKENS}/{key}"]
+def val16(saved: dict, key: str) -> dict:
+    """The validation split judged at NEW_TOKENS for GRPO run `key`."""
+    return saved[f"{prefix_of(saved, key)}val{NEW_TOKENS}/{key}"]
 
 
 def judged(saved: dict, prefix: str, key: str) -> tuple[dict | None, dict | None]:
@@ -327,8 +333,9 @@ def chosen(saved: dict, arm: str, tag: str) -> tuple[float, str] | None:
     return None if got is None else (float(got[0]), got[1])
 
 
-def seeds_section(saved: dict, prefix: str, key: str, what: str, title: str) -> list[str]:
-    """The markdown of run `key` (its pieces under `prefix`) and its retrainings with other training seeds."""
+def seeds_section(saved: dict, key: str, what: str, title: str) -> list[str]:
+    """The markdown of GRPO run `key` and its retrainings with other training seeds."""
+    prefix = prefix_of(saved, key)
     again = sorted(k.removeprefix("seeds/train/") for k in saved if k.startswith(f"seeds/train/{key}-train"))
     if not again:
         return []
@@ -442,7 +449,7 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
                   f"{100 * gr['last_generate_share']:.0f} % generating in the last fifth of the steps "
                   f"({100 * gr['first_generate_share']:.0f} % in the first, when completions were longer)."]
     if best:
-        lines += seeds_section(saved, "", chosen_key, f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps",
+        lines += seeds_section(saved, chosen_key, f"The chosen lr and recipe ({show('grpo', *best)}), {a.steps} steps",
                                "The chosen GRPO run")
     longer = longer_keys(saved, a)
     if longer:
@@ -500,15 +507,15 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             "|---|---|---|---|---|---|",
         ]
         for k in runs:
-            prefix = "" if k == chosen_key else "longer/"
+            prefix = prefix_of(saved, k)
             tr, (te, wide) = saved[f"{prefix}train/{k}"], judged(saved, prefix, k)
             wide = wide or te  # a run at NEW_TOKENS already
             mark = " (shipped)" if k == ship else ""
             lines.append(f"| {key_steps(k)}{mark} | {show('grpo', *key_parts(k)[:2])} "
-                         f"| {tr['val_after']['exact_match']:.3f} | {val16(saved, k, runs)['exact_match']:.3f} "
+                         f"| {tr['val_after']['exact_match']:.3f} | {val16(saved, k)['exact_match']:.3f} "
                          f"| {te['exact_match']:.3f} | {wide['exact_match']:.3f} |")
     if ship and ship != chosen_key:
-        lines += seeds_section(saved, "longer/", ship, f"The shipped run ({show('grpo', *key_parts(ship)[:2])}, "
+        lines += seeds_section(saved, ship, f"The shipped run ({show('grpo', *key_parts(ship)[:2])}, "
                                f"{key_steps(ship)} steps)", "The shipped GRPO run")
     for k in sorted(k for k in saved if k.startswith("gsm8k/")):
         g = saved[k]

@@ -31,15 +31,12 @@ BASE = ROOT / "runs" / "smollm2"
 OUT = ROOT / "benchmarks" / "results" / "sentence_order_lm.md"
 
 
-def windows(test_file: Path, n: int) -> list[list[str]]:
+def held_out_windows(test_file: Path, n: int) -> list[list[str]]:
+    """The method's own windows of the test file's rows."""
     from ftray.data.rows import read_checked
-    from ftray.methods.sentence_order import split_sentences
+    from ftray.methods.sentence_order import windows
 
-    out = []
-    for row in read_checked(str(test_file), "text").rows:
-        sents = split_sentences(row["text"])
-        out += [sents[j : j + n] for j in range(0, len(sents) - n + 1, n)]
-    return out
+    return [w for row in read_checked(str(test_file), "text").rows for _, w in windows(row["text"], n)]
 
 
 def main() -> None:
@@ -54,12 +51,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from ftray.config import load_spec
+    from ftray.methods.losses import token_logps
     from ftray.models.load import load_tokenizer
 
     job = load_spec(JOB, [f"model.path={BASE}"])
     n = job.method.n_sentences
     test_file = (ROOT / job.data.eval).resolve()
-    wins = windows(test_file, n)[: a.windows or None]
+    wins = held_out_windows(test_file, n)[: a.windows or None]
     orders = list(itertools.permutations(range(n)))
     with held(a.lock):
         torch.set_num_threads(os.cpu_count() or 1)
@@ -71,8 +69,7 @@ def main() -> None:
         for w in wins:
             enc = tok([" ".join(w[i] for i in o) for o in orders], return_tensors="pt", padding=True)
             with torch.no_grad():
-                logits = model(**enc).logits.float()
-            logp = logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+                logp = token_logps(model(**enc).logits[:, :-1], enc["input_ids"][:, 1:])
             score = (logp * enc["attention_mask"][:, 1:]).sum(1)
             top = torch.isclose(score, score.max(), rtol=0, atol=1e-4)
             right += float(top[0]) / int(top.sum())  # orders[0] is the text's order

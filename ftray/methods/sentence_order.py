@@ -27,7 +27,7 @@ from ftray.methods._base import MethodBase
 from ftray.methods._enc import load_auto, max_over_ranks, pad, tokenize
 from ftray.methods.losses import sentence_order_label
 
-__all__ = ["SentenceOrder", "best_orders", "split_sentences"]
+__all__ = ["SentenceOrder", "best_orders", "split_sentences", "windows"]
 
 PAIR_LABELS = {0: "after", 1: "before"}  # pairwise: is the first sentence shown before the second in the text?
 
@@ -36,6 +36,12 @@ _SENT = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT.split(" ".join(text.split())) if len(s.strip()) > 1]
+
+
+def windows(text: str, n: int) -> list[tuple[int, list[str]]]:
+    """The text's consecutive, non-overlapping windows of n sentences: (index of the first sentence, the sentences)."""
+    sents = split_sentences(text)
+    return [(j, sents[j : j + n]) for j in range(0, len(sents) - n + 1, n)]
 
 
 def _fit(tokenizer, sents: list[str], sep: str, max_length: int) -> tuple[list[str], bool]:
@@ -98,12 +104,11 @@ class SentenceOrder(MethodBase):
         """pairwise: (window, i, k, example) for every ordered pair i != k of every window, sentence i shown first;
         label 1 ("before") when i comes before k in the text."""
         n = spec.method.n_sentences
-        sents = split_sentences(row["text"])
         sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
         out = []
-        for w, j in enumerate(range(0, len(sents) - n + 1, n)):
+        for w, (_, sents) in enumerate(windows(row["text"], n)):
             for i, k in itertools.permutations(range(n), 2):
-                pair, cut = _fit(tokenizer, [sents[j + i], sents[j + k]], sep, spec.data.max_length)
+                pair, cut = _fit(tokenizer, [sents[i], sents[k]], sep, spec.data.max_length)
                 ids, over = tokenize(tokenizer, sep.join(pair), spec.data.max_length)
                 out.append((w, i, k, {"input_ids": ids, "label": int(i < k), "truncated": cut or over}))
         return out
@@ -112,19 +117,18 @@ class SentenceOrder(MethodBase):
         if spec.method.objective == "pairwise":
             return [e for *_, e in self._pairs(row, tokenizer, spec)]
         n = spec.method.n_sentences
-        sents = split_sentences(row["text"])
         sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
         out = []
         every = list(itertools.permutations(range(n)))  # label i is every[i] (`losses.sentence_order_label`)
         k = min(spec.method.orders_per_window, len(every))
-        for j in range(0, len(sents) - n + 1, n):
+        for j, sents in windows(row["text"], n):
             gen = torch.Generator().manual_seed(zlib.crc32(row["text"].encode()) + j)  # the text alone: the data cache key knows it
             if k == 1:
                 orders = [torch.randperm(n, generator=gen).tolist()]
             else:  # k distinct orders of the n!, drawn the same way
                 orders = [list(every[i]) for i in torch.randperm(len(every), generator=gen)[:k].tolist()]
             for order in orders:
-                window, cut = _fit(tokenizer, [sents[j + i] for i in order], sep, spec.data.max_length)
+                window, cut = _fit(tokenizer, [sents[i] for i in order], sep, spec.data.max_length)
                 ids, over = tokenize(tokenizer, sep.join(window), spec.data.max_length)
                 out.append({"input_ids": ids, "label": sentence_order_label(order), "truncated": cut or over})
         return out
