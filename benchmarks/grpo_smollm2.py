@@ -59,10 +59,15 @@ ARMS = {"grpo": "grpo_arith_smollm2.yaml", "sft": "sft_chat_smollm2.yaml"}  # ar
 # A recipe may also leave out of the loss the completions the budget cut (`method.mask_truncated_completions`, TRL's):
 # at 4 tokens a cut reply ("85\n\nThe") earns what a finished one ("85" and the end of the turn) earns, and 120 steps
 # taught the policy to stop ending its turn (the test split's exact match 0.730 at 4 tokens, 0.000 at 16).
-# recipe -> (w, std scaling, new tokens or None, mask truncated completions)
-RECIPES = {"": (0.5, True, None, False), "format0.1": (0.1, True, None, False),
-           "format0.1-noscale": (0.1, False, None, False), "format0.1-noscale-4tok": (0.1, False, 4, False),
-           "format0.1-noscale-4tok-mask": (0.1, False, 4, True)}
+# A recipe may also add partial credit for a near number (`numeric_closeness`, weight c: 1 - the last number's
+# relative error, floored at 0). With 0/1 rewards alone, a group whose replies are all wrong bare numbers earns 0.1
+# each and teaches nothing; a training seed of the masked recipe fell into that at step ~13 (every reply one digit and
+# the end of the turn, the shortest bare number) and never left it. Closeness tells such replies apart.
+# recipe -> (w, std scaling, new tokens or None, mask truncated completions, c)
+RECIPES = {"": (0.5, True, None, False, 0.0), "format0.1": (0.1, True, None, False, 0.0),
+           "format0.1-noscale": (0.1, False, None, False, 0.0), "format0.1-noscale-4tok": (0.1, False, 4, False, 0.0),
+           "format0.1-noscale-4tok-mask": (0.1, False, 4, True, 0.0),
+           "format0.1-noscale-4tok-mask-close0.5": (0.1, False, 4, True, 0.5)}
 CANDIDATES = {
     "grpo": ((2e-4, ""), (1e-3, ""), (2e-4, "format0.1"), (2e-4, "format0.1-noscale"), (2e-4, "format0.1-noscale-4tok"),
              (2e-4, "format0.1-noscale-4tok-mask")),
@@ -80,9 +85,9 @@ def cand(lr: float, recipe: str = "") -> str:
 def show(arm: str, lr: float, recipe: str = "") -> str:
     if arm != "grpo":
         return f"{lr:g}"
-    w, scale, new, mask = RECIPES[recipe]
+    w, scale, new, mask, close = RECIPES[recipe]
     return (f"{lr:g}, w {w:g}" + ("" if scale else ", no std scaling") + (f", {new} new tokens" if new else "")
-            + (", cut replies masked" if mask else ""))
+            + (", cut replies masked" if mask else "") + (f", closeness {close:g}" if close else ""))
 
 
 def data(seed: int) -> tuple[Path, Path, Path]:
@@ -129,10 +134,11 @@ def overrides(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
         f"output.dir={run_dir(arm, lr, a, recipe, train_seed)}",
     ]
     if arm == "grpo":
-        w, scale, new, mask = RECIPES[recipe]
+        w, scale, new, mask, close = RECIPES[recipe]
         return [*common, f"train.max_steps={a.steps}", "train.micro_batch_size=4", "method.rewards.exact_match=1.0",
                 "method.rewards.numeric_match=0.5", f"method.rewards.format={w}", f"method.scale_rewards={scale}",
-                f"method.max_new_tokens={new or NEW_TOKENS}", f"method.mask_truncated_completions={mask}"]
+                f"method.max_new_tokens={new or NEW_TOKENS}", f"method.mask_truncated_completions={mask}",
+                *([f"method.rewards.numeric_closeness={close}"] if close else [])]
     return [*common, f"train.max_steps={sft_steps(a)}", "train.micro_batch_size=8", "method.exact_match=true",
             f"method.max_new_tokens={NEW_TOKENS}", "data.packing=false"]
 
@@ -176,7 +182,7 @@ def train_one(arm: str, lr: float, a, recipe: str = "", train_seed: int | None =
     if arm == "grpo":
         k = max(1, len(steps) // 5)  # the first and last fifth of the steps
         for key in ("reward_exact_match", "reward_numeric_match", "reward_format", "completion_len", "generate_share",
-                    "truncated"):
+                    "truncated", *(["reward_numeric_closeness"] if "train/reward_numeric_closeness" in steps[0] else [])):
             out[f"first_{key}"] = sum(s[f"train/{key}"] for s in steps[:k]) / k
             out[f"last_{key}"] = sum(s[f"train/{key}"] for s in steps[-k:]) / k
         out["completions"] = a.steps * PROMPTS_PER_STEP * grpo_job().group_size
@@ -379,8 +385,9 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
         f"1.0, beta 0 (no reference), {a.steps} steps of {PROMPTS_PER_STEP} prompts; reward 1 exact + 0.5 numeric + "
         "*w* for a completion that is one number (the format term); the recipe, *w* and whether the group-centred "
         "rewards are divided by the group's standard deviation (`method.scale_rewards`, on unless the row says *no "
-        "std scaling*) and a generation budget where the row names one (in training and in evaluation), is a candidate "
-        "beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
+        "std scaling*), a generation budget where the row names one (in training and in evaluation), whether cut "
+        "replies are masked, and *closeness* c where the row names it (+ c x (1 - the last number's error relative to "
+        "the sum, floored at 0): partial credit for a near number), is a candidate beside the lr. SFT control (`jobs/sft_chat_smollm2.yaml`, the same adapter): "
         f"{sft_steps(a)} steps of {PROMPTS_PER_STEP} labelled rows, as many rows as GRPO sampled completions "
         f"({a.steps} x {PROMPTS_PER_STEP} x {g}). Both trained by the in-process loop (one worker, DeepSpeed ZeRO-2 on "
         "one process, fp32, 2 CPUs). Learning rate (and GRPO's recipe) chosen by exact match on validation (a tie goes "

@@ -59,6 +59,15 @@ def test_verifiable_rewards():
     assert verifiable_rewards("so it is 1,200.", "1200", w, r"\d+") == {"exact_match": 0.0, "numeric_match": 1.0, "format": 0.0}
     assert verifiable_rewards("no idea", "5", w, r"\d+")["numeric_match"] == 0.0
     assert last_number("$20 - $15 = $5.5 left") == 5.5 and last_number("none") is None
+    close = {"numeric_closeness": 1.0}
+    # 1 - |got - want| / max(|want|, 1), floored at 0; the last number counts; none: 0
+    assert verifiable_rewards("85", "86", close)["numeric_closeness"] == pytest.approx(1 - 1 / 86)
+    assert verifiable_rewards("47 + 38 = 8", "85", close)["numeric_closeness"] == pytest.approx(8 / 85)
+    assert verifiable_rewards("200", "85", close)["numeric_closeness"] == 0.0
+    assert verifiable_rewards(" 85", "85", close)["numeric_closeness"] == 1.0
+    assert verifiable_rewards("-1", "0", close)["numeric_closeness"] == 0.0  # |want| < 1: error over 1
+    assert verifiable_rewards("0.5", "0", close)["numeric_closeness"] == pytest.approx(0.5)
+    assert verifiable_rewards("no idea", "85", close)["numeric_closeness"] == 0.0
 
 
 # Two completions of 3 and 2 tokens (the 100s lie after their ends): token sums 6 and 10.

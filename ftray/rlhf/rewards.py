@@ -27,13 +27,19 @@ def last_number(text: str) -> float | None:
 def verifiable_rewards(
     completion: str, reference: str, weights: dict[str, float], format_regex: str | None = None
 ) -> dict[str, float]:
-    """Each named verifiable reward (unweighted, 0 or 1) of one completion."""
+    """Each named verifiable reward (unweighted, in [0, 1]) of one completion. `numeric_closeness` is partial credit
+    for a near number: 1 - |got - want| / max(|want|, 1) for the completion's last number, floored at 0 (0 without
+    one). Unlike the 0/1 rewards it tells apart wrong answers of one group (85 is nearer to 86 than 8 is), so a group
+    with no right answer still has an advantage to learn from."""
     out: dict[str, float] = {}
     if "exact_match" in weights:
         out["exact_match"] = float(completion.strip() == reference.strip())
     if "numeric_match" in weights:
         got, want = last_number(completion), last_number(reference)
         out["numeric_match"] = float(got is not None and want is not None and abs(got - want) < 1e-6)
+    if "numeric_closeness" in weights:
+        got, want = last_number(completion), last_number(reference)
+        out["numeric_closeness"] = 0.0 if got is None or want is None else max(0.0, 1.0 - abs(got - want) / max(abs(want), 1.0))
     if "format" in weights:
         out["format"] = float(bool(format_regex and re.fullmatch(format_regex, completion.strip(), re.DOTALL)))
     return out
