@@ -521,9 +521,11 @@ def write_markdown(saved: dict, a, stamped: str) -> None:
             lines.append(f"| {key_steps(k)}{mark} | {show('grpo', *key_parts(k)[:2])} "
                          f"| {tr['val_after']['exact_match']:.3f} | {val16(saved, k)['exact_match']:.3f} "
                          f"| {te['exact_match']:.3f} | {wide['exact_match']:.3f} |")
-    if ship and ship != chosen_key:
-        lines += seeds_section(saved, ship, f"The shipped run ({show('grpo', *key_parts(ship)[:2])}, "
-                               f"{key_steps(ship)} steps)", "The shipped GRPO run")
+    # every longer run trained again with other seeds, the shipped one first
+    for k in sorted((k.removeprefix("longer/train/") for k in longer), key=lambda k: k != ship):
+        what = f"The {'shipped ' if k == ship else ''}run ({show('grpo', *key_parts(k)[:2])}, {key_steps(k)} steps)"
+        title = "The shipped GRPO run" if k == ship else f"The {key_steps(k)}-step run, {key_parts(k)[1]},"
+        lines += seeds_section(saved, k, what, title)
     for k in sorted(k for k in saved if k.startswith("gsm8k/")):
         g = saved[k]
         b, af = g["before"], g["after"]

@@ -9,7 +9,7 @@ import torch
 
 from ftray.methods._rollout import completion_mask
 from ftray.methods.losses import aggregate_token_loss, clipped_surrogate, group_advantages, k3_kl, masked_mean
-from ftray.rlhf.rewards import last_number, verifiable_rewards
+from ftray.rlhf.rewards import build_reward, last_number, verifiable_rewards
 
 
 def test_group_advantages_by_hand():
@@ -68,6 +68,26 @@ def test_verifiable_rewards():
     assert verifiable_rewards("-1", "0", close)["numeric_closeness"] == 0.0  # |want| < 1: error over 1
     assert verifiable_rewards("0.5", "0", close)["numeric_closeness"] == pytest.approx(0.5)
     assert verifiable_rewards("no idea", "85", close)["numeric_closeness"] == 0.0
+
+
+def test_closeness_gives_a_group_of_wrong_numbers_an_advantage():
+    """The shipped SmolLM2 recipe's reward on one group of wrong bare numbers: with 0/1 rewards alone each earns the
+    format term and the group has no advantage; with `numeric_closeness` the nearer number earns more."""
+    from ftray.config import GRPOMethod
+
+    wrong = ["84", "8", "60"]
+    plain = build_reward(GRPOMethod(rewards={"exact_match": 1.0, "numeric_match": 0.5, "format": 0.1}, format_regex=r"\d+"))
+    close = build_reward(GRPOMethod(rewards={"exact_match": 1.0, "numeric_match": 0.5, "format": 0.1,
+                                             "numeric_closeness": 0.5}, format_regex=r"\d+"))
+    totals, _ = plain(wrong, ["85"] * 3)
+    assert totals == pytest.approx([0.1] * 3)
+    assert group_advantages(torch.tensor(totals), 3, scale=False).abs().max() < 1e-6
+    totals, means = close([*wrong, "85"], ["85"] * 4)
+    near = [1 - 1 / 85, 8 / 85, 60 / 85, 1.0]
+    assert totals == pytest.approx([0.1 + 0.5 * c for c in near[:3]] + [1.0 + 0.5 + 0.1 + 0.5])
+    assert means["reward/numeric_closeness"] == pytest.approx(sum(near) / 4)
+    adv = group_advantages(torch.tensor(totals[:3]), 3, scale=False)
+    assert adv.argmax() == 0 and adv.argmin() == 1  # 84 pulled up, 8 pushed down
 
 
 # Two completions of 3 and 2 tokens (the 100s lie after their ends): token sums 6 and 10.

@@ -34,12 +34,13 @@ def verifiable_rewards(
     out: dict[str, float] = {}
     if "exact_match" in weights:
         out["exact_match"] = float(completion.strip() == reference.strip())
-    if "numeric_match" in weights:
+    if "numeric_match" in weights or "numeric_closeness" in weights:
         got, want = last_number(completion), last_number(reference)
-        out["numeric_match"] = float(got is not None and want is not None and abs(got - want) < 1e-6)
-    if "numeric_closeness" in weights:
-        got, want = last_number(completion), last_number(reference)
-        out["numeric_closeness"] = 0.0 if got is None or want is None else max(0.0, 1.0 - abs(got - want) / max(abs(want), 1.0))
+        err = None if got is None or want is None else abs(got - want)
+        if "numeric_match" in weights:
+            out["numeric_match"] = float(err is not None and err < 1e-6)
+        if "numeric_closeness" in weights:
+            out["numeric_closeness"] = 0.0 if err is None else max(0.0, 1.0 - err / max(abs(want), 1.0))
     if "format" in weights:
         out["format"] = float(bool(format_regex and re.fullmatch(format_regex, completion.strip(), re.DOTALL)))
     return out
