@@ -249,13 +249,17 @@ class RewardModelRef(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs of the deployed reward replica (with `path`).")
 
 
+# The verifiable rewards `grpo` and `ppo` know (`ftray.rlhf.rewards.verifiable_rewards` computes them).
+VerifiableReward = Literal["exact_match", "numeric_match", "numeric_closeness", "format"]
+
+
 class _RolloutMethod(_Strict):
     """What grpo and ppo share: how completions are sampled and rewarded, how held-out prompts are judged."""
 
     max_new_tokens: int = Field(16, ge=1, description="Length of each sampled completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
-    rewards: dict[Literal["exact_match", "numeric_match", "numeric_closeness", "format"], float] = Field(
+    rewards: dict[VerifiableReward, float] = Field(
         default_factory=lambda: {"exact_match": 1.0},
         description="Verifiable rewards and their weights: `exact_match` (completion == reference, stripped), "
         "`numeric_match` (last number of the completion == the reference's), `numeric_closeness` (partial credit: "
@@ -307,7 +311,7 @@ class GRPOMethod(_RolloutMethod):
 class PPOMethod(_RolloutMethod):
     kind: Literal["ppo"] = "ppo"
     samples_per_prompt: int = Field(1, ge=1, description="Completions sampled per prompt.")
-    rewards: dict[Literal["exact_match", "numeric_match", "numeric_closeness", "format"], float] = Field(
+    rewards: dict[VerifiableReward, float] = Field(
         default_factory=dict, description="Verifiable rewards and their weights (as `grpo`), added to the served score."
     )
     value_clip: float = Field(0.2, gt=0, description="Clip range of the value update.")
